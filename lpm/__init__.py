@@ -1,0 +1,2 @@
+"""lpm: Large Population Models."""
+__version__ = "0.1.0"

@@ -1,0 +1,320 @@
+"""Archetype specs: which attributes a prompt mentions, its actions, context and cadence; grouping.
+
+A spec is a YAML file in ``archetypes/``. Agents that share the values of the spec's attributes form
+one archetype; the model is asked once per archetype that actually occurs in the population.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lpm.errors import InputError
+from lpm.paths import project_root
+from lpm.population import Population, smallest_int_dtype
+
+
+class RoundRule(BaseModel):
+    """How a context value is rounded before it enters a prompt, so nearby steps share cache entries.
+
+    Exactly one of ``significant`` (significant figures) or ``decimals`` (digits after the point).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    significant: int | None = Field(default=None, ge=1, le=15, description="significant figures to keep")
+    decimals: int | None = Field(default=None, ge=0, le=15, description="decimal places to keep")
+
+    @model_validator(mode="after")
+    def _one(self) -> RoundRule:
+        if (self.significant is None) == (self.decimals is None):
+            raise ValueError("give exactly one of 'significant' or 'decimals'")
+        return self
+
+    def apply(self, value: float) -> float | int:
+        """Round ``value``; whole results come back as ``int`` so prompts read "2300", not "2300.0"."""
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"context value must be finite, got {value}")
+        if self.decimals is not None:
+            out = round(value, self.decimals)
+        elif value == 0:
+            out = 0.0
+        else:
+            digits = self.significant - 1 - math.floor(math.log10(abs(value)))
+            out = round(value, digits)
+        return int(out) if float(out).is_integer() else out
+
+
+class ContextVar(BaseModel):
+    """A scenario quantity the prompt may mention, e.g. reported cases in the past week."""
+
+    model_config = ConfigDict(extra="forbid")
+    description: str = Field(description="what the value means, with its unit")
+    round: RoundRule | None = Field(
+        default_factory=lambda: RoundRule(significant=2), description="rounding of numbers; null keeps them"
+    )
+
+    def render(self, value: float | int | str) -> float | int | str:
+        """The value as it enters a prompt: numbers rounded by ``round``, text unchanged."""
+        if isinstance(value, str) or self.round is None:
+            return value
+        return self.round.apply(value)
+
+
+class Attribute(BaseModel):
+    """A grouping attribute: a categorical population column, or a numeric one cut into ``bins``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    bins: list[float] | None = Field(default=None, description="edges: value v falls in [edge_i, edge_i+1)")
+    labels: list[str] | None = Field(default=None, description="one label per bin (default 'lo-hi')")
+
+    @model_validator(mode="after")
+    def _bins(self) -> Attribute:
+        if self.bins is not None:
+            if len(self.bins) < 2 or any(b >= a for b, a in zip(self.bins[1:], self.bins, strict=False)):
+                raise ValueError("bins must be at least two strictly increasing edges")
+            n = len(self.bins) - 1
+            if self.labels is None:
+                self.labels = [f"{_num(lo)}-{_num(hi - 1)}" for lo, hi in zip(self.bins, self.bins[1:], strict=False)]
+            elif len(self.labels) != n:
+                raise ValueError(f"{n} bins need {n} labels, got {len(self.labels)}")
+        elif self.labels is not None:
+            raise ValueError("labels are only allowed together with bins")
+        return self
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+class Cadence(str, Enum):
+    """How often agents decide: every simulated day, week or month."""
+
+    daily = "daily"
+    weekly = "weekly"
+    monthly = "monthly"
+
+
+class ArchetypeSpec(BaseModel):
+    """One archetype spec file. Load with :meth:`load`; group a population with :meth:`group`."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
+    description: str = ""
+    prompt: Path = Field(description="prompt template file, relative to prompts/ (or absolute)")
+    attributes: list[Attribute] = Field(min_length=1)
+    members: dict[str, bool | str | list[str]] = Field(
+        default_factory=dict, description="only agents matching every entry decide, e.g. {labor_force: true}"
+    )
+    actions: list[str] = Field(min_length=2)
+    context: dict[str, ContextVar] = Field(default_factory=dict)
+    cadence: Cadence = Cadence.weekly
+    source: Path | None = Field(default=None, exclude=True, description="file the spec was read from")
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _short_attributes(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or any(not a.strip() for a in value):
+            raise ValueError(f"actions must be distinct, non-empty strings, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_attributes(self) -> ArchetypeSpec:
+        names = [a.name for a in self.attributes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"attributes repeat a name: {names}")
+        return self
+
+    # -- files ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> ArchetypeSpec:
+        """Read and validate a spec file. A bare name (``covid_isolation``) is looked up in ``archetypes/``."""
+        path = resolve_spec_path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise InputError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"{path}: an archetype spec must be a YAML mapping, got {type(raw).__name__}")
+        try:
+            spec = cls.model_validate(raw)
+        except ValidationError as exc:
+            raise InputError(f"{path}: {_describe(exc)}") from None
+        spec.source = path
+        if not spec.prompt.is_absolute():
+            spec.prompt = project_root() / "prompts" / spec.prompt
+        if not spec.prompt.is_file():
+            raise InputError(f"{path}: field 'prompt': prompt file {spec.prompt} does not exist")
+        return spec
+
+    @property
+    def where(self) -> str:
+        return str(self.source) if self.source else f"archetype spec {self.name!r}"
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    # -- grouping -------------------------------------------------------------------------------
+    def check(self, pop: Population) -> None:
+        """Raise :class:`InputError` if ``pop`` lacks a column this spec needs or a column has the wrong kind."""
+        for i, attr in enumerate(self.attributes):
+            if attr.name not in pop:
+                raise InputError(
+                    f"{self.where}: field 'attributes[{i}]': the population has no attribute {attr.name!r}",
+                    hint=f"population columns: {', '.join(pop.columns)}",
+                )
+            if attr.bins is None and not pop.is_categorical(attr.name):
+                raise InputError(f"{self.where}: field 'attributes[{i}]': {attr.name!r} is numeric; give it bins")
+            if attr.bins is not None and pop.is_categorical(attr.name):
+                raise InputError(f"{self.where}: field 'attributes[{i}]': {attr.name!r} is categorical; drop its bins")
+        for name, want in self.members.items():
+            if name not in pop:
+                raise InputError(f"{self.where}: field 'members.{name}': the population has no attribute {name!r}")
+            if pop.is_categorical(name):
+                wanted = [want] if isinstance(want, str) else want
+                if isinstance(wanted, bool) or not set(wanted) <= set(pop.labels(name)):
+                    raise InputError(
+                        f"{self.where}: field 'members.{name}': {want!r} is not among its labels {pop.labels(name)}"
+                    )
+            elif not isinstance(want, bool):
+                raise InputError(f"{self.where}: field 'members.{name}': a flag column takes true or false")
+
+    def member_mask(self, pop: Population) -> torch.Tensor | None:
+        """Bool (N,) mask of agents that decide under this spec, or None when all do."""
+        mask = None
+        for name, want in self.members.items():
+            col = pop[name]
+            if pop.is_categorical(name):
+                labels = pop.labels(name)
+                codes = torch.tensor([labels.index(w) for w in ([want] if isinstance(want, str) else want)])
+                part = torch.isin(col, codes.to(col.dtype))
+            else:
+                part = col.bool() if want else ~col.bool()
+            mask = part if mask is None else mask & part
+        return mask
+
+    def group(self, pop: Population) -> Grouping:
+        """Group id of every agent (-1 for non-members) and the table of the K archetypes that occur.
+
+        O(N): one combined code per agent, a bincount over the code space and a lookup table. Archetypes
+        are numbered in the lexicographic order of their attribute codes (first attribute slowest), the
+        order of a sorted ``pandas.groupby`` on the same columns.
+        """
+        self.check(pop)
+        n = len(pop)
+        codes, sizes, labels = [], [], []
+        for i, attr in enumerate(self.attributes):
+            col = pop[attr.name]
+            if attr.bins is None:
+                labs = pop.labels(attr.name)
+                code = col.long()
+            else:
+                edges = torch.tensor(attr.bins, dtype=torch.float64, device=col.device)
+                code = torch.bucketize(col.to(torch.float64), edges, right=True) - 1
+                outside = (code < 0) | (code >= len(attr.bins) - 1)
+                if bool(outside.any()):
+                    bad = col[outside][:3].tolist()
+                    raise InputError(
+                        f"{self.where}: field 'attributes[{i}].bins': values of {attr.name!r} such as {bad} "
+                        f"fall outside [{attr.bins[0]}, {attr.bins[-1]})"
+                    )
+                labs = list(attr.labels or [])
+            codes.append(code)
+            sizes.append(len(labs))
+            labels.append(labs)
+        space = math.prod(sizes)
+        combined = torch.zeros(n, dtype=torch.int64, device=pop[self.attributes[0].name].device)
+        for code, size in zip(codes, sizes, strict=True):
+            combined.mul_(size).add_(code)
+        mask = self.member_mask(pop)
+        members = combined if mask is None else combined[mask]
+        if space <= 4 * max(n, 1) + 1024:
+            present_counts = torch.bincount(members, minlength=space)
+            present = torch.nonzero(present_counts).squeeze(1)
+            counts = present_counts[present]
+            lut = torch.full((space,), -1, dtype=torch.int64, device=combined.device)
+            lut[present] = torch.arange(len(present), device=combined.device)
+            ids = lut[combined]
+        else:  # a huge code space: sort instead of a dense table
+            present, inverse, counts = torch.unique(members, return_inverse=True, return_counts=True)
+            ids = torch.full((n,), -1, dtype=torch.int64, device=combined.device)
+            if mask is None:
+                ids = inverse
+            else:
+                ids[mask] = inverse
+        if mask is not None:
+            ids[~mask] = -1
+        k = int(present.numel())
+        # decode the K occurring combinations back into labels
+        rest = present.cpu().clone()
+        columns: dict[str, list[str]] = {}
+        for attr, size, labs in zip(reversed(self.attributes), reversed(sizes), reversed(labels), strict=True):
+            columns[attr.name] = [labs[c] for c in (rest % size).tolist()]
+            rest //= size
+        table = pd.DataFrame({a: columns[a] for a in self.attribute_names})
+        table["agents"] = counts.cpu().numpy()
+        table.index.name = "archetype"
+        return Grouping(ids=ids.to(smallest_int_dtype(-1, max(k - 1, 0))), k=k, counts=counts, table=table)
+
+
+@dataclass
+class Grouping:
+    """Result of :meth:`ArchetypeSpec.group`.
+
+    ids: (N,) int, archetype of each agent, -1 for agents outside the spec's members.
+    k: number of archetypes that occur. counts: (K,) agents per archetype.
+    table: K rows, one column per attribute (labels) and ``agents``.
+    """
+
+    ids: torch.Tensor
+    k: int
+    counts: torch.Tensor
+    table: pd.DataFrame
+
+    def rows(self) -> list[dict[str, str]]:
+        """The K attribute combinations as dicts of label strings, in archetype order."""
+        attrs = [c for c in self.table.columns if c != "agents"]
+        return self.table[attrs].to_dict("records")
+
+
+def resolve_spec_path(path: str | Path) -> Path:
+    """A spec path as given, or ``archetypes/<name>.yaml`` for a bare name."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.suffix == "" and len(p.parts) == 1:
+        candidate = project_root() / "archetypes" / f"{p.name}.yaml"
+        if candidate.is_file():
+            return candidate
+    known = sorted(x.stem for x in (project_root() / "archetypes").glob("*.yaml"))
+    raise InputError(f"{path}: no such archetype spec", hint=f"shipped specs: {', '.join(known)}")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"field {loc!r}: {msg}{shown}")
+    return "; ".join(parts)

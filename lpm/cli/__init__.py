@@ -1,0 +1,58 @@
+"""The ``lpm`` command line. Each command group lives in its own module and registers itself here."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import typer
+from rich.console import Console
+
+from lpm.errors import LpmError
+
+app = typer.Typer(
+    name="lpm",
+    help="Large Population Models: millions of tensor agents whose decisions come from a local LLM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+#: Modules of lpm.cli that each define ``register(app)``; listed here, imported in this order.
+COMMAND_MODULES = ["population", "archetypes"]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"lpm.cli.{_name}").register(app)
+
+err_console = Console(stderr=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the CLI; lpm's own errors print as one message (no traceback) and exit 2.
+
+    Set ``LPM_DEBUG=1`` to see tracebacks.
+    """
+    try:
+        app(args=argv, standalone_mode=False)
+    except LpmError as exc:
+        if os.environ.get("LPM_DEBUG"):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
