@@ -80,7 +80,7 @@ class Attribute(BaseModel):
     @model_validator(mode="after")
     def _bins(self) -> Attribute:
         if self.bins is not None:
-            if len(self.bins) < 2 or any(b >= a for b, a in zip(self.bins[1:], self.bins, strict=False)):
+            if len(self.bins) < 2 or any(hi <= lo for lo, hi in zip(self.bins, self.bins[1:], strict=False)):
                 raise ValueError("bins must be at least two strictly increasing edges")
             n = len(self.bins) - 1
             if self.labels is None:
@@ -224,7 +224,7 @@ class ArchetypeSpec(BaseModel):
             col = pop[attr.name]
             if attr.bins is None:
                 labs = pop.labels(attr.name)
-                code = col.long()
+                code = col
             else:
                 edges = torch.tensor(attr.bins, dtype=torch.float64, device=col.device)
                 code = torch.bucketize(col.to(torch.float64), edges, right=True) - 1
@@ -240,27 +240,30 @@ class ArchetypeSpec(BaseModel):
             sizes.append(len(labs))
             labels.append(labs)
         space = math.prod(sizes)
-        combined = torch.zeros(n, dtype=torch.int64, device=pop[self.attributes[0].name].device)
+        device = pop[self.attributes[0].name].device
+        # combined code in the smallest dtype holding the code space (uint8 for K <= 256): less memory traffic
+        dtype = torch.uint8 if space <= 256 else smallest_int_dtype(0, space - 1)
+        combined = torch.zeros(n, dtype=dtype, device=device)
         for code, size in zip(codes, sizes, strict=True):
-            combined.mul_(size).add_(code)
+            combined.mul_(size).add_(code.to(dtype))
         mask = self.member_mask(pop)
         members = combined if mask is None else combined[mask]
         if space <= 4 * max(n, 1) + 1024:
             present_counts = torch.bincount(members, minlength=space)
             present = torch.nonzero(present_counts).squeeze(1)
             counts = present_counts[present]
-            lut = torch.full((space,), -1, dtype=torch.int64, device=combined.device)
-            lut[present] = torch.arange(len(present), device=combined.device)
-            ids = lut[combined]
+            lut = torch.full((space,), -1, dtype=torch.int64, device=device)
+            lut[present] = torch.arange(len(present), device=device)
+            ids = lut.take(combined.long())
         else:  # a huge code space: sort instead of a dense table
-            present, inverse, counts = torch.unique(members, return_inverse=True, return_counts=True)
-            ids = torch.full((n,), -1, dtype=torch.int64, device=combined.device)
+            present, inverse, counts = torch.unique(members.long(), return_inverse=True, return_counts=True)
+            ids = torch.full((n,), -1, dtype=torch.int64, device=device)
             if mask is None:
                 ids = inverse
             else:
                 ids[mask] = inverse
         if mask is not None:
-            ids[~mask] = -1
+            ids = torch.where(mask, ids, -1)
         k = int(present.numel())
         # decode the K occurring combinations back into labels
         rest = present.cpu().clone()

@@ -6,7 +6,6 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 from rich.console import Console
 
@@ -35,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     Set ``LPM_DEBUG=1`` to see tracebacks.
     """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="lpm")  # standalone: usage errors print and exit 2 themselves
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except LpmError as exc:
         if os.environ.get("LPM_DEBUG"):
             raise
@@ -43,12 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             err_console.print(f"[yellow]hint:[/] {exc.hint}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         err_console.print("aborted")
         return 130
     return 0

@@ -1,0 +1,167 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lpm import nyc
+from lpm.errors import InputError
+from lpm.population import PARQUET_KEY, Population
+from lpm.synthesis import Recipe, allocate, cell_sizes, recipe_path
+
+
+def _real_cells() -> pd.DataFrame:
+    recipe = Recipe.load(recipe_path("nyc"))
+    cells = cell_sizes(recipe)
+    idx = pd.MultiIndex.from_product(
+        [list(recipe.boroughs.values()), list(recipe.age_groups), recipe.sexes], names=["borough", "age_group", "sex"]
+    )
+    return pd.Series(cells.ravel(), index=idx, name="population")
+
+
+def test_population_size_from_rates_matches_the_zip_table():
+    # population = count / rate per 100k × 100,000; the ZIP table's denominators sum to the same city
+    cells = _real_cells()
+    assert cells.sum() == pytest.approx(nyc.zip_areas()["population"].sum(), rel=0.01)
+    assert cells.sum() == pytest.approx(8.33e6, rel=0.01)
+    # the README's worked example: Brooklyn, age 0-4 ≈ 182,900
+    assert cells.sort_index().loc[("Brooklyn", "0-4")].sum() == pytest.approx(48_646 / 26_593.27 * 100_000, rel=1e-9)
+
+
+def test_full_city_marginals_match_real_shares(city):
+    real = _real_cells()
+    frame = city.to_pandas()
+    n = len(city)
+    assert n == round(real.sum())
+    for by in (["borough", "age_group"], ["borough", "sex"]):
+        want = real.groupby(level=by).sum() / real.sum()
+        got = frame.groupby(by, observed=True).size() / n
+        # largest-remainder allocation: each cell is within one agent of its exact share
+        np.testing.assert_allclose(got.reindex(want.index).to_numpy(), want.to_numpy(), atol=1.5 / n * 2)
+
+
+def test_zip_shares_within_borough(city):
+    zips = nyc.zip_areas()
+    frame = city.to_pandas()
+    got = frame.groupby("zip", observed=True).size()
+    for code, name in nyc.BOROUGH_NAMES.items():
+        rows = zips[zips["borough"] == code]
+        in_b = frame["borough"] == name
+        share_real = rows.set_index("zip")["population"] / rows["population"].sum()
+        share_got = got.reindex(share_real.index, fill_value=0) / in_b.sum()
+        np.testing.assert_allclose(share_got.to_numpy(), share_real.to_numpy(), atol=2.0 / in_b.sum())
+        # every agent's ZIP lies in its own borough
+        assert set(frame.loc[in_b, "zip"].astype(str)) <= set(rows["zip"])
+
+
+def test_labor_force_matches_january_2020(city):
+    lf = nyc.labor_force()
+    target = lf[lf["date"] == "2020-01-01"].set_index("borough")["labor_force"]
+    frame = city.to_pandas()
+    got = frame.groupby("borough", observed=True)["labor_force"].sum()
+    for code, name in nyc.BOROUGH_NAMES.items():
+        expected = target[code]
+        # Bernoulli draws: a few standard deviations (sqrt(n p (1-p)) < sqrt(n)/2)
+        assert abs(got[name] - expected) < 5 * np.sqrt(expected), (name, got[name], expected)
+    young = frame["age_group"].isin(["0-4", "5-12"])
+    assert not frame.loc[young, "labor_force"].any()
+
+
+def test_smaller_population_keeps_shares_and_size():
+    pop = Population.synthesize("nyc", agents=50_000, seed=3)
+    assert len(pop) == 50_000
+    real = _real_cells()
+    got = pop.to_pandas().groupby("borough", observed=True).size() / 50_000
+    want = real.groupby(level="borough").sum() / real.sum()
+    np.testing.assert_allclose(got.reindex(want.index), want, atol=1e-4)
+
+
+def test_smallest_dtypes_and_ages_within_bands(small_pop):
+    for col in ("borough", "zip", "age_group", "age", "sex"):
+        assert small_pop[col].dtype == torch.uint8, col
+    assert small_pop["labor_force"].dtype == torch.bool
+    assert small_pop.nbytes / len(small_pop) == 6
+    frame = small_pop.to_pandas()
+    lo = frame["age_group"].astype(str).str.extract(r"^(\d+)")[0].astype(int)
+    assert (frame["age"] >= lo).all()
+
+
+def test_same_seed_same_population_other_seed_differs():
+    a = Population.synthesize("nyc", agents=30_000, seed=11)
+    b = Population.synthesize("nyc", agents=30_000, seed=11)
+    c = Population.synthesize("nyc", agents=30_000, seed=12)
+    for col in a.columns:
+        assert torch.equal(a[col], b[col]), col
+    assert not torch.equal(a["zip"], c["zip"])
+
+
+def test_parquet_round_trip_is_exact(tmp_path, small_pop):
+    path = small_pop.save(tmp_path / "pop.parquet")
+    back = Population.load(path)
+    assert back.columns == small_pop.columns
+    for col in small_pop.columns:
+        assert back[col].dtype == small_pop[col].dtype
+        assert torch.equal(back[col], small_pop[col])
+        if small_pop.is_categorical(col):
+            assert back.labels(col) == small_pop.labels(col)
+    assert back.meta == small_pop.meta
+    pd.testing.assert_frame_equal(back.to_pandas(), small_pop.to_pandas())
+
+
+def test_foreign_parquet_is_refused(tmp_path):
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1, 2, 3]}), path)
+    with pytest.raises(InputError, match=r"foreign\.parquet.*not an lpm population.*lpm\.population"):
+        Population.load(path)
+
+
+def test_corrupt_parquet_is_refused(tmp_path, small_pop):
+    path = small_pop.save(tmp_path / "pop.parquet")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"pop\.parquet"):
+        Population.load(path)
+    (tmp_path / "text.parquet").write_text("hello")
+    with pytest.raises(InputError, match=r"text\.parquet.*not a readable Parquet"):
+        Population.load(tmp_path / "text.parquet")
+
+
+def test_codes_outside_labels_are_refused(tmp_path):
+    header = {"format_version": 1, "labels": {"sex": ["female", "male"]}, "dtypes": {"sex": "uint8"}, "meta": {}}
+    table = pa.table({"sex": np.array([0, 1, 5], dtype=np.uint8)})
+    table = table.replace_schema_metadata({PARQUET_KEY: json.dumps(header).encode()})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"bad\.parquet.*'sex'.*outside"):
+        Population.load(tmp_path / "bad.parquet")
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(InputError, match="nothere.parquet"):
+        Population.load(tmp_path / "nothere.parquet")
+
+
+def test_allocate_is_exact_and_proportional():
+    counts = allocate(np.array([1.0, 2.0, 3.0, 0.0]), 1000)
+    assert counts.sum() == 1000 and counts[3] == 0
+    assert abs(counts[2] / counts[0] - 3) < 0.01
+
+
+def test_unknown_recipe_and_bad_size():
+    with pytest.raises(InputError, match="unknown population recipe 'mars'"):
+        Population.synthesize("mars")
+    with pytest.raises(InputError, match="agents must be positive"):
+        Population.synthesize("nyc", agents=0)
+
+
+def test_population_api(small_pop):
+    assert len(small_pop) == 20_000
+    assert small_pop.labels("borough") == ["Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island"]
+    with pytest.raises(KeyError, match="no column 'income'"):
+        small_pop["income"]
+    with pytest.raises(KeyError, match="not categorical"):
+        small_pop.labels("age")
+    counts = small_pop.counts("sex")
+    assert counts["agents"].sum() == 20_000
