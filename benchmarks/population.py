@@ -26,8 +26,15 @@ def _synth(agents, conn):
     pop = Population.synthesize("nyc", agents=agents, seed=0)
     took = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    conn.send({"seconds": took, "agents": len(pop), "peak_rss": peak, "rss_after_imports": base,
-               "bytes_per_agent": pop.nbytes / len(pop)})
+    conn.send(
+        {
+            "seconds": took,
+            "agents": len(pop),
+            "peak_rss": peak,
+            "rss_after_imports": base,
+            "bytes_per_agent": pop.nbytes / len(pop),
+        }
+    )
 
 
 def _group(agents, repeat, conn):
@@ -97,15 +104,21 @@ def main() -> None:
 
     synth = child(_synth, args.agents)
     n = synth["agents"]
-    print(f"synthesize {n:,} agents: {synth['seconds']:.2f} s, peak RSS {synth['peak_rss'] / 2**30:.2f} GiB "
-          f"({synth['rss_after_imports'] / 2**30:.2f} GiB of it imports), {synth['bytes_per_agent']:.1f} bytes/agent")
+    print(
+        f"synthesize {n:,} agents: {synth['seconds']:.2f} s, peak RSS {synth['peak_rss'] / 2**30:.2f} GiB "
+        f"({synth['rss_after_imports'] / 2**30:.2f} GiB of it imports), {synth['bytes_per_agent']:.1f} bytes/agent"
+    )
     peer = child(_peer_synth, args.agents)
-    print(f"peer (numpy Generator.choice per agent, cells and ZIPs only): {peer['seconds']:.2f} s, "
-          f"peak RSS {peer['peak_rss'] / 2**30:.2f} GiB")
+    print(
+        f"peer (numpy Generator.choice per agent, cells and ZIPs only): {peer['seconds']:.2f} s, "
+        f"peak RSS {peer['peak_rss'] / 2**30:.2f} GiB"
+    )
     grp = child(_group, args.agents, args.repeat)
-    print(f"group by age_group x sex x borough (K = {grp['k']}): {grp['seconds']:.3f} s; "
-          f"pandas groupby().ngroup(): {grp['pandas_seconds']:.3f} s; "
-          f"ratio {grp['pandas_seconds'] / grp['seconds']:.1f}x")
+    print(
+        f"group by age_group x sex x borough (K = {grp['k']}): {grp['seconds']:.3f} s; "
+        f"pandas groupby().ngroup(): {grp['pandas_seconds']:.3f} s; "
+        f"ratio {grp['pandas_seconds'] / grp['seconds']:.1f}x"
+    )
     figures = {
         "agents": n,
         "synth_seconds": round(synth["seconds"], 3),

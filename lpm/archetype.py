@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,9 @@ class Attribute(BaseModel):
                 raise ValueError("bins must be at least two strictly increasing edges")
             n = len(self.bins) - 1
             if self.labels is None:
-                self.labels = [f"{_num(lo)}-{_num(hi - 1)}" for lo, hi in zip(self.bins, self.bins[1:], strict=False)]
+                self.labels = [
+                    f"{_num(lo)}-{_num(hi - 1)}" for lo, hi in zip(self.bins, self.bins[1:], strict=False)
+                ]
             elif len(self.labels) != n:
                 raise ValueError(f"{n} bins need {n} labels, got {len(self.labels)}")
         elif self.labels is not None:
@@ -96,7 +98,7 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-class Cadence(str, Enum):
+class Cadence(StrEnum):
     """How often agents decide: every simulated day, week or month."""
 
     daily = "daily"
@@ -181,12 +183,18 @@ class ArchetypeSpec(BaseModel):
                     hint=f"population columns: {', '.join(pop.columns)}",
                 )
             if attr.bins is None and not pop.is_categorical(attr.name):
-                raise InputError(f"{self.where}: field 'attributes[{i}]': {attr.name!r} is numeric; give it bins")
+                raise InputError(
+                    f"{self.where}: field 'attributes[{i}]': {attr.name!r} is numeric; give it bins"
+                )
             if attr.bins is not None and pop.is_categorical(attr.name):
-                raise InputError(f"{self.where}: field 'attributes[{i}]': {attr.name!r} is categorical; drop its bins")
+                raise InputError(
+                    f"{self.where}: field 'attributes[{i}]': {attr.name!r} is categorical; drop its bins"
+                )
         for name, want in self.members.items():
             if name not in pop:
-                raise InputError(f"{self.where}: field 'members.{name}': the population has no attribute {name!r}")
+                raise InputError(
+                    f"{self.where}: field 'members.{name}': the population has no attribute {name!r}"
+                )
             if pop.is_categorical(name):
                 wanted = [want] if isinstance(want, str) else want
                 if isinstance(wanted, bool) or not set(wanted) <= set(pop.labels(name)):
@@ -268,7 +276,9 @@ class ArchetypeSpec(BaseModel):
         # decode the K occurring combinations back into labels
         rest = present.cpu().clone()
         columns: dict[str, list[str]] = {}
-        for attr, size, labs in zip(reversed(self.attributes), reversed(sizes), reversed(labels), strict=True):
+        for attr, size, labs in zip(
+            reversed(self.attributes), reversed(sizes), reversed(labels), strict=True
+        ):
             columns[attr.name] = [labs[c] for c in (rest % size).tolist()]
             rest //= size
         table = pd.DataFrame({a: columns[a] for a in self.attribute_names})

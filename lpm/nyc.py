@@ -59,12 +59,16 @@ def population_by_group() -> pd.DataFrame:
 def zip_areas() -> pd.DataFrame:
     """ZIP areas (MODZCTA) with borough code and population (POP_DENOMINATOR), from data-by-modzcta.csv."""
     frame = _read_csv(
-        "data-by-modzcta.csv", ["MODIFIED_ZCTA", "BOROUGH_GROUP", "POP_DENOMINATOR"], dtype={"MODIFIED_ZCTA": str}
+        "data-by-modzcta.csv",
+        ["MODIFIED_ZCTA", "BOROUGH_GROUP", "POP_DENOMINATOR"],
+        dtype={"MODIFIED_ZCTA": str},
     )
     by_name = {v: k for k, v in BOROUGH_NAMES.items()}
     unknown = sorted(set(frame["BOROUGH_GROUP"]) - set(by_name))
     if unknown:
-        raise InputError(f"{data_dir() / 'data-by-modzcta.csv'}: column BOROUGH_GROUP has unknown value(s) {unknown}")
+        raise InputError(
+            f"{data_dir() / 'data-by-modzcta.csv'}: column BOROUGH_GROUP has unknown value(s) {unknown}"
+        )
     return pd.DataFrame(
         {
             "zip": frame["MODIFIED_ZCTA"].astype(str),
@@ -94,7 +98,11 @@ def cases_by_day() -> pd.DataFrame:
     date = pd.to_datetime(frame["date_of_interest"], format="%m/%d/%Y")
     parts = [
         pd.DataFrame(
-            {"date": date, "borough": b, "cases": frame[f"{b}_CASE_COUNT"] + frame[f"{b}_PROBABLE_CASE_COUNT"]}
+            {
+                "date": date,
+                "borough": b,
+                "cases": frame[f"{b}_CASE_COUNT"] + frame[f"{b}_PROBABLE_CASE_COUNT"],
+            }
         )
         for b in BOROUGH_CODES
     ]

@@ -80,7 +80,9 @@ class Population:
         try:
             return self._columns[name]
         except KeyError:
-            raise KeyError(f"population has no column {name!r}; columns: {', '.join(self._columns)}") from None
+            raise KeyError(
+                f"population has no column {name!r}; columns: {', '.join(self._columns)}"
+            ) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._columns
@@ -155,7 +157,10 @@ class Population:
         """Read a population written by :meth:`save`; a foreign or corrupt file raises :class:`InputError`."""
         path = Path(path)
         if not path.is_file():
-            raise InputError(f"{path}: no such population file", hint="create one with `lpm population synth nyc --out PATH`")
+            raise InputError(
+                f"{path}: no such population file",
+                hint="create one with `lpm population synth nyc --out PATH`",
+            )
         try:
             schema = pq.read_schema(path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -170,7 +175,9 @@ class Population:
             header = json.loads(raw)
             labels, dtypes = header["labels"], header["dtypes"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{path}: field {PARQUET_KEY.decode()!r} of the Parquet metadata is corrupt ({exc})") from None
+            raise InputError(
+                f"{path}: field {PARQUET_KEY.decode()!r} of the Parquet metadata is corrupt ({exc})"
+            ) from None
         if header.get("format_version") != FORMAT_VERSION:
             raise InputError(
                 f"{path}: field 'format_version' is {header.get('format_version')!r}; this lpm reads {FORMAT_VERSION}"
@@ -182,7 +189,9 @@ class Population:
         columns = {}
         for name, dtype_name in dtypes.items():
             if name not in table.column_names:
-                raise InputError(f"{path}: column {name!r} is listed in the metadata but missing from the data")
+                raise InputError(
+                    f"{path}: column {name!r} is listed in the metadata but missing from the data"
+                )
             values = table.column(name).to_numpy()
             dtype = getattr(torch, dtype_name, None)
             if not isinstance(dtype, torch.dtype):

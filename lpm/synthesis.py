@@ -70,7 +70,9 @@ def recipe_path(name: str) -> Path:
     path = project_root() / "populations" / name / "recipe.yaml"
     if not path.is_file():
         known = sorted(p.parent.name for p in (project_root() / "populations").glob("*/recipe.yaml"))
-        raise InputError(f"unknown population recipe {name!r} (no {path})", hint=f"known recipes: {', '.join(known)}")
+        raise InputError(
+            f"unknown population recipe {name!r} (no {path})", hint=f"known recipes: {', '.join(known)}"
+        )
     return path
 
 
@@ -95,7 +97,9 @@ def cell_sizes(recipe: Recipe) -> np.ndarray:
     for needed, have, what in ((ages, by_age.columns, "age band"), (sexes, by_sex.columns, "sex")):
         missing = [x for x in needed if x not in have]
         if missing:
-            raise InputError(f"{nyc.data_dir() / 'group-data-by-boro.csv'}: no {what} row(s) {missing} (column subgroup)")
+            raise InputError(
+                f"{nyc.data_dir() / 'group-data-by-boro.csv'}: no {what} row(s) {missing} (column subgroup)"
+            )
     age = by_age.loc[boroughs, ages].to_numpy()
     sex = by_sex.loc[boroughs, sexes].to_numpy()
     sex_share = sex / sex.sum(axis=1, keepdims=True)
@@ -140,7 +144,9 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
         if size == 0:
             continue
         if len(rows) == 0:
-            raise InputError(f"{nyc.data_dir() / 'data-by-modzcta.csv'}: no ZIP area in borough {code} (column BOROUGH_GROUP)")
+            raise InputError(
+                f"{nyc.data_dir() / 'data-by-modzcta.csv'}: no ZIP area in borough {code} (column BOROUGH_GROUP)"
+            )
         k = torch.from_numpy(allocate(zips["population"].to_numpy()[rows], size))
         deal = torch.repeat_interleave(torch.from_numpy(rows).to(zip_code.dtype), k)
         zip_code[start : start + size] = deal[torch.randperm(size, generator=gen)]
@@ -148,7 +154,9 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
 
     # 4. labor force: age profile scaled to each borough's labor force in the recipe month.
     lf = nyc.labor_force()
-    month = lf[(lf["date"].dt.year == recipe.labor_force.year) & (lf["date"].dt.month == recipe.labor_force.month)]
+    month = lf[
+        (lf["date"].dt.year == recipe.labor_force.year) & (lf["date"].dt.month == recipe.labor_force.month)
+    ]
     target = month.set_index("borough")["labor_force"].reindex(boroughs)
     if target.isna().any():
         raise InputError(
@@ -163,12 +171,25 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     labor = torch.rand(n, generator=gen) < rate_t[borough.long() * A + age_group.long()]
 
     return Population(
-        {"borough": borough, "zip": zip_code, "age_group": age_group, "age": age, "sex": sex, "labor_force": labor},
+        {
+            "borough": borough,
+            "zip": zip_code,
+            "age_group": age_group,
+            "age": age,
+            "sex": sex,
+            "labor_force": labor,
+        },
         {
             "borough": list(recipe.boroughs.values()),
             "zip": zip_labels,
             "age_group": ages,
             "sex": recipe.sexes,
         },
-        meta={"recipe": name, "agents": n, "seed": int(seed), "city_population": round(city), "scale": n / city},
+        meta={
+            "recipe": name,
+            "agents": n,
+            "seed": int(seed),
+            "city_population": round(city),
+            "scale": n / city,
+        },
     )

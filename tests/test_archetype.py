@@ -52,7 +52,13 @@ def test_members_filter_marks_others_minus_one(small_pop):
 
 
 def test_numeric_attribute_with_bins(tmp_path, small_pop):
-    path = _write_spec(tmp_path, attributes=[{"name": "age", "bins": [0, 18, 65, 200], "labels": ["child", "adult", "senior"]}, "borough"])
+    path = _write_spec(
+        tmp_path,
+        attributes=[
+            {"name": "age", "bins": [0, 18, 65, 200], "labels": ["child", "adult", "senior"]},
+            "borough",
+        ],
+    )
     spec = ArchetypeSpec.load(path)
     g = spec.group(small_pop)
     age = small_pop["age"].long()
@@ -80,7 +86,9 @@ def test_numeric_without_bins_and_categorical_with_bins(tmp_path, small_pop):
     with pytest.raises(InputError, match="numeric; give it bins"):
         ArchetypeSpec.load(_write_spec(tmp_path, attributes=["age"])).check(small_pop)
     with pytest.raises(InputError, match="categorical; drop its bins"):
-        ArchetypeSpec.load(_write_spec(tmp_path, attributes=[{"name": "sex", "bins": [0, 1, 2]}])).check(small_pop)
+        ArchetypeSpec.load(_write_spec(tmp_path, attributes=[{"name": "sex", "bins": [0, 1, 2]}])).check(
+            small_pop
+        )
 
 
 def test_missing_prompt_file(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 
 
 def lpm(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lpm", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "lpm", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ def _real_cells() -> pd.DataFrame:
     recipe = Recipe.load(recipe_path("nyc"))
     cells = cell_sizes(recipe)
     idx = pd.MultiIndex.from_product(
-        [list(recipe.boroughs.values()), list(recipe.age_groups), recipe.sexes], names=["borough", "age_group", "sex"]
+        [list(recipe.boroughs.values()), list(recipe.age_groups), recipe.sexes],
+        names=["borough", "age_group", "sex"],
     )
     return pd.Series(cells.ravel(), index=idx, name="population")
 
@@ -28,7 +29,9 @@ def test_population_size_from_rates_matches_the_zip_table():
     assert cells.sum() == pytest.approx(nyc.zip_areas()["population"].sum(), rel=0.01)
     assert cells.sum() == pytest.approx(8.33e6, rel=0.01)
     # the README's worked example: Brooklyn, age 0-4 ≈ 182,900
-    assert cells.sort_index().loc[("Brooklyn", "0-4")].sum() == pytest.approx(48_646 / 26_593.27 * 100_000, rel=1e-9)
+    assert cells.sort_index().loc[("Brooklyn", "0-4")].sum() == pytest.approx(
+        48_646 / 26_593.27 * 100_000, rel=1e-9
+    )
 
 
 def test_full_city_marginals_match_real_shares(city):
@@ -130,7 +133,12 @@ def test_corrupt_parquet_is_refused(tmp_path, small_pop):
 
 
 def test_codes_outside_labels_are_refused(tmp_path):
-    header = {"format_version": 1, "labels": {"sex": ["female", "male"]}, "dtypes": {"sex": "uint8"}, "meta": {}}
+    header = {
+        "format_version": 1,
+        "labels": {"sex": ["female", "male"]},
+        "dtypes": {"sex": "uint8"},
+        "meta": {},
+    }
     table = pa.table({"sex": np.array([0, 1, 5], dtype=np.uint8)})
     table = table.replace_schema_metadata({PARQUET_KEY: json.dumps(header).encode()})
     pq.write_table(table, tmp_path / "bad.parquet")

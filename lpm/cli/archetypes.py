@@ -26,8 +26,13 @@ def register(app: typer.Typer) -> None:
         grouping = s.group(pop)
         members = int(grouping.counts.sum())
         console.print(
-            frame_table(grouping.table, index=True, title=f"{s.name}: K = {grouping.k} archetypes, "
-                        f"{members:,} of {len(pop):,} agents decide")
+            frame_table(
+                grouping.table,
+                index=True,
+                title=f"{s.name}: K = {grouping.k} archetypes, {members:,} of {len(pop):,} agents decide",
+            )
         )
-        console.print(f"actions: {', '.join(s.actions)}; cadence: {s.cadence.value}; "
-                      f"context: {', '.join(s.context) or '-'}; prompt: {s.prompt}")
+        console.print(
+            f"actions: {', '.join(s.actions)}; cadence: {s.cadence.value}; "
+            f"context: {', '.join(s.context) or '-'}; prompt: {s.prompt}"
+        )

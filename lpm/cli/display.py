@@ -6,10 +6,12 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 120)
 
 
-def frame_table(frame: pd.DataFrame, *, title: str | None = None, index: bool = False, floats: str = "{:.3f}") -> Table:
+def frame_table(
+    frame: pd.DataFrame, *, title: str | None = None, index: bool = False, floats: str = "{:.3f}"
+) -> Table:
     """A rich table of a pandas frame; integers get thousands separators, floats ``floats``."""
     table = Table(title=title, title_justify="left", show_edge=False, header_style="bold")
     if index:

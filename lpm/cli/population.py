@@ -56,4 +56,6 @@ def register(app: typer.Typer) -> None:
     def show(path: Path = typer.Argument(..., help="population Parquet file")) -> None:
         """Print the summary of a population file."""
         pop = Population.load(path)
-        show_population(pop, title=f"{path} ({pop.meta.get('recipe', '?')}, seed {pop.meta.get('seed', '?')})")
+        show_population(
+            pop, title=f"{path} ({pop.meta.get('recipe', '?')}, seed {pop.meta.get('seed', '?')})"
+        )

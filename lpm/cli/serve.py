@@ -1,0 +1,61 @@
+"""``lpm serve``: run a local OpenAI-compatible model server until interrupted; ``--check URL``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from lpm.cli.display import console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        engine: str = typer.Option("vllm", "--engine", help="vllm (CPU build without a GPU) or llamacpp"),
+        model: Path = typer.Option(
+            None, "--model", help="model folder (vllm) or .gguf file; default SmolLM2-135M-Instruct"
+        ),
+        name: str = typer.Option(None, "--name", help="name the model is served under"),
+        port: int = typer.Option(None, "--port", help="TCP port on 127.0.0.1 (default: a free one)"),
+        kv_cache_gib: int = typer.Option(2, "--kv-cache-gib", help="KV cache of the CPU build of vLLM, GiB"),
+        check: str = typer.Option(
+            None, "--check", metavar="URL", help="only report the health of the server at URL"
+        ),
+    ) -> None:
+        """Start a local model server on 127.0.0.1, print its URL and model, serve until Ctrl-C."""
+        from lpm.server import ModelServer, check_server
+
+        if check:
+            info = check_server(check)
+            models = ", ".join(info.get("models") or []) or "-"
+            console.print(f"{info['url']}: healthy, serving {models}")
+            return
+        server = ModelServer(engine, model, name, port=port, kv_cache_gib=kv_cache_gib)
+        with console.status(f"starting {engine} server (logs: {server.log_path})"):
+            server.start()
+        try:
+            console.print(
+                f"serving {server.model} at {server.url}  (engine {engine}, started in "
+                f"{server.startup_seconds:.0f} s; Ctrl-C stops it)"
+            )
+            console.print(
+                f"  use: lpm run covid --policy llm --llm-url {server.url} --llm-model {server.model}"
+            )
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            while not stop.wait(1.0):
+                if not server.running:
+                    from lpm.errors import ServerError
+                    from lpm.server import log_tail
+
+                    raise ServerError(
+                        f"the {engine} server exited unexpectedly:\n{log_tail(server.log_path)}"
+                    )
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.stop()
+            console.print("server stopped")

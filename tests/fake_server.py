@@ -1,0 +1,192 @@
+"""A scripted OpenAI-compatible chat server on 127.0.0.1 for unit tests of the backend and decisions.
+
+Each request to ``/v1/chat/completions`` is answered by a *behaviour*: the next one of ``script`` (a list,
+consumed in order) or ``script(body, index)`` (a callable), else ``default``:
+
+``good``          constrained answer with first-token top logprobs (the mass of each action over two tokens)
+``llamacpp``      the same in llama.cpp's older shape (``probs`` with ``tok_str`` / ``prob``)
+``nologprobs``    a constrained answer without logprobs (``n`` choices when asked)
+``offchoice``     free text that is not an action, logprobs on free-text tokens
+``zeromass``      an action as text, but no top token begins any action
+``error500``      HTTP 500;   ``error404``  HTTP 404 (model not found)
+``drop``          closes the connection without answering
+``slow``          ``good`` after ``slow_s`` seconds
+
+The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
+The server counts requests and the most it had in flight at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class FakeServer:
+    def __init__(
+        self,
+        script: list[str] | Callable[[dict, int], str] | None = None,
+        *,
+        default: str = "good",
+        delay: float = 0.0,
+        slow_s: float = 2.0,
+        model: str = "fake-model",
+    ):
+        self.script = list(script) if isinstance(script, list) else script
+        self.default = default
+        self.delay = delay
+        self.slow_s = slow_s
+        self.model = model
+        self.bodies: list[dict[str, Any]] = []
+        self.behaviours: list[str] = []
+        self.headers: list[dict[str, str]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> FakeServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with server._lock:
+                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                server._handle(self, body)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    @property
+    def requests(self) -> int:
+        return len(self.bodies)
+
+    # -- answers --------------------------------------------------------------------------------
+    @staticmethod
+    def expected(messages: list[dict[str, str]], actions: list[str]) -> list[float]:
+        """The distribution the ``good`` behaviour encodes for these messages."""
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).digest()
+        p = 0.05 + 0.9 * digest[0] / 255
+        rest = (1 - p) / (len(actions) - 1)
+        return [p] + [rest] * (len(actions) - 1)
+
+    def _behaviour(self, body: dict[str, Any], index: int) -> str:
+        if callable(self.script):
+            return self.script(body, index)
+        if self.script:
+            return self.script.pop(0)
+        return self.default
+
+    def _handle(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+        with self._lock:
+            index = len(self.bodies)
+            self.bodies.append(body)
+            behaviour = self._behaviour(body, index)
+            self.behaviours.append(behaviour)
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.delay:
+                time.sleep(self.delay)
+            if behaviour == "slow":
+                time.sleep(self.slow_s)
+                behaviour = "good"
+            if behaviour == "drop":
+                handler.close_connection = True
+                handler.connection.shutdown(2)
+                return
+            if behaviour.startswith("error"):
+                code = int(behaviour[5:])
+                self._send(handler, code, {"error": {"message": f"scripted {code}", "type": "server_error",
+                                                     "code": code}})
+                return
+            self._send(handler, 200, self._completion(body, behaviour))
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, code: int, payload: dict[str, Any]) -> None:
+        data = json.dumps(payload).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _completion(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
+        actions = (body.get("structured_outputs") or {}).get("choice")
+        if actions is None and "grammar" in body:  # root ::= "a" | "b"
+            actions = [json.loads(part.strip()) for part in body["grammar"].split("::=", 1)[1].split("|")]
+        actions = actions or ["yes", "no"]
+        probs = self.expected(body["messages"], actions)
+        n = int(body.get("n") or 1)
+        if n > 1 or body.get("temperature", 1) > 0:  # sampling: deterministic counts close to probs
+            counts = [round(p * n) for p in probs]
+            counts[0] += n - sum(counts)
+            texts = [a for a, c in zip(actions, counts, strict=True) for _ in range(max(c, 0))][:n]
+        else:
+            texts = [actions[max(range(len(actions)), key=lambda i: probs[i])]]
+        if behaviour == "offchoice":
+            texts = ["I think I would rather not say."] * len(texts)
+        top: list[tuple[str, float]] = []
+        for a, p in zip(actions, probs, strict=True):  # each action's mass over a long and a short prefix
+            top += [(a[:4], 0.7 * p), (a[:1], 0.3 * p)] if len(a) > 1 else [(a, p)]
+        top.append(("<|im_end|>", 1e-9))
+        if behaviour in ("offchoice", "zeromass"):
+            top = [("I", 0.6), ("This", 0.4)]
+        choices = []
+        for i, text in enumerate(texts):
+            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
+                                      "finish_reason": "stop", "logprobs": None}
+            if body.get("logprobs") and behaviour in ("good", "offchoice", "zeromass"):
+                choice["logprobs"] = {"content": [{
+                    "token": top[0][0], "logprob": math.log(top[0][1]), "bytes": None,
+                    "top_logprobs": [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top],
+                }]}
+            elif body.get("logprobs") and behaviour == "llamacpp":
+                choice["logprobs"] = {"content": [{
+                    "id": 1, "tok_str": top[0][0], "prob": top[0][1],
+                    "probs": [{"tok_str": t, "prob": p} for t, p in top],
+                }]}
+            choices.append(choice)
+        return {
+            "id": f"chatcmpl-{len(self.bodies)}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", self.model), "choices": choices,
+            "usage": {"prompt_tokens": 50, "completion_tokens": 3 * len(texts), "total_tokens": 50 + 3 * len(texts)},
+        }

@@ -1,0 +1,169 @@
+"""Model server control: fast unit tests, and integration tests against real vLLM and llama.cpp servers."""
+
+from __future__ import annotations
+
+import socket
+
+import fixtures_server
+import httpx
+import pytest
+
+from lpm.errors import ServerError
+from lpm.server import (
+    ModelServer,
+    check_server,
+    cpu_list_string,
+    free_port,
+    metrics,
+    parse_prometheus,
+)
+
+# Session fixtures (conftest.py may import them as well; then these lines are redundant).
+vllm_server = fixtures_server.vllm_server
+llamacpp_server = fixtures_server.llamacpp_server
+
+CHOICES = ["isolate", "go out"]
+QUESTION = [
+    {
+        "role": "user",
+        "content": "There is an epidemic in your city. Do you isolate or go out? "
+        "Answer with one of: isolate, go out.",
+    }
+]
+
+
+# -- fast unit tests (no server) -------------------------------------------------------------------------
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
+
+
+def test_server_picks_a_port_and_names_urls() -> None:
+    server = ModelServer("llamacpp", port=None)
+    assert server.url == f"http://127.0.0.1:{server.port}/v1"
+    assert server.root_url == f"http://127.0.0.1:{server.port}"
+    assert not server.running
+    server.stop()  # stopping a server never started is a no-op
+
+
+@pytest.mark.parametrize(
+    ("cores", "expected"), [([0, 1], "0-1"), ([0], "0"), ([3, 0, 1, 2, 7, 9, 10], "0-3,7,9-10")]
+)
+def test_cpu_list_string(cores: list[int], expected: str) -> None:
+    assert cpu_list_string(cores) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"engine": "ollama"},
+        {"kv_cache_gib": 0},
+        {"kv_cache_gib": 1.5},
+        {"threads": 10_000},
+        {"max_model_len": 1},
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs: dict) -> None:
+    with pytest.raises(ServerError):
+        ModelServer(**kwargs)
+
+
+def test_check_server_unreachable_names_url_and_fix() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerError) as caught:
+        check_server(url, timeout=1)
+    assert url in str(caught.value)
+    assert "lpm serve" in (caught.value.hint or "")
+
+
+def test_metrics_unreachable_raises() -> None:
+    with pytest.raises(ServerError):
+        metrics(f"http://127.0.0.1:{free_port()}/v1", timeout=1)
+
+
+def test_parse_prometheus() -> None:
+    text = (
+        "# HELP vllm:request_success_total Count\n# TYPE vllm:request_success_total counter\n"
+        'vllm:request_success_total{finished_reason="stop"} 3.0\n'
+        'vllm:request_success_total{finished_reason="length"} 2.0\n'
+    )
+    samples = parse_prometheus(text)
+    assert sum(samples.values()) == 5.0
+
+
+def test_start_failure_shows_log_tail(tmp_path) -> None:
+    missing = tmp_path / "missing.gguf"
+    missing.write_bytes(b"not a gguf")
+    server = ModelServer("llamacpp", model=missing, log_path=tmp_path / "log.txt", startup_timeout=60)
+    with pytest.raises(ServerError) as caught:
+        server.start()
+    assert "exited" in str(caught.value)
+    assert not server.running
+
+
+# -- integration: vLLM ---------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_vllm_lists_its_model(vllm_server: ModelServer) -> None:
+    status = check_server(vllm_server.url)
+    assert status["healthy"] is True
+    assert status["models"] == [vllm_server.model]
+
+
+@pytest.mark.integration
+def test_vllm_choice_logprobs_and_request_counter(vllm_server: ModelServer) -> None:
+    before = metrics(vllm_server.url)
+    assert before["engine"] == "vllm"
+    body = {
+        "model": vllm_server.model,
+        "messages": QUESTION,
+        "structured_outputs": {"choice": CHOICES},
+        "logprobs": True,
+        "top_logprobs": 10,
+        "max_tokens": 3,
+        "temperature": 0,
+    }
+    reply = httpx.post(f"{vllm_server.url}/chat/completions", json=body, timeout=120).json()
+    choice = reply["choices"][0]
+    assert choice["message"]["content"] in CHOICES
+    first = choice["logprobs"]["content"][0]
+    assert any(option.startswith(first["token"]) for option in CHOICES)
+    # masked distribution: every token with real mass begins a choice (disallowed ones get -9999)
+    allowed = [t for t in first["top_logprobs"] if t["logprob"] > -100]
+    assert allowed and all(any(o.startswith(t["token"]) for o in CHOICES) for t in allowed)
+    after = metrics(vllm_server.url)
+    assert after["completion_requests"] == before["completion_requests"] + 1
+    assert after["requests_finished"] == before["requests_finished"] + 1
+
+
+# -- integration: llama.cpp ------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_llamacpp_answers_under_a_grammar(llamacpp_server: ModelServer) -> None:
+    assert check_server(llamacpp_server.url)["models"] == [llamacpp_server.model]
+    grammar = "root ::= " + " | ".join(f'"{c}"' for c in CHOICES)
+    body = {
+        "model": llamacpp_server.model,
+        "messages": QUESTION,
+        "grammar": grammar,
+        "logprobs": True,
+        "top_logprobs": 10,
+        "post_sampling_probs": True,  # probabilities after the grammar mask ...
+        "temperature": 1.0,  # ... which greedy decoding (temperature 0) collapses to 1.0
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "max_tokens": 3,
+    }
+    reply = httpx.post(f"{llamacpp_server.url}/chat/completions", json=body, timeout=60).json()
+    assert reply["choices"][0]["message"]["content"] in CHOICES
+    first = reply["choices"][0]["logprobs"]["content"][0]
+    probs = {t["token"]: t["prob"] for t in first["top_probs"]}
+    assert all(any(o.startswith(token) for o in CHOICES) for token in probs)
+    assert sum(probs.values()) == pytest.approx(1.0, abs=0.02)
