@@ -1,0 +1,90 @@
+"""Run llama.cpp's OpenAI-compatible HTTP server (the ``xllamacpp`` wheel) as a process of its own.
+
+``xllamacpp.Server`` starts llama-server inside the calling Python process. :class:`lpm.server.ModelServer`
+runs this module in a subprocess so that the server can be stopped (and cleaned up) like any other::
+
+    python -m lpm.llamacpp_server --model FILE.gguf --alias NAME --host 127.0.0.1 --port 8080
+
+The server answers until SIGTERM or SIGINT. Differences from vLLM that clients must know: logprobs come in
+llama-server's shape (``choices[i].logprobs.content[j]`` with ``id``/``token``/``bytes``/``logprob``, also on
+``/v1/completions``); a choice is constrained with a GBNF ``grammar`` field; the first token's probabilities
+*after* the grammar mask come only with ``post_sampling_probs: true`` and a temperature above 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of the llama.cpp server process."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lpm.llamacpp_server", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model", required=True, help="path of the .gguf file to serve")
+    parser.add_argument("--alias", required=True, help="model name clients send (listed by /v1/models)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, required=True, help="TCP port to listen on")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (0: every core this process may use)"
+    )
+    parser.add_argument("--ctx-size", type=int, default=2048, help="context length per parallel slot, tokens")
+    parser.add_argument(
+        "--parallel", type=int, default=8, help="requests decoded at once (continuous batching)"
+    )
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Start the server described by ``args`` and block until SIGTERM/SIGINT; return the exit status."""
+    try:
+        import xllamacpp
+    except ImportError:
+        print(
+            "lpm.llamacpp_server: the package xllamacpp is not installed; "
+            "install it with `pip install xllamacpp` (or `pip install -e '.[cpu]'`).",
+            file=sys.stderr,
+        )
+        return 2
+    if not os.path.isfile(args.model):
+        print(f"lpm.llamacpp_server: model file {args.model} does not exist.", file=sys.stderr)
+        return 2
+
+    threads = args.threads or len(os.sched_getaffinity(0))
+    params = xllamacpp.CommonParams()
+    params.model.path = args.model
+    params.model_alias = {args.alias}  # llama-server takes a set of names
+    params.hostnames = [args.host]
+    params.port = args.port
+    params.n_parallel = args.parallel
+    params.n_ctx = args.ctx_size * args.parallel  # llama-server splits n_ctx across the slots
+    params.cont_batching = True
+    params.endpoint_metrics = True
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = xllamacpp.Server(params)
+    print(
+        f"lpm.llamacpp_server: serving {args.model} as {args.alias!r} at {server.listening_address}",
+        flush=True,
+    )
+    while not stop.wait(timeout=1.0):
+        pass
+    del server
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m lpm.llamacpp_server``."""
+    return serve(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

