@@ -1,0 +1,273 @@
+"""A run: a scenario on the NYC population under a policy, written to a run folder.
+
+The folder holds ``config.json`` (the resolved configuration), ``trajectory.parquet`` (date × borough ×
+quantity), ``decisions.parquet`` (step × archetype × action probability, mode, cache hit),
+``summary.json``, PNG plots and ``report.md``; ``checkpoint.pt`` lets an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lpm.errors import InputError
+from lpm.population import Population
+
+Scenario = Literal["covid", "labor"]
+PolicyName = Literal["heuristic", "llm", "agent-llm"]
+CacheMode = Literal["use", "refresh", "off", "replay"]
+
+SUMMARY_KEYS = ("agents", "steps", "wall_seconds", "step_seconds", "llm_queries", "cache_hits", "tokens", "fallbacks")
+
+
+class RunConfig(BaseModel):
+    """Everything that determines a run; saved as ``config.json`` in the run folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    scenario: Scenario = Field(description="covid (daily SEIR, weekly isolation) or labor (monthly work)")
+    policy: PolicyName = Field(default="heuristic", description="heuristic rules, one LLM query per archetype, or per agent")
+    agents: int | None = Field(default=None, gt=0, description="agents (default: the whole city, ≈ 8.34 M)")
+    seed: int = Field(default=0, ge=0, description="seed of the population and of every random draw")
+    start: dt.date | None = Field(default=None, description="first simulated day (default: the scenario's)")
+    weeks: int | None = Field(default=None, gt=0, description="covid: weeks to simulate (default 8)")
+    months: int | None = Field(default=None, gt=0, description="labor: months to simulate (default 12)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    llm_url: str | None = Field(default=None, description="OpenAI-compatible base URL; default: start a local server")
+    llm_model: str | None = Field(default=None, description="served model name (default: the local default model)")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
+    engine: Literal["vllm", "llamacpp"] = Field(default="vllm", description="engine of the local server lpm starts")
+    llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
+    cache: CacheMode = "use"
+    on_llm_failure: Literal["error", "heuristic"] = Field(
+        default="error", description="stop on a failed model call, or use the heuristic for that archetype (counted)"
+    )
+
+    @model_validator(mode="after")
+    def _horizon(self) -> RunConfig:
+        if self.scenario == "covid" and self.months is not None:
+            raise ValueError("the covid scenario steps in days: give --weeks, not --months")
+        if self.scenario == "labor" and self.weeks is not None:
+            raise ValueError("the labor scenario steps in months: give --months, not --weeks")
+        if self.policy == "heuristic" and (self.llm_url or self.llm_model):
+            raise ValueError("--llm-url/--llm-model need --policy llm or agent-llm")
+        return self
+
+    @classmethod
+    def build(cls, **values: Any) -> RunConfig:
+        """Validate, turning pydantic's errors into one :class:`InputError` that names the field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "config"
+            raise InputError(f"run option {field!r}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})") from None
+
+    @property
+    def steps(self) -> int:
+        return (self.weeks or 8) * 7 if self.scenario == "covid" else (self.months or 12)
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.policy != "heuristic"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed run must share with the run it continues (the horizon may grow)."""
+        data = self.model_dump(mode="json")
+        for key in ("weeks", "months", "cache", "llm_url"):
+            data.pop(key)
+        return data
+
+
+@dataclass
+class RunOutput:
+    folder: Path
+    summary: dict[str, Any]
+    result: Any  # lpm.engine.RunResult
+
+
+def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> RunOutput:
+    """Run ``config`` and write its folder ``out``; with ``resume`` continue from its checkpoint.
+
+    Without ``config.llm_url`` an LLM policy starts the local model server and stops it at the end.
+    """
+    from lpm.engine import Simulation
+    from lpm.scenarios import make_scenario
+
+    started = time.perf_counter()
+    folder = Path(out)
+    _claim_folder(folder, config, resume)
+    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
+    params = {"start": config.start} if config.start else None
+    scenario = make_scenario(config.scenario, params)
+    resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
+    if resolved.start != config.start and config.start is not None:  # pragma: no cover - make_scenario normalises
+        raise InputError(f"start date {config.start} was changed by the scenario to {resolved.start}")
+    with _policy(resolved, progress) as (policy, llm_info):
+        sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
+        bar = _progress(config, progress)
+        with bar if bar is not None else nullcontext():
+            if bar is not None:
+                task = bar.add_task(f"{config.scenario} · {config.policy} · {len(pop):,} agents", total=config.steps)
+                sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
+            result = sim.run(config.steps, out_dir=folder, resume=resume)
+    wall = time.perf_counter() - started
+    summary = _summary(resolved, result, wall, llm_info)
+    _write(folder, resolved, llm_info, result, summary)
+    return RunOutput(folder=folder, summary=summary, result=result)
+
+
+def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
+    """Refuse to overwrite another run; on resume, insist on the same configuration."""
+    saved = folder / "config.json"
+    if resume:
+        if not saved.is_file():
+            raise InputError(f"{folder}: nothing to resume (no config.json)", hint="run without --resume first")
+        try:
+            old = RunConfig.model_validate(json.loads(saved.read_text())["run"])
+        except (ValueError, KeyError, ValidationError) as exc:
+            raise InputError(f"{saved}: not a run configuration of this lpm ({exc})") from None
+        mine, theirs = config.fingerprint(), old.fingerprint()
+        if config.start is None:
+            theirs["start"] = None
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in diff)
+            raise InputError(f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out")
+        return
+    if folder.exists() and any(folder.iterdir()):
+        raise InputError(
+            f"{folder}: the run folder exists and is not empty; nothing was overwritten",
+            hint="pass --resume to continue that run, or another --out",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"run": config.model_dump(mode="json")}, indent=2))
+
+
+@contextmanager
+def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """The policy of ``config``; for LLM policies also the server (started here if needed) and the decider."""
+    from lpm.policy import AgentLLMPolicy, ArchetypeLLMPolicy, HeuristicPolicy
+
+    if not config.uses_llm:
+        yield HeuristicPolicy(), {}
+        return
+    from lpm.backend import OpenAIBackend
+    from lpm.cache import ResponseCache
+    from lpm.decision import Decider
+
+    server = None
+    url, model = config.llm_url, config.llm_model
+    try:
+        if url is None and config.cache != "replay":
+            from lpm.server import ModelServer
+
+            server = ModelServer(config.engine, served_name=model)
+            if progress:
+                from lpm.cli.display import console
+
+                with console.status(f"starting the local {config.engine} server (logs: {server.log_path})"):
+                    server.start()
+                console.print(f"model server: {server.model} at {server.url} (started in {server.startup_seconds:.0f} s)")
+            else:
+                server.start()
+            url, model = server.url, server.model
+        if model is None:
+            from lpm.model import DEFAULT_MODEL_NAME
+
+            model = DEFAULT_MODEL_NAME
+        constraint = "llamacpp" if config.engine == "llamacpp" and config.llm_url is None else "vllm"
+        backend = OpenAIBackend(url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint)
+        mode = config.llm_mode
+        if constraint == "llamacpp" and mode == "auto":
+            mode = "sample"  # llama.cpp's top_logprobs are taken before its grammar: not a choice distribution
+        decider = Decider(
+            backend,
+            ResponseCache(mode=config.cache),
+            mode=mode,
+            on_failure="return" if config.on_llm_failure == "heuristic" else "error",
+            progress=False,
+        )
+        fallback = HeuristicPolicy() if config.on_llm_failure == "heuristic" else None
+        cls = AgentLLMPolicy if config.policy == "agent-llm" else ArchetypeLLMPolicy
+        info = {"url": url, "model": model, "started_server": server is not None, "engine": config.engine if server else None, "mode": mode}
+        yield cls(decider, fallback=fallback), info
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _progress(config: RunConfig, enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from lpm.cli.display import console
+
+    unit = "days" if config.scenario == "covid" else "months"
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+    )
+
+
+def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -> dict[str, Any]:
+    traj = result.trajectory
+    totals = traj.groupby("quantity", observed=True)["value"].sum()
+    summary = {
+        "scenario": config.scenario,
+        "policy": config.policy,
+        "agents": int(result.agents),
+        "steps": int(result.steps),
+        "first_date": str(traj["date"].min().date()),
+        "last_date": str(traj["date"].max().date()),
+        "wall_seconds": round(wall, 3),
+        "step_seconds": round(float(result.step_seconds), 3),
+        "decide_seconds": round(float(result.decide_seconds), 3),
+        "agent_steps_per_second": round(result.agents * (result.steps - result.resumed_from) / max(result.step_seconds, 1e-9)),
+        "resumed_from_step": int(result.resumed_from),
+        **{k: int(v) for k, v in result.counters.items()},
+        "archetypes": len(result.archetypes),
+        "llm": llm or None,
+        "totals": {str(k): float(v) for k, v in totals.items() if k in ("infections", "reported_cases")},
+        "lpm": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    return summary
+
+
+def _write(folder: Path, config: RunConfig, llm: dict[str, Any], result: Any, summary: dict[str, Any]) -> None:
+    from lpm import report
+
+    (folder / "config.json").write_text(json.dumps({"run": config.model_dump(mode="json"), "llm": llm or None}, indent=2))
+    result.trajectory.to_parquet(folder / "trajectory.parquet", index=False)
+    decisions = result.decisions.copy()
+    for col in decisions.columns:
+        if decisions[col].dtype == object and col not in ("mode",):
+            decisions[col] = decisions[col].astype(str)
+    decisions.to_parquet(folder / "decisions.parquet", index=False)
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots = report.plots(folder, config.scenario, result.trajectory, result.real, result.decisions)
+    report.write_report(folder, config, summary, plots, result.decisions)
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The summary, trajectory and decisions of a finished run folder."""
+    folder = Path(folder)
+    try:
+        return {
+            "summary": json.loads((folder / "summary.json").read_text()),
+            "trajectory": pd.read_parquet(folder / "trajectory.parquet"),
+            "decisions": pd.read_parquet(folder / "decisions.parquet"),
+        }
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder}: not a finished run folder ({exc})") from None
