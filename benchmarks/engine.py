@@ -1,0 +1,128 @@
+"""Throughput of the COVID daily step (heuristic policy, inference mode) and of covasim in the same run.
+
+Prints agent-steps per second at 1 M agents and at the full city (≈ 8.34 M), bytes per agent of the
+state, and covasim's people-days per second (``cv.Sim(pop_size=…, n_days=…)``, timed from
+``sim.run()`` after ``sim.initialize()``) at the same population and days where feasible; the last line is
+all figures as one JSON object.
+
+    .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+
+import torch
+
+from lpm.engine import Simulation
+from lpm.policy import HeuristicPolicy
+from lpm.population import Population
+from lpm.scenarios.covid import CovidScenario
+
+
+def _bytes(tensors) -> int:
+    return sum(t.element_size() * t.numel() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def bench_lpm(agents: int | None, days: int) -> dict:
+    pop = Population.synthesize("nyc", agents=agents, seed=7)
+    n = len(pop)
+    sim = Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1)
+    state = sim.initial_state()
+    with torch.no_grad():
+        for t in range(2):  # warm-up (allocations, first decision)
+            state = sim.step(state, t)
+        t0 = time.perf_counter()
+        for t in range(2, 2 + days):
+            state = sim.step(state, t)
+        seconds = time.perf_counter() - t0
+    per_agent = [v for v in state.values() if v.dim() >= 1 and v.shape[0] == n]
+    sc = sim.scenario
+    static = [sc.cell, sc.cell2, sc.borough, sim.gid, sim.member, sim.uniforms.index]
+    buffers = [sc._idx, sc._tmp, sc._p, sc._q, sc._leave, sc._is_s, sc._ones, sim.uniforms._x, sim.uniforms._t, sim.uniforms._u]
+    return {
+        "agents": n,
+        "days": days,
+        "seconds": round(seconds, 3),
+        "agent_steps_per_s": n * days / seconds,
+        "state_bytes_per_agent": _bytes(per_agent) / n,
+        "population_bytes_per_agent": pop.nbytes / n,
+        "index_and_buffer_bytes_per_agent": (_bytes(static) + _bytes(buffers)) / n,
+    }
+
+
+def bench_covasim(agents: int, days: int) -> dict:
+    import covasim as cv
+
+    sim = cv.Sim(pop_size=agents, n_days=days, verbose=0, rand_seed=1)
+    t0 = time.perf_counter()
+    sim.initialize()
+    init = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sim.run()
+    seconds = time.perf_counter() - t0
+    return {
+        "agents": agents,
+        "days": days,
+        "init_seconds": round(init, 3),
+        "seconds": round(seconds, 3),
+        "people_days_per_s": agents * days / seconds,
+        "covasim_version": cv.__version__,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=30, help="simulated days timed (default 30)")
+    ap.add_argument("--sizes", nargs="+", default=["1000000", "full"], help="agent counts; 'full' is the whole city")
+    ap.add_argument("--covasim-agents", type=int, nargs="*", default=[1_000_000], help="covasim pop_size(s)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "torch_threads": torch.get_num_threads(),
+        "lpm": [],
+        "covasim": [],
+    }
+    for size in args.sizes:
+        res = bench_lpm(None if size == "full" else int(size), args.days)
+        figures["lpm"].append(res)
+        print(
+            f"lpm covid step, {res['agents']:,} agents x {res['days']} days: {res['seconds']:.2f} s, "
+            f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s; state {res['state_bytes_per_agent']:.1f} B/agent, "
+            f"population {res['population_bytes_per_agent']:.1f} B/agent, "
+            f"index tensors + work buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent",
+            flush=True,
+        )
+    for agents in args.covasim_agents:
+        res = bench_covasim(agents, args.days)
+        figures["covasim"].append(res)
+        print(
+            f"covasim {res['covasim_version']}, {agents:,} people x {args.days} days: run {res['seconds']:.2f} s "
+            f"(initialize {res['init_seconds']:.1f} s), {res['people_days_per_s'] / 1e6:.2f} M people-days/s",
+            flush=True,
+        )
+    same = [
+        (lp, cv_) for lp in figures["lpm"] for cv_ in figures["covasim"] if lp["agents"] == cv_["agents"] and lp["days"] == cv_["days"]
+    ]
+    figures["ratio_same_size"] = [
+        {"agents": lp["agents"], "lpm_over_covasim": lp["agent_steps_per_s"] / cv_["people_days_per_s"]} for lp, cv_ in same
+    ]
+    if figures["covasim"] and figures["lpm"]:
+        big = figures["lpm"][-1]
+        figures["ratio_full_vs_largest_covasim"] = big["agent_steps_per_s"] / figures["covasim"][-1]["people_days_per_s"]
+    figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    for r in figures["ratio_same_size"]:
+        print(f"ratio at {r['agents']:,} agents: lpm / covasim = {r['lpm_over_covasim']:.1f}x")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+import torch
+
+from lpm.sampling import UniformStream, bernoulli_st, categorical_st, uniform
+
+
+def test_uniform_is_layout_independent_and_deterministic():
+    full = uniform(7, 3, 2, 10_000)
+    assert full.dtype == torch.float32 and full.shape == (10_000,)
+    assert torch.equal(full[1234:5678], uniform(7, 3, 2, 5678 - 1234, start=1234))
+    assert torch.equal(full, UniformStream(10_000).draw(7, 3, 2))
+    assert not torch.equal(full, uniform(7, 4, 2, 10_000))  # step changes the draw
+    assert not torch.equal(full, uniform(7, 3, 1, 10_000))  # stream changes the draw
+    assert not torch.equal(full, uniform(8, 3, 2, 10_000))  # seed changes the draw
+
+
+def test_uniform_distribution():
+    u = uniform(1, 0, 0, 200_000)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert abs(float(u.var()) - 1 / 12) < 0.002
+    hist = torch.histc(u, bins=10, min=0, max=1) / len(u)
+    assert float((hist - 0.1).abs().max()) < 0.005
+    v = uniform(1, 1, 0, 200_000)
+    assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 0.01
+
+
+def test_bernoulli_st_forward_hard_backward_matches_finite_difference():
+    n = 400_000
+    u = uniform(2, 0, 0, n)
+    p = torch.full((n,), 0.3, requires_grad=True)
+    x = bernoulli_st(p, u)
+    assert set(x.detach().unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(x.detach(), (u < 0.3).float())
+    x.mean().backward()
+    grad = float(p.grad.sum())  # d mean / d p for a common shift of all p
+    h = 0.02  # finite difference of the hard sample mean with common random numbers
+    fd = (float((u < 0.3 + h).float().mean()) - float((u < 0.3 - h).float().mean())) / (2 * h)
+    assert abs(grad - 1.0) < 1e-6
+    assert abs(fd - grad) < 0.03
+
+
+def test_categorical_st_samples_softmax_and_has_soft_gradient():
+    n, a = 100_000, 3
+    logits = torch.tensor([0.5, -0.3, 1.0])
+    u = torch.stack([uniform(3, 0, s, n) for s in range(a)], dim=1)
+    sample = categorical_st(logits.expand(n, a), u, tau=0.5)
+    assert torch.equal(sample.detach().sum(1), torch.ones(n))
+    freq = sample.detach().mean(0)
+    assert torch.allclose(freq, torch.softmax(logits, 0), atol=0.01)
+    # backward = gradient of the Gumbel-softmax relaxation: check against its finite difference
+    small = 2000
+    lg = logits.clone().requires_grad_(True)
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    (categorical_st(lg.expand(small, a), u[:small], tau=0.5) * weights).sum().backward()
+
+    def soft(lv):
+        g = -torch.log(-torch.log(u[:small].clamp(1e-7, 1 - 1e-7)))
+        return (torch.softmax((lv + g) / 0.5, dim=1) * weights).sum()
+
+    h = 1e-3
+    for i in range(a):
+        e = torch.zeros(a)
+        e[i] = h
+        fd = (soft(logits.double() + e.double()) - soft(logits.double() - e.double())) / (2 * h)
+        assert abs(float(lg.grad[i]) - float(fd)) < 1e-2 * max(1.0, abs(float(fd)))
