@@ -106,10 +106,10 @@ def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: b
 
     started = time.perf_counter()
     folder = Path(out)
+    params = {"start": config.start} if config.start else None
+    scenario = make_scenario(config.scenario, params)  # validates before anything is written
     _claim_folder(folder, config, resume)
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
-    params = {"start": config.start} if config.start else None
-    scenario = make_scenario(config.scenario, params)
     resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
     if resolved.start != config.start and config.start is not None:  # pragma: no cover - make_scenario normalises
         raise InputError(f"start date {config.start} was changed by the scenario to {resolved.start}")

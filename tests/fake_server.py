@@ -12,7 +12,7 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 ``drop``          closes the connection without answering
 ``slow``          ``good`` after ``slow_s`` seconds
 
-The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
+``GET /v1/models`` lists ``model``. The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
 The server counts requests and the most it had in flight at once.
 """
 
@@ -62,6 +62,12 @@ class FakeServer:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.rstrip("/").endswith("/models"):
+                    server._send(self, 200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                else:
+                    server._send(self, 404, {"error": {"message": f"no route {self.path}"}})
+
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
@@ -69,7 +75,13 @@ class FakeServer:
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 server._handle(self, body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Quiet(ThreadingHTTPServer):
+            request_queue_size = 256  # many clients connect at once
+
+            def handle_error(self, request: Any, client_address: Any) -> None:  # dropped connections
+                pass
+
+        self._httpd = Quiet(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()

@@ -11,8 +11,8 @@ from fake_server import FakeServer
 
 from lpm.backend import (
     Answer,
-    BadAnswer,
     Backend,
+    BadAnswer,
     LangChainBackend,
     NoLogprobs,
     OpenAIBackend,

@@ -1,0 +1,549 @@
+"""LLM backends: turn chat messages and an action set into a probability vector over the actions.
+
+Two ways to read a choice distribution, both under a constraint that only lets the model write one of
+the actions (vLLM ``structured_outputs.choice`` or a llama.cpp GBNF ``grammar``):
+
+``logprobs``
+    One greedy request with ``logprobs=True, top_logprobs=20``. The first generated token's top
+    log-probabilities come from the *masked* distribution, and the mass of an action is spread over every
+    token that begins it (``isol``, ``is``, ``i`` all begin "isolate"), so the probability of an action is
+    the sum of ``exp(logprob)`` over the tokens that are a prefix of it, normalised over the actions.
+    A token that is a prefix of several actions (``g`` for "go" and "give up") is *ambiguous*: its mass
+    is split between those actions in proportion to the mass they get from unambiguous tokens (equally if
+    they get none). Word actions so their first tokens differ to avoid it.
+``sample``
+    ``n`` samples at temperature 1 under the same constraint; the probability of an action is its share.
+
+``auto`` tries ``logprobs`` and falls back to ``sample`` when the server returns no log-probabilities;
+:class:`Answer` records the mode used. A bad answer (no mass on any action, text that is not an action) is
+retried, then raised as :class:`LLMError`; an unreachable server raises :class:`ServerError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import openai
+
+from lpm.errors import InputError, LLMError, LpmError, ServerError
+
+Mode = Literal["auto", "logprobs", "sample"]
+MODES = ("auto", "logprobs", "sample")
+CONSTRAINTS = ("vllm", "llamacpp")
+TOP_LOGPROBS = 20
+"""Top log-probabilities requested for the first token (the OpenAI API allows at most 20)."""
+SAMPLE_TEMPERATURE = 1.0
+"""Temperature of ``sample`` mode: the model's own distribution."""
+
+
+@dataclass
+class Answer:
+    """One decision of the model.
+
+    probs: probability of each action, in the order of ``actions``; sums to 1.
+    mode: ``logprobs`` or ``sample``, the mode actually used.
+    raw: the model's answer text (``logprobs``) or the list of sampled answers (``sample``).
+    attempts: requests sent for this answer, retries included.
+    ambiguous: share of the first-token mass that began more than one action (``logprobs`` only).
+    """
+
+    probs: list[float]
+    mode: str
+    raw: str | list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 1
+    ambiguous: float = 0.0
+
+
+class NoLogprobs(Exception):
+    """The server answered without log-probabilities (``auto`` mode falls back to sampling)."""
+
+
+class BadAnswer(Exception):
+    """The answer cannot be read as a choice (retried)."""
+
+
+class Backend(abc.ABC):
+    """Base of the LLM backends. A subclass implements :meth:`choose` as a coroutine and sets ``model``.
+
+    Checked at construction: a subclass whose ``choose`` is not ``async`` cannot be instantiated.
+    """
+
+    model: str = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Backend:
+        if not inspect.iscoroutinefunction(cls.choose):
+            raise TypeError(f"{cls.__name__}.choose must be an async method (async def choose(...))")
+        return super().__new__(cls)
+
+    @abc.abstractmethod
+    async def choose(
+        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+    ) -> Answer:
+        """Ask the model once; return the probability of each action. Raises LLMError / ServerError."""
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the model and the answer format in a cache key (no URL, no key)."""
+        return {"backend": type(self).__name__, "model": self.model}
+
+    def decoding(self, actions: Sequence[str], mode: Mode, n_samples: int) -> dict[str, Any]:
+        """The decoding parameters a request of ``mode`` uses (part of the cache key)."""
+        lp = {"temperature": 0.0, "max_tokens": max_tokens(actions), "top_logprobs": TOP_LOGPROBS, "n": 1}
+        sm = {"temperature": SAMPLE_TEMPERATURE, "max_tokens": max_tokens(actions), "n": n_samples}
+        return {"logprobs": lp, "sample": sm, "auto": {"logprobs": lp, "sample": sm}}[mode]
+
+    async def aclose(self) -> None:
+        """Release connections (called at the end of each event loop the backend was used in)."""
+        return None
+
+
+def max_tokens(actions: Sequence[str]) -> int:
+    """Tokens enough for the longest action: one per UTF-8 byte (a token is at least one byte), plus one."""
+    return max(len(a.encode("utf-8")) for a in actions) + 1
+
+
+def gbnf_grammar(actions: Sequence[str]) -> str:
+    """A llama.cpp GBNF grammar allowing exactly one of ``actions``: ``root ::= "isolate" | "go out"``."""
+
+    def literal(a: str) -> str:
+        return '"' + a.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+    return "root ::= " + " | ".join(literal(a) for a in actions)
+
+
+def constraint_payload(constraint: str, actions: Sequence[str]) -> dict[str, Any]:
+    """The ``extra_body`` that restricts the answer to one of ``actions`` on a vLLM or llama.cpp server."""
+    if constraint == "vllm":
+        return {"structured_outputs": {"choice": list(actions)}}
+    if constraint == "llamacpp":
+        return {"grammar": gbnf_grammar(actions)}
+    raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+
+
+def first_token_candidates(choice: dict[str, Any], response: dict[str, Any] | None = None) -> list[tuple[str, float]]:
+    """(token, probability) pairs of the first generated token's top alternatives.
+
+    Reads the OpenAI chat shape (``logprobs.content[0].top_logprobs[*].token/logprob``, also llama.cpp's
+    server), llama.cpp's ``probs`` / ``top_probs`` with ``tok_str`` / ``prob``, and the older top-level
+    ``completion_probabilities``. Raises :class:`NoLogprobs` when there are none.
+    """
+    entries: Any = None
+    lp = choice.get("logprobs")
+    if isinstance(lp, dict):
+        entries = lp.get("content")
+    elif isinstance(lp, list):
+        entries = lp
+    if not entries and response:
+        entries = response.get("completion_probabilities")
+    if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
+        raise NoLogprobs("the response has no log-probabilities")
+    first = entries[0]
+    alts = first.get("top_logprobs") or first.get("top_probs") or first.get("probs")
+    if not alts:
+        raise NoLogprobs("the first token has no top log-probabilities")
+    out = []
+    for alt in alts:
+        token = alt.get("token", alt.get("tok_str"))
+        if token is None:
+            continue
+        if alt.get("logprob") is not None:
+            p = math.exp(float(alt["logprob"]))
+        elif alt.get("prob") is not None:
+            p = float(alt["prob"])
+        else:
+            continue
+        out.append((str(token), p))
+    if not out:
+        raise NoLogprobs("the first token's alternatives carry no probabilities")
+    return out
+
+
+def choice_distribution(candidates: Sequence[tuple[str, float]], actions: Sequence[str]) -> tuple[list[float], float]:
+    """Probability of each action from the first token's alternatives, and the ambiguous share.
+
+    A token counts for an action when it is a non-empty prefix of it; the mass of a token that is a prefix
+    of several actions is split in proportion to their unambiguous mass (equally if none). Raises
+    :class:`BadAnswer` when no token begins any action.
+    """
+    mass = [0.0] * len(actions)
+    shared: list[tuple[list[int], float]] = []
+    for token, p in candidates:
+        hits = [i for i, a in enumerate(actions) if token and a.startswith(token)]
+        if len(hits) == 1:
+            mass[hits[0]] += p
+        elif hits:
+            shared.append((hits, p))
+    ambiguous = sum(p for _, p in shared)
+    base = list(mass)
+    for hits, p in shared:
+        weights = [base[i] for i in hits]
+        total = sum(weights)
+        for i, w in zip(hits, weights, strict=True):
+            mass[i] += p * (w / total if total > 0 else 1 / len(hits))
+    total = sum(mass)
+    if not total > 0:
+        tokens = [t for t, _ in candidates[:5]]
+        raise BadAnswer(f"no first-token alternative begins an action (top tokens: {tokens})")
+    return [m / total for m in mass], ambiguous / total
+
+
+def match_action(text: str | None, actions: Sequence[str]) -> int:
+    """Index of the action ``text`` is (surrounding whitespace and quotes ignored); BadAnswer otherwise."""
+    clean = (text or "").strip().strip("\"'").strip()
+    for i, a in enumerate(actions):
+        if clean == a:
+            return i
+    raise BadAnswer(f"answer {text!r} is not one of {list(actions)}")
+
+
+class _Retrying:
+    """Exponential-backoff retries shared by the backends: ``backoff * 2**k`` seconds before retry k+1."""
+
+    retries: int
+    backoff: float
+
+    def _check_retry_args(self, retries: int, backoff: float, max_concurrency: int) -> None:
+        if retries < 0:
+            raise InputError(f"retries must be >= 0, got {retries}")
+        if backoff < 0:
+            raise InputError(f"backoff must be >= 0 seconds, got {backoff}")
+        if max_concurrency < 1:
+            raise InputError(f"max_concurrency must be >= 1, got {max_concurrency}")
+
+    async def _pause(self, attempt: int) -> None:
+        await asyncio.sleep(self.backoff * 2**attempt)
+
+
+@dataclass
+class _LoopState:
+    loop: asyncio.AbstractEventLoop
+    semaphore: asyncio.Semaphore
+    client: Any = None
+
+
+@dataclass
+class BackendStats:
+    """Requests sent (retries included) and retries, since the backend was made."""
+
+    requests: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+class OpenAIBackend(Backend, _Retrying):
+    """Any OpenAI-compatible server (vLLM, llama.cpp's server, a hosted API) through ``openai.AsyncOpenAI``.
+
+    base_url: e.g. ``http://127.0.0.1:8000/v1``. model: the served model name.
+    api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect).
+    max_concurrency: requests in flight at once. timeout: seconds per request.
+    retries: extra attempts after a failed one; backoff: seconds before the first retry, doubled each time.
+    constraint: ``vllm`` (``structured_outputs.choice``) or ``llamacpp`` (GBNF ``grammar``).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 16,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        constraint: Literal["vllm", "llamacpp"] = "vllm",
+    ):
+        self._check_retry_args(retries, backoff, max_concurrency)
+        if timeout <= 0:
+            raise InputError(f"timeout must be > 0 seconds, got {timeout}")
+        if constraint not in CONSTRAINTS:
+            raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        if not base_url.startswith(("http://", "https://")):
+            raise InputError(f"--llm-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.constraint = constraint
+        self.stats = BackendStats()
+        self._state: _LoopState | None = None
+        self._logprobs_ok: bool | None = None  # learned in auto mode
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "openai", "model": self.model, "constraint": self.constraint}
+
+    def _loop_state(self) -> _LoopState:
+        # httpx connections and asyncio semaphores belong to one event loop; make fresh ones per loop.
+        loop = asyncio.get_running_loop()
+        if self._state is None or self._state.loop is not loop:
+            client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=os.environ.get(self.api_key_env) or "EMPTY",
+                max_retries=0,
+                timeout=self.timeout,
+            )
+            self._state = _LoopState(loop, asyncio.Semaphore(self.max_concurrency), client)
+        return self._state
+
+    async def aclose(self) -> None:
+        state, self._state = self._state, None
+        if state is not None and state.loop is asyncio.get_running_loop():
+            await state.client.close()
+
+    async def choose(
+        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+    ) -> Answer:
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        if n_samples < 1:
+            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        if mode == "sample" or (mode == "auto" and self._logprobs_ok is False):
+            return await self._with_retries(self._sample, messages, actions, n_samples)
+        try:
+            answer = await self._with_retries(self._logprobs, messages, actions, n_samples)
+        except NoLogprobs as exc:
+            if mode == "logprobs":
+                raise LLMError(
+                    f"{self.base_url} returned no log-probabilities ({exc})",
+                    hint="use --mode sample (or auto) with this server",
+                ) from None
+            self._logprobs_ok = False
+            self.stats.fallbacks += 1
+            return await self._with_retries(self._sample, messages, actions, n_samples)
+        self._logprobs_ok = True
+        return answer
+
+    async def _with_retries(self, call: Any, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await self._pause(attempt - 1)
+            try:
+                answer = await call(messages, actions, n)
+                answer.attempts = attempt + 1
+                return answer
+            except (BadAnswer, openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
+                last = exc
+            except openai.APIStatusError as exc:  # 4xx: asking again will not help
+                if exc.status_code == 408 or exc.status_code == 409:
+                    last = exc
+                    continue
+                raise LLMError(
+                    f"{self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
+                    f"{_short(exc.message)}",
+                    hint="check --llm-model (the served model name) and the server's log",
+                ) from None
+            name = type(last).__name__
+            self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+        if isinstance(last, openai.APIConnectionError) and _refused(last):
+            raise ServerError(
+                f"the model server at {self.base_url} is unreachable ({_short(str(last.__cause__ or last))}) "
+                f"after {self.retries + 1} attempts",
+                hint="start one with `lpm serve` and pass its URL with --llm-url, or leave --llm-url out to "
+                "let lpm start a local server",
+            )
+        if isinstance(last, openai.APITimeoutError):
+            raise LLMError(f"{self.base_url} did not answer within {self.timeout:g} s, {self.retries + 1} attempts",
+                           hint="raise the timeout or lower max_concurrency")
+        raise LLMError(f"{self.base_url}: {_short(str(last))} (after {self.retries + 1} attempts)")
+
+    async def _create(self, **kwargs: Any) -> dict[str, Any]:
+        state = self._loop_state()
+        async with state.semaphore:
+            self.stats.requests += 1
+            raw = await state.client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+        try:  # the JSON as sent: llama.cpp's own fields survive, whatever the openai client's models say
+            data = json.loads(raw.text)
+        except ValueError as exc:
+            raise BadAnswer(f"the response is not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise BadAnswer(f"the response is not a JSON object: {_short(str(data))}")
+        return data
+
+    async def _logprobs(self, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+        data = await self._create(
+            messages=messages,
+            temperature=0.0,
+            max_tokens=max_tokens(actions),
+            logprobs=True,
+            top_logprobs=TOP_LOGPROBS,
+            extra_body=constraint_payload(self.constraint, actions),
+        )
+        choice = _first_choice(data)
+        text = (choice.get("message") or {}).get("content")
+        candidates = first_token_candidates(choice, data)  # NoLogprobs propagates to choose()
+        match_action(text, actions)  # the constraint held: the greedy answer is an action
+        probs, ambiguous = choice_distribution(candidates, actions)
+        usage = data.get("usage") or {}
+        return Answer(
+            probs, "logprobs", text or "", usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+            ambiguous=ambiguous,
+        )
+
+    async def _sample(self, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+        answers: list[str] = []
+        counts = [0] * len(actions)
+        prompt_tokens = completion_tokens = 0
+        for _ in range(n):  # a server that ignores n returns fewer choices: ask again for the rest
+            data = await self._create(
+                messages=messages,
+                temperature=SAMPLE_TEMPERATURE,
+                max_tokens=max_tokens(actions),
+                n=n - len(answers),
+                extra_body=constraint_payload(self.constraint, actions),
+            )
+            choices = data.get("choices") or []
+            if not choices:
+                raise BadAnswer("the response has no choices")
+            for choice in choices[: n - len(answers)]:
+                text = (choice.get("message") or {}).get("content")
+                counts[match_action(text, actions)] += 1
+                answers.append(text)
+            usage = data.get("usage") or {}
+            prompt_tokens += usage.get("prompt_tokens") or 0
+            completion_tokens += usage.get("completion_tokens") or 0
+            if len(answers) >= n:
+                break
+        return Answer([c / n for c in counts], "sample", answers, prompt_tokens, completion_tokens)
+
+
+class LangChainBackend(Backend, _Retrying):
+    """Any LangChain chat model, e.g. ``langchain_openai.ChatOpenAI(base_url=..., model=..., logprobs=True)``.
+
+    ``logprobs`` mode reads ``response_metadata["logprobs"]`` (ChatOpenAI fills it when built with
+    ``logprobs=True, top_logprobs=20``); ``sample`` mode asks ``n_samples`` times and counts the answers.
+    constraint: ``vllm`` or ``llamacpp`` binds the constraint as ``extra_body`` (OpenAI-style models);
+    ``None`` sends no constraint, so answers are only matched against the actions.
+    """
+
+    def __init__(
+        self,
+        chat_model: Any,
+        *,
+        model: str | None = None,
+        constraint: Literal["vllm", "llamacpp"] | None = "vllm",
+        max_concurrency: int = 16,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ):
+        if not (hasattr(chat_model, "invoke") and hasattr(chat_model, "bind")):
+            raise InputError(f"LangChainBackend needs a LangChain chat model, got {type(chat_model).__name__}")
+        if constraint is not None and constraint not in CONSTRAINTS:
+            raise InputError(f"constraint must be one of {CONSTRAINTS} or None, got {constraint!r}")
+        self._check_retry_args(retries, backoff, max_concurrency)
+        self.chat_model = chat_model
+        self.model = model or str(
+            getattr(chat_model, "model_name", None) or getattr(chat_model, "model", None) or type(chat_model).__name__
+        )
+        self.constraint = constraint
+        self.max_concurrency = max_concurrency
+        self.retries = retries
+        self.backoff = backoff
+        self.stats = BackendStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def identity(self) -> dict[str, Any]:
+        return {"backend": "langchain", "class": type(self.chat_model).__name__, "model": self.model,
+                "constraint": self.constraint}
+
+    def _bound(self, actions: Sequence[str]) -> Any:
+        if self.constraint is None:
+            return self.chat_model
+        return self.chat_model.bind(extra_body=constraint_payload(self.constraint, actions))
+
+    async def _invoke(self, runnable: Any, messages: list[dict[str, str]]) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._semaphore = loop, asyncio.Semaphore(self.max_concurrency)
+        assert self._semaphore is not None
+        async with self._semaphore:
+            self.stats.requests += 1
+            # the synchronous invoke in a worker thread: LangChain models may keep one async HTTP client per
+            # process (ChatOpenAI does), which breaks when a later call runs in a new event loop
+            return await asyncio.to_thread(runnable.invoke, messages)
+
+    async def choose(
+        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+    ) -> Answer:
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats.retries += 1
+                await self._pause(attempt - 1)
+            try:
+                answer = await self._once(messages, actions, mode, n_samples)
+                answer.attempts = attempt + 1
+                return answer
+            except NoLogprobs as exc:
+                raise LLMError(f"{self.model}: no log-probabilities in response_metadata ({exc})",
+                               hint="build the chat model with logprobs=True, or use --mode sample") from None
+            except LpmError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - LangChain models raise provider-specific errors
+                last = exc
+                name = type(exc).__name__
+                self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+        raise LLMError(f"{self.model}: {_short(str(last))} (after {self.retries + 1} attempts)")
+
+    async def _once(self, messages: list[dict[str, str]], actions: Sequence[str], mode: Mode, n: int) -> Answer:
+        runnable = self._bound(actions)
+        if mode in ("auto", "logprobs"):
+            reply = await self._invoke(runnable, messages)
+            meta = getattr(reply, "response_metadata", {}) or {}
+            if meta.get("logprobs"):
+                match_action(reply.content, actions)
+                probs, ambiguous = choice_distribution(first_token_candidates({"logprobs": meta["logprobs"]}), actions)
+                pt, ct = _lc_usage(reply)
+                return Answer(probs, "logprobs", str(reply.content), pt, ct, ambiguous=ambiguous)
+            if mode == "logprobs":
+                raise NoLogprobs("the model returned no logprobs")
+        replies = await asyncio.gather(*(self._invoke(runnable, messages) for _ in range(n)))
+        counts = [0] * len(actions)
+        pt = ct = 0
+        for reply in replies:
+            counts[match_action(str(reply.content), actions)] += 1
+            p, c = _lc_usage(reply)
+            pt, ct = pt + p, ct + c
+        return Answer([c / n for c in counts], "sample", [str(r.content) for r in replies], pt, ct)
+
+
+def _lc_usage(reply: Any) -> tuple[int, int]:
+    usage = getattr(reply, "usage_metadata", None) or {}
+    return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether a connection error is a refused or unroutable connection (not a drop or a timeout).
+
+    Matched by the name of the HTTP library's ``ConnectError`` (the openai client may use httpx or httpx2).
+    """
+    cause = exc.__cause__
+    return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
+
+
+def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
+    choices = data.get("choices") or []
+    if not choices:
+        raise BadAnswer("the response has no choices")
+    return choices[0]
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,122 @@
+"""``lpm decide``: ask the model for the decisions of every archetype of a population, once."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from lpm.archetype import ArchetypeSpec
+from lpm.backend import CONSTRAINTS, MODES, OpenAIBackend
+from lpm.cache import CACHE_MODES, ResponseCache
+from lpm.cli.display import console, frame_table
+from lpm.decision import Decider
+from lpm.errors import InputError
+from lpm.population import Population
+
+_REPLAY_URL = "http://replay.invalid/v1"
+"""Stand-in address in cache mode replay without --llm-url: never contacted (a miss raises first)."""
+
+
+def parse_context(pairs: list[str]) -> dict[str, Any]:
+    """``["week=10", "cases=2300", "trend=rising"]`` -> ``{"week": 10, "cases": 2300, "trend": "rising"}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InputError(f"--context {pair!r}: expected NAME=VALUE, e.g. --context week=10")
+        value: Any = text.strip()
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"--context {pair!r}: the value must be finite")
+        out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def llm_endpoint(url: str | None, model: str | None, *, cache_mode: str) -> Iterator[tuple[str, str]]:
+    """(base URL, model name) to ask: the given server, or a local one started here and stopped after.
+
+    In cache mode ``replay`` without a URL no server is started: every answer must come from the cache.
+    """
+    if url:
+        if not model:
+            from lpm.server import check_server
+
+            models = check_server(url)["models"]
+            if len(models) != 1:
+                raise InputError(f"--llm-model is needed: {url} serves {models or 'no models'}")
+            model = str(models[0])
+        yield url, model
+        return
+    if cache_mode == "replay":
+        from lpm.model import DEFAULT_MODEL_NAME
+
+        yield _REPLAY_URL, model or DEFAULT_MODEL_NAME
+        return
+    from lpm.server import ModelServer
+
+    server = ModelServer("vllm", served_name=model)
+    err = Console(stderr=True)
+    with err.status(f"starting a local vLLM server (logs: {server.log_path}); pass --llm-url to reuse one"):
+        server.start()
+    try:
+        yield server.url, server.model
+    finally:
+        server.stop()
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("decide")
+    def decide(
+        spec: str = typer.Argument(..., help="archetype spec file, or the name of one in archetypes/"),
+        population: Path = typer.Option(..., "--population", "-p", help="population Parquet file"),
+        context: list[str] = typer.Option(
+            [], "--context", "-c", metavar="NAME=VALUE",
+            help="a context variable of the spec; repeat for each: --context week=10 --context cases=2300",
+        ),
+        llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"),
+        llm_model: str = typer.Option(None, "--llm-model", help="served model name (default: the server's only model)"),
+        api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"),
+        constraint: str = typer.Option("vllm", "--constraint", help=f"choice constraint format: {'|'.join(CONSTRAINTS)}"),
+        cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
+        cache_dir: Path = typer.Option(None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"),
+        mode: str = typer.Option("auto", "--mode", help=f"how a distribution is read: {'|'.join(MODES)}"),
+        n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
+        concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
+        as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list instead of a table"),
+    ) -> None:
+        """Print each archetype's probability of every action, the mode used and whether it was cached."""
+        s = ArchetypeSpec.load(spec)
+        values = parse_context(context)
+        if cache not in CACHE_MODES:
+            raise InputError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        pop = Population.load(population)
+        rows = s.group(pop).rows()
+        response_cache = ResponseCache(cache_dir, mode=cache)
+        with llm_endpoint(llm_url, llm_model, cache_mode=cache) as (url, model):
+            backend = OpenAIBackend(url, model, api_key_env=api_key_env, max_concurrency=concurrency,
+                                    constraint=constraint)
+            decider = Decider(backend, response_cache, mode=mode, n_samples=n_samples, progress=not as_json)
+            out = decider.decide(s, rows, values)
+        frame = out.to_frame()
+        if as_json:
+            typer.echo(json.dumps(frame.to_dict("records")))
+            return
+        console.print(frame_table(frame, title=f"{s.name}: {len(out)} archetypes, model {model}"))
+        console.print(
+            f"{out.requests} requests sent, {sum(out.cached)} answers from the cache ({response_cache.directory}), "
+            f"{out.prompt_tokens + out.completion_tokens:,} tokens, {out.wall_s:.1f} s"
+        )

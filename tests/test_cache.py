@@ -1,0 +1,138 @@
+"""The response cache: keys, modes, corrupt entries, stats, and two processes at once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+
+from lpm.backend import Answer
+from lpm.cache import ResponseCache, cache_key, default_directory
+from lpm.errors import CacheMissError, InputError
+
+MESSAGES = [{"role": "user", "content": "isolate or go out?"}]
+ACTIONS = ["isolate", "go out"]
+DECODING = {"temperature": 0.0, "max_tokens": 8, "top_logprobs": 20, "n": 1}
+
+
+def key(**changes) -> str:
+    args = {"model": {"backend": "openai", "model": "m"}, "messages": MESSAGES, "actions": ACTIONS,
+            "mode": "logprobs", "decoding": DECODING}
+    args.update(changes)
+    return cache_key(**args)
+
+
+def answer(p: float = 0.25) -> Answer:
+    return Answer([p, 1 - p], "logprobs", "go out", prompt_tokens=40, completion_tokens=2)
+
+
+def test_key_is_stable_and_covers_what_changes_the_answer():
+    assert key() == key(messages=[dict(MESSAGES[0])])  # canonical JSON, not object identity
+    different = [
+        key(model={"backend": "openai", "model": "other"}),
+        key(messages=[{"role": "user", "content": "isolate or go out? "}]),
+        key(actions=["go out", "isolate"]),
+        key(mode="sample"),
+        key(decoding={**DECODING, "temperature": 1.0}),
+        key(decoding={**DECODING, "max_tokens": 9}),
+    ]
+    assert len({key(), *different}) == 1 + len(different)
+
+
+def test_default_directory_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "c"))
+    assert default_directory() == tmp_path / "c" / "responses"
+    assert ResponseCache().directory == tmp_path / "c" / "responses"
+
+
+def test_use_mode_round_trip_and_stats(tmp_path):
+    cache = ResponseCache(tmp_path)
+    assert cache.get(key()) is None
+    cache.put(key(), answer())
+    got = cache.get(key())
+    assert got.probs == [0.25, 0.75] and got.raw == "go out" and got.mode == "logprobs"
+    stats = cache.stats()
+    assert (stats["entries"], stats["hits"], stats["misses"], stats["tokens_saved"]) == (1, 1, 1, 42)
+    cache.close()
+    assert ResponseCache(tmp_path).stats()["hits"] == 1  # persisted
+    assert ResponseCache(tmp_path).clear() > 0
+    assert ResponseCache(tmp_path).stats()["entries"] == 0
+
+
+def test_modes(tmp_path):
+    ResponseCache(tmp_path).put(key(), answer(0.25))
+    refresh = ResponseCache(tmp_path, mode="refresh")
+    assert refresh.get(key()) is None  # never reads
+    refresh.put(key(), answer(0.5))  # overwrites
+    assert ResponseCache(tmp_path).get(key()).probs == [0.5, 0.5]
+    off = ResponseCache(tmp_path, mode="off")
+    assert off.get(key()) is None
+    off.put(key(mode="sample"), answer())
+    replay = ResponseCache(tmp_path, mode="replay")
+    assert replay.get(key()).probs == [0.5, 0.5]
+    with pytest.raises(CacheMissError, match=r"covid_isolation\[age_group=20-29\]"):
+        replay.get(key(mode="sample"), label="covid_isolation[age_group=20-29]")  # off wrote nothing
+    with pytest.raises(InputError, match="cache mode"):
+        ResponseCache(tmp_path, mode="sometimes")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda v: {**v, "checksum": "0" * 64},
+        lambda v: {**v, "probs": [0.9, 0.9]},
+        lambda v: {k: x for k, x in v.items() if k != "mode"},
+        lambda v: "not a dict",
+        lambda v: {**v, "probs": [float("nan"), 1.0]},
+    ],
+)
+def test_corrupt_entry_is_detected_and_deleted(tmp_path, damage):
+    cache = ResponseCache(tmp_path)
+    cache.put(key(), answer())
+    raw_key = "r:" + key()
+    cache.store.set(raw_key, damage(cache.store.get(raw_key)))
+    assert cache.get(key()) is None
+    assert raw_key not in cache.store
+    assert cache.stats()["corrupt"] == 1
+
+
+def test_probabilities_not_summing_to_one_are_corrupt_even_with_valid_checksum(tmp_path):
+    from lpm.cache import _encode
+
+    cache = ResponseCache(tmp_path)
+    cache.store.set("r:" + key(), _encode(key(), Answer([0.2, 0.2], "logprobs", "x")))
+    assert cache.get(key()) is None and cache.stats()["corrupt"] == 1
+
+
+def _worker(directory: str, worker: int, n: int, queue) -> None:
+    cache = ResponseCache(directory)
+    seen = 0
+    for i in range(n):
+        cache.put(key(mode=f"m{worker}-{i}"), answer(i / n))
+        for j in range(i + 1):  # read back everything this worker wrote, and the other worker's if there
+            if cache.get(key(mode=f"m{worker}-{j}")) is not None:
+                seen += 1
+            cache.get(key(mode=f"m{1 - worker}-{j}"))
+    cache.close()
+    queue.put(seen)
+
+
+def test_two_processes_share_the_cache(tmp_path):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    n = 30
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), w, n, queue)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert [queue.get(timeout=5) for _ in procs] == [n * (n + 1) // 2] * 2
+    cache = ResponseCache(tmp_path)
+    stats = cache.stats()
+    assert stats["entries"] == 2 * n and stats["writes"] == 2 * n
+    # every lookup of both processes was counted, none lost to a race
+    assert stats["hits"] + stats["misses"] == 2 * 2 * (n * (n + 1) // 2)
+    for w in (0, 1):
+        for i in range(n):
+            assert cache.get(key(mode=f"m{w}-{i}")).probs[0] == pytest.approx(i / n)

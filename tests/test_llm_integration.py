@@ -1,0 +1,71 @@
+"""Decisions from a real local vLLM server (SmolLM2-135M-Instruct), counted by the server's own metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures_server import vllm_server  # noqa: F401  (session fixture: one server for the whole run)
+
+from lpm.archetype import ArchetypeSpec
+from lpm.backend import LangChainBackend, OpenAIBackend
+from lpm.cache import ResponseCache
+from lpm.decision import Decider
+from lpm.server import metrics
+
+pytestmark = pytest.mark.integration
+
+CONTEXT = {"week": 10, "cases": 2345, "cases_change": 12}
+
+
+def posts(url: str) -> float:
+    """Chat/completion requests the server has received (its Prometheus counter)."""
+    return float(metrics(url)["completion_requests"])
+
+
+def test_archetype_decisions_then_cache_then_replay(vllm_server, small_pop, tmp_path):  # noqa: F811
+    spec = ArchetypeSpec.load("covid_isolation")
+    rows = spec.group(small_pop).rows()
+    assert len(rows) >= 50
+    backend = OpenAIBackend(vllm_server.url, vllm_server.model)
+    decider = Decider(backend, ResponseCache(tmp_path), mode="auto", progress=False)
+
+    before = posts(vllm_server.url)
+    first = decider.decide(spec, rows, CONTEXT)
+    sent = posts(vllm_server.url) - before
+    assert first.requests == len(rows) and sent == len(rows) + first.retries
+    assert set(first.mode) == {"logprobs"}  # vLLM returns the constrained first token's logprobs
+    assert torch.allclose(first.probs.sum(1), torch.ones(len(rows)), atol=1e-5)
+    assert first.failed == [] and not torch.isnan(first.probs).any()
+    assert first.prompt_tokens > 50 * len(rows)
+
+    mid = posts(vllm_server.url)
+    second = decider.decide(spec, rows, CONTEXT)
+    assert posts(vllm_server.url) == mid  # zero new requests, by the server's own count
+    assert second.requests == 0 and all(second.cached)
+    assert torch.equal(first.probs, second.probs)
+
+    # replay needs no server at all: a bogus URL is never contacted
+    replay = Decider(OpenAIBackend("http://127.0.0.1:9/v1", vllm_server.model, retries=0),
+                     ResponseCache(tmp_path, mode="replay"), progress=False)
+    third = replay.decide(spec, rows, CONTEXT)
+    assert torch.equal(first.probs, third.probs) and all(third.cached)
+
+
+def test_sample_mode_and_langchain_against_vllm(vllm_server, small_pop):  # noqa: F811
+    from langchain_openai import ChatOpenAI
+
+    spec = ArchetypeSpec.load("covid_isolation")
+    rows = spec.group(small_pop).rows()[:3]
+    sampled = Decider(OpenAIBackend(vllm_server.url, vllm_server.model), mode="sample", n_samples=20,
+                      progress=False).decide(spec, rows, CONTEXT)
+    assert sampled.mode == ["sample"] * 3
+    assert torch.allclose(sampled.probs.sum(1), torch.ones(3))
+    assert torch.allclose(sampled.probs * 20, (sampled.probs * 20).round(), atol=1e-4)
+
+    chat = ChatOpenAI(base_url=vllm_server.url, api_key="EMPTY", model=vllm_server.model, temperature=0,
+                      logprobs=True, top_logprobs=20, max_tokens=8, max_retries=0)
+    via_lc = Decider(LangChainBackend(chat), mode="logprobs", progress=False).decide(spec, rows, CONTEXT)
+    direct = Decider(OpenAIBackend(vllm_server.url, vllm_server.model), mode="logprobs",
+                     progress=False).decide(spec, rows, CONTEXT)
+    assert via_lc.mode == ["logprobs"] * 3
+    assert torch.allclose(via_lc.probs, direct.probs, atol=1e-3)
