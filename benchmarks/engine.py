@@ -44,7 +44,18 @@ def bench_lpm(agents: int | None, days: int) -> dict:
     per_agent = [v for v in state.values() if v.dim() >= 1 and v.shape[0] == n]
     sc = sim.scenario
     static = [sc.cell, sc.cell2, sc.borough, sim.gid, sim.member, sim.uniforms.index]
-    buffers = [sc._idx, sc._tmp, sc._p, sc._q, sc._leave, sc._is_s, sc._ones, sim.uniforms._x, sim.uniforms._t, sim.uniforms._u]
+    buffers = [
+        sc._idx,
+        sc._tmp,
+        sc._p,
+        sc._q,
+        sc._leave,
+        sc._is_s,
+        sc._ones,
+        sim.uniforms._x,
+        sim.uniforms._t,
+        sim.uniforms._u,
+    ]
     return {
         "agents": n,
         "days": days,
@@ -79,7 +90,9 @@ def bench_covasim(agents: int, days: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--days", type=int, default=30, help="simulated days timed (default 30)")
-    ap.add_argument("--sizes", nargs="+", default=["1000000", "full"], help="agent counts; 'full' is the whole city")
+    ap.add_argument(
+        "--sizes", nargs="+", default=["1000000", "full"], help="agent counts; 'full' is the whole city"
+    )
     ap.add_argument("--covasim-agents", type=int, nargs="*", default=[1_000_000], help="covasim pop_size(s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
@@ -110,14 +123,20 @@ def main() -> None:
             flush=True,
         )
     same = [
-        (lp, cv_) for lp in figures["lpm"] for cv_ in figures["covasim"] if lp["agents"] == cv_["agents"] and lp["days"] == cv_["days"]
+        (lp, cv_)
+        for lp in figures["lpm"]
+        for cv_ in figures["covasim"]
+        if lp["agents"] == cv_["agents"] and lp["days"] == cv_["days"]
     ]
     figures["ratio_same_size"] = [
-        {"agents": lp["agents"], "lpm_over_covasim": lp["agent_steps_per_s"] / cv_["people_days_per_s"]} for lp, cv_ in same
+        {"agents": lp["agents"], "lpm_over_covasim": lp["agent_steps_per_s"] / cv_["people_days_per_s"]}
+        for lp, cv_ in same
     ]
     if figures["covasim"] and figures["lpm"]:
         big = figures["lpm"][-1]
-        figures["ratio_full_vs_largest_covasim"] = big["agent_steps_per_s"] / figures["covasim"][-1]["people_days_per_s"]
+        figures["ratio_full_vs_largest_covasim"] = (
+            big["agent_steps_per_s"] / figures["covasim"][-1]["people_days_per_s"]
+        )
     figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     for r in figures["ratio_same_size"]:
         print(f"ratio at {r['agents']:,} agents: lpm / covasim = {r['lpm_over_covasim']:.1f}x")

@@ -33,7 +33,9 @@ from lpm.population import Population
 CONTEXT = {"week": 10, "cases": 2345, "cases_change": 12}
 
 
-async def per_agent(backend: OpenAIBackend, messages: list[list[dict[str, str]]], actions: list[str], mode: str) -> int:
+async def per_agent(
+    backend: OpenAIBackend, messages: list[list[dict[str, str]]], actions: list[str], mode: str
+) -> int:
     """One request per agent, all in flight up to the backend's bound; returns requests sent."""
     try:
         answers = await asyncio.gather(*(backend.choose(m, actions, mode=mode) for m in messages))
@@ -43,7 +45,9 @@ async def per_agent(backend: OpenAIBackend, messages: list[list[dict[str, str]]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--llm-url", help="OpenAI-compatible base URL (default: start a local vLLM server)")
     parser.add_argument("--llm-model", help="served model name")
     parser.add_argument("--archetype-agents", type=int, default=20_000, help="population size for part 1")
@@ -53,7 +57,11 @@ def main() -> None:
     args = parser.parse_args()
 
     spec = ArchetypeSpec.load("covid_isolation")
-    results: dict[str, object] = {"machine": platform.machine(), "mode": args.mode, "concurrency": args.concurrency}
+    results: dict[str, object] = {
+        "machine": platform.machine(),
+        "mode": args.mode,
+        "concurrency": args.concurrency,
+    }
     with contextlib.ExitStack() as stack:
         url, model = args.llm_url, args.llm_model
         if url is None:
@@ -71,7 +79,9 @@ def main() -> None:
 
         # warm the server (grammar compilation of the first request takes seconds)
         warm_rows = spec.group(Population.synthesize("nyc", agents=1_000, seed=1)).rows()[:2]
-        Decider(make_backend(), mode=args.mode, progress=False).decide(spec, warm_rows, {**CONTEXT, "week": 99})
+        Decider(make_backend(), mode=args.mode, progress=False).decide(
+            spec, warm_rows, {**CONTEXT, "week": 99}
+        )
 
         # 1. cold and warm archetype decisions
         rows = spec.group(Population.synthesize("nyc", agents=args.archetype_agents, seed=0)).rows()
@@ -85,13 +95,19 @@ def main() -> None:
             warm_s = time.perf_counter() - t0
         assert all(warm.cached) and warm.requests == 0
         results.update(
-            archetypes=len(rows), cold_s=round(cold_s, 3), cold_requests=cold.requests,
-            cold_decisions_per_s=round(len(rows) / cold_s, 2), warm_s=round(warm_s, 4),
-            warm_requests=warm.requests, warm_decisions_per_s=round(len(rows) / warm_s, 1),
+            archetypes=len(rows),
+            cold_s=round(cold_s, 3),
+            cold_requests=cold.requests,
+            cold_decisions_per_s=round(len(rows) / cold_s, 2),
+            warm_s=round(warm_s, 4),
+            warm_requests=warm.requests,
+            warm_decisions_per_s=round(len(rows) / warm_s, 1),
             cold_modes=sorted(set(cold.mode)),
         )
-        print(f"{len(rows)} archetypes: cold {cold_s:.2f} s ({len(rows) / cold_s:.1f}/s, {cold.requests} requests); "
-              f"warm {warm_s * 1000:.1f} ms ({len(rows) / warm_s:,.0f}/s, {warm.requests} requests)")
+        print(
+            f"{len(rows)} archetypes: cold {cold_s:.2f} s ({len(rows) / cold_s:.1f}/s, {cold.requests} requests); "
+            f"warm {warm_s * 1000:.1f} ms ({len(rows) / warm_s:,.0f}/s, {warm.requests} requests)"
+        )
 
         # 2. one request per agent versus one per archetype, same population, cache off
         pop = Population.synthesize("nyc", agents=args.agents, seed=0)
@@ -105,16 +121,23 @@ def main() -> None:
         agent_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         arch = Decider(make_backend(), ResponseCache(mode="off"), mode=args.mode, progress=False).decide(
-            spec, grouping.rows(), CONTEXT)
+            spec, grouping.rows(), CONTEXT
+        )
         arch_s = time.perf_counter() - t0
         results.update(
-            agents=len(pop), per_agent_requests=agent_requests, per_agent_s=round(agent_s, 2),
-            per_archetype_k=grouping.k, per_archetype_requests=arch.requests + arch.retries,
-            per_archetype_s=round(arch_s, 2), request_ratio=round(agent_requests / max(arch.requests, 1), 1),
+            agents=len(pop),
+            per_agent_requests=agent_requests,
+            per_agent_s=round(agent_s, 2),
+            per_archetype_k=grouping.k,
+            per_archetype_requests=arch.requests + arch.retries,
+            per_archetype_s=round(arch_s, 2),
+            request_ratio=round(agent_requests / max(arch.requests, 1), 1),
             time_ratio=round(agent_s / arch_s, 1),
         )
-        print(f"{len(pop):,} agents: per agent {agent_requests} requests in {agent_s:.1f} s; per archetype "
-              f"{arch.requests} requests in {arch_s:.1f} s ({agent_s / arch_s:.1f}x faster)")
+        print(
+            f"{len(pop):,} agents: per agent {agent_requests} requests in {agent_s:.1f} s; per archetype "
+            f"{arch.requests} requests in {arch_s:.1f} s ({agent_s / arch_s:.1f}x faster)"
+        )
     print(json.dumps(results))
 
 

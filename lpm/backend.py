@@ -87,7 +87,12 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def choose(
-        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+        self,
+        messages: list[dict[str, str]],
+        actions: Sequence[str],
+        *,
+        mode: Mode = "auto",
+        n_samples: int = 20,
     ) -> Answer:
         """Ask the model once; return the probability of each action. Raises LLMError / ServerError."""
 
@@ -129,7 +134,9 @@ def constraint_payload(constraint: str, actions: Sequence[str]) -> dict[str, Any
     raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
 
 
-def first_token_candidates(choice: dict[str, Any], response: dict[str, Any] | None = None) -> list[tuple[str, float]]:
+def first_token_candidates(
+    choice: dict[str, Any], response: dict[str, Any] | None = None
+) -> list[tuple[str, float]]:
     """(token, probability) pairs of the first generated token's top alternatives.
 
     Reads the OpenAI chat shape (``logprobs.content[0].top_logprobs[*].token/logprob``, also llama.cpp's
@@ -167,7 +174,9 @@ def first_token_candidates(choice: dict[str, Any], response: dict[str, Any] | No
     return out
 
 
-def choice_distribution(candidates: Sequence[tuple[str, float]], actions: Sequence[str]) -> tuple[list[float], float]:
+def choice_distribution(
+    candidates: Sequence[tuple[str, float]], actions: Sequence[str]
+) -> tuple[list[float], float]:
     """Probability of each action from the first token's alternatives, and the ambiguous share.
 
     A token counts for an action when it is a non-empty prefix of it; the mass of a token that is a prefix
@@ -268,7 +277,9 @@ class OpenAIBackend(Backend, _Retrying):
         if constraint not in CONSTRAINTS:
             raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
         if not base_url.startswith(("http://", "https://")):
-            raise InputError(f"--llm-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}")
+            raise InputError(
+                f"--llm-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}"
+            )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -303,7 +314,12 @@ class OpenAIBackend(Backend, _Retrying):
             await state.client.close()
 
     async def choose(
-        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+        self,
+        messages: list[dict[str, str]],
+        actions: Sequence[str],
+        *,
+        mode: Mode = "auto",
+        n_samples: int = 20,
     ) -> Answer:
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -325,7 +341,9 @@ class OpenAIBackend(Backend, _Retrying):
         self._logprobs_ok = True
         return answer
 
-    async def _with_retries(self, call: Any, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+    async def _with_retries(
+        self, call: Any, messages: list[dict[str, str]], actions: Sequence[str], n: int
+    ) -> Answer:
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -335,7 +353,12 @@ class OpenAIBackend(Backend, _Retrying):
                 answer = await call(messages, actions, n)
                 answer.attempts = attempt + 1
                 return answer
-            except (BadAnswer, openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
+            except (
+                BadAnswer,
+                openai.APIConnectionError,
+                openai.InternalServerError,
+                openai.RateLimitError,
+            ) as exc:
                 last = exc
             except openai.APIStatusError as exc:  # 4xx: asking again will not help
                 if exc.status_code == 408 or exc.status_code == 409:
@@ -356,8 +379,10 @@ class OpenAIBackend(Backend, _Retrying):
                 "let lpm start a local server",
             )
         if isinstance(last, openai.APITimeoutError):
-            raise LLMError(f"{self.base_url} did not answer within {self.timeout:g} s, {self.retries + 1} attempts",
-                           hint="raise the timeout or lower max_concurrency")
+            raise LLMError(
+                f"{self.base_url} did not answer within {self.timeout:g} s, {self.retries + 1} attempts",
+                hint="raise the timeout or lower max_concurrency",
+            )
         raise LLMError(f"{self.base_url}: {_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _create(self, **kwargs: Any) -> dict[str, Any]:
@@ -389,7 +414,11 @@ class OpenAIBackend(Backend, _Retrying):
         probs, ambiguous = choice_distribution(candidates, actions)
         usage = data.get("usage") or {}
         return Answer(
-            probs, "logprobs", text or "", usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+            probs,
+            "logprobs",
+            text or "",
+            usage.get("prompt_tokens") or 0,
+            usage.get("completion_tokens") or 0,
             ambiguous=ambiguous,
         )
 
@@ -440,13 +469,17 @@ class LangChainBackend(Backend, _Retrying):
         backoff: float = 0.5,
     ):
         if not (hasattr(chat_model, "invoke") and hasattr(chat_model, "bind")):
-            raise InputError(f"LangChainBackend needs a LangChain chat model, got {type(chat_model).__name__}")
+            raise InputError(
+                f"LangChainBackend needs a LangChain chat model, got {type(chat_model).__name__}"
+            )
         if constraint is not None and constraint not in CONSTRAINTS:
             raise InputError(f"constraint must be one of {CONSTRAINTS} or None, got {constraint!r}")
         self._check_retry_args(retries, backoff, max_concurrency)
         self.chat_model = chat_model
         self.model = model or str(
-            getattr(chat_model, "model_name", None) or getattr(chat_model, "model", None) or type(chat_model).__name__
+            getattr(chat_model, "model_name", None)
+            or getattr(chat_model, "model", None)
+            or type(chat_model).__name__
         )
         self.constraint = constraint
         self.max_concurrency = max_concurrency
@@ -457,8 +490,12 @@ class LangChainBackend(Backend, _Retrying):
         self._semaphore: asyncio.Semaphore | None = None
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "langchain", "class": type(self.chat_model).__name__, "model": self.model,
-                "constraint": self.constraint}
+        return {
+            "backend": "langchain",
+            "class": type(self.chat_model).__name__,
+            "model": self.model,
+            "constraint": self.constraint,
+        }
 
     def _bound(self, actions: Sequence[str]) -> Any:
         if self.constraint is None:
@@ -477,7 +514,12 @@ class LangChainBackend(Backend, _Retrying):
             return await asyncio.to_thread(runnable.invoke, messages)
 
     async def choose(
-        self, messages: list[dict[str, str]], actions: Sequence[str], *, mode: Mode = "auto", n_samples: int = 20
+        self,
+        messages: list[dict[str, str]],
+        actions: Sequence[str],
+        *,
+        mode: Mode = "auto",
+        n_samples: int = 20,
     ) -> Answer:
         if mode not in MODES:
             raise InputError(f"mode must be one of {MODES}, got {mode!r}")
@@ -491,8 +533,10 @@ class LangChainBackend(Backend, _Retrying):
                 answer.attempts = attempt + 1
                 return answer
             except NoLogprobs as exc:
-                raise LLMError(f"{self.model}: no log-probabilities in response_metadata ({exc})",
-                               hint="build the chat model with logprobs=True, or use --mode sample") from None
+                raise LLMError(
+                    f"{self.model}: no log-probabilities in response_metadata ({exc})",
+                    hint="build the chat model with logprobs=True, or use --mode sample",
+                ) from None
             except LpmError:
                 raise
             except Exception as exc:  # noqa: BLE001 - LangChain models raise provider-specific errors
@@ -501,14 +545,18 @@ class LangChainBackend(Backend, _Retrying):
                 self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
         raise LLMError(f"{self.model}: {_short(str(last))} (after {self.retries + 1} attempts)")
 
-    async def _once(self, messages: list[dict[str, str]], actions: Sequence[str], mode: Mode, n: int) -> Answer:
+    async def _once(
+        self, messages: list[dict[str, str]], actions: Sequence[str], mode: Mode, n: int
+    ) -> Answer:
         runnable = self._bound(actions)
         if mode in ("auto", "logprobs"):
             reply = await self._invoke(runnable, messages)
             meta = getattr(reply, "response_metadata", {}) or {}
             if meta.get("logprobs"):
                 match_action(reply.content, actions)
-                probs, ambiguous = choice_distribution(first_token_candidates({"logprobs": meta["logprobs"]}), actions)
+                probs, ambiguous = choice_distribution(
+                    first_token_candidates({"logprobs": meta["logprobs"]}), actions
+                )
                 pt, ct = _lc_usage(reply)
                 return Answer(probs, "logprobs", str(reply.content), pt, ct, ambiguous=ambiguous)
             if mode == "logprobs":

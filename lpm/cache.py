@@ -50,7 +50,12 @@ def default_directory() -> Path:
 
 
 def cache_key(
-    *, model: dict[str, Any], messages: list[dict[str, str]], actions: list[str], mode: str, decoding: dict[str, Any]
+    *,
+    model: dict[str, Any],
+    messages: list[dict[str, str]],
+    actions: list[str],
+    mode: str,
+    decoding: dict[str, Any],
 ) -> str:
     """The SHA-256 hex key of one request (see the module docstring for what goes in and what does not)."""
     payload = {
@@ -83,8 +88,10 @@ class ResponseCache:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 self._store = diskcache.Cache(str(self.directory), timeout=60)
             except OSError as exc:
-                raise InputError(f"{self.directory}: cannot open the response cache ({exc})",
-                                 hint="set LPM_CACHE_DIR or --cache-dir to a writable folder") from None
+                raise InputError(
+                    f"{self.directory}: cannot open the response cache ({exc})",
+                    hint="set LPM_CACHE_DIR or --cache-dir to a writable folder",
+                ) from None
         return self._store
 
     # -- entries --------------------------------------------------------------------------------
@@ -192,5 +199,12 @@ def _decode(key: str, value: Any) -> Answer | None:
         or body["mode"] not in ("logprobs", "sample")
     ):
         return None
-    return Answer(probs, body["mode"], body["raw"], body["prompt_tokens"], body["completion_tokens"],
-                  attempts=0, ambiguous=body["ambiguous"])
+    return Answer(
+        probs,
+        body["mode"],
+        body["raw"],
+        body["prompt_tokens"],
+        body["completion_tokens"],
+        attempts=0,
+        ambiguous=body["ambiguous"],
+    )

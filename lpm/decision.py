@@ -78,6 +78,7 @@ class Decider:
     mode: ``auto`` (logprobs, else sampling), ``logprobs`` or ``sample``. n_samples: answers per
     request in sample mode. on_failure: ``error`` (raise) or ``return`` (NaN rows listed in ``failed``).
     progress: show a progress bar (stderr) when more than one request is sent.
+    per_agent: render the prompt file's ``agent_user`` message (rows carry each agent's own columns).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class Decider:
         n_samples: int = 20,
         on_failure: str = "error",
         progress: bool = True,
+        per_agent: bool = False,
     ):
         if not isinstance(backend, Backend):
             raise InputError(f"backend must be an lpm.backend.Backend, got {type(backend).__name__}")
@@ -106,6 +108,7 @@ class Decider:
         self.n_samples = n_samples
         self.on_failure = on_failure
         self.progress = progress
+        self.per_agent = per_agent
         self._prompts: dict[tuple[str, str], PromptTemplate] = {}
 
     def prompt(self, spec: ArchetypeSpec) -> PromptTemplate:
@@ -116,7 +119,11 @@ class Decider:
         return self._prompts[key]
 
     def decide(
-        self, spec: ArchetypeSpec, rows: Sequence[dict[str, str]], context: dict[str, Any], *,
+        self,
+        spec: ArchetypeSpec,
+        rows: Sequence[dict[str, str]],
+        context: dict[str, Any],
+        *,
         progress: bool | None = None,
     ) -> Decisions:
         """Synchronous :meth:`adecide` for code outside an event loop (runs its own loop each call)."""
@@ -136,7 +143,11 @@ class Decider:
             await self.backend.aclose()
 
     async def adecide(
-        self, spec: ArchetypeSpec, rows: Sequence[dict[str, str]], context: dict[str, Any], *,
+        self,
+        spec: ArchetypeSpec,
+        rows: Sequence[dict[str, str]],
+        context: dict[str, Any],
+        *,
         progress: bool | None = None,
     ) -> Decisions:
         """Distributions over ``spec.actions`` for each row of attribute labels (see the module docstring).
@@ -148,11 +159,13 @@ class Decider:
         rows = [dict(r) for r in rows]
         actions = list(spec.actions)
         template = self.prompt(spec)
-        messages = [template.render(r, context) for r in rows]
+        messages = [template.render(r, context, per_agent=self.per_agent) for r in rows]
         decoding = self.backend.decoding(actions, self.mode, self.n_samples)
         identity = self.backend.identity()
-        keys = [cache_key(model=identity, messages=m, actions=actions, mode=self.mode, decoding=decoding)
-                for m in messages]
+        keys = [
+            cache_key(model=identity, messages=m, actions=actions, mode=self.mode, decoding=decoding)
+            for m in messages
+        ]
 
         answers: list[Answer | None] = [None] * len(rows)
         cached = [False] * len(rows)
@@ -190,7 +203,9 @@ class Decider:
 
         async def ask(key: str, idx: list[int]) -> None:
             try:
-                answer = await self.backend.choose(messages[idx[0]], actions, mode=self.mode, n_samples=self.n_samples)
+                answer = await self.backend.choose(
+                    messages[idx[0]], actions, mode=self.mode, n_samples=self.n_samples
+                )
                 _check(answer, actions)
             except (LpmError, ValueError) as exc:
                 errors[idx[0]] = exc
@@ -237,9 +252,17 @@ class Decider:
         ok = ~torch.isnan(probs).any(1)
         probs[ok] /= probs[ok].sum(1, keepdim=True)  # exact float32 sums
         return Decisions(
-            actions=actions, rows=rows, probs=probs, mode=modes, cached=cached,
-            prompt_tokens=totals["prompt"], completion_tokens=totals["completion"], requests=len(missing),
-            retries=totals["retries"], failed=failed, wall_s=asyncio.get_running_loop().time() - start,
+            actions=actions,
+            rows=rows,
+            probs=probs,
+            mode=modes,
+            cached=cached,
+            prompt_tokens=totals["prompt"],
+            completion_tokens=totals["completion"],
+            requests=len(missing),
+            retries=totals["retries"],
+            failed=failed,
+            wall_s=asyncio.get_running_loop().time() - start,
         )
 
 
@@ -257,6 +280,10 @@ def _check(answer: Answer, actions: list[str]) -> None:
 
 def _progress_bar() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
     )

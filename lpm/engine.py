@@ -115,7 +115,9 @@ class Simulation:
             raise TypeError(f"policy must be an lpm.policy.Policy, got {type(policy).__name__}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise InputError("device 'cuda' was asked for, but torch sees no CUDA GPU", hint="use device='cpu'")
+            raise InputError(
+                "device 'cuda' was asked for, but torch sees no CUDA GPU", hint="use device='cpu'"
+            )
         self.scenario, self.policy = scenario, policy
         self.seed, self.differentiable, self.callback = int(seed), bool(differentiable), callback
         self.pop = pop.to(self.device)
@@ -133,7 +135,9 @@ class Simulation:
             )
         ids = grouping.ids.to(self.device)
         self.member = ids >= 0
-        self.gid = torch.where(self.member, ids.to(torch.int32), torch.full_like(ids, self.k, dtype=torch.int32))
+        self.gid = torch.where(
+            self.member, ids.to(torch.int32), torch.full_like(ids, self.k, dtype=torch.int32)
+        )
         self.all_members = bool(self.member.all())
         self.decide_every = scenario.steps_per(self.spec.cadence.value)
         self.uniforms = UniformStream(self.n, self.device)
@@ -142,7 +146,9 @@ class Simulation:
             offsets = torch.zeros(self.k, self.a)
         offsets = torch.as_tensor(offsets, dtype=torch.float32, device=self.device)
         if tuple(offsets.shape) != (self.k, self.a):
-            raise InputError(f"offsets must have shape (K, A) = ({self.k}, {self.a}), got {tuple(offsets.shape)}")
+            raise InputError(
+                f"offsets must have shape (K, A) = ({self.k}, {self.a}), got {tuple(offsets.shape)}"
+            )
         self.params: dict[str, torch.Tensor] = {"offsets": offsets, **scenario.parameters(self.device)}
         if self.differentiable:
             for value in self.params.values():
@@ -192,7 +198,9 @@ class Simulation:
             self.decide_seconds += time.perf_counter() - t0
             probs = decision.probs.to(self.device, torch.float32)
             if tuple(probs.shape) != (self.k, self.a):
-                raise ValueError(f"policy returned probs of shape {tuple(probs.shape)}, expected ({self.k}, {self.a})")
+                raise ValueError(
+                    f"policy returned probs of shape {tuple(probs.shape)}, expected ({self.k}, {self.a})"
+                )
             offsets = params["offsets"]
             if offsets.requires_grad or bool(offsets.any()):
                 probs = torch.softmax(torch.log(probs.clamp_min(1e-9)) + offsets, dim=1)
@@ -204,7 +212,9 @@ class Simulation:
             # 4. broadcast and 5. sample
             state = {**state, "action": self._sample(probs, t)}
         # 6. transition
-        state, record = self.scenario.transition(state, params, t, lambda s: self.uniforms.draw(self.seed, t, s))
+        state, record = self.scenario.transition(
+            state, params, t, lambda s: self.uniforms.draw(self.seed, t, s)
+        )
         # 7. record
         self._records.append(record)
         return state
@@ -227,7 +237,9 @@ class Simulation:
             x0 = bernoulli_st(table[gid, 0], u)
             onehot = torch.stack([x0, 1.0 - x0], dim=1)
         else:
-            u = torch.stack([self.uniforms.draw(self.seed, t, STREAM_DECIDE + 1 + a).clone() for a in range(self.a)], 1)
+            u = torch.stack(
+                [self.uniforms.draw(self.seed, t, STREAM_DECIDE + 1 + a).clone() for a in range(self.a)], 1
+            )
             onehot = categorical_st(torch.log(table[gid].clamp_min(1e-9)), u)
         return onehot * self.member.unsqueeze(1).to(onehot.dtype)
 
@@ -275,9 +287,13 @@ class Simulation:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as exc:
-            raise InputError(f"{path}: unreadable checkpoint ({exc})", hint="delete it to start over") from None
+            raise InputError(
+                f"{path}: unreadable checkpoint ({exc})", hint="delete it to start over"
+            ) from None
         if blob.get("version") != CHECKPOINT_VERSION:
-            raise InputError(f"{path}: field 'version' is {blob.get('version')!r}; this lpm reads {CHECKPOINT_VERSION}")
+            raise InputError(
+                f"{path}: field 'version' is {blob.get('version')!r}; this lpm reads {CHECKPOINT_VERSION}"
+            )
         mine = self.fingerprint()
         theirs = blob.get("fingerprint", {})
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
@@ -328,14 +344,28 @@ class Simulation:
         )
 
     def _decision_frame(self) -> pd.DataFrame:
-        cols = ["step", "date", "archetype", *self.spec.attribute_names, "action", "probability", "mode", "cached"]
+        cols = [
+            "step",
+            "date",
+            "archetype",
+            *self.spec.attribute_names,
+            "action",
+            "probability",
+            "mode",
+            "cached",
+        ]
         if not self._decisions:
             return pd.DataFrame(columns=cols)
         wide = pd.DataFrame(self._decisions)
         attrs = self.grouping.table.drop(columns="agents")
         wide = wide.join(attrs, on="archetype")
         keys = [c for c in wide.columns if not c.startswith("p_")]
-        long = wide.melt(id_vars=keys, value_vars=[f"p_{a}" for a in self.spec.actions], var_name="action", value_name="probability")
+        long = wide.melt(
+            id_vars=keys,
+            value_vars=[f"p_{a}" for a in self.spec.actions],
+            var_name="action",
+            value_name="probability",
+        )
         long["action"] = long["action"].str.removeprefix("p_")
         long["date"] = pd.to_datetime(long["date"])
         order = [c for c in cols if c in long.columns] + [c for c in long.columns if c not in cols]

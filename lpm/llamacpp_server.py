@@ -32,9 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads (0: every core this process may use)"
     )
-    parser.add_argument("--ctx-size", type=int, default=2048, help="context length per parallel slot, tokens")
+    parser.add_argument("--ctx-size", type=int, default=1024, help="context length per parallel slot, tokens")
     parser.add_argument(
-        "--parallel", type=int, default=8, help="requests decoded at once (continuous batching)"
+        "--parallel", type=int, default=32, help="requests decoded at once (continuous batching)"
     )
     return parser
 

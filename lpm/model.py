@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def _convert_into(source: Path, target: Path, *, dtype: str, progress: bool) -> 
 
     started = time.monotonic()
     if progress:
-        print(f"lpm: preparing {source.name} for vLLM (once) into {target} ...", flush=True)
+        print(f"lpm: preparing {source.name} for vLLM (once) into {target} ...", file=sys.stderr, flush=True)
     staging = target.parent / f".tmp-{target.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -198,7 +199,11 @@ def _convert_into(source: Path, target: Path, *, dtype: str, progress: bool) -> 
         shutil.rmtree(staging, ignore_errors=True)
     if progress:
         size_mb = sum(f.stat().st_size for f in target.iterdir() if f.is_file()) / 1e6
-        print(f"lpm: prepared {target} ({size_mb:.0f} MB) in {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"lpm: prepared {target} ({size_mb:.0f} MB) in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _make_serializable(model: object, source: Path) -> None:

@@ -69,7 +69,9 @@ class ByAttribute:
 
 def resolve_context(rows: list[Mapping[str, Any]], context: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One plain context dict per archetype row: shared values copied, :class:`ByAttribute` looked up."""
-    return [{k: v.for_row(row) if isinstance(v, ByAttribute) else v for k, v in context.items()} for row in rows]
+    return [
+        {k: v.for_row(row) if isinstance(v, ByAttribute) else v for k, v in context.items()} for row in rows
+    ]
 
 
 @dataclass
@@ -180,7 +182,11 @@ def work_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
     cases and 4 % unemployment; about 85 % at 1,000 monthly cases per 100,000.
     """
     per_100k = ctx["cases"].astype(float).to_numpy() / NYC_POPULATION * 1e5
-    unemp = ctx["unemployment_rate"].astype(float).to_numpy() if "unemployment_rate" in ctx else np.full(len(ctx), 4.0)
+    unemp = (
+        ctx["unemployment_rate"].astype(float).to_numpy()
+        if "unemployment_rate" in ctx
+        else np.full(len(ctx), 4.0)
+    )
     x = 2.9 - 0.0012 * per_100k + 0.08 * (unemp - 4.0) - 0.01 * np.clip(_age(rows) - 50, 0, None)
     return _sigmoid(x)
 
@@ -283,7 +289,9 @@ class ArchetypeLLMPolicy(Policy):
             failed = sorted(set(getattr(answer, "failed", ()) or ()))
             if failed:  # only when the decider was told to return failures: fill from the fallback, counted
                 if self.fallback is None:
-                    raise ValueError(f"decider left rows {failed} undecided at step {step} and there is no fallback")
+                    raise ValueError(
+                        f"decider left rows {failed} undecided at step {step} and there is no fallback"
+                    )
                 if fallback_probs is None:
                     fallback_probs = self.fallback.decide(context, step=step).probs
                 for j in failed:
@@ -313,7 +321,11 @@ class AgentLLMPolicy(ArchetypeLLMPolicy):
     """
 
     def __init__(
-        self, decider: Any, *, extra: tuple[str, ...] = ("age", "zip"), max_agents: int = 5000,
+        self,
+        decider: Any,
+        *,
+        extra: tuple[str, ...] = ("age", "zip"),
+        max_agents: int = 5000,
         fallback: Policy | None = None,
     ):
         super().__init__(decider, fallback=fallback)

@@ -1,8 +1,10 @@
 """Prompt templates: a system and a user message with ``{name}`` variables, rendered per archetype.
 
-A prompt file in ``prompts/`` is YAML with exactly two string fields, ``system`` and ``user``. Every
-``{name}`` must be an attribute of the archetype spec (rendered by its label, e.g. ``20-29``) or one of
-the spec's context variables (rendered after the spec's rounding, e.g. ``2300``). ``{{`` and ``}}`` write
+A prompt file in ``prompts/`` is YAML with two string fields, ``system`` and ``user``, and optionally
+``agent_user``: the user message of per-agent prompts (policy ``agent-llm``), which may also name
+agent-level population columns such as ``{age}`` or ``{zip}``. Every other ``{name}`` must be an attribute
+of the archetype spec (rendered by its label, e.g. ``20-29``) or one of the spec's context variables
+(rendered after the spec's rounding, e.g. ``2300``). ``{{`` and ``}}`` write
 literal braces. Values are inserted verbatim: braces or quotes inside a value are never interpreted.
 
 Shared text goes first and archetype-specific text last, so the model server's prefix cache reuses the
@@ -23,6 +25,8 @@ from lpm.errors import InputError
 
 #: The fields of a prompt file, in the order their messages are sent.
 FIELDS = ("system", "user")
+#: Optional field: the user message of per-agent prompts.
+AGENT_FIELD = "agent_user"
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -55,6 +59,16 @@ class PromptTemplate:
         self._template = ChatPromptTemplate.from_messages(
             [(field, texts[field]) for field in FIELDS], template_format="f-string"
         )
+        self.agent_columns: list[str] = []
+        """Population columns the per-agent user message names beyond the spec's attributes."""
+        self._agent_template: ChatPromptTemplate | None = None
+        if AGENT_FIELD in texts:
+            agent_vars = _variables(path, AGENT_FIELD, texts[AGENT_FIELD])
+            self.agent_columns = sorted(agent_vars - allowed)
+            self._agent_names = agent_vars | _variables(path, "system", texts["system"])
+            self._agent_template = ChatPromptTemplate.from_messages(
+                [("system", texts["system"]), ("user", texts[AGENT_FIELD])], template_format="f-string"
+            )
 
     @classmethod
     def load(cls, spec: ArchetypeSpec) -> PromptTemplate:
@@ -69,19 +83,28 @@ class PromptTemplate:
         if not isinstance(raw, dict):
             raise InputError(f"{path}: a prompt file must be a YAML mapping with 'system' and 'user' fields")
         for key in raw:
-            if key not in FIELDS:
-                raise InputError(f"{path}: field {key!r}: unknown key", hint=f"a prompt file has {' and '.join(FIELDS)}")
+            if key not in (*FIELDS, AGENT_FIELD):
+                raise InputError(
+                    f"{path}: field {key!r}: unknown key",
+                    hint=f"a prompt file has {' and '.join(FIELDS)}, and optionally {AGENT_FIELD}",
+                )
+        if AGENT_FIELD in raw and (not isinstance(raw[AGENT_FIELD], str) or not raw[AGENT_FIELD].strip()):
+            raise InputError(
+                f"{path}: field {AGENT_FIELD!r} must be non-empty text, got {raw[AGENT_FIELD]!r}"
+            )
         for field in FIELDS:
             if field not in raw:
                 raise InputError(f"{path}: field {field!r} is missing")
             if not isinstance(raw[field], str) or not raw[field].strip():
                 raise InputError(f"{path}: field {field!r} must be non-empty text, got {raw[field]!r}")
-        return cls(spec, path, {f: raw[f] for f in FIELDS})
+        return cls(spec, path, {f: raw[f] for f in (*FIELDS, AGENT_FIELD) if f in raw})
 
-    def values(self, attributes: dict[str, str], context: dict[str, Any]) -> dict[str, Any]:
+    def values(
+        self, attributes: dict[str, str], context: dict[str, Any], *, names: set[str] | None = None
+    ) -> dict[str, Any]:
         """The value of every variable as it enters the prompt (context rounded by the spec)."""
         out: dict[str, Any] = {}
-        for name in sorted(self.variables):
+        for name in sorted(self.variables if names is None else names):
             if name in self.spec.context:
                 if name not in context:
                     raise InputError(
@@ -91,19 +114,34 @@ class PromptTemplate:
                 try:
                     out[name] = self.spec.context[name].render(context[name])
                 except (TypeError, ValueError) as exc:
-                    raise InputError(f"{self.path}: context variable {name!r}: bad value {context[name]!r} ({exc})") from None
+                    raise InputError(
+                        f"{self.path}: context variable {name!r}: bad value {context[name]!r} ({exc})"
+                    ) from None
             else:
                 if name not in attributes:
-                    raise InputError(f"{self.path}: attribute {name!r} has no value in archetype {attributes}")
+                    raise InputError(
+                        f"{self.path}: attribute {name!r} has no value in archetype {attributes}"
+                    )
                 out[name] = attributes[name]
         return out
 
-    def render(self, attributes: dict[str, str], context: dict[str, Any]) -> list[dict[str, str]]:
+    def render(
+        self, attributes: dict[str, str], context: dict[str, Any], *, per_agent: bool = False
+    ) -> list[dict[str, str]]:
         """OpenAI chat messages (``[{"role": "system", ...}, {"role": "user", ...}]``) for one archetype.
 
         attributes: label of each spec attribute (a row of :meth:`Grouping.rows`); extra keys are ignored.
         context: value of each context variable the prompt uses; extra keys are ignored.
+        per_agent: use the ``agent_user`` message (attributes then also carry the agent's own columns).
         """
+        if per_agent:
+            if self._agent_template is None:
+                raise InputError(
+                    f"{self.path}: field {AGENT_FIELD!r} is missing; per-agent prompts (policy agent-llm) need it"
+                )
+            values = self.values(attributes, context, names=self._agent_names)
+            messages = self._agent_template.format_messages(**values)
+            return [{"role": _ROLES[m.type], "content": str(m.content)} for m in messages]
         messages = self._template.format_messages(**self.values(attributes, context))
         return [{"role": _ROLES[m.type], "content": str(m.content)} for m in messages]
 
@@ -113,7 +151,9 @@ def _variables(path: Path, field: str, text: str) -> set[str]:
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError as exc:
-        raise InputError(f"{path}: field {field!r}: {exc}", hint="write {{ and }} for literal braces") from None
+        raise InputError(
+            f"{path}: field {field!r}: {exc}", hint="write {{ and }} for literal braces"
+        ) from None
     names = set()
     for _, name, spec, conversion in parsed:
         if name is None:

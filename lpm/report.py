@@ -17,13 +17,21 @@ MAIN_PLOT = {
     "covid": ("reported_cases", "reported cases per day", "cases.png"),
     "labor": ("unemployment_rate", "unemployment rate, %", "unemployment.png"),
 }
+#: The action whose probability the decisions plot shows.
+PLOTTED_ACTION = {"covid": "isolate", "labor": "stay home"}
 
 
-def plots(folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFrame, decisions: pd.DataFrame) -> list[str]:
+def plots(
+    folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFrame, decisions: pd.DataFrame
+) -> list[str]:
     """Write the run's PNG plots into ``folder``; returns their file names."""
     written = []
     quantity, ylabel, name = MAIN_PLOT[scenario]
-    boroughs = list(trajectory["borough"].cat.categories) if hasattr(trajectory["borough"], "cat") else sorted(trajectory["borough"].unique())
+    boroughs = (
+        list(trajectory["borough"].cat.categories)
+        if hasattr(trajectory["borough"], "cat")
+        else sorted(trajectory["borough"].unique())
+    )
     fig, axes = plt.subplots(1, len(boroughs), figsize=(4 * len(boroughs), 3.4), sharex=True)
     sim = trajectory[trajectory["quantity"] == quantity]
     real_q = real[real["quantity"] == quantity] if len(real) else real
@@ -32,7 +40,14 @@ def plots(folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFr
         ax.plot(s["date"], s["value"], label="simulated", color="tab:blue")
         if len(real_q):
             r = real_q[real_q["borough"].astype(str) == str(borough)]
-            ax.plot(r["date"], r["value"], label="real (scaled)", color="black", alpha=0.7, linestyle="--")
+            ax.plot(
+                r["date"],
+                r["value"],
+                label="real (scaled to N)" if scenario == "covid" else "real",
+                color="black",
+                alpha=0.7,
+                linestyle="--",
+            )
         if scenario == "covid":
             inf = trajectory[(trajectory["quantity"] == "infections") & (trajectory["borough"] == borough)]
             ax.plot(inf["date"], inf["value"], label="infections (simulated)", color="tab:red", alpha=0.5)
@@ -46,7 +61,7 @@ def plots(folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFr
     written.append(name)
 
     if len(decisions):
-        action = decisions["action"].iloc[0]
+        action = PLOTTED_ACTION.get(scenario, decisions["action"].iloc[0])
         d = decisions[decisions["action"] == action]
         by = "age_group" if "age_group" in d.columns else None
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -69,7 +84,9 @@ def plots(folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFr
     return written
 
 
-def write_report(folder: Path, config: Any, summary: dict[str, Any], plots: list[str], decisions: pd.DataFrame) -> Path:
+def write_report(
+    folder: Path, config: Any, summary: dict[str, Any], plots: list[str], decisions: pd.DataFrame
+) -> Path:
     """A short Markdown report: configuration, summary figures, plots, decision modes."""
     lines = [
         f"# {summary['scenario']} run · policy {summary['policy']}",
@@ -82,20 +99,41 @@ def write_report(folder: Path, config: Any, summary: dict[str, Any], plots: list
         "| figure | value |",
         "| --- | --- |",
     ]
-    for key in ("wall_seconds", "step_seconds", "decide_seconds", "agent_steps_per_second", "llm_queries", "cache_hits", "tokens", "fallbacks", "archetypes"):
+    for key in (
+        "wall_seconds",
+        "step_seconds",
+        "decide_seconds",
+        "agent_steps_per_second",
+        "llm_queries",
+        "cache_hits",
+        "tokens",
+        "fallbacks",
+        "archetypes",
+    ):
         if key in summary:
             value = summary[key]
             lines.append(f"| {key} | {value:,} |" if isinstance(value, int) else f"| {key} | {value} |")
     for key, value in (summary.get("totals") or {}).items():
         lines.append(f"| total {key} | {value:,.0f} |")
     if summary.get("llm"):
-        lines += ["", f"Model: `{summary['llm'].get('model')}` at {summary['llm'].get('url')} (mode {summary['llm'].get('mode')})."]
+        lines += [
+            "",
+            f"Model: `{summary['llm'].get('model')}` at {summary['llm'].get('url')} (mode {summary['llm'].get('mode')}).",
+        ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if len(decisions):
         modes = decisions.drop_duplicates(["step", "archetype"]).groupby("mode").size()
         lines += ["", "## Decisions", "", "| mode | archetype decisions |", "| --- | --- |"]
         lines += [f"| {m} | {int(c):,} |" for m, c in modes.items()]
-    lines += ["", "## Configuration", "", "```json", json.dumps(config.model_dump(mode="json"), indent=2), "```", ""]
+    lines += [
+        "",
+        "## Configuration",
+        "",
+        "```json",
+        json.dumps(config.model_dump(mode="json"), indent=2),
+        "```",
+        "",
+    ]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -28,7 +28,16 @@ Scenario = Literal["covid", "labor"]
 PolicyName = Literal["heuristic", "llm", "agent-llm"]
 CacheMode = Literal["use", "refresh", "off", "replay"]
 
-SUMMARY_KEYS = ("agents", "steps", "wall_seconds", "step_seconds", "llm_queries", "cache_hits", "tokens", "fallbacks")
+SUMMARY_KEYS = (
+    "agents",
+    "steps",
+    "wall_seconds",
+    "step_seconds",
+    "llm_queries",
+    "cache_hits",
+    "tokens",
+    "fallbacks",
+)
 
 
 class RunConfig(BaseModel):
@@ -36,21 +45,30 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     scenario: Scenario = Field(description="covid (daily SEIR, weekly isolation) or labor (monthly work)")
-    policy: PolicyName = Field(default="heuristic", description="heuristic rules, one LLM query per archetype, or per agent")
+    policy: PolicyName = Field(
+        default="heuristic", description="heuristic rules, one LLM query per archetype, or per agent"
+    )
     agents: int | None = Field(default=None, gt=0, description="agents (default: the whole city, ≈ 8.34 M)")
     seed: int = Field(default=0, ge=0, description="seed of the population and of every random draw")
     start: dt.date | None = Field(default=None, description="first simulated day (default: the scenario's)")
     weeks: int | None = Field(default=None, gt=0, description="covid: weeks to simulate (default 8)")
     months: int | None = Field(default=None, gt=0, description="labor: months to simulate (default 12)")
     device: Literal["cpu", "cuda"] = "cpu"
-    llm_url: str | None = Field(default=None, description="OpenAI-compatible base URL; default: start a local server")
-    llm_model: str | None = Field(default=None, description="served model name (default: the local default model)")
+    llm_url: str | None = Field(
+        default=None, description="OpenAI-compatible base URL; default: start a local server"
+    )
+    llm_model: str | None = Field(
+        default=None, description="served model name (default: the local default model)"
+    )
     api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
-    engine: Literal["vllm", "llamacpp"] = Field(default="vllm", description="engine of the local server lpm starts")
+    engine: Literal["vllm", "llamacpp"] = Field(
+        default="vllm", description="engine of the local server lpm starts"
+    )
     llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
     cache: CacheMode = "use"
     on_llm_failure: Literal["error", "heuristic"] = Field(
-        default="error", description="stop on a failed model call, or use the heuristic for that archetype (counted)"
+        default="error",
+        description="stop on a failed model call, or use the heuristic for that archetype (counted)",
     )
 
     @model_validator(mode="after")
@@ -71,7 +89,9 @@ class RunConfig(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or "config"
-            raise InputError(f"run option {field!r}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})") from None
+            raise InputError(
+                f"run option {field!r}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
+            ) from None
 
     @property
     def steps(self) -> int:
@@ -111,14 +131,18 @@ def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: b
     _claim_folder(folder, config, resume)
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
-    if resolved.start != config.start and config.start is not None:  # pragma: no cover - make_scenario normalises
+    if (
+        resolved.start != config.start and config.start is not None
+    ):  # pragma: no cover - make_scenario normalises
         raise InputError(f"start date {config.start} was changed by the scenario to {resolved.start}")
     with _policy(resolved, progress) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
         bar = _progress(config, progress)
         with bar if bar is not None else nullcontext():
             if bar is not None:
-                task = bar.add_task(f"{config.scenario} · {config.policy} · {len(pop):,} agents", total=config.steps)
+                task = bar.add_task(
+                    f"{config.scenario} · {config.policy} · {len(pop):,} agents", total=config.steps
+                )
                 sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
             result = sim.run(config.steps, out_dir=folder, resume=resume)
     wall = time.perf_counter() - started
@@ -132,7 +156,9 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
     saved = folder / "config.json"
     if resume:
         if not saved.is_file():
-            raise InputError(f"{folder}: nothing to resume (no config.json)", hint="run without --resume first")
+            raise InputError(
+                f"{folder}: nothing to resume (no config.json)", hint="run without --resume first"
+            )
         try:
             old = RunConfig.model_validate(json.loads(saved.read_text())["run"])
         except (ValueError, KeyError, ValidationError) as exc:
@@ -143,7 +169,9 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         if diff:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in diff)
-            raise InputError(f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out")
+            raise InputError(
+                f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out"
+            )
         return
     if folder.exists() and any(folder.iterdir()):
         raise InputError(
@@ -178,7 +206,9 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
 
                 with console.status(f"starting the local {config.engine} server (logs: {server.log_path})"):
                     server.start()
-                console.print(f"model server: {server.model} at {server.url} (started in {server.startup_seconds:.0f} s)")
+                console.print(
+                    f"model server: {server.model} at {server.url} (started in {server.startup_seconds:.0f} s)"
+                )
             else:
                 server.start()
             url, model = server.url, server.model
@@ -187,20 +217,31 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
 
             model = DEFAULT_MODEL_NAME
         constraint = "llamacpp" if config.engine == "llamacpp" and config.llm_url is None else "vllm"
-        backend = OpenAIBackend(url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint)
+        backend = OpenAIBackend(
+            url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint
+        )
         mode = config.llm_mode
         if constraint == "llamacpp" and mode == "auto":
-            mode = "sample"  # llama.cpp's top_logprobs are taken before its grammar: not a choice distribution
+            mode = (
+                "sample"  # llama.cpp's top_logprobs are taken before its grammar: not a choice distribution
+            )
         decider = Decider(
             backend,
             ResponseCache(mode=config.cache),
             mode=mode,
             on_failure="return" if config.on_llm_failure == "heuristic" else "error",
             progress=False,
+            per_agent=config.policy == "agent-llm",
         )
         fallback = HeuristicPolicy() if config.on_llm_failure == "heuristic" else None
         cls = AgentLLMPolicy if config.policy == "agent-llm" else ArchetypeLLMPolicy
-        info = {"url": url, "model": model, "started_server": server is not None, "engine": config.engine if server else None, "mode": mode}
+        info = {
+            "url": url,
+            "model": model,
+            "started_server": server is not None,
+            "engine": config.engine if server else None,
+            "mode": mode,
+        }
         yield cls(decider, fallback=fallback), info
     finally:
         if server is not None:
@@ -210,14 +251,27 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
 def _progress(config: RunConfig, enabled: bool):
     if not enabled:
         return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from lpm.cli.display import console
 
     unit = "days" if config.scenario == "covid" else "months"
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
     )
 
 
@@ -234,7 +288,9 @@ def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -
         "wall_seconds": round(wall, 3),
         "step_seconds": round(float(result.step_seconds), 3),
         "decide_seconds": round(float(result.decide_seconds), 3),
-        "agent_steps_per_second": round(result.agents * (result.steps - result.resumed_from) / max(result.step_seconds, 1e-9)),
+        "agent_steps_per_second": round(
+            result.agents * (result.steps - result.resumed_from) / max(result.step_seconds, 1e-9)
+        ),
         "resumed_from_step": int(result.resumed_from),
         **{k: int(v) for k, v in result.counters.items()},
         "archetypes": len(result.archetypes),
@@ -245,10 +301,14 @@ def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -
     return summary
 
 
-def _write(folder: Path, config: RunConfig, llm: dict[str, Any], result: Any, summary: dict[str, Any]) -> None:
+def _write(
+    folder: Path, config: RunConfig, llm: dict[str, Any], result: Any, summary: dict[str, Any]
+) -> None:
     from lpm import report
 
-    (folder / "config.json").write_text(json.dumps({"run": config.model_dump(mode="json"), "llm": llm or None}, indent=2))
+    (folder / "config.json").write_text(
+        json.dumps({"run": config.model_dump(mode="json"), "llm": llm or None}, indent=2)
+    )
     result.trajectory.to_parquet(folder / "trajectory.parquet", index=False)
     decisions = result.decisions.copy()
     for col in decisions.columns:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from fixtures_server import llamacpp_server, vllm_server  # noqa: F401  (session fixtures: one server each)
 
 from lpm.population import Population
 

@@ -64,7 +64,9 @@ class FakeServer:
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.rstrip("/").endswith("/models"):
-                    server._send(self, 200, {"object": "list", "data": [{"id": server.model, "object": "model"}]})
+                    server._send(
+                        self, 200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
+                    )
                 else:
                     server._send(self, 404, {"error": {"message": f"no route {self.path}"}})
 
@@ -144,8 +146,11 @@ class FakeServer:
                 return
             if behaviour.startswith("error"):
                 code = int(behaviour[5:])
-                self._send(handler, code, {"error": {"message": f"scripted {code}", "type": "server_error",
-                                                     "code": code}})
+                self._send(
+                    handler,
+                    code,
+                    {"error": {"message": f"scripted {code}", "type": "server_error", "code": code}},
+                )
                 return
             self._send(handler, 200, self._completion(body, behaviour))
         finally:
@@ -184,21 +189,46 @@ class FakeServer:
             top = [("I", 0.6), ("This", 0.4)]
         choices = []
         for i, text in enumerate(texts):
-            choice: dict[str, Any] = {"index": i, "message": {"role": "assistant", "content": text},
-                                      "finish_reason": "stop", "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
             if body.get("logprobs") and behaviour in ("good", "offchoice", "zeromass"):
-                choice["logprobs"] = {"content": [{
-                    "token": top[0][0], "logprob": math.log(top[0][1]), "bytes": None,
-                    "top_logprobs": [{"token": t, "logprob": math.log(p), "bytes": None} for t, p in top],
-                }]}
+                choice["logprobs"] = {
+                    "content": [
+                        {
+                            "token": top[0][0],
+                            "logprob": math.log(top[0][1]),
+                            "bytes": None,
+                            "top_logprobs": [
+                                {"token": t, "logprob": math.log(p), "bytes": None} for t, p in top
+                            ],
+                        }
+                    ]
+                }
             elif body.get("logprobs") and behaviour == "llamacpp":
-                choice["logprobs"] = {"content": [{
-                    "id": 1, "tok_str": top[0][0], "prob": top[0][1],
-                    "probs": [{"tok_str": t, "prob": p} for t, p in top],
-                }]}
+                choice["logprobs"] = {
+                    "content": [
+                        {
+                            "id": 1,
+                            "tok_str": top[0][0],
+                            "prob": top[0][1],
+                            "probs": [{"tok_str": t, "prob": p} for t, p in top],
+                        }
+                    ]
+                }
             choices.append(choice)
         return {
-            "id": f"chatcmpl-{len(self.bodies)}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", self.model), "choices": choices,
-            "usage": {"prompt_tokens": 50, "completion_tokens": 3 * len(texts), "total_tokens": 50 + 3 * len(texts)},
+            "id": f"chatcmpl-{len(self.bodies)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": 50,
+                "completion_tokens": 3 * len(texts),
+                "total_tokens": 50 + 3 * len(texts),
+            },
         }

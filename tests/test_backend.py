@@ -71,8 +71,17 @@ def test_zero_mass_on_actions_is_a_bad_answer():
 
 
 def test_candidates_in_every_response_shape():
-    openai_shape = {"logprobs": {"content": [{"token": "isol", "logprob": 0.0,
-                                              "top_logprobs": [{"token": "isol", "logprob": math.log(0.5)}]}]}}
+    openai_shape = {
+        "logprobs": {
+            "content": [
+                {
+                    "token": "isol",
+                    "logprob": 0.0,
+                    "top_logprobs": [{"token": "isol", "logprob": math.log(0.5)}],
+                }
+            ]
+        }
+    }
     assert first_token_candidates(openai_shape) == [("isol", pytest.approx(0.5))]
     llama_probs = {"logprobs": {"content": [{"tok_str": "go", "probs": [{"tok_str": "go", "prob": 0.25}]}]}}
     assert first_token_candidates(llama_probs) == [("go", 0.25)]
@@ -118,7 +127,9 @@ def test_sample_mode_counts_answers():
         answer = choose(backend(server), mode="sample", n_samples=20)
         body = server.bodies[0]
     assert answer.mode == "sample" and len(answer.raw) == 20
-    assert body["n"] == 20 and body["temperature"] == 1.0 and body["structured_outputs"] == {"choice": ACTIONS}
+    assert (
+        body["n"] == 20 and body["temperature"] == 1.0 and body["structured_outputs"] == {"choice": ACTIONS}
+    )
     p = FakeServer.expected(MESSAGES, ACTIONS)[0]
     assert answer.probs[0] == pytest.approx(round(p * 20) / 20)
 
@@ -222,14 +233,23 @@ def test_langchain_backend_logprobs_and_sampling():
     from langchain_openai import ChatOpenAI
 
     with FakeServer() as server:
-        lp_model = ChatOpenAI(base_url=server.url, api_key="x", model="fake-model", logprobs=True,
-                              top_logprobs=20, temperature=0, max_retries=0)
+        lp_model = ChatOpenAI(
+            base_url=server.url,
+            api_key="x",
+            model="fake-model",
+            logprobs=True,
+            top_logprobs=20,
+            temperature=0,
+            max_retries=0,
+        )
         answer = choose(LangChainBackend(lp_model, backoff=0.01), mode="auto")
         assert answer.mode == "logprobs"
         assert answer.probs == pytest.approx(FakeServer.expected(MESSAGES, ACTIONS))
         assert server.bodies[0]["structured_outputs"] == {"choice": ACTIONS}
 
-        plain = ChatOpenAI(base_url=server.url, api_key="x", model="fake-model", temperature=1.0, max_retries=0)
+        plain = ChatOpenAI(
+            base_url=server.url, api_key="x", model="fake-model", temperature=1.0, max_retries=0
+        )
         before = server.requests
         answer = choose(LangChainBackend(plain, backoff=0.01), mode="sample", n_samples=5)
         assert answer.mode == "sample" and server.requests - before == 5

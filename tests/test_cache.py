@@ -16,8 +16,13 @@ DECODING = {"temperature": 0.0, "max_tokens": 8, "top_logprobs": 20, "n": 1}
 
 
 def key(**changes) -> str:
-    args = {"model": {"backend": "openai", "model": "m"}, "messages": MESSAGES, "actions": ACTIONS,
-            "mode": "logprobs", "decoding": DECODING}
+    args = {
+        "model": {"backend": "openai", "model": "m"},
+        "messages": MESSAGES,
+        "actions": ACTIONS,
+        "mode": "logprobs",
+        "decoding": DECODING,
+    }
     args.update(changes)
     return cache_key(**args)
 

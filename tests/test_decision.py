@@ -184,8 +184,13 @@ def lpm_cli(*args: str, env: dict | None = None):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "lpm", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "lpm", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
@@ -193,8 +198,19 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
 
     pop_file = small_pop.save(tmp_path / "pop.parquet")
     env = {"LPM_CACHE_DIR": str(tmp_path / "cache")}
-    args = ["decide", "covid_isolation", "-p", str(pop_file), "--context", "week=10", "--context", "cases=2345",
-            "--context", "cases_change=12", "--json"]
+    args = [
+        "decide",
+        "covid_isolation",
+        "-p",
+        str(pop_file),
+        "--context",
+        "week=10",
+        "--context",
+        "cases=2345",
+        "--context",
+        "cases_change=12",
+        "--json",
+    ]
     with FakeServer() as server:
         res = lpm_cli(*args, "--llm-url", server.url, "--llm-model", server.model, env=env)
         assert res.returncode == 0, res.stderr
@@ -211,7 +227,9 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
     assert all(r["cached"] for r in again)
     assert [r["p_isolate"] for r in again] == [r["p_isolate"] for r in rows]
 
-    res = lpm_cli(*args[:-1], "--context", "week=11", "--cache", "replay", "--llm-model", server.model, env=env)
+    res = lpm_cli(
+        *args[:-1], "--context", "week=11", "--cache", "replay", "--llm-model", server.model, env=env
+    )
     assert res.returncode == 2 and "cache mode replay" in res.stderr and "Traceback" not in res.stderr
 
     res = lpm_cli("cache", "stats", env=env)
@@ -224,13 +242,49 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
 def test_cli_decide_table_and_bad_context(small_pop, tmp_path):
     pop_file = small_pop.save(tmp_path / "pop.parquet")
     with FakeServer() as server:
-        res = lpm_cli("decide", "covid_isolation", "-p", str(pop_file), "--context", "week=10", "--context",
-                      "cases=2345", "--context", "cases_change=12", "--llm-url", server.url, "--cache", "off")
+        res = lpm_cli(
+            "decide",
+            "covid_isolation",
+            "-p",
+            str(pop_file),
+            "--context",
+            "week=10",
+            "--context",
+            "cases=2345",
+            "--context",
+            "cases_change=12",
+            "--llm-url",
+            server.url,
+            "--cache",
+            "off",
+        )
         assert res.returncode == 0, res.stderr
         assert "p_isolate" in res.stdout and "100 requests sent" in res.stdout
-        res = lpm_cli("decide", "covid_isolation", "-p", str(pop_file), "--context", "week=10",
-                      "--llm-url", server.url, "--llm-model", server.model, "--cache", "off")
+        res = lpm_cli(
+            "decide",
+            "covid_isolation",
+            "-p",
+            str(pop_file),
+            "--context",
+            "week=10",
+            "--llm-url",
+            server.url,
+            "--llm-model",
+            server.model,
+            "--cache",
+            "off",
+        )
         assert res.returncode == 2 and "'cases'" in res.stderr
-        res = lpm_cli("decide", "covid_isolation", "-p", str(pop_file), "--context", "week",
-                      "--llm-url", server.url, "--llm-model", server.model)
+        res = lpm_cli(
+            "decide",
+            "covid_isolation",
+            "-p",
+            str(pop_file),
+            "--context",
+            "week",
+            "--llm-url",
+            server.url,
+            "--llm-model",
+            server.model,
+        )
         assert res.returncode == 2 and "NAME=VALUE" in res.stderr

@@ -93,8 +93,12 @@ def test_resume_equals_uninterrupted_run(pop10k, tmp_path):
             raise Abort
 
     with pytest.raises(Abort):
-        Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=5, callback=stop).run(steps, out_dir=tmp_path)
-    resumed = Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=5).run(steps, out_dir=tmp_path, resume=True)
+        Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=5, callback=stop).run(
+            steps, out_dir=tmp_path
+        )
+    resumed = Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=5).run(
+        steps, out_dir=tmp_path, resume=True
+    )
     assert resumed.resumed_from == 9
     pd.testing.assert_frame_equal(whole.trajectory, resumed.trajectory)
     pd.testing.assert_frame_equal(whole.decisions, resumed.decisions)
@@ -102,7 +106,9 @@ def test_resume_equals_uninterrupted_run(pop10k, tmp_path):
         assert torch.equal(whole.state[key], resumed.state[key]), key
     # a checkpoint of another run is refused
     with pytest.raises(InputError, match="different run"):
-        Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=6).run(steps, out_dir=tmp_path, resume=True)
+        Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=6).run(
+            steps, out_dir=tmp_path, resume=True
+        )
 
 
 def test_policy_base_is_checked():
@@ -134,11 +140,15 @@ def test_context_by_attribute_splits_requests(pop3k):
     policy = ArchetypeLLMPolicy(decider)
     policy.setup(spec, pop3k, spec.group(pop3k))
     rates = {b: float(i) for i, b in enumerate(pop3k.labels("borough"))}
-    d = policy.decide({"month": "April 2020", "cases": 1.0, "unemployment_rate": ByAttribute("borough", rates)}, step=0)
+    d = policy.decide(
+        {"month": "April 2020", "cases": 1.0, "unemployment_rate": ByAttribute("borough", rates)}, step=0
+    )
     assert len(decider.calls) == 5 and d.probs.shape == (policy.grouping.k, 2)
     assert sorted(c[1]["unemployment_rate"] for c in decider.calls) == [0.0, 1.0, 2.0, 3.0, 4.0]
     resolved = resolve_context(policy.rows, {"x": ByAttribute("borough", rates), "y": 2})
-    assert all(r["x"] == rates[row["borough"]] and r["y"] == 2 for r, row in zip(resolved, policy.rows, strict=True))
+    assert all(
+        r["x"] == rates[row["borough"]] and r["y"] == 2 for r, row in zip(resolved, policy.rows, strict=True)
+    )
 
 
 def test_agent_llm_policy_one_row_per_agent(pop3k, pop10k):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fixtures_server import vllm_server  # noqa: F401  (session fixture: one server for the whole run)
 
 from lpm.archetype import ArchetypeSpec
 from lpm.backend import LangChainBackend, OpenAIBackend
@@ -22,7 +21,7 @@ def posts(url: str) -> float:
     return float(metrics(url)["completion_requests"])
 
 
-def test_archetype_decisions_then_cache_then_replay(vllm_server, small_pop, tmp_path):  # noqa: F811
+def test_archetype_decisions_then_cache_then_replay(vllm_server, small_pop, tmp_path):
     spec = ArchetypeSpec.load("covid_isolation")
     rows = spec.group(small_pop).rows()
     assert len(rows) >= 50
@@ -45,27 +44,55 @@ def test_archetype_decisions_then_cache_then_replay(vllm_server, small_pop, tmp_
     assert torch.equal(first.probs, second.probs)
 
     # replay needs no server at all: a bogus URL is never contacted
-    replay = Decider(OpenAIBackend("http://127.0.0.1:9/v1", vllm_server.model, retries=0),
-                     ResponseCache(tmp_path, mode="replay"), progress=False)
+    replay = Decider(
+        OpenAIBackend("http://127.0.0.1:9/v1", vllm_server.model, retries=0),
+        ResponseCache(tmp_path, mode="replay"),
+        progress=False,
+    )
     third = replay.decide(spec, rows, CONTEXT)
     assert torch.equal(first.probs, third.probs) and all(third.cached)
 
 
-def test_sample_mode_and_langchain_against_vllm(vllm_server, small_pop):  # noqa: F811
+def test_sample_mode_and_langchain_against_vllm(vllm_server, small_pop):
     from langchain_openai import ChatOpenAI
 
     spec = ArchetypeSpec.load("covid_isolation")
     rows = spec.group(small_pop).rows()[:3]
-    sampled = Decider(OpenAIBackend(vllm_server.url, vllm_server.model), mode="sample", n_samples=20,
-                      progress=False).decide(spec, rows, CONTEXT)
+    sampled = Decider(
+        OpenAIBackend(vllm_server.url, vllm_server.model), mode="sample", n_samples=20, progress=False
+    ).decide(spec, rows, CONTEXT)
     assert sampled.mode == ["sample"] * 3
     assert torch.allclose(sampled.probs.sum(1), torch.ones(3))
     assert torch.allclose(sampled.probs * 20, (sampled.probs * 20).round(), atol=1e-4)
 
-    chat = ChatOpenAI(base_url=vllm_server.url, api_key="EMPTY", model=vllm_server.model, temperature=0,
-                      logprobs=True, top_logprobs=20, max_tokens=8, max_retries=0)
+    chat = ChatOpenAI(
+        base_url=vllm_server.url,
+        api_key="EMPTY",
+        model=vllm_server.model,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=20,
+        max_tokens=8,
+        max_retries=0,
+    )
     via_lc = Decider(LangChainBackend(chat), mode="logprobs", progress=False).decide(spec, rows, CONTEXT)
-    direct = Decider(OpenAIBackend(vllm_server.url, vllm_server.model), mode="logprobs",
-                     progress=False).decide(spec, rows, CONTEXT)
+    direct = Decider(
+        OpenAIBackend(vllm_server.url, vllm_server.model), mode="logprobs", progress=False
+    ).decide(spec, rows, CONTEXT)
     assert via_lc.mode == ["logprobs"] * 3
     assert torch.allclose(via_lc.probs, direct.probs, atol=1e-3)
+
+
+def test_llamacpp_engine_gives_a_valid_distribution(llamacpp_server, small_pop, tmp_path):
+    """llama.cpp serves the GGUF directly; its top_logprobs come from before the grammar, so lpm counts
+    ``n`` grammar-constrained samples there (mode ``sample``)."""
+    spec = ArchetypeSpec.load("covid_isolation")
+    rows = spec.group(small_pop).rows()[:10]
+    backend = OpenAIBackend(llamacpp_server.url, llamacpp_server.model, constraint="llamacpp")
+    decider = Decider(backend, ResponseCache(tmp_path), mode="sample", n_samples=20, progress=False)
+    out = decider.decide(spec, rows, CONTEXT)
+    assert out.requests == 10 and set(out.mode) == {"sample"}
+    assert torch.allclose(out.probs.sum(1), torch.ones(10), atol=1e-6)
+    assert ((out.probs * 20).round() == out.probs * 20).all()  # counts of 20 samples
+    again = decider.decide(spec, rows, CONTEXT)
+    assert again.requests == 0 and all(again.cached)

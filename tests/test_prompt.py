@@ -39,10 +39,10 @@ def test_render_rounds_context_and_uses_labels():
 
 def test_values_with_braces_and_quotes_render_literally():
     prompt = PromptTemplate.load(ArchetypeSpec.load("covid_isolation"))
-    row = {"age_group": "{week} {0} {{x}}", "sex": 'she said "hi" \'ok\'', "borough": "}{"}
+    row = {"age_group": "{week} {0} {{x}}", "sex": "she said \"hi\" 'ok'", "borough": "}{"}
     user = prompt.render(row, CONTEXT)[1]["content"]
     assert "aged {week} {0} {{x}}, living in }{." in user
-    assert 'You are she said "hi" \'ok\',' in user
+    assert "You are she said \"hi\" 'ok'," in user
 
 
 def test_literal_braces_in_template(tmp_path):

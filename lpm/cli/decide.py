@@ -84,19 +84,34 @@ def register(app: typer.Typer) -> None:
         spec: str = typer.Argument(..., help="archetype spec file, or the name of one in archetypes/"),
         population: Path = typer.Option(..., "--population", "-p", help="population Parquet file"),
         context: list[str] = typer.Option(
-            [], "--context", "-c", metavar="NAME=VALUE",
+            [],
+            "--context",
+            "-c",
+            metavar="NAME=VALUE",
             help="a context variable of the spec; repeat for each: --context week=10 --context cases=2300",
         ),
-        llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"),
-        llm_model: str = typer.Option(None, "--llm-model", help="served model name (default: the server's only model)"),
-        api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"),
-        constraint: str = typer.Option("vllm", "--constraint", help=f"choice constraint format: {'|'.join(CONSTRAINTS)}"),
+        llm_url: str = typer.Option(
+            None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"
+        ),
+        llm_model: str = typer.Option(
+            None, "--llm-model", help="served model name (default: the server's only model)"
+        ),
+        api_key_env: str = typer.Option(
+            "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
+        ),
+        constraint: str = typer.Option(
+            "vllm", "--constraint", help=f"choice constraint format: {'|'.join(CONSTRAINTS)}"
+        ),
         cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
-        cache_dir: Path = typer.Option(None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"),
+        cache_dir: Path = typer.Option(
+            None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"
+        ),
         mode: str = typer.Option("auto", "--mode", help=f"how a distribution is read: {'|'.join(MODES)}"),
         n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
         concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
-        as_json: bool = typer.Option(False, "--json", help="print the rows as a JSON list instead of a table"),
+        as_json: bool = typer.Option(
+            False, "--json", help="print the rows as a JSON list instead of a table"
+        ),
     ) -> None:
         """Print each archetype's probability of every action, the mode used and whether it was cached."""
         s = ArchetypeSpec.load(spec)
@@ -107,8 +122,9 @@ def register(app: typer.Typer) -> None:
         rows = s.group(pop).rows()
         response_cache = ResponseCache(cache_dir, mode=cache)
         with llm_endpoint(llm_url, llm_model, cache_mode=cache) as (url, model):
-            backend = OpenAIBackend(url, model, api_key_env=api_key_env, max_concurrency=concurrency,
-                                    constraint=constraint)
+            backend = OpenAIBackend(
+                url, model, api_key_env=api_key_env, max_concurrency=concurrency, constraint=constraint
+            )
             decider = Decider(backend, response_cache, mode=mode, n_samples=n_samples, progress=not as_json)
             out = decider.decide(s, rows, values)
         frame = out.to_frame()

@@ -14,21 +14,33 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_command(
         scenario: str = typer.Argument(..., help="covid or labor"),
-        policy: str = typer.Option("heuristic", "--policy", help="heuristic, llm (one query per archetype) or agent-llm"),
+        policy: str = typer.Option(
+            "heuristic", "--policy", help="heuristic, llm (one query per archetype) or agent-llm"
+        ),
         agents: int = typer.Option(None, "--agents", "-n", help="agents (default: the whole city, ≈ 8.34 M)"),
-        start: str = typer.Option(None, "--start", help="first simulated day, YYYY-MM-DD (default: the scenario's)"),
+        start: str = typer.Option(
+            None, "--start", help="first simulated day, YYYY-MM-DD (default: the scenario's)"
+        ),
         weeks: int = typer.Option(None, "--weeks", help="covid: weeks to simulate (default 8)"),
         months: int = typer.Option(None, "--months", help="labor: months to simulate (default 12)"),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of every random draw"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-        llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL (default: start a local server)"),
+        llm_url: str = typer.Option(
+            None, "--llm-url", help="OpenAI-compatible base URL (default: start a local server)"
+        ),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
-        api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API key"),
+        api_key_env: str = typer.Option(
+            "OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API key"
+        ),
         engine: str = typer.Option("vllm", "--engine", help="local server engine: vllm or llamacpp"),
         llm_mode: str = typer.Option("auto", "--llm-mode", help="auto, logprobs or sample"),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
-        on_llm_failure: str = typer.Option("error", "--on-llm-failure", help="error or heuristic (counted as fallbacks)"),
-        out: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/<scenario>-<policy>-<time>)"),
+        on_llm_failure: str = typer.Option(
+            "error", "--on-llm-failure", help="error or heuristic (counted as fallbacks)"
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="run folder (default runs/<scenario>-<policy>-<time>)"
+        ),
         resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
     ) -> None:
         """Run a scenario on the NYC population and write its run folder (trajectory, decisions, plots, report)."""
@@ -40,9 +52,21 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise InputError(f"--start must be a date YYYY-MM-DD, got {start!r}") from None
         config = RunConfig.build(
-            scenario=scenario, policy=policy, agents=agents, seed=seed, start=start_date, weeks=weeks, months=months,
-            device=device, llm_url=llm_url, llm_model=llm_model, api_key_env=api_key_env, engine=engine,
-            llm_mode=llm_mode, cache=cache, on_llm_failure=on_llm_failure,
+            scenario=scenario,
+            policy=policy,
+            agents=agents,
+            seed=seed,
+            start=start_date,
+            weeks=weeks,
+            months=months,
+            device=device,
+            llm_url=llm_url,
+            llm_model=llm_model,
+            api_key_env=api_key_env,
+            engine=engine,
+            llm_mode=llm_mode,
+            cache=cache,
+            on_llm_failure=on_llm_failure,
         )
         if out is None:
             if resume:

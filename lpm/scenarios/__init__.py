@@ -42,7 +42,10 @@ class Scenario(ABC):
 
     def steps_per(self, cadence: str) -> int:
         """Steps between two decisions for a spec cadence (``daily``, ``weekly``, ``monthly``)."""
-        table = {"day": {"daily": 1, "weekly": 7, "monthly": 30}, "month": {"daily": 1, "weekly": 1, "monthly": 1}}
+        table = {
+            "day": {"daily": 1, "weekly": 7, "monthly": 30},
+            "month": {"daily": 1, "weekly": 1, "monthly": 1},
+        }
         return table[self.step_unit][cadence]
 
     @abstractmethod
@@ -91,4 +94,7 @@ def make_scenario(name: str, params: Mapping[str, Any] | None = None, **options:
 
 
 #: Shipped scenarios: name -> (module, class).
-SCENARIOS = {"covid": ("lpm.scenarios.covid", "CovidScenario"), "labor": ("lpm.scenarios.labor", "LaborScenario")}
+SCENARIOS = {
+    "covid": ("lpm.scenarios.covid", "CovidScenario"),
+    "labor": ("lpm.scenarios.labor", "LaborScenario"),
+}

@@ -84,7 +84,9 @@ def gamma_hazard(mean: float, shape: float, days: int = MAX_DAYS) -> torch.Tenso
     d = torch.arange(days + 1, dtype=torch.float64)
     cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), d * shape / mean)
     survive = 1.0 - cdf[:-1]
-    h = torch.where(survive > 1e-12, (cdf[1:] - cdf[:-1]) / survive.clamp_min(1e-300), torch.ones_like(survive))
+    h = torch.where(
+        survive > 1e-12, (cdf[1:] - cdf[:-1]) / survive.clamp_min(1e-300), torch.ones_like(survive)
+    )
     h[-1] = 1.0
     return h.clamp(0.0, 1.0).to(torch.float32)
 
@@ -93,16 +95,36 @@ class CovidParams(BaseModel):
     """Parameters of the COVID scenario; one line each, with units. Unknown keys are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    start: dt.date = Field(default=dt.date(2020, 3, 16), description="first simulated day (2020-03-01 .. 2021-12-31)")
-    beta: float = Field(default=0.045, gt=0, le=1, description="infection probability per contact with an infectious person")
-    detected: float = Field(default=0.1, gt=0, le=1, description="fraction of new infections reported as cases")
-    isolation_effect: float = Field(default=0.7, ge=0, le=1, description="fraction of contacts an isolating agent cuts")
-    incubation_days: float = Field(default=5.2, gt=0, le=30, description="mean days exposed before infectious (Li 2020)")
-    incubation_shape: float = Field(default=3.0, gt=0, le=100, description="gamma shape of the incubation period")
-    infectious_days: float = Field(default=7.0, gt=0, le=30, description="mean days infectious (CDC planning scenarios)")
-    infectious_shape: float = Field(default=4.0, gt=0, le=100, description="gamma shape of the infectious period")
-    share_zip: float = Field(default=0.5, ge=0, le=1, description="share of contacts within the agent's ZIP area")
-    share_borough: float = Field(default=0.3, ge=0, le=1, description="share of contacts within the borough; rest citywide")
+    start: dt.date = Field(
+        default=dt.date(2020, 3, 16), description="first simulated day (2020-03-01 .. 2021-12-31)"
+    )
+    beta: float = Field(
+        default=0.045, gt=0, le=1, description="infection probability per contact with an infectious person"
+    )
+    detected: float = Field(
+        default=0.1, gt=0, le=1, description="fraction of new infections reported as cases"
+    )
+    isolation_effect: float = Field(
+        default=0.7, ge=0, le=1, description="fraction of contacts an isolating agent cuts"
+    )
+    incubation_days: float = Field(
+        default=5.2, gt=0, le=30, description="mean days exposed before infectious (Li 2020)"
+    )
+    incubation_shape: float = Field(
+        default=3.0, gt=0, le=100, description="gamma shape of the incubation period"
+    )
+    infectious_days: float = Field(
+        default=7.0, gt=0, le=30, description="mean days infectious (CDC planning scenarios)"
+    )
+    infectious_shape: float = Field(
+        default=4.0, gt=0, le=100, description="gamma shape of the infectious period"
+    )
+    share_zip: float = Field(
+        default=0.5, ge=0, le=1, description="share of contacts within the agent's ZIP area"
+    )
+    share_borough: float = Field(
+        default=0.3, ge=0, le=1, description="share of contacts within the borough; rest citywide"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CovidParams:
@@ -144,7 +166,13 @@ class CovidScenario(Scenario):
     step_unit: ClassVar[str] = "day"
     actions: ClassVar[tuple[str, ...]] = ("isolate", "go out")
     quantities: ClassVar[tuple[str, ...]] = (
-        "infections", "reported_cases", "susceptible", "exposed", "infectious", "recovered", "isolating",
+        "infections",
+        "reported_cases",
+        "susceptible",
+        "exposed",
+        "infectious",
+        "recovered",
+        "isolating",
     )
 
     def __init__(self, params: Mapping[str, Any] | CovidParams | None = None):
@@ -243,8 +271,14 @@ class CovidScenario(Scenario):
         d = uniforms.draw(seed, 0, STREAM_SEED_DAYS)
         mean = torch.tensor([0.0, p.incubation_days, p.infectious_days, 0.0], device=self.device)
         days = (d * mean.index_select(0, comp.long())).to(torch.uint8)
-        daily = before.groupby("date")["cases"].sum().reindex(pd.date_range(start - pd.Timedelta(days=14), periods=14))
-        recent = torch.tensor(daily.fillna(0.0).to_numpy() * self.scale, dtype=torch.float64, device=self.device)
+        daily = (
+            before.groupby("date")["cases"]
+            .sum()
+            .reindex(pd.date_range(start - pd.Timedelta(days=14), periods=14))
+        )
+        recent = torch.tensor(
+            daily.fillna(0.0).to_numpy() * self.scale, dtype=torch.float64, device=self.device
+        )
         state = {"days": days, "recent": recent, "isolating": torch.zeros(self.nb, device=self.device)}
         if self.differentiable:
             state["x"] = torch.nn.functional.one_hot(comp.long(), 4).to(torch.float32)
@@ -276,7 +310,9 @@ class CovidScenario(Scenario):
         counts = torch.zeros(8 * nc, device=self.device).index_add_(0, tmp, self._ones).view(4, nc, 2)
         weighted = counts[I, :, 0] + (1.0 - p.isolation_effect) * counts[I, :, 1]
         lam = self.force(weighted, params["beta"])
-        p_inf = -torch.expm1(-lam[:, None] * torch.tensor([1.0, 1.0 - p.isolation_effect], device=self.device))
+        p_inf = -torch.expm1(
+            -lam[:, None] * torch.tensor([1.0, 1.0 - p.isolation_effect], device=self.device)
+        )
         # leave the compartment: infection for S (by cell), the duration hazard for E and I
         torch.index_select(p_inf.reshape(-1), 0, idx, out=prob)
         tmp.copy_(comp).mul_(MAX_DAYS).add_(days)
@@ -293,7 +329,11 @@ class CovidScenario(Scenario):
         new = torch.zeros(nc + 1, device=self.device).index_add_(0, tmp, self._ones)[:nc]
         # record (B, Q)
         by_borough = torch.zeros(self.nb, 4 + 1 + 1, device=self.device)
-        by_borough.index_add_(0, self.borough_of_cell, torch.cat([counts.sum(2).T, counts[:, :, 1].sum(0, keepdim=True).T, new[:, None]], 1))
+        by_borough.index_add_(
+            0,
+            self.borough_of_cell,
+            torch.cat([counts.sum(2).T, counts[:, :, 1].sum(0, keepdim=True).T, new[:, None]], 1),
+        )
         infections = by_borough[:, 5]
         record = torch.stack(
             [infections, p.detected * infections, *by_borough[:, :4].T, by_borough[:, 4]], dim=1
@@ -330,7 +370,9 @@ class CovidScenario(Scenario):
         )
         infections = per_b[:, 5]
         record = torch.stack([infections, p.detected * infections, *per_b[:, :4].T, per_b[:, 4]], dim=1)
-        recent = torch.cat([state["recent"][1:], (p.detected * infections.detach().sum()).to(torch.float64)[None]])
+        recent = torch.cat(
+            [state["recent"][1:], (p.detected * infections.detach().sum()).to(torch.float64)[None]]
+        )
         return {**state, "x": x_new, "days": days, "recent": recent}, record
 
     # -- real data -----------------------------------------------------------------------------------
@@ -355,14 +397,17 @@ def weekly(series: torch.Tensor, days: int = 7) -> torch.Tensor:
     return series[:t].reshape(t // days, days, *series.shape[1:]).sum(1)
 
 
-def weekly_mse(result_series: torch.Tensor, real: pd.DataFrame, boroughs: list[str], first: pd.Timestamp) -> torch.Tensor:
+def weekly_mse(
+    result_series: torch.Tensor, real: pd.DataFrame, boroughs: list[str], first: pd.Timestamp
+) -> torch.Tensor:
     """Mean squared error of simulated vs real weekly reported cases per borough (a calibration loss).
 
     result_series: (T, B) simulated daily reported cases; real: :meth:`CovidScenario.real_data` frame.
     """
     t = result_series.shape[0]
-    wide = real.pivot_table(index="date", columns="borough", values="value", observed=False).reindex(columns=boroughs)
+    wide = real.pivot_table(index="date", columns="borough", values="value", observed=False).reindex(
+        columns=boroughs
+    )
     wide = wide.reindex(pd.date_range(first, periods=t)).fillna(0.0)
     target = torch.tensor(wide.to_numpy(), dtype=result_series.dtype, device=result_series.device)
     return torch.mean((weekly(result_series) - weekly(target)) ** 2)
-

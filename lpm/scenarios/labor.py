@@ -45,11 +45,21 @@ class LaborParams(BaseModel):
     """Parameters of the labor scenario; one line each, with units. Unknown keys are rejected."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    start: dt.date = Field(default=dt.date(2020, 3, 1), description="first simulated month (its 1st day), 2019-02 .. 2021-12")
-    separation: float = Field(default=0.015, ge=0, le=1, description="monthly job loss of employed agents who work")
-    layoff: float = Field(default=0.35, ge=0, le=1, description="monthly job loss of employed agents who stay home")
-    job_finding: float = Field(default=0.25, ge=0, le=1, description="monthly job-finding rate of job seekers, no epidemic")
-    case_scale: float = Field(default=500.0, gt=0, description="cases per 100,000 per month that cut job finding by 1/e")
+    start: dt.date = Field(
+        default=dt.date(2020, 3, 1), description="first simulated month (its 1st day), 2019-02 .. 2021-12"
+    )
+    separation: float = Field(
+        default=0.015, ge=0, le=1, description="monthly job loss of employed agents who work"
+    )
+    layoff: float = Field(
+        default=0.35, ge=0, le=1, description="monthly job loss of employed agents who stay home"
+    )
+    job_finding: float = Field(
+        default=0.25, ge=0, le=1, description="monthly job-finding rate of job seekers, no epidemic"
+    )
+    case_scale: float = Field(
+        default=500.0, gt=0, description="cases per 100,000 per month that cut job finding by 1/e"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> LaborParams:
@@ -82,7 +92,9 @@ class LaborScenario(Scenario):
 
     def setup(self, pop: Population, *, device: torch.device, differentiable: bool) -> None:
         if differentiable:
-            raise InputError("the labor scenario runs in inference mode only", hint="drop differentiable=True")
+            raise InputError(
+                "the labor scenario runs in inference mode only", hint="drop differentiable=True"
+            )
         self.device, self.n = device, len(pop)
         self.boroughs = pop.labels("borough")
         self.nb = len(self.boroughs)
@@ -96,9 +108,15 @@ class LaborScenario(Scenario):
         self._cases = cases.groupby(cases["date"].dt.to_period("M"))["cases"].sum()
 
     def _rate(self, month: pd.Timestamp) -> torch.Tensor:
-        rows = self._real[self._real["date"] == month].set_index("borough")["unemployment_rate"].reindex(self.boroughs)
+        rows = (
+            self._real[self._real["date"] == month]
+            .set_index("borough")["unemployment_rate"]
+            .reindex(self.boroughs)
+        )
         if rows.isna().any():
-            raise InputError(f"{nyc.data_dir() / 'labor-force-by-borough.csv'}: no unemployment_rate for {month:%Y-%m}")
+            raise InputError(
+                f"{nyc.data_dir() / 'labor-force-by-borough.csv'}: no unemployment_rate for {month:%Y-%m}"
+            )
         return torch.tensor(rows.to_numpy(), dtype=torch.float64)
 
     def init_state(self, seed: int, uniforms: Any) -> dict[str, torch.Tensor]:

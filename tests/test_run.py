@@ -1,0 +1,199 @@
+"""`lpm run`: the run folder, bad input, resume, fallbacks; LLM policies against the real local server."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from fake_server import FakeServer
+
+from lpm.errors import InputError, LLMError
+from lpm.run import SUMMARY_KEYS, RunConfig, run
+from lpm.server import metrics
+
+FILES = (
+    "config.json",
+    "trajectory.parquet",
+    "decisions.parquet",
+    "summary.json",
+    "report.md",
+    "decisions.png",
+)
+
+
+def check_folder(folder, scenario):
+    for name in FILES + ({"covid": "cases.png", "labor": "unemployment.png"}[scenario],):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert key in summary, key
+    traj = pd.read_parquet(folder / "trajectory.parquet")
+    assert list(traj.columns) == ["step", "date", "borough", "quantity", "value"]
+    assert traj["step"].nunique() == summary["steps"]
+    decisions = pd.read_parquet(folder / "decisions.parquet")
+    per_row = decisions.groupby(["step", "archetype"])["probability"].sum()
+    assert ((per_row - 1).abs() < 1e-5).all()
+    assert "![cases.png]" in (folder / "report.md").read_text() or scenario == "labor"
+    return summary, traj, decisions
+
+
+@pytest.mark.parametrize("scenario,horizon", [("covid", {"weeks": 2}), ("labor", {"months": 3})])
+def test_heuristic_runs_write_every_file(tmp_path, scenario, horizon):
+    out = run(RunConfig.build(scenario=scenario, agents=20_000, **horizon), tmp_path / "r", progress=False)
+    summary, traj, decisions = check_folder(out.folder, scenario)
+    assert summary["agents"] == 20_000 and summary["llm_queries"] == 0
+    assert set(decisions["mode"]) == {"heuristic"}
+
+
+def test_existing_folder_is_never_overwritten(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="exists and is not empty; nothing was overwritten"):
+        run(RunConfig.build(scenario="covid", agents=5_000, weeks=1), folder, progress=False)
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+def test_resume_of_another_config_is_refused(tmp_path):
+    folder = tmp_path / "r"
+    run(RunConfig.build(scenario="covid", agents=5_000, weeks=1, seed=1), folder, progress=False)
+    before = (folder / "summary.json").read_text()
+    with pytest.raises(InputError, match=r"another configuration \(seed: 1 there, 2 here\)"):
+        run(
+            RunConfig.build(scenario="covid", agents=5_000, weeks=1, seed=2),
+            folder,
+            resume=True,
+            progress=False,
+        )
+    assert (folder / "summary.json").read_text() == before
+    with pytest.raises(InputError, match="nothing to resume"):
+        run(
+            RunConfig.build(scenario="covid", agents=5_000, weeks=1),
+            tmp_path / "empty",
+            resume=True,
+            progress=False,
+        )
+
+
+def test_resume_extends_a_finished_run_exactly(tmp_path):
+    whole = run(
+        RunConfig.build(scenario="covid", agents=10_000, weeks=2, seed=3), tmp_path / "a", progress=False
+    )
+    run(RunConfig.build(scenario="covid", agents=10_000, weeks=1, seed=3), tmp_path / "b", progress=False)
+    resumed = run(
+        RunConfig.build(scenario="covid", agents=10_000, weeks=2, seed=3),
+        tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
+    assert resumed.summary["resumed_from_step"] == 7
+    pd.testing.assert_frame_equal(whole.result.trajectory, resumed.result.trajectory)
+    pd.testing.assert_frame_equal(whole.result.decisions, resumed.result.decisions)
+
+
+@pytest.mark.parametrize(
+    "values,needle",
+    [
+        ({"scenario": "flu"}, "'scenario'"),
+        ({"scenario": "covid", "policy": "magic"}, "'policy'"),
+        ({"scenario": "covid", "device": "tpu"}, "'device'"),
+        ({"scenario": "covid", "weeks": 0}, "'weeks'"),
+        ({"scenario": "covid", "months": 2}, "give --weeks"),
+        ({"scenario": "covid", "llm_url": "http://x"}, "need --policy llm"),
+    ],
+)
+def test_bad_options(values, needle):
+    with pytest.raises(InputError, match=needle):
+        RunConfig.build(**values)
+
+
+def test_start_outside_the_data_writes_nothing(tmp_path):
+    import datetime as dt
+
+    with pytest.raises(InputError, match="start must lie in"):
+        run(
+            RunConfig.build(scenario="covid", start=dt.date(2019, 5, 1), weeks=1, agents=1000),
+            tmp_path / "r",
+            progress=False,
+        )
+    assert not (tmp_path / "r").exists()
+
+
+def test_failed_model_calls_stop_the_run_or_fall_back_counted(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+
+    def script(body, index):  # every request about the Bronx fails
+        return "error500" if "Bronx" in body["messages"][-1]["content"] else "good"
+
+    with FakeServer(script) as server:
+        base = dict(
+            scenario="covid", policy="llm", agents=20_000, weeks=1, llm_url=server.url, llm_model=server.model
+        )
+        with pytest.raises(LLMError, match="Bronx"):
+            run(RunConfig.build(**base), tmp_path / "stop", progress=False)
+        out = run(RunConfig.build(**base, on_llm_failure="heuristic"), tmp_path / "fallback", progress=False)
+    summary, _, decisions = check_folder(out.folder, "covid")
+    modes = decisions.drop_duplicates(["step", "archetype"]).set_index("archetype")["mode"]
+    bronx = decisions.drop_duplicates("archetype").set_index("archetype")["borough"] == "Bronx"
+    assert summary["fallbacks"] == int(bronx.sum()) == 20  # 10 age groups x 2 sexes
+    assert (modes[bronx] == "fallback-heuristic").all() and (modes[~bronx] != "fallback-heuristic").all()
+
+
+# -- against the real local vLLM server ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    config = RunConfig.build(
+        scenario="covid",
+        policy="llm",
+        agents=20_000,
+        weeks=2,
+        llm_url=vllm_server.url,
+        llm_model=vllm_server.model,
+    )
+    first = run(config, tmp_path / "first", progress=False)
+    summary, traj, decisions = check_folder(first.folder, "covid")
+    k = summary["archetypes"]
+    assert k == 100
+    assert 0 < summary["llm_queries"] <= 2 * k  # two weekly decisions; identical prompts are asked once
+    assert summary["tokens"] > 0
+    assert set(decisions["mode"]) == {"logprobs"}
+    before = metrics(vllm_server.url)["completion_requests"]
+    second = run(config, tmp_path / "second", progress=False)
+    assert second.summary["llm_queries"] == 0 and second.summary["cache_hits"] == 2 * k
+    assert metrics(vllm_server.url)["completion_requests"] == before  # nothing reached the server
+    pd.testing.assert_frame_equal(first.result.trajectory, second.result.trajectory)
+
+
+@pytest.mark.integration
+def test_llm_labor_run(vllm_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    config = RunConfig.build(
+        scenario="labor",
+        policy="llm",
+        agents=20_000,
+        months=3,
+        llm_url=vllm_server.url,
+        llm_model=vllm_server.model,
+    )
+    summary, traj, decisions = check_folder(run(config, tmp_path / "r", progress=False).folder, "labor")
+    assert summary["llm_queries"] > 0 and set(decisions["action"]) == {"work", "stay home"}
+
+
+@pytest.mark.integration
+def test_agent_llm_policy_asks_per_agent(vllm_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    config = RunConfig.build(
+        scenario="covid",
+        policy="agent-llm",
+        agents=300,
+        weeks=1,
+        llm_url=vllm_server.url,
+        llm_model=vllm_server.model,
+    )
+    summary, _, decisions = check_folder(run(config, tmp_path / "r", progress=False).folder, "covid")
+    assert summary["archetypes"] == 300
+    assert summary["llm_queries"] > 250  # one prompt per agent (a few agents share age, ZIP and group)
