@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -595,3 +596,48 @@ def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class LocalServerBackend(Backend):
+    """An :class:`OpenAIBackend` for a local :class:`lpm.server.ModelServer` that is started only when
+    the first request is sent, so a run answered entirely from the cache starts no server.
+
+    server: a ModelServer not yet started (its URL and port are fixed at construction); the caller stops
+    it. Other keyword arguments go to :class:`OpenAIBackend`. Cache keys are those of OpenAIBackend.
+    """
+
+    def __init__(self, server: Any, **kwargs: Any):
+        self.server = server
+        self.inner = OpenAIBackend(server.url, server.model, **kwargs)
+        self.model = self.inner.model
+        self._lock = threading.Lock()
+        self.on_start: Any = None
+        """Optional callable run (in a worker thread) right before the server starts."""
+
+    def _ensure_started(self) -> None:
+        with self._lock:
+            if not self.server.running:
+                if self.on_start is not None:
+                    self.on_start(self.server)
+                self.server.start()
+
+    async def choose(
+        self,
+        messages: list[dict[str, str]],
+        actions: Sequence[str],
+        *,
+        mode: Mode = "auto",
+        n_samples: int = 20,
+    ) -> Answer:
+        if not self.server.running:
+            await asyncio.to_thread(self._ensure_started)
+        return await self.inner.choose(messages, actions, mode=mode, n_samples=n_samples)
+
+    def identity(self) -> dict[str, Any]:
+        return self.inner.identity()
+
+    def decoding(self, actions: Sequence[str], mode: Mode, n_samples: int) -> dict[str, Any]:
+        return self.inner.decoding(actions, mode, n_samples)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

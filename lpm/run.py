@@ -195,35 +195,33 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
     from lpm.decision import Decider
 
     server = None
+    info: dict[str, Any] = {}
     url, model = config.llm_url, config.llm_model
+    constraint = "llamacpp" if config.engine == "llamacpp" and url is None else "vllm"
     try:
         if url is None and config.cache != "replay":
+            # the local server starts at the first cache miss: a run answered from the cache starts none
+            from lpm.backend import LocalServerBackend
             from lpm.server import ModelServer
 
             server = ModelServer(config.engine, served_name=model)
+            backend = LocalServerBackend(server, api_key_env=config.api_key_env, constraint=constraint)
             if progress:
-                from lpm.cli.display import console
-
-                with console.status(f"starting the local {config.engine} server (logs: {server.log_path})"):
-                    server.start()
-                console.print(
-                    f"model server: {server.model} at {server.url} (started in {server.startup_seconds:.0f} s)"
-                )
-            else:
-                server.start()
+                backend.on_start = _announce_server
             url, model = server.url, server.model
-        if model is None:
-            from lpm.model import DEFAULT_MODEL_NAME
+        else:
+            if model is None:
+                from lpm.model import DEFAULT_MODEL_NAME
 
-            model = DEFAULT_MODEL_NAME
-        constraint = "llamacpp" if config.engine == "llamacpp" and config.llm_url is None else "vllm"
-        backend = OpenAIBackend(
-            url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint
-        )
+                model = DEFAULT_MODEL_NAME
+            # with --cache replay and no URL nothing is ever sent: the placeholder URL is never contacted
+            backend = OpenAIBackend(
+                url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint
+            )
         mode = config.llm_mode
         if constraint == "llamacpp" and mode == "auto":
             mode = (
-                "sample"  # llama.cpp's top_logprobs are taken before its grammar: not a choice distribution
+                "sample"  # llama.cpp's top_logprobs come from before its grammar: not a choice distribution
             )
         decider = Decider(
             backend,
@@ -235,17 +233,25 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
         )
         fallback = HeuristicPolicy() if config.on_llm_failure == "heuristic" else None
         cls = AgentLLMPolicy if config.policy == "agent-llm" else ArchetypeLLMPolicy
-        info = {
+        info |= {
             "url": url,
             "model": model,
-            "started_server": server is not None,
+            "local_server": server is not None,
             "engine": config.engine if server else None,
             "mode": mode,
         }
         yield cls(decider, fallback=fallback), info
     finally:
         if server is not None:
+            if server.running:
+                info["server_started_seconds"] = server.startup_seconds
             server.stop()
+
+
+def _announce_server(server: Any) -> None:
+    from lpm.cli.display import console
+
+    console.print(f"starting the local model server (a cache miss; logs: {server.log_path}) ...")
 
 
 def _progress(config: RunConfig, enabled: bool):
@@ -290,6 +296,11 @@ def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -
         "decide_seconds": round(float(result.decide_seconds), 3),
         "agent_steps_per_second": round(
             result.agents * (result.steps - result.resumed_from) / max(result.step_seconds, 1e-9)
+        ),
+        "engine_agent_steps_per_second": round(
+            result.agents
+            * (result.steps - result.resumed_from)
+            / max(result.step_seconds - result.decide_seconds, 1e-9)
         ),
         "resumed_from_step": int(result.resumed_from),
         **{k: int(v) for k, v in result.counters.items()},

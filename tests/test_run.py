@@ -166,6 +166,12 @@ def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch)
     assert second.summary["llm_queries"] == 0 and second.summary["cache_hits"] == 2 * k
     assert metrics(vllm_server.url)["completion_requests"] == before  # nothing reached the server
     pd.testing.assert_frame_equal(first.result.trajectory, second.result.trajectory)
+    # without --llm-url lpm would start its own server, but only at the first cache miss: none here
+    local = run(config.model_copy(update={"llm_url": None, "llm_model": None}), tmp_path / "third", progress=False)
+    assert local.summary["llm_queries"] == 0 and local.summary["cache_hits"] == 2 * k
+    llm = json.loads((tmp_path / "third" / "config.json").read_text())["llm"]
+    assert llm["local_server"] and "server_started_seconds" not in llm
+    pd.testing.assert_frame_equal(first.result.trajectory, local.result.trajectory)
 
 
 @pytest.mark.integration

@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
         )
         console.print(
             f"wall {s['wall_seconds']:.1f} s, in steps {s['step_seconds']:.1f} s "
-            f"({s['agent_steps_per_second']:,} agent-steps/s); LLM queries {s['llm_queries']}, "
+            f"({s['agent_steps_per_second']:,} agent-steps/s; {s['engine_agent_steps_per_second']:,} outside the policy); "
+            f"LLM queries {s['llm_queries']}, "
             f"cache hits {s['cache_hits']}, tokens {s['tokens']:,}, fallbacks {s['fallbacks']}"
         )
         for key, value in (s.get("totals") or {}).items():
