@@ -120,6 +120,13 @@ class Simulation:
             )
         self.scenario, self.policy = scenario, policy
         self.seed, self.differentiable, self.callback = int(seed), bool(differentiable), callback
+        missing = [c for c in scenario.needs if c not in pop]
+        if missing:
+            raise InputError(
+                f"the {scenario.name} scenario needs population attribute(s) {missing}; the population has "
+                f"{', '.join(pop.columns)}",
+                hint="synthesize one with Population.synthesize('nyc') or add the columns",
+            )
         self.pop = pop.to(self.device)
         self.n = len(pop)
         spec = spec if spec is not None else scenario.spec_name

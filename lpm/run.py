@@ -128,6 +128,10 @@ def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: b
     folder = Path(out)
     params = {"start": config.start} if config.start else None
     scenario = make_scenario(config.scenario, params)  # validates before anything is written
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
+        )
     _claim_folder(folder, config, resume)
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
@@ -294,13 +298,9 @@ def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -
         "wall_seconds": round(wall, 3),
         "step_seconds": round(float(result.step_seconds), 3),
         "decide_seconds": round(float(result.decide_seconds), 3),
-        "agent_steps_per_second": round(
-            result.agents * (result.steps - result.resumed_from) / max(result.step_seconds, 1e-9)
-        ),
+        "agent_steps_per_second": round(result.agents * result.steps / max(result.step_seconds, 1e-9)),
         "engine_agent_steps_per_second": round(
-            result.agents
-            * (result.steps - result.resumed_from)
-            / max(result.step_seconds - result.decide_seconds, 1e-9)
+            result.agents * result.steps / max(result.step_seconds - result.decide_seconds, 1e-9)
         ),
         "resumed_from_step": int(result.resumed_from),
         **{k: int(v) for k, v in result.counters.items()},

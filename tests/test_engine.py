@@ -169,3 +169,22 @@ def test_offsets_shift_decisions(pop10k):
     assert iso(shifted) > iso(base) + 0.1 * len(pop10k)
     with pytest.raises(InputError, match="offsets"):
         Simulation(CovidScenario(), pop10k, HeuristicPolicy(), offsets=torch.zeros(3, 2))
+
+
+def test_population_missing_an_attribute_is_a_clear_error(pop10k):
+    from lpm.scenarios import make_scenario
+
+    cols = {c: pop10k[c] for c in pop10k.columns if c != "zip"}
+    labels = {c: pop10k.labels(c) for c in cols if pop10k.is_categorical(c)}
+    with pytest.raises(InputError, match=r"covid scenario needs population attribute\(s\) \['zip'\]"):
+        Simulation(make_scenario("covid"), Population(cols, labels), HeuristicPolicy())
+    cols.pop("sex")
+    labels.pop("sex")
+    with pytest.raises(
+        InputError, match=r"covid_isolation\.yaml: field 'attributes\[1\]'.*no attribute 'sex'"
+    ):
+        Simulation(
+            make_scenario("covid"),
+            Population({**cols, "zip": pop10k["zip"]}, {**labels, "zip": pop10k.labels("zip")}),
+            HeuristicPolicy(),
+        )

@@ -108,6 +108,17 @@ def test_bad_options(values, needle):
         RunConfig.build(**values)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_writes_nothing(tmp_path):
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        run(
+            RunConfig.build(scenario="covid", device="cuda", weeks=1, agents=1000),
+            tmp_path / "r",
+            progress=False,
+        )
+    assert not (tmp_path / "r").exists()
+
+
 def test_start_outside_the_data_writes_nothing(tmp_path):
     import datetime as dt
 
@@ -167,7 +178,9 @@ def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch)
     assert metrics(vllm_server.url)["completion_requests"] == before  # nothing reached the server
     pd.testing.assert_frame_equal(first.result.trajectory, second.result.trajectory)
     # without --llm-url lpm would start its own server, but only at the first cache miss: none here
-    local = run(config.model_copy(update={"llm_url": None, "llm_model": None}), tmp_path / "third", progress=False)
+    local = run(
+        config.model_copy(update={"llm_url": None, "llm_model": None}), tmp_path / "third", progress=False
+    )
     assert local.summary["llm_queries"] == 0 and local.summary["cache_hits"] == 2 * k
     llm = json.loads((tmp_path / "third" / "config.json").read_text())["llm"]
     assert llm["local_server"] and "server_started_seconds" not in llm

@@ -106,7 +106,9 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path = typer.Option(
             None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"
         ),
-        mode: str = typer.Option("auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}"),
+        mode: str = typer.Option(
+            "auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}"
+        ),
         n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
         concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
         as_json: bool = typer.Option(

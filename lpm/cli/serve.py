@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
                 f"  use: lpm run covid --policy llm --llm-url {server.url} --llm-model {server.model}"
             )
             stop = threading.Event()
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, kill: stop the server cleanly
+                signal.signal(sig, lambda *_: stop.set())
             while not stop.wait(1.0):
                 if not server.running:
                     from lpm.errors import ServerError

@@ -39,6 +39,8 @@ class Scenario(ABC):
     step_unit: ClassVar[str]
     actions: ClassVar[tuple[str, ...]]
     quantities: ClassVar[tuple[str, ...]]
+    #: Population columns the scenario reads (checked by the engine before the run starts).
+    needs: ClassVar[tuple[str, ...]] = ()
 
     def steps_per(self, cadence: str) -> int:
         """Steps between two decisions for a spec cadence (``daily``, ``weekly``, ``monthly``)."""

@@ -165,6 +165,7 @@ class CovidScenario(Scenario):
     spec_name: ClassVar[str] = "covid_isolation"
     step_unit: ClassVar[str] = "day"
     actions: ClassVar[tuple[str, ...]] = ("isolate", "go out")
+    needs: ClassVar[tuple[str, ...]] = ("borough", "zip", "age_group")
     quantities: ClassVar[tuple[str, ...]] = (
         "infections",
         "reported_cases",

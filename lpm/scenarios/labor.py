@@ -80,6 +80,7 @@ class LaborScenario(Scenario):
     step_unit: ClassVar[str] = "month"
     actions: ClassVar[tuple[str, ...]] = ("work", "stay home")
     quantities: ClassVar[tuple[str, ...]] = ("unemployment_rate", "employed", "labor_force", "working")
+    needs: ClassVar[tuple[str, ...]] = ("borough", "labor_force")
 
     def __init__(self, params: Mapping[str, Any] | LaborParams | None = None):
         self.params: LaborParams = parse_params(LaborParams, params, "labor scenario")
