@@ -112,6 +112,13 @@ class Backend(abc.ABC):
         return None
 
 
+def _check_choose_args(mode: str, n_samples: int) -> None:
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+    if n_samples < 1:
+        raise InputError(f"n_samples must be >= 1, got {n_samples}")
+
+
 def max_tokens(actions: Sequence[str]) -> int:
     """Tokens enough for the longest action: one per UTF-8 byte (a token is at least one byte), plus one."""
     return max(len(a.encode("utf-8")) for a in actions) + 1
@@ -322,10 +329,7 @@ class OpenAIBackend(Backend, _Retrying):
         mode: Mode = "auto",
         n_samples: int = 20,
     ) -> Answer:
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-        if n_samples < 1:
-            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        _check_choose_args(mode, n_samples)
         if mode == "sample" or (mode == "auto" and self._logprobs_ok is False):
             return await self._with_retries(self._sample, messages, actions, n_samples)
         try:
@@ -522,8 +526,7 @@ class LangChainBackend(Backend, _Retrying):
         mode: Mode = "auto",
         n_samples: int = 20,
     ) -> Answer:
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {MODES}, got {mode!r}")
+        _check_choose_args(mode, n_samples)
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
