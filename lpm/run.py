@@ -194,39 +194,20 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
     if not config.uses_llm:
         yield HeuristicPolicy(), {}
         return
-    from lpm.backend import OpenAIBackend
     from lpm.cache import ResponseCache
     from lpm.decision import Decider
+    from lpm.endpoint import default_mode, llm_backend
 
-    server = None
-    info: dict[str, Any] = {}
-    url, model = config.llm_url, config.llm_model
-    constraint = "llamacpp" if config.engine == "llamacpp" and url is None else "vllm"
-    try:
-        if url is None and config.cache != "replay":
-            # the local server starts at the first cache miss: a run answered from the cache starts none
-            from lpm.backend import LocalServerBackend
-            from lpm.server import ModelServer
-
-            server = ModelServer(config.engine, served_name=model)
-            backend = LocalServerBackend(server, api_key_env=config.api_key_env, constraint=constraint)
-            if progress:
-                backend.on_start = _announce_server
-            url, model = server.url, server.model
-        else:
-            if model is None:
-                from lpm.model import DEFAULT_MODEL_NAME
-
-                model = DEFAULT_MODEL_NAME
-            # with --cache replay and no URL nothing is ever sent: the placeholder URL is never contacted
-            backend = OpenAIBackend(
-                url or "http://127.0.0.1:9/v1", model, api_key_env=config.api_key_env, constraint=constraint
-            )
-        mode = config.llm_mode
-        if constraint == "llamacpp" and mode == "auto":
-            mode = (
-                "sample"  # llama.cpp's top_logprobs come from before its grammar: not a choice distribution
-            )
+    announce = _announce_server if progress else None
+    with llm_backend(
+        config.llm_url,
+        config.llm_model,
+        cache_mode=config.cache,
+        engine=config.engine,
+        api_key_env=config.api_key_env,
+        on_start=announce,
+    ) as (backend, info):
+        mode = default_mode(config.llm_mode, config.engine)
         decider = Decider(
             backend,
             ResponseCache(mode=config.cache),
@@ -237,19 +218,8 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
         )
         fallback = HeuristicPolicy() if config.on_llm_failure == "heuristic" else None
         cls = AgentLLMPolicy if config.policy == "agent-llm" else ArchetypeLLMPolicy
-        info |= {
-            "url": url,
-            "model": model,
-            "local_server": server is not None,
-            "engine": config.engine if server else None,
-            "mode": mode,
-        }
+        info["mode"] = mode
         yield cls(decider, fallback=fallback), info
-    finally:
-        if server is not None:
-            if server.running:
-                info["server_started_seconds"] = server.startup_seconds
-            server.stop()
 
 
 def _announce_server(server: Any) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +11,14 @@ import typer
 from rich.console import Console
 
 from lpm.archetype import ArchetypeSpec
-from lpm.backend import CONSTRAINTS, MODES, OpenAIBackend
+from lpm.backend import MODES
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
 from lpm.decision import Decider
+from lpm.endpoint import default_mode, llm_backend
 from lpm.errors import InputError
 from lpm.population import Population
 
-_REPLAY_URL = "http://replay.invalid/v1"
 """Stand-in address in cache mode replay without --llm-url: never contacted (a miss raises first)."""
 
 
@@ -45,39 +43,6 @@ def parse_context(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-@contextlib.contextmanager
-def llm_endpoint(url: str | None, model: str | None, *, cache_mode: str) -> Iterator[tuple[str, str]]:
-    """(base URL, model name) to ask: the given server, or a local one started here and stopped after.
-
-    In cache mode ``replay`` without a URL no server is started: every answer must come from the cache.
-    """
-    if url:
-        if not model:
-            from lpm.server import check_server
-
-            models = check_server(url)["models"]
-            if len(models) != 1:
-                raise InputError(f"--llm-model is needed: {url} serves {models or 'no models'}")
-            model = str(models[0])
-        yield url, model
-        return
-    if cache_mode == "replay":
-        from lpm.model import DEFAULT_MODEL_NAME
-
-        yield _REPLAY_URL, model or DEFAULT_MODEL_NAME
-        return
-    from lpm.server import ModelServer
-
-    server = ModelServer("vllm", served_name=model)
-    err = Console(stderr=True)
-    with err.status(f"starting a local vLLM server (logs: {server.log_path}); pass --llm-url to reuse one"):
-        server.start()
-    try:
-        yield server.url, server.model
-    finally:
-        server.stop()
-
-
 def register(app: typer.Typer) -> None:
     @app.command("decide")
     def decide(
@@ -99,8 +64,11 @@ def register(app: typer.Typer) -> None:
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
         ),
-        constraint: str = typer.Option(
-            "vllm", "--constraint", help=f"choice constraint format: {'|'.join(CONSTRAINTS)}"
+        engine: str = typer.Option(
+            "vllm",
+            "--engine",
+            "--constraint",
+            help="engine of the local server lpm starts, or of the server at --llm-url (its answer-constraint format): vllm|llamacpp",
         ),
         cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
         cache_dir: Path = typer.Option(
@@ -123,12 +91,27 @@ def register(app: typer.Typer) -> None:
         pop = Population.load(population)
         rows = s.group(pop).rows()
         response_cache = ResponseCache(cache_dir, mode=cache)
-        with llm_endpoint(llm_url, llm_model, cache_mode=cache) as (url, model):
-            backend = OpenAIBackend(
-                url, model, api_key_env=api_key_env, max_concurrency=concurrency, constraint=constraint
+        err = Console(stderr=True)
+        with llm_backend(
+            llm_url,
+            llm_model,
+            cache_mode=cache,
+            engine=engine,
+            api_key_env=api_key_env,
+            max_concurrency=concurrency,
+            on_start=lambda server: err.print(
+                f"starting a local {engine} server (logs: {server.log_path}) ..."
+            ),
+        ) as (backend, info):
+            decider = Decider(
+                backend,
+                response_cache,
+                mode=default_mode(mode, engine),
+                n_samples=n_samples,
+                progress=not as_json,
             )
-            decider = Decider(backend, response_cache, mode=mode, n_samples=n_samples, progress=not as_json)
             out = decider.decide(s, rows, values)
+        model = info["model"]
         frame = out.to_frame()
         if as_json:
             typer.echo(json.dumps(frame.to_dict("records")))
