@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -132,15 +131,11 @@ def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: b
         raise InputError(
             "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
         )
-    _claim_folder(folder, config, resume)
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
-    if (
-        resolved.start != config.start and config.start is not None
-    ):  # pragma: no cover - make_scenario normalises
-        raise InputError(f"start date {config.start} was changed by the scenario to {resolved.start}")
     with _policy(resolved, progress) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
+        _claim_folder(folder, config, resume)  # only once every check above has passed
         bar = _progress(config, progress)
         with bar if bar is not None else nullcontext():
             if bar is not None:
@@ -299,16 +294,3 @@ def _write(
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     plots = report.plots(folder, config.scenario, result.trajectory, result.real, result.decisions)
     report.write_report(folder, config, summary, plots, result.decisions)
-
-
-def read_run(folder: str | Path) -> dict[str, Any]:
-    """The summary, trajectory and decisions of a finished run folder."""
-    folder = Path(folder)
-    try:
-        return {
-            "summary": json.loads((folder / "summary.json").read_text()),
-            "trajectory": pd.read_parquet(folder / "trajectory.parquet"),
-            "decisions": pd.read_parquet(folder / "decisions.parquet"),
-        }
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{folder}: not a finished run folder ({exc})") from None
