@@ -216,3 +216,10 @@ def test_agent_llm_policy_asks_per_agent(vllm_server, tmp_path, monkeypatch):
     summary, _, decisions = check_folder(run(config, tmp_path / "r", progress=False).folder, "covid")
     assert summary["archetypes"] == 300
     assert summary["llm_queries"] > 250  # one prompt per agent (a few agents share age, ZIP and group)
+
+
+def test_agent_llm_over_its_limit_writes_nothing(tmp_path):
+    config = RunConfig.build(scenario="covid", policy="agent-llm", agents=6_000, weeks=1, cache="replay")
+    with pytest.raises(InputError, match="once per agent; 6,000 agents decide"):
+        run(config, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
