@@ -17,7 +17,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lpm.errors import InputError
+from lpm.errors import InputError, validation_message
 from lpm.paths import project_root
 from lpm.population import Population, smallest_int_dtype
 
@@ -157,7 +157,7 @@ class ArchetypeSpec(BaseModel):
         try:
             spec = cls.model_validate(raw)
         except ValidationError as exc:
-            raise InputError(f"{path}: {_describe(exc)}") from None
+            raise InputError(f"{path}: {validation_message(exc)}") from None
         spec.source = path
         if not spec.prompt.is_absolute():
             spec.prompt = project_root() / "prompts" / spec.prompt
@@ -318,16 +318,3 @@ def resolve_spec_path(path: str | Path) -> Path:
             return candidate
     known = sorted(x.stem for x in (project_root() / "archetypes").glob("*.yaml"))
     raise InputError(f"{path}: no such archetype spec", hint=f"shipped specs: {', '.join(known)}")
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        value = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"field {loc!r}: {msg}{shown}")
-    return "; ".join(parts)

@@ -32,3 +32,21 @@ class LLMError(LpmError):
 
 class CacheMissError(LpmError):
     """A response was not in the cache while the cache mode was ``replay``."""
+
+
+def validation_message(
+    exc: Exception, *, noun: str = "field", unknown: str = "unknown key", top: str = "(top level)"
+) -> str:
+    """A pydantic ``ValidationError`` as one line per error: ``field 'a.b': message (got value)``.
+
+    noun: what a location is called (``field``, ``run option``, ``parameter``); unknown: the message for a
+    key the model forbids; top: the name of a model-level check's location. Mappings are not echoed back.
+    """
+    parts = []
+    for err in exc.errors():  # type: ignore[attr-defined]
+        loc = ".".join(str(p) for p in err["loc"]) or top
+        msg = unknown if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
+        parts.append(f"{noun} {loc!r}: {msg}{shown}")
+    return "; ".join(parts)

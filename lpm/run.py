@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lpm.errors import InputError
+from lpm.errors import InputError, validation_message
 from lpm.population import Population
 
 Scenario = Literal["covid", "labor"]
@@ -86,11 +86,7 @@ class RunConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "config"
-            raise InputError(
-                f"run option {field!r}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
-            ) from None
+            raise InputError(validation_message(exc, noun="run option", top="config")) from None
 
     @property
     def steps(self) -> int:

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from lpm import nyc
-from lpm.errors import InputError
+from lpm.errors import InputError, validation_message
 from lpm.paths import project_root
 from lpm.population import Population, smallest_int_dtype
 
@@ -57,9 +57,7 @@ class Recipe(BaseModel):
         try:
             recipe = cls.model_validate(raw)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise InputError(f"{path}: field {field!r}: {err['msg']}") from None
+            raise InputError(f"{path}: {validation_message(exc)}") from None
         missing = set(recipe.age_groups) - set(recipe.labor_force.participation)
         if missing:
             raise InputError(f"{path}: field 'labor_force.participation' lacks age band(s) {sorted(missing)}")

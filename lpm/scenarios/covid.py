@@ -43,7 +43,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lpm import nyc
-from lpm.errors import InputError
+from lpm.errors import InputError, validation_message
 from lpm.population import Population
 from lpm.sampling import bernoulli_st
 from lpm.scenarios import Draw, Scenario
@@ -144,13 +144,8 @@ def parse_params(model: type[BaseModel], params: Mapping[str, Any] | BaseModel |
     try:
         return model.model_validate(dict(params or {}))
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(parameters)"
-        msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-        known = ", ".join(model.model_fields)
-        raise InputError(
-            f"{where} parameter {field!r}: {msg} (got {err.get('input')!r})", hint=f"parameters: {known}"
-        ) from None
+        message = validation_message(exc, noun="parameter", unknown="unknown parameter", top="(parameters)")
+        raise InputError(f"{where} {message}", hint=f"parameters: {', '.join(model.model_fields)}") from None
 
 
 class CovidScenario(Scenario):
