@@ -56,6 +56,14 @@ def population_by_group() -> pd.DataFrame:
 
 
 @cache
+def city_population() -> int:
+    """Residents of the city: the sum of the age-band populations of :func:`population_by_group`
+    (8,336,817), the size of the full synthetic population and the denominator of rates per 100,000."""
+    table = population_by_group()
+    return round(float(table.loc[table["group"] == "Age", "population"].sum()))
+
+
+@cache
 def zip_areas() -> pd.DataFrame:
     """ZIP areas (MODZCTA) with borough code and population (POP_DENOMINATOR), from data-by-modzcta.csv."""
     frame = _read_csv(

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from lpm import nyc
 from lpm.archetype import ArchetypeSpec, Grouping
 from lpm.errors import InputError
 from lpm.population import Population, smallest_int_dtype
@@ -135,9 +136,6 @@ class Policy(ABC):
 
 # -- heuristic ---------------------------------------------------------------------------------------
 
-#: Residents of New York City (the synthetic population's total), for rates per 100,000.
-NYC_POPULATION = 8_336_817
-
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
@@ -169,7 +167,7 @@ def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
     ``cases_change`` percent). Returns (K,) probabilities. About 8 % at no cases, 50 % for a 40-year-old
     at 200 weekly cases per 100,000, higher for older residents.
     """
-    per_100k = ctx["cases"].astype(float).to_numpy() / NYC_POPULATION * 1e5
+    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
     change = ctx["cases_change"].astype(float).to_numpy() if "cases_change" in ctx else np.zeros(len(ctx))
     x = -2.4 + 0.85 * np.log1p(per_100k) + 0.004 * np.clip(change, -100, 200) + 0.03 * (_age(rows) - 40)
     return _sigmoid(x)
@@ -181,7 +179,7 @@ def work_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
     ``cases`` is citywide cases in the past month, ``unemployment_rate`` in percent. About 95 % with no
     cases and 4 % unemployment; about 85 % at 1,000 monthly cases per 100,000.
     """
-    per_100k = ctx["cases"].astype(float).to_numpy() / NYC_POPULATION * 1e5
+    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
     unemp = (
         ctx["unemployment_rate"].astype(float).to_numpy()
         if "unemployment_rate" in ctx

@@ -38,7 +38,7 @@ def test_full_city_marginals_match_real_shares(city):
     real = _real_cells()
     frame = city.to_pandas()
     n = len(city)
-    assert n == round(real.sum())
+    assert n == round(real.sum()) == nyc.city_population() == 8_336_817
     for by in (["borough", "age_group"], ["borough", "sex"]):
         want = real.groupby(level=by).sum() / real.sum()
         got = frame.groupby(by, observed=True).size() / n

@@ -51,7 +51,6 @@ from lpm.scenarios import Draw, Scenario
 __all__ = ["CovidParams", "CovidScenario", "contact_matrix"]
 
 FIRST_CASE = pd.Timestamp("2020-02-29")  # the city's first reported case
-NYC_POPULATION = 8_336_817
 S, E, I, R = 0, 1, 2, 3  # noqa: E741 (compartment codes)
 MAX_DAYS = 256
 STREAM_TRANSITION, STREAM_SEED, STREAM_SEED_DAYS = 16, 17, 18
@@ -193,7 +192,7 @@ class CovidScenario(Scenario):
         if bands != len(POLYMOD_CONTACTS):
             raise InputError(f"the covid scenario needs the 10 NYC age bands; the population has {bands}")
         self.nc = self.nz * bands  # cells: ZIP area × age band
-        self.scale = float(pop.meta.get("scale", self.n / NYC_POPULATION))
+        self.scale = float(pop.meta.get("scale", self.n / nyc.city_population()))
         zip_, band, borough = pop["zip"].to(torch.int32), pop["age_group"].to(torch.int32), pop["borough"]
         cell = zip_ * bands + band
         self.cell = cell  # (N,) int32

@@ -33,7 +33,7 @@ from lpm.errors import InputError
 from lpm.policy import ByAttribute
 from lpm.population import Population
 from lpm.scenarios import Draw, Scenario
-from lpm.scenarios.covid import NYC_POPULATION, parse_params
+from lpm.scenarios.covid import parse_params
 
 __all__ = ["LaborParams", "LaborScenario"]
 
@@ -146,7 +146,7 @@ class LaborScenario(Scenario):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         p = self.params
         employed, action = state["employed"], state["action"]
-        per_100k = self._cases_last_month(t) / NYC_POPULATION * 1e5
+        per_100k = self._cases_last_month(t) / nyc.city_population() * 1e5
         finding = p.job_finding * math.exp(-per_100k / p.case_scale)
         # probability of switching employment status by (employed, stays home)
         table = torch.tensor([finding, 0.0, p.separation, p.layoff], dtype=torch.float32, device=self.device)
