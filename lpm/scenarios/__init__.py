@@ -16,11 +16,12 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from pydantic import BaseModel, ValidationError
 
-from lpm.errors import InputError
+from lpm.errors import InputError, validation_message
 from lpm.population import Population
 
-__all__ = ["SCENARIOS", "Scenario", "make_scenario"]
+__all__ = ["SCENARIOS", "Scenario", "make_scenario", "parse_params"]
 
 #: Uniform draws of this step for a stream id: ``draw(stream) -> (N,) float32`` (a reused buffer).
 Draw = Callable[[int], torch.Tensor]
@@ -83,6 +84,17 @@ class Scenario(ABC):
     @abstractmethod
     def real_data(self, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
         """Real series to compare with (``date, borough, quantity, value``), scaled to the population."""
+
+
+def parse_params(model: type[BaseModel], params: Mapping[str, Any] | BaseModel | None, where: str) -> Any:
+    """Validate ``params`` into ``model``; errors name the field, the bad value and the allowed range."""
+    if isinstance(params, model):
+        return params
+    try:
+        return model.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        message = validation_message(exc, noun="parameter", unknown="unknown parameter", top="(parameters)")
+        raise InputError(f"{where} {message}", hint=f"parameters: {', '.join(model.model_fields)}") from None
 
 
 def make_scenario(name: str, params: Mapping[str, Any] | None = None, **options: Any) -> Scenario:

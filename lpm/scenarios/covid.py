@@ -40,13 +40,13 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from lpm import nyc
-from lpm.errors import InputError, validation_message
+from lpm.errors import InputError
 from lpm.population import Population
 from lpm.sampling import bernoulli_st
-from lpm.scenarios import Draw, Scenario
+from lpm.scenarios import Draw, Scenario, parse_params
 
 __all__ = ["CovidParams", "CovidScenario", "contact_matrix"]
 
@@ -134,17 +134,6 @@ class CovidParams(BaseModel):
         if not dt.date(2020, 3, 1) <= self.start <= dt.date(2021, 12, 31):
             raise ValueError(f"start must lie in 2020-03-01 .. 2021-12-31 (the case data), got {self.start}")
         return self
-
-
-def parse_params(model: type[BaseModel], params: Mapping[str, Any] | BaseModel | None, where: str) -> Any:
-    """Validate ``params`` into ``model``; errors name the field, the bad value and the allowed range."""
-    if isinstance(params, model):
-        return params
-    try:
-        return model.model_validate(dict(params or {}))
-    except ValidationError as exc:
-        message = validation_message(exc, noun="parameter", unknown="unknown parameter", top="(parameters)")
-        raise InputError(f"{where} {message}", hint=f"parameters: {', '.join(model.model_fields)}") from None
 
 
 class CovidScenario(Scenario):

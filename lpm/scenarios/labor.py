@@ -32,8 +32,7 @@ from lpm import nyc
 from lpm.errors import InputError
 from lpm.policy import ByAttribute
 from lpm.population import Population
-from lpm.scenarios import Draw, Scenario
-from lpm.scenarios.covid import parse_params
+from lpm.scenarios import Draw, Scenario, parse_params
 
 __all__ = ["LaborParams", "LaborScenario"]
 
