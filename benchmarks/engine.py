@@ -5,7 +5,8 @@ state, and covasim's people-days per second (``cv.Sim(pop_size=…, n_days=…)`
 ``sim.run()`` after ``sim.initialize()``) at the same population and days where feasible; the last line is
 all figures as one JSON object.
 
-    .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817] [--threads N]
+    .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817]
+        [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -22,48 +23,40 @@ import torch
 from lpm.engine import Simulation
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
-from lpm.scenarios.covid import CovidScenario
+from lpm.scenarios import make_scenario
 
 
 def _bytes(tensors) -> int:
     return sum(t.element_size() * t.numel() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def bench_lpm(agents: int | None, days: int) -> dict:
+def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
+    """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days."""
     pop = Population.synthesize("nyc", agents=agents, seed=7)
     n = len(pop)
-    sim = Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1)
-    state = sim.initial_state()
+    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
+    times = []
     with torch.no_grad():
-        for t in range(2):  # warm-up (allocations, first decision)
-            state = sim.step(state, t)
-        t0 = time.perf_counter()
-        for t in range(2, 2 + days):
-            state = sim.step(state, t)
-        seconds = time.perf_counter() - t0
-    per_agent = [v for v in state.values() if v.dim() >= 1 and v.shape[0] == n]
-    sc = sim.scenario
-    static = [sc.cell, sc.cell2, sc.borough, sim.gid, sim.member, sim.uniforms.index]
-    buffers = [
-        sc._idx,
-        sc._tmp,
-        sc._p,
-        sc._q,
-        sc._leave,
-        sc._is_s,
-        sc._ones,
-        sim.uniforms._x,
-        sim.uniforms._t,
-        sim.uniforms._u,
-    ]
+        for _ in range(repeats):
+            state = sim.initial_state()
+            for t in range(2):  # warm-up (allocations, first decision)
+                state = sim.step(state, t)
+            t0 = time.perf_counter()
+            for t in range(2, 2 + days):
+                state = sim.step(state, t)
+            times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    per_agent = [v for v in [*state.scenario.values(), *state.actions.values()] if v.shape[:1] == (n,)]
+    memory = sim.memory()
     return {
         "agents": n,
         "days": days,
         "seconds": round(seconds, 3),
+        "seconds_all": [round(x, 3) for x in times],
         "agent_steps_per_s": n * days / seconds,
         "state_bytes_per_agent": _bytes(per_agent) / n,
-        "population_bytes_per_agent": pop.nbytes / n,
-        "index_and_buffer_bytes_per_agent": (_bytes(static) + _bytes(buffers)) / n,
+        "population_bytes_per_agent": memory["population"],
+        "index_and_buffer_bytes_per_agent": memory["world"] + memory["decisions"] + memory["sampler"],
     }
 
 
@@ -101,6 +94,9 @@ def main() -> None:
         help="covasim pop_size(s); the default matches --sizes (the full city takes covasim ~2 min and ~5 GB)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed repeats per size; the best is reported (default 3)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +107,7 @@ def main() -> None:
         "covasim": [],
     }
     for size in args.sizes:
-        res = bench_lpm(None if size == "full" else int(size), args.days)
+        res = bench_lpm(None if size == "full" else int(size), args.days, args.repeats)
         figures["lpm"].append(res)
         print(
             f"lpm covid step, {res['agents']:,} agents x {res['days']} days: {res['seconds']:.2f} s, "

@@ -7,7 +7,7 @@ one archetype; the model is asked once per archetype that actually occurs in the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,15 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lpm.errors import InputError, validation_message
 from lpm.paths import project_root
@@ -99,11 +107,21 @@ def _num(x: float) -> str:
 
 
 class Cadence(StrEnum):
-    """How often agents decide: every simulated day, week or month."""
+    """How often agents decide: once (at the first step), every simulated day, week or calendar month."""
 
+    once = "once"
     daily = "daily"
     weekly = "weekly"
     monthly = "monthly"
+
+
+class InlinePrompt(BaseModel):
+    """A prompt written inside the spec instead of a file in ``prompts/`` (same fields as a prompt file)."""
+
+    model_config = ConfigDict(extra="forbid")
+    system: str = Field(min_length=1)
+    user: str = Field(min_length=1)
+    agent_user: str | None = Field(default=None, min_length=1)
 
 
 class ArchetypeSpec(BaseModel):
@@ -112,7 +130,9 @@ class ArchetypeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9_\-]+$")
     description: str = ""
-    prompt: Path = Field(description="prompt template file, relative to prompts/ (or absolute)")
+    prompt: InlinePrompt | Path = Field(
+        description="prompt template file (in prompts/, beside the spec, or absolute), or the prompt inline"
+    )
     attributes: list[Attribute] = Field(min_length=1)
     members: dict[str, bool | str | list[str]] = Field(
         default_factory=dict, description="only agents matching every entry decide, e.g. {labor_force: true}"
@@ -121,6 +141,7 @@ class ArchetypeSpec(BaseModel):
     context: dict[str, ContextVar] = Field(default_factory=dict)
     cadence: Cadence = Cadence.weekly
     source: Path | None = Field(default=None, exclude=True, description="file the spec was read from")
+    _where: str = PrivateAttr(default="")
 
     @field_validator("attributes", mode="before")
     @classmethod
@@ -152,22 +173,42 @@ class ArchetypeSpec(BaseModel):
             raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise InputError(f"{path}: not valid YAML ({exc})") from None
+        return cls.from_mapping(raw, where=path)
+
+    @classmethod
+    def from_mapping(cls, raw: Any, *, where: str | Path, base: Path | None = None) -> ArchetypeSpec:
+        """Validate a spec given as a mapping (a parsed file, or written inline in a scenario).
+
+        where: the file (or file and field) named by errors, and the spec's ``source``. A relative prompt
+        path is looked up in ``prompts/``, then in ``base`` (default: the folder of ``where`` if it is a file).
+        """
         if not isinstance(raw, dict):
-            raise InputError(f"{path}: an archetype spec must be a YAML mapping, got {type(raw).__name__}")
+            raise InputError(f"{where}: an archetype spec must be a mapping, got {type(raw).__name__}")
         try:
             spec = cls.model_validate(raw)
         except ValidationError as exc:
-            raise InputError(f"{path}: {validation_message(exc)}") from None
-        spec.source = path
-        if not spec.prompt.is_absolute():
-            spec.prompt = project_root() / "prompts" / spec.prompt
-        if not spec.prompt.is_file():
-            raise InputError(f"{path}: field 'prompt': prompt file {spec.prompt} does not exist")
+            raise InputError(f"{where}: {validation_message(exc)}") from None
+        spec.source = Path(where) if Path(where).is_file() else None
+        if base is None and spec.source is not None:
+            base = spec.source.parent
+        if isinstance(spec.prompt, Path) and not spec.prompt.is_absolute():
+            places = [project_root() / "prompts"] + ([base] if base is not None else [])
+            found = [p / spec.prompt for p in places if (p / spec.prompt).is_file()]
+            if not found:
+                raise InputError(
+                    f"{where}: field 'prompt': prompt file {spec.prompt} does not exist "
+                    f"(looked in {' and '.join(str(p) for p in places)})"
+                )
+            spec.prompt = found[0]
+        elif isinstance(spec.prompt, Path) and not spec.prompt.is_file():
+            raise InputError(f"{where}: field 'prompt': prompt file {spec.prompt} does not exist")
+        spec._where = str(where)
         return spec
 
     @property
     def where(self) -> str:
-        return str(self.source) if self.source else f"archetype spec {self.name!r}"
+        """The file (or scenario file and field) errors about this spec name."""
+        return self._where or (str(self.source) if self.source else f"archetype spec {self.name!r}")
 
     @property
     def attribute_names(self) -> list[str]:
@@ -284,7 +325,13 @@ class ArchetypeSpec(BaseModel):
         table = pd.DataFrame({a: columns[a] for a in self.attribute_names})
         table["agents"] = counts.cpu().numpy()
         table.index.name = "archetype"
-        return Grouping(ids=ids.to(smallest_int_dtype(-1, max(k - 1, 0))), k=k, counts=counts, table=table)
+        return Grouping(
+            ids=ids.to(smallest_int_dtype(-1, max(k - 1, 0))),
+            k=k,
+            counts=counts,
+            table=table,
+            labels=dict(zip(self.attribute_names, labels, strict=True)),
+        )
 
 
 @dataclass
@@ -294,12 +341,14 @@ class Grouping:
     ids: (N,) int, archetype of each agent, -1 for agents outside the spec's members.
     k: number of archetypes that occur. counts: (K,) agents per archetype.
     table: K rows, one column per attribute (labels) and ``agents``.
+    labels: every label each attribute can take, in code order (also those that occur in no archetype).
     """
 
     ids: torch.Tensor
     k: int
     counts: torch.Tensor
     table: pd.DataFrame
+    labels: dict[str, list[str]] = field(default_factory=dict)
 
     def rows(self) -> list[dict[str, str]]:
         """The K attribute combinations as dicts of label strings, in archetype order."""

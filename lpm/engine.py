@@ -2,123 +2,173 @@
 
 The order of one step, the only place it is written down (:meth:`Simulation.step`):
 
-1. **observe** — the scenario reads this step's context from the state (cases, trend, rates, date).
-2. **group** — agents' archetype ids, computed once at construction (``spec.group`` / ``policy.setup``).
-3. **decide** — at the spec's cadence only: the policy answers (K, A) action probabilities; per-archetype
-   alignment offsets (K, A), zero by default, are added to their logs.
+1. **observe** — at a step where some decision is due, the scenario reads the context of its prompts
+   from the state (cases, trend, rates, date).
+2. **group** — agents' archetype ids per decision, computed once at construction (``spec.group`` /
+   ``policy.setup``).
+3. **decide** — for each decision due at this step (its spec's cadence): the policy answers (K, A) action
+   probabilities from the context variables the spec declares (rendered prompts → response cache → model,
+   or rules); per-archetype alignment offsets (K, A), zero by default, are added to their logs.
 4. **broadcast** — ``probs[group_ids]``: each agent gets its archetype's row (non-members get none).
-5. **sample** — each agent draws its own action from counter-based uniforms (:mod:`lpm.sampling`);
-   hard in inference mode, straight-through in differentiable mode. The action holds until the next
-   decision step.
-6. **transition** — the scenario moves every agent's state with O(N) tensor ops.
-7. **record** — the scenario's per-borough quantities of the step are kept; the frames are built at the end.
+5. **sample** — each agent draws its own action from counter-based uniforms (stream ``i`` for decision
+   ``i``); the action holds until that decision's next step.
+6. **transition** — the scenario moves every agent's state with O(N) tensor ops (:meth:`Scenario.step`).
+7. **record** — the step's named records are checked against the declared quantities and kept; the frames
+   are built at the end.
 
-Two modes. *Inference* (default): ``torch.no_grad``, state in the smallest dtypes, work buffers reused.
-*Differentiable*: state in float one-hot form, sampling straight-through, so a loss of the recorded series
-has gradients with respect to the scenario's parameters and the alignment offsets (``Simulation.params``).
+Two modes, one code path: the scenario's step calls only the operations of a sampler
+(:mod:`lpm.sampling`). *Inference* (default): :class:`~lpm.sampling.HardSampler` under ``torch.no_grad``,
+states in the smallest dtypes. *Differentiable*: :class:`~lpm.sampling.SoftSampler`, straight-through
+samples and float one-hot states, so a loss of the recorded series has gradients with respect to
+``Simulation.params`` (the scenario's learnable parameters and each decision's alignment offsets); the
+forward values equal inference mode's for the same seed.
+
+A simulation owns everything a run changes or precomputes: the scenario's *world* (``scenario.setup``),
+each decision's :class:`~lpm.policy.Archetypes` (``policy.setup``), the sampler and the records; scenario
+and policy objects are immutable configuration that many simulations may share.
 
 A run with ``out_dir`` writes ``checkpoint.pt`` atomically after every completed step (state, records,
 decisions, counters, timing; no generator state exists to save), and ``run(resume=True)`` continues from
-it; the resumed result equals the uninterrupted one bit for bit (inference mode; differentiable runs
-are not checkpointed).
+it; the resumed result equals the uninterrupted one bit for bit (inference mode; differentiable runs are
+not checkpointed).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from lpm.archetype import ArchetypeSpec
 from lpm.errors import InputError
-from lpm.policy import COUNTERS, Policy
+from lpm.policy import COUNTERS, Archetypes, Policy
 from lpm.population import Population
-from lpm.sampling import UniformStream, bernoulli_st, categorical_st
+from lpm.sampling import HardSampler, Sampler, SoftSampler
 from lpm.scenarios import Scenario
+from lpm.scenarios.base import check_cadence, load_spec
 
-__all__ = ["RunResult", "Simulation", "chose"]
+__all__ = ["RunResult", "SimState", "Simulation"]
 
-#: Random streams the engine uses (a scenario uses streams >= 16).
-STREAM_DECIDE = 0
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
-def chose(action: torch.Tensor, a: int) -> torch.Tensor:
-    """Whether each agent took action ``a``: bool (N,) in inference mode, float (N,) with gradient in
-    differentiable mode (where ``action`` is an (N, A) straight-through one-hot)."""
-    return action[:, a] if action.dim() == 2 else action == a
+@dataclass
+class SimState:
+    """The state of a run between two steps: the scenario's named tensors and each decision's actions
+    (int8 (N,) indices, -1 for non-members, in inference mode; float (N, A) one-hot rows in differentiable
+    mode)."""
+
+    scenario: dict[str, torch.Tensor]
+    actions: dict[str, torch.Tensor]
 
 
 @dataclass
 class RunResult:
     """What a run produced.
 
-    trajectory: tidy frame ``step, date, borough, quantity, value`` (one row per step × borough × quantity).
-    decisions: tidy frame ``step, date, archetype, <attributes…>, action, probability, mode, cached``.
-    real: the matching real series for plots (``date, borough, quantity, value``), scaled to the population.
-    archetypes: the K archetypes (attribute labels and agents).
-    series: quantity -> (T, B) tensor of the recorded values (with gradients in differentiable mode).
-    counters: llm_queries, cache_hits, prompt_tokens, completion_tokens, tokens, fallbacks.
-    step_seconds: wall time inside simulation steps (decisions included); decide_seconds: inside the policy.
+    trajectory: tidy frame ``step, date, <breakdown attributes>, quantity, value`` (one row per step ×
+    quantity × label of its breakdown; categorical columns keep their labels).
+    decisions: tidy frame ``step, date, decision, archetype, <attributes…>, action, probability, mode,
+    cached``.
+    real: the matching real series for plots (``date, <breakdown>, quantity, value``), on the population's scale.
+    archetypes: decision -> its K archetypes (attribute labels and agents).
+    series: quantity -> (T, labels) or (T,) tensor of the recorded values (with gradients in
+    differentiable mode).
+    counters: llm_queries, cache_hits, prompt_tokens, completion_tokens, tokens, fallbacks (the run's);
+    decision_counters: the same per decision.
+    step_seconds: wall time inside simulation steps (decisions included); decide_seconds: inside policies.
     """
 
     trajectory: pd.DataFrame
     decisions: pd.DataFrame
     real: pd.DataFrame
-    archetypes: pd.DataFrame
+    archetypes: dict[str, pd.DataFrame]
     series: dict[str, torch.Tensor]
     counters: dict[str, int]
+    decision_counters: dict[str, dict[str, int]]
     step_seconds: float
     decide_seconds: float
     steps: int
     agents: int
     resumed_from: int = 0
-    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    state: SimState | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Asked:
+    """One decision in one run: its spec, policy, archetypes and broadcast index (the engine's own)."""
+
+    index: int  # the decision's random stream
+    name: str
+    spec: ArchetypeSpec
+    policy: Policy
+    archetypes: Archetypes
+    gid: torch.Tensor  # (N,) int32 archetype of each agent; K for non-members
+    member: torch.Tensor  # (N,) bool
+    all_members: bool
+
+    @property
+    def k(self) -> int:
+        return self.archetypes.k
+
+    @property
+    def a(self) -> int:
+        return len(self.spec.actions)
 
 
 class Simulation:
     """A scenario on a population under a policy.
 
-    >>> sim = Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1)
+    >>> sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
     >>> result = sim.run(60, out_dir="runs/x", resume=True)
 
-    scenario: a :class:`lpm.scenarios.Scenario`; pop: the agents; policy: a :class:`lpm.policy.Policy`.
-    seed: base of every random draw. device: ``"cpu"`` or ``"cuda"``. differentiable: straight-through
-    sampling and float state, gradients w.r.t. ``params``. offsets: (K, A) alignment offsets added to
-    log-probabilities (zeros by default). spec: the archetype spec (default: the scenario's).
-    callback: ``f(step, sim)`` after each completed (and checkpointed) step.
+    scenario: an :class:`lpm.scenarios.Scenario`; pop: the agents; policy: a :class:`lpm.policy.Policy` for
+    every decision, or a mapping decision name -> policy. seed: base of every random draw. device: ``"cpu"``
+    or ``"cuda"``. differentiable: straight-through sampling and float states, gradients w.r.t. ``params``.
+    offsets: (K, A) alignment offsets added to log-probabilities (a tensor for a scenario with one
+    decision, or a mapping decision name -> tensor; zeros by default). specs: decision name -> archetype spec
+    (or its name or path) replacing the scenario's (same actions). callback: ``f(step, sim)`` after each
+    completed (and checkpointed) step.
+
+    ``params``: name -> tensor of what gradients reach: the scenario's learnable parameters and
+    ``offsets.<decision>`` for each decision.
     """
 
     def __init__(
         self,
         scenario: Scenario,
         pop: Population,
-        policy: Policy,
+        policy: Policy | Mapping[str, Policy],
         *,
         seed: int = 0,
         device: str | torch.device = "cpu",
         differentiable: bool = False,
-        offsets: torch.Tensor | None = None,
-        spec: ArchetypeSpec | str | None = None,
+        offsets: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
+        specs: Mapping[str, ArchetypeSpec | str] | None = None,
         callback: Callable[[int, Simulation], None] | None = None,
     ):
         if not isinstance(scenario, Scenario):
             raise TypeError(f"scenario must be an lpm.scenarios.Scenario, got {type(scenario).__name__}")
-        if not isinstance(policy, Policy):
-            raise TypeError(f"policy must be an lpm.policy.Policy, got {type(policy).__name__}")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InputError(
                 "device 'cuda' was asked for, but torch sees no CUDA GPU", hint="use device='cpu'"
             )
-        self.scenario, self.policy = scenario, policy
+        if differentiable and not scenario.differentiable:
+            raise InputError(
+                f"the {scenario.name} scenario runs in inference mode only ({type(scenario).where()} "
+                "declares differentiable = False)",
+                hint="drop differentiable=True",
+            )
+        self.scenario = scenario
         self.seed, self.differentiable, self.callback = int(seed), bool(differentiable), callback
         missing = [c for c in scenario.needs if c not in pop]
         if missing:
@@ -127,128 +177,212 @@ class Simulation:
                 f"{', '.join(pop.columns)}",
                 hint="synthesize one with Population.synthesize('nyc') or add the columns",
             )
+        self._check_breakdowns(pop)
         self.pop = pop.to(self.device)
         self.n = len(pop)
-        spec = spec if spec is not None else scenario.spec_name
-        self.spec = spec if isinstance(spec, ArchetypeSpec) else ArchetypeSpec.load(spec)
-        # 2. group: once per run
-        grouping = policy.setup(self.spec, self.pop, self.spec.group(self.pop))
-        self.grouping = grouping
-        self.k, self.a = grouping.k, len(self.spec.actions)
-        if tuple(self.spec.actions) != tuple(scenario.actions):
-            raise InputError(
-                f"{self.spec.where}: field 'actions': the {scenario.name} scenario reads the actions "
-                f"{list(scenario.actions)}, the spec has {self.spec.actions}"
-            )
-        ids = grouping.ids.to(self.device)
-        self.member = ids >= 0
-        self.gid = torch.where(
-            self.member, ids.to(torch.int32), torch.full_like(ids, self.k, dtype=torch.int32)
+        self.sampler: Sampler = (SoftSampler if self.differentiable else HardSampler)(
+            self.n, self.device, seed=self.seed
         )
-        self.all_members = bool(self.member.all())
-        self.decide_every = scenario.steps_per(self.spec.cadence.value)
-        self.uniforms = UniformStream(self.n, self.device)
-        scenario.setup(self.pop, device=self.device, differentiable=self.differentiable)
-        if offsets is None:
-            offsets = torch.zeros(self.k, self.a)
-        offsets = torch.as_tensor(offsets, dtype=torch.float32, device=self.device)
-        if tuple(offsets.shape) != (self.k, self.a):
-            raise InputError(
-                f"offsets must have shape (K, A) = ({self.k}, {self.a}), got {tuple(offsets.shape)}"
-            )
-        self.params: dict[str, torch.Tensor] = {"offsets": offsets, **scenario.parameters(self.device)}
+        # 2. group: once per run, per decision
+        self.asked = [
+            self._ask(i, decision, policy, specs or {}) for i, decision in enumerate(scenario.decisions)
+        ]
+        self.world = scenario.setup(self.pop, self.device)
+        self.params: dict[str, torch.Tensor] = {
+            **scenario.params(self.device),
+            **{f"offsets.{d.name}": self._offsets(d, offsets) for d in self.asked},
+        }
         if self.differentiable:
             for value in self.params.values():
                 value.requires_grad_(True)
         self._reset()
 
+    # -- construction ------------------------------------------------------------------------------
+    def _check_breakdowns(self, pop: Population) -> None:
+        for i, q in enumerate(self.scenario.quantities):
+            if q.by is not None and not (q.by in pop and pop.is_categorical(q.by)):
+                raise InputError(
+                    f"{type(self.scenario).where()}: field 'quantities[{i}].by': {q.by!r} is not a "
+                    f"categorical attribute of the population ({', '.join(pop.columns)})"
+                )
+
+    def _ask(self, index: int, decision: Any, policy: Any, specs: Mapping[str, Any]) -> _Asked:
+        chosen = policy.get(decision.name) if isinstance(policy, Mapping) else policy
+        if not isinstance(chosen, Policy):
+            raise TypeError(
+                f"policy for decision {decision.name!r} must be an lpm.policy.Policy, got {type(chosen).__name__}"
+            )
+        if decision.name in specs:
+            where = f"specs[{decision.name!r}]"
+            spec = load_spec(specs[decision.name], where=where, folder=Path.cwd())
+            if tuple(spec.actions) != tuple(decision.actions):
+                raise InputError(
+                    f"{spec.where}: field 'actions': decision {decision.name!r} of the {self.scenario.name} "
+                    f"scenario reads the actions {list(decision.actions)}, the spec has {spec.actions}"
+                )
+            check_cadence(type(self.scenario), decision.name, spec)
+        else:
+            spec = self.scenario.specs()[decision.name]
+        archetypes = chosen.setup(decision, spec, self.pop, spec.group(self.pop))
+        ids = archetypes.grouping.ids.to(self.device)
+        member = ids >= 0
+        gid = torch.where(member, ids.to(torch.int32), torch.full_like(ids, archetypes.k, dtype=torch.int32))
+        return _Asked(index, decision.name, spec, chosen, archetypes, gid, member, bool(member.all()))
+
+    def _offsets(self, d: _Asked, offsets: Any) -> torch.Tensor:
+        if isinstance(offsets, Mapping):
+            unknown = sorted(set(offsets) - {a.name for a in self.asked})
+            if unknown:
+                raise InputError(f"offsets for unknown decision(s) {unknown}; decisions: {self._names()}")
+            given = offsets.get(d.name)
+        elif offsets is not None and len(self.asked) > 1:
+            raise InputError(
+                f"the scenario has {len(self.asked)} decisions: give offsets as {{name: tensor}}"
+            )
+        else:
+            given = offsets
+        value = torch.zeros(d.k, d.a) if given is None else given
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.device).clone()
+        if tuple(value.shape) != (d.k, d.a):
+            raise InputError(
+                f"offsets of decision {d.name!r} must have shape (K, A) = ({d.k}, {d.a}), got {tuple(value.shape)}"
+            )
+        return value
+
+    def _names(self) -> str:
+        return ", ".join(d.name for d in self.asked) or "none"
+
     # -- bookkeeping --------------------------------------------------------------------------------
     def _reset(self) -> None:
-        self._records: list[torch.Tensor] = []
+        self._records: list[dict[str, torch.Tensor]] = []
         self._decisions: list[dict[str, Any]] = []
-        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.decision_counters = {d.name: dict.fromkeys(COUNTERS, 0) for d in self.asked}
         self.step_seconds = 0.0
         self.decide_seconds = 0.0
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Model requests, cache hits, tokens and fallbacks summed over the decisions."""
+        return {c: sum(dc[c] for dc in self.decision_counters.values()) for c in COUNTERS}
 
     def fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed."""
         return {
-            "scenario": self.scenario.name,
-            "config": self.scenario.config(),
-            "spec": self.spec.name,
-            "policy": self.policy.mode,
+            "scenario": f"{type(self.scenario).__module__}.{type(self.scenario).__qualname__}",
+            "config": self.scenario.config.model_dump(mode="json"),
+            "specs": {d.name: d.spec.name for d in self.asked},
+            "policy": {d.name: d.policy.mode for d in self.asked},
             "agents": self.n,
             "seed": self.seed,
-            "offsets": self.params["offsets"].detach().cpu().tolist(),
+            "offsets": {d.name: self.params[f"offsets.{d.name}"].detach().cpu().tolist() for d in self.asked},
         }
 
-    def initial_state(self) -> dict[str, torch.Tensor]:
-        """The scenario's state at step 0 plus the agents' current actions (-1: none yet)."""
-        state = self.scenario.init_state(self.seed, self.uniforms)
-        if self.differentiable:
-            state["action"] = torch.zeros(self.n, self.a, device=self.device)
-        else:
-            state["action"] = torch.full((self.n,), -1, dtype=torch.int8, device=self.device)
-        return state
+    def initial_state(self) -> SimState:
+        """The scenario's state at step 0, and every decision's actions (-1 or zero rows: none yet)."""
+        state = self.scenario.init_state(self.world, self.sampler.at(0))
+        actions = {}
+        for d in self.asked:
+            if self.differentiable:
+                actions[d.name] = torch.zeros(self.n, d.a, device=self.device)
+            else:
+                actions[d.name] = torch.full((self.n,), -1, dtype=torch.int8, device=self.device)
+        return SimState(state, actions)
+
+    def memory(self) -> dict[str, float]:
+        """Bytes per agent held by the run: ``population``, ``world`` (the scenario's per-agent index
+        tensors and buffers), ``decisions`` (broadcast indices), ``sampler`` (its buffers)."""
+
+        def per_agent(tensors: Any) -> float:
+            held = [t for t in tensors if isinstance(t, torch.Tensor) and t.shape[:1] == (self.n,)]
+            return sum(t.element_size() * t.numel() for t in held) / self.n
+
+        world = vars(self.world).values() if hasattr(self.world, "__dict__") else ()
+        return {
+            "population": self.pop.nbytes / self.n,
+            "world": per_agent(world),
+            "decisions": per_agent([x for d in self.asked for x in (d.gid, d.member)]),
+            "sampler": self.sampler.nbytes() / self.n,
+        }
 
     # -- one step ---------------------------------------------------------------------------------
-    def step(self, state: dict[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+    def step(self, state: SimState, t: int) -> SimState:
         """Advance ``state`` from step ``t`` to ``t + 1``; the phases in the order of the module docstring."""
-        params = self.params
-        # 1. observe
-        context = self.scenario.observe(state, t)
-        # 2. group: self.gid, computed at construction
-        # 3. decide (at the spec's cadence)
-        if t % self.decide_every == 0:
-            t0 = time.perf_counter()
-            decision = self.policy.decide(context, step=t)
-            self.decide_seconds += time.perf_counter() - t0
-            probs = decision.probs.to(self.device, torch.float32)
-            if tuple(probs.shape) != (self.k, self.a):
-                raise ValueError(
-                    f"policy returned probs of shape {tuple(probs.shape)}, expected ({self.k}, {self.a})"
-                )
-            offsets = params["offsets"]
-            if offsets.requires_grad or bool(offsets.any()):
-                probs = torch.softmax(torch.log(probs.clamp_min(1e-9)) + offsets, dim=1)
-            for name, value in decision.counters().items():
-                self.counters[name] += value
-            date = str(self.scenario.date(t).date())
-            for rec in decision.records:
-                self._decisions.append({"step": t, "date": date, **rec})
-            # 4. broadcast and 5. sample
-            state = {**state, "action": self._sample(probs, t)}
+        sampler = self.sampler.at(t)
+        due = [d for d in self.asked if self.scenario.decides_at(d.spec.cadence.value, t)]
+        actions = state.actions
+        if due:
+            # 1. observe
+            context = self.scenario.observe(self.world, state.scenario, t)
+            actions = dict(actions)
+            for d in due:
+                # 3. decide, 4. broadcast and 5. sample (2. group: d.gid, computed at construction)
+                actions[d.name] = self._decide(d, context, t)
         # 6. transition
-        state, record = self.scenario.transition(
-            state, params, t, lambda s: self.uniforms.draw(self.seed, t, s)
+        scenario_state, records = self.scenario.step(
+            self.world, state.scenario, actions, self.params, t, sampler
         )
         # 7. record
-        self._records.append(record)
-        return state
+        self._records.append(self._checked(records, t))
+        return SimState(scenario_state, actions)
 
-    def _sample(self, probs: torch.Tensor, t: int) -> torch.Tensor:
-        """Each agent's action: int8 (N,) index (-1 for non-members), or an (N, A) straight-through one-hot."""
-        table = torch.cat([probs, torch.zeros(1, self.a, device=self.device)])  # row K: non-members
-        if not self.differentiable:
-            u = self.uniforms.draw(self.seed, t, STREAM_DECIDE)
-            cdf = torch.cumsum(table, dim=1)
-            action = torch.zeros(self.n, dtype=torch.int8, device=self.device)
-            for a in range(self.a - 1):  # inverse CDF: one uniform per agent
-                action += u >= cdf[:, a].index_select(0, self.gid)
-            if not self.all_members:
-                action.masked_fill_(~self.member, -1)
-            return action
-        gid = self.gid.long()
-        if self.a == 2:  # the same draw as inference mode
-            u = self.uniforms.draw(self.seed, t, STREAM_DECIDE)
-            x0 = bernoulli_st(table[gid, 0], u)
-            onehot = torch.stack([x0, 1.0 - x0], dim=1)
-        else:
-            u = torch.stack(
-                [self.uniforms.draw(self.seed, t, STREAM_DECIDE + 1 + a).clone() for a in range(self.a)], 1
+    def _decide(self, d: _Asked, context: Mapping[str, Any], t: int) -> torch.Tensor:
+        missing = [v for v in d.spec.context if v not in context]
+        if missing:
+            raise InputError(
+                f"{type(self.scenario).where()}: observe() at step {t} gave no value for context variable(s) "
+                f"{missing} that decision {d.name!r} (spec {d.spec.where}) declares"
             )
-            onehot = categorical_st(torch.log(table[gid].clamp_min(1e-9)), u)
-        return onehot * self.member.unsqueeze(1).to(onehot.dtype)
+        ctx = {v: context[v] for v in d.spec.context}
+        t0 = time.perf_counter()
+        decision = d.policy.decide(d.archetypes, ctx, step=t)
+        self.decide_seconds += time.perf_counter() - t0
+        probs = decision.probs.to(self.device, torch.float32)
+        if tuple(probs.shape) != (d.k, d.a):
+            raise ValueError(
+                f"policy {d.policy.mode} returned probs of shape {tuple(probs.shape)} for decision "
+                f"{d.name!r}, expected ({d.k}, {d.a})"
+            )
+        offsets = self.params[f"offsets.{d.name}"]
+        if offsets.requires_grad or bool(offsets.any()):
+            probs = torch.softmax(torch.log(probs.clamp_min(1e-9)) + offsets, dim=1)
+        counters = self.decision_counters[d.name]
+        for name, value in decision.counters().items():
+            counters[name] += value
+        date = str(self.scenario.date(t).date())
+        for rec in decision.records:
+            self._decisions.append({"step": t, "date": date, "decision": d.name, **rec})
+        table = torch.cat([probs, torch.zeros(1, d.a, device=self.device)])  # row K: non-members
+        action = self.sampler.categorical(table, d.gid, d.index)
+        if d.all_members:
+            return action
+        if self.differentiable:
+            return action * d.member.unsqueeze(1).to(action.dtype)
+        return action.masked_fill_(~d.member, -1)
+
+    def _checked(self, records: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
+        declared = [q.name for q in self.scenario.quantities]
+        extra = sorted(set(records) - set(declared))
+        missing = [q for q in declared if q not in records]
+        if extra or missing:
+            what = (
+                f"the record(s) {extra}, which 'quantities' does not declare"
+                if extra
+                else f"no record for declared quantity(ies) {missing}"
+            )
+            raise InputError(
+                f"{type(self.scenario).where()}: field 'quantities': step() returned {what} at step {t}",
+                hint=f"declared: {', '.join(declared)}",
+            )
+        for q in self.scenario.quantities:
+            want = () if q.by is None else (len(self.pop.labels(q.by)),)
+            value = records[q.name]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise InputError(
+                    f"{type(self.scenario).where()}: record {q.name!r} at step {t} has shape {got}; "
+                    f"quantity {q.name!r} is by {q.by!r}, so its shape is {want}"
+                )
+        return {name: records[name] for name in declared}
 
     # -- a run ------------------------------------------------------------------------------------
     def run(self, steps: int, *, out_dir: str | Path | None = None, resume: bool = False) -> RunResult:
@@ -273,16 +407,18 @@ class Simulation:
                     self.callback(t, self)
         return self._result(state, steps, start)
 
-    def _save(self, path: Path, state: dict[str, torch.Tensor], done: int) -> None:
+    def _save(self, path: Path, state: SimState, done: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        detach = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         blob = {
             "version": CHECKPOINT_VERSION,
             "fingerprint": self.fingerprint(),
             "done": done,
-            "state": {k: v.detach().cpu() for k, v in state.items()},
-            "records": [r.detach().cpu() for r in self._records],
+            "state": detach(state.scenario),
+            "actions": detach(state.actions),
+            "records": [detach(r) for r in self._records],
             "decisions": self._decisions,
-            "counters": self.counters,
+            "counters": self.decision_counters,
             "step_seconds": self.step_seconds,
             "decide_seconds": self.decide_seconds,
         }
@@ -290,7 +426,7 @@ class Simulation:
         torch.save(blob, tmp)
         os.replace(tmp, path)
 
-    def _load(self, path: Path, steps: int) -> tuple[int, dict[str, torch.Tensor]]:
+    def _load(self, path: Path, steps: int) -> tuple[int, SimState]:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError) as exc:
@@ -299,7 +435,8 @@ class Simulation:
             ) from None
         if blob.get("version") != CHECKPOINT_VERSION:
             raise InputError(
-                f"{path}: field 'version' is {blob.get('version')!r}; this lpm reads {CHECKPOINT_VERSION}"
+                f"{path}: field 'version' is {blob.get('version')!r}; this lpm reads {CHECKPOINT_VERSION}",
+                hint="start the run again in a new folder",
             )
         mine = self.fingerprint()
         theirs = blob.get("fingerprint", {})
@@ -312,36 +449,28 @@ class Simulation:
         done = int(blob["done"])
         if done > steps:
             raise InputError(f"{path}: the checkpoint has {done} steps done, more than the {steps} asked for")
-        self._records = [r.to(self.device) for r in blob["records"]]
+        to_device = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+        self._records = [to_device(r) for r in blob["records"]]
         self._decisions = list(blob["decisions"])
-        self.counters = dict(blob["counters"])
+        self.decision_counters = {k: dict(v) for k, v in blob["counters"].items()}
         self.step_seconds = float(blob["step_seconds"])
         self.decide_seconds = float(blob["decide_seconds"])
-        return done, {k: v.to(self.device) for k, v in blob["state"].items()}
+        return done, SimState(to_device(blob["state"]), to_device(blob["actions"]))
 
-    def _result(self, state: dict[str, torch.Tensor], steps: int, start: int) -> RunResult:
-        stacked = torch.stack(self._records)  # (T, B, Q)
-        quantities = self.scenario.quantities
-        series = {q: stacked[:, :, i] for i, q in enumerate(quantities)}
+    # -- frames -------------------------------------------------------------------------------------
+    def _result(self, state: SimState, steps: int, start: int) -> RunResult:
+        series = {q.name: torch.stack([r[q.name] for r in self._records]) for q in self.scenario.quantities}
         dates = [self.scenario.date(t) for t in range(steps)]
-        boroughs = self.pop.labels("borough")
-        values = stacked.detach().cpu().double().numpy()
-        t_, b_, q_ = values.shape
-        idx = pd.MultiIndex.from_product([range(t_), range(b_), range(q_)], names=["step", "b", "q"])
-        traj = pd.DataFrame({"value": values.reshape(-1)}, index=idx).reset_index()
-        traj.insert(1, "date", pd.to_datetime([dates[s] for s in traj["step"]]))
-        traj["borough"] = pd.Categorical.from_codes(traj.pop("b"), categories=boroughs)
-        traj["quantity"] = pd.Categorical.from_codes(traj.pop("q"), categories=list(quantities))
-        traj = traj[["step", "date", "borough", "quantity", "value"]]
-        counters = dict(self.counters)
+        counters = self.counters
         counters["tokens"] = counters["prompt_tokens"] + counters["completion_tokens"]
         return RunResult(
-            trajectory=traj,
+            trajectory=self._trajectory(series, dates),
             decisions=self._decision_frame(),
-            real=self.scenario.real_data(dates[0], dates[-1]),
-            archetypes=self.grouping.table.copy(),
+            real=self.scenario.real_data(self.world, dates[0], dates[-1]),
+            archetypes={d.name: d.archetypes.grouping.table.copy() for d in self.asked},
             series=series,
             counters=counters,
+            decision_counters={k: dict(v) for k, v in self.decision_counters.items()},
             step_seconds=self.step_seconds,
             decide_seconds=self.decide_seconds,
             steps=steps,
@@ -350,12 +479,40 @@ class Simulation:
             state=state,
         )
 
+    def _trajectory(self, series: dict[str, torch.Tensor], dates: list[pd.Timestamp]) -> pd.DataFrame:
+        quantities = self.scenario.quantities
+        bys = list(dict.fromkeys(q.by for q in quantities if q.by is not None))
+        names = pd.CategoricalDtype([q.name for q in quantities])
+        parts = []
+        for q in quantities:
+            values = series[q.name].detach().cpu().double().numpy()
+            t = values.shape[0]
+            width = values.shape[1] if values.ndim == 2 else 1
+            part = pd.DataFrame(
+                {
+                    "step": np.repeat(np.arange(t, dtype=np.int64), width),
+                    "date": pd.to_datetime(dates[:t]).repeat(width),
+                }
+            )
+            for by in bys:
+                labels = self.pop.labels(by)
+                codes = list(range(width)) * t if by == q.by else [-1] * (t * width)
+                part[by] = pd.Categorical.from_codes(codes, categories=labels)
+            part["quantity"] = pd.Categorical([q.name] * len(part), dtype=names)
+            part["value"] = values.reshape(-1)
+            parts.append(part)
+        frame = pd.concat(parts, ignore_index=True)
+        return frame.sort_values(["step"], kind="stable").reset_index(drop=True)
+
     def _decision_frame(self) -> pd.DataFrame:
+        attributes = list(dict.fromkeys(a for d in self.asked for a in d.archetypes.grouping.table.columns))
+        attributes = [a for a in attributes if a != "agents"]
         cols = [
             "step",
             "date",
+            "decision",
             "archetype",
-            *self.spec.attribute_names,
+            *attributes,
             "action",
             "probability",
             "mode",
@@ -363,17 +520,35 @@ class Simulation:
         ]
         if not self._decisions:
             return pd.DataFrame(columns=cols)
-        wide = pd.DataFrame(self._decisions)
-        attrs = self.grouping.table.drop(columns="agents")
-        wide = wide.join(attrs, on="archetype")
-        keys = [c for c in wide.columns if not c.startswith("p_")]
-        long = wide.melt(
-            id_vars=keys,
-            value_vars=[f"p_{a}" for a in self.spec.actions],
-            var_name="action",
-            value_name="probability",
-        )
-        long["action"] = long["action"].str.removeprefix("p_")
-        long["date"] = pd.to_datetime(long["date"])
-        order = [c for c in cols if c in long.columns] + [c for c in long.columns if c not in cols]
-        return long[order].sort_values(["step", "archetype", "action"], kind="stable").reset_index(drop=True)
+        parts = []
+        for d in self.asked:
+            wide = pd.DataFrame([r for r in self._decisions if r["decision"] == d.name])
+            if wide.empty:
+                continue
+            table = d.archetypes.grouping.table.drop(columns="agents")
+            wide = wide.join(table, on="archetype")
+            keys = [c for c in wide.columns if not c.startswith("p_")]
+            long = wide.melt(
+                id_vars=keys,
+                value_vars=[f"p_{a}" for a in d.spec.actions],
+                var_name="action",
+                value_name="probability",
+            )
+            long["action"] = long["action"].str.removeprefix("p_")
+            parts.append(long)
+        frame = pd.concat(parts, ignore_index=True)
+        frame["date"] = pd.to_datetime(frame["date"])
+        labels = {}
+        for d in self.asked:
+            labels.update({a: v for a, v in d.archetypes.grouping.labels.items() if a not in labels})
+        for a in attributes:
+            frame[a] = pd.Categorical(
+                frame[a], categories=labels.get(a) or sorted(frame[a].dropna().unique())
+            )
+        frame["decision"] = pd.Categorical(frame["decision"], categories=[d.name for d in self.asked])
+        actions = list(dict.fromkeys(a for d in self.asked for a in d.spec.actions))
+        frame["action"] = pd.Categorical(frame["action"], categories=actions)
+        frame["mode"] = pd.Categorical(frame["mode"])
+        order = [c for c in cols if c in frame.columns] + [c for c in frame.columns if c not in cols]
+        frame = frame[order].sort_values(["step", "decision", "archetype", "action"], kind="stable")
+        return frame.reset_index(drop=True)

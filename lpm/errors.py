@@ -40,13 +40,14 @@ def validation_message(
     """A pydantic ``ValidationError`` as one line per error: ``field 'a.b': message (got value)``.
 
     noun: what a location is called (``field``, ``run option``, ``parameter``); unknown: the message for a
-    key the model forbids; top: the name of a model-level check's location. Mappings are not echoed back.
+    key the model forbids; top: what a model-level check (several fields at once) is about. Mappings are
+    not echoed back.
     """
     parts = []
     for err in exc.errors():  # type: ignore[attr-defined]
-        loc = ".".join(str(p) for p in err["loc"]) or top
+        loc = ".".join(str(p) for p in err["loc"])
         msg = unknown if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {value!r})"
-        parts.append(f"{noun} {loc!r}: {msg}{shown}")
+        parts.append(f"{noun} {loc!r}: {msg}{shown}" if loc else f"{top}: {msg}{shown}")
     return "; ".join(parts)

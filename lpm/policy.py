@@ -4,12 +4,16 @@ A policy answers once per archetype per decision step with a (K, A) probability 
 broadcasts it to the agents (``probs[group_ids]``) and every agent samples its own action. Policies plug
 in through :class:`Policy` (checked at construction: a subclass must implement ``decide``).
 
+A policy object is immutable configuration that many simulations (and every decision of a scenario) may
+share: :meth:`Policy.setup` returns the per-run :class:`Archetypes` of one decision (its spec, grouping and
+rows), which the simulation owns and passes back to :meth:`Policy.decide` at each decision step.
+
 Context values are numbers or text shared by every archetype, or a :class:`ByAttribute` whose value
 depends on one archetype attribute (e.g. the unemployment rate of the archetype's borough);
 :func:`resolve_context` turns a step's context into one plain dict per archetype.
 
 * :class:`HeuristicPolicy`: rule functions of archetype attributes and context, no model (mode
-  ``"heuristic"``). The reference policy, used by tests and benchmarks.
+  ``"heuristic"``); by default each decision's own rules (:class:`lpm.scenarios.Decision`).
 * :class:`ArchetypeLLMPolicy`: one model request per archetype per decision step, through a *decider*.
 * :class:`AgentLLMPolicy`: one model request per agent (K = N), for small populations only.
 
@@ -29,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lpm import nyc
 from lpm.archetype import ArchetypeSpec, Grouping
 from lpm.errors import InputError
 from lpm.population import Population, smallest_int_dtype
@@ -37,10 +40,12 @@ from lpm.population import Population, smallest_int_dtype
 __all__ = [
     "AgentLLMPolicy",
     "ArchetypeLLMPolicy",
+    "Archetypes",
     "ByAttribute",
     "HeuristicPolicy",
     "Policy",
     "PolicyDecision",
+    "age_of",
     "resolve_context",
 ]
 
@@ -96,25 +101,49 @@ class PolicyDecision:
         return {name: int(getattr(self, name)) for name in COUNTERS}
 
 
+Rule = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
+
+
+@dataclass
+class Archetypes:
+    """The archetypes of one decision in one run: what :meth:`Policy.setup` returns, owned by the simulation.
+
+    decision: the decision's name. spec: its archetype spec. grouping: each agent's archetype (the one the
+    engine broadcasts with). rows: the K archetypes' attribute labels. heuristic: the decision's default
+    rules (action -> rule). frame: ``rows`` as a pandas frame. fallback: the fallback policy's archetypes,
+    when the policy has one.
+    """
+
+    decision: str
+    spec: ArchetypeSpec
+    grouping: Grouping
+    heuristic: Mapping[str, Rule]
+    rows: list[dict[str, Any]] = field(init=False)
+    frame: pd.DataFrame = field(init=False)
+    fallback: Archetypes | None = None
+
+    def __post_init__(self) -> None:
+        self.rows = self.grouping.rows()
+        self.frame = pd.DataFrame(self.rows, index=range(len(self.rows)))
+
+    @property
+    def k(self) -> int:
+        return self.grouping.k
+
+
 class Policy(ABC):
-    """Base of policies. ``setup`` once per run, then ``decide`` at each decision step.
+    """Base of policies: immutable configuration. ``setup`` once per run and decision, then ``decide``.
 
     Subclasses implement :meth:`decide`; they may override :meth:`setup` to replace the grouping
     (:class:`AgentLLMPolicy` makes every agent its own archetype).
     """
 
-    spec: ArchetypeSpec
-    grouping: Grouping
-    rows: list[dict[str, Any]]
-
-    def setup(self, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Grouping:
-        """Remember the spec and the archetypes; return the grouping the engine broadcasts with."""
-        self.spec, self.grouping = spec, grouping
-        self.rows = grouping.rows()
-        return grouping
+    def setup(self, decision: Any, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Archetypes:
+        """The archetypes of ``decision`` (an :class:`lpm.scenarios.Decision`) in this run."""
+        return Archetypes(decision.name, spec, grouping, dict(decision.heuristic))
 
     @abstractmethod
-    def decide(self, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
+    def decide(self, archetypes: Archetypes, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
         """(K, A) action probabilities of the K archetypes given this step's ``context``."""
 
     @property
@@ -123,12 +152,14 @@ class Policy(ABC):
         return type(self).__name__
 
     # shared helper
-    def _records(self, probs: torch.Tensor, modes: list[str], cached: list[bool]) -> list[dict[str, Any]]:
+    def _records(
+        self, archetypes: Archetypes, probs: torch.Tensor, modes: list[str], cached: list[bool]
+    ) -> list[dict[str, Any]]:
         values = probs.detach().cpu().double().numpy()
         out = []
         for k in range(values.shape[0]):
             rec: dict[str, Any] = {"archetype": k, "mode": modes[k], "cached": bool(cached[k])}
-            for a, action in enumerate(self.spec.actions):
+            for a, action in enumerate(archetypes.spec.actions):
                 rec[f"p_{action}"] = float(values[k, a])
             out.append(rec)
         return out
@@ -137,7 +168,8 @@ class Policy(ABC):
 # -- heuristic ---------------------------------------------------------------------------------------
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, elementwise."""
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -152,85 +184,59 @@ def age_midpoint(label: str) -> float:
     return float(label)
 
 
-def _age(frame: pd.DataFrame) -> np.ndarray:
-    if "age" in frame:
-        return frame["age"].astype(float).to_numpy()
-    if "age_group" in frame:
-        return frame["age_group"].map(age_midpoint).to_numpy(dtype=float)
-    return np.full(len(frame), 40.0)
+def age_of(rows: pd.DataFrame, default: float = 40.0) -> np.ndarray:
+    """(K,) age of each archetype row: its ``age``, else the middle of its ``age_group``, else ``default``."""
+    if "age" in rows:
+        return rows["age"].astype(float).to_numpy()
+    if "age_group" in rows:
+        return rows["age_group"].map(age_midpoint).to_numpy(dtype=float)
+    return np.full(len(rows), default)
 
 
-def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
-    """P(isolate): rises with weekly cases per 100,000 (log scale), with a rising trend and with age.
-
-    rows: K archetype attributes; ctx: K resolved contexts (``cases`` per week citywide,
-    ``cases_change`` percent). Returns (K,) probabilities. About 8 % at no cases, 50 % for a 40-year-old
-    at 200 weekly cases per 100,000, higher for older residents.
-    """
-    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
-    change = ctx["cases_change"].astype(float).to_numpy() if "cases_change" in ctx else np.zeros(len(ctx))
-    x = -2.4 + 0.85 * np.log1p(per_100k) + 0.004 * np.clip(change, -100, 200) + 0.03 * (_age(rows) - 40)
-    return _sigmoid(x)
-
-
-def work_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
-    """P(work): falls with monthly cases per 100,000, rises with the borough's unemployment rate.
-
-    ``cases`` is citywide cases in the past month, ``unemployment_rate`` in percent. About 95 % with no
-    cases and 4 % unemployment; about 85 % at 1,000 monthly cases per 100,000.
-    """
-    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
-    unemp = (
-        ctx["unemployment_rate"].astype(float).to_numpy()
-        if "unemployment_rate" in ctx
-        else np.full(len(ctx), 4.0)
-    )
-    x = 2.9 - 0.0012 * per_100k + 0.08 * (unemp - 4.0) - 0.01 * np.clip(_age(rows) - 50, 0, None)
-    return _sigmoid(x)
-
-
-Rule = Callable[[pd.DataFrame, pd.DataFrame], np.ndarray]
-
-
-@dataclass
+@dataclass(frozen=True, eq=False)
 class HeuristicPolicy(Policy):
     """Rule functions of archetype attributes and context; no model calls (mode ``"heuristic"``).
 
-    rules: action name -> function ``(rows, contexts) -> (K,) probability`` of that action. Actions
-    without a rule share the remaining probability equally. The defaults cover the shipped specs:
-    ``isolate`` (:func:`isolation_rule`) and ``work`` (:func:`work_rule`).
+    rules: action name -> function ``(rows, contexts) -> (K,) probability`` of that action; None (the
+    default) uses each decision's own rules (``Decision.heuristic``). Actions without a rule share the
+    remaining probability equally.
     """
 
-    rules: dict[str, Rule] = field(default_factory=lambda: {"isolate": isolation_rule, "work": work_rule})
+    rules: Mapping[str, Rule] | None = None
 
-    def setup(self, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Grouping:
-        grouping = super().setup(spec, pop, grouping)
-        if not any(a in self.rules for a in spec.actions):
+    def setup(self, decision: Any, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Archetypes:
+        archetypes = super().setup(decision, spec, pop, grouping)
+        rules = self._rules(archetypes)
+        if not any(a in rules for a in spec.actions):
             raise InputError(
                 f"{spec.where}: field 'actions': the heuristic policy has no rule for any of {spec.actions}",
-                hint=f"it has rules for {sorted(self.rules)}; pass HeuristicPolicy(rules={{action: fn}})",
+                hint=f"it has rules for {sorted(rules)}; pass HeuristicPolicy(rules={{action: fn}})",
             )
-        self._frame = pd.DataFrame(self.rows)
-        return grouping
+        return archetypes
+
+    def _rules(self, archetypes: Archetypes) -> Mapping[str, Rule]:
+        return self.rules if self.rules is not None else archetypes.heuristic
 
     @property
     def mode(self) -> str:
         return "heuristic"
 
-    def decide(self, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
-        ctx = pd.DataFrame(resolve_context(self.rows, context), index=range(len(self.rows)))
-        k, actions = len(self.rows), self.spec.actions
-        probs = np.zeros((k, len(actions)))
-        ruled = [a for a in actions if a in self.rules]
+    def decide(self, archetypes: Archetypes, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
+        rows = archetypes.rows
+        ctx = pd.DataFrame(resolve_context(rows, context), index=range(len(rows)))
+        rules, actions = self._rules(archetypes), archetypes.spec.actions
+        probs = np.zeros((len(rows), len(actions)))
+        ruled = [a for a in actions if a in rules]
         for a in ruled:
-            probs[:, actions.index(a)] = np.clip(self.rules[a](self._frame, ctx), 0.0, 1.0)
+            probs[:, actions.index(a)] = np.clip(rules[a](archetypes.frame, ctx), 0.0, 1.0)
         total = probs.sum(axis=1)
-        rest = [i for i, a in enumerate(actions) if a not in self.rules]
+        rest = [i for i, a in enumerate(actions) if a not in rules]
         if rest:
             probs[:, rest] = np.clip(1.0 - total, 0.0, None)[:, None] / len(rest)
         probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
         table = torch.from_numpy(probs.astype(np.float32))
-        return PolicyDecision(table, self._records(table, ["heuristic"] * k, [False] * k))
+        k = len(rows)
+        return PolicyDecision(table, self._records(archetypes, table, ["heuristic"] * k, [False] * k))
 
 
 # -- model-backed ------------------------------------------------------------------------------------
@@ -241,6 +247,7 @@ def _check_decider(decider: Any) -> None:
         raise TypeError(f"a decider needs a decide(spec, rows, context) method; got {type(decider).__name__}")
 
 
+@dataclass(frozen=True, eq=False)
 class ArchetypeLLMPolicy(Policy):
     """One model request per archetype per decision step, through ``decider`` (e.g. :class:`lpm.decision.Decider`).
 
@@ -252,46 +259,47 @@ class ArchetypeLLMPolicy(Policy):
     ``fallbacks`` = rows whose mode is not a model mode (``"fallback…"``).
     """
 
-    def __init__(self, decider: Any, *, fallback: Policy | None = None):
-        _check_decider(decider)
-        if fallback is not None and not isinstance(fallback, Policy):
-            raise TypeError(f"fallback must be an lpm.policy.Policy, got {type(fallback).__name__}")
-        self.decider = decider
-        self.fallback = fallback
+    decider: Any
+    fallback: Policy | None = field(default=None, kw_only=True)
 
-    def setup(self, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Grouping:
-        grouping = super().setup(spec, pop, grouping)
+    def __post_init__(self) -> None:
+        _check_decider(self.decider)
+        if self.fallback is not None and not isinstance(self.fallback, Policy):
+            raise TypeError(f"fallback must be an lpm.policy.Policy, got {type(self.fallback).__name__}")
+
+    def setup(self, decision: Any, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Archetypes:
+        archetypes = super().setup(decision, spec, pop, grouping)
         if self.fallback is not None:
-            self.fallback.setup(spec, pop, grouping)
-        return grouping
+            archetypes.fallback = self.fallback.setup(decision, spec, pop, archetypes.grouping)
+        return archetypes
 
     @property
     def mode(self) -> str:
         return "llm-archetype"
 
-    def decide(self, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
-        rows = self.rows
+    def decide(self, archetypes: Archetypes, context: Mapping[str, Any], *, step: int) -> PolicyDecision:
+        rows, spec = archetypes.rows, archetypes.spec
         per_row = resolve_context(rows, context)
         groups: dict[tuple, list[int]] = {}
         for i, ctx in enumerate(per_row):
             groups.setdefault(tuple(sorted((k, repr(v)) for k, v in ctx.items())), []).append(i)
-        a = len(self.spec.actions)
+        a = len(spec.actions)
         probs = torch.zeros(len(rows), a, dtype=torch.float32)
         modes: list[str] = [""] * len(rows)
         cached: list[bool] = [False] * len(rows)
         out = PolicyDecision(probs, [])
         fallback_probs: torch.Tensor | None = None
         for idx in groups.values():
-            answer = self.decider.decide(self.spec, [rows[i] for i in idx], per_row[idx[0]])
+            answer = self.decider.decide(spec, [rows[i] for i in idx], per_row[idx[0]])
             p = torch.as_tensor(answer.probs, dtype=torch.float32).reshape(len(idx), a).clone()
             failed = sorted(set(getattr(answer, "failed", ()) or ()))
             if failed:  # only when the decider was told to return failures: fill from the fallback, counted
-                if self.fallback is None:
+                if self.fallback is None or archetypes.fallback is None:
                     raise ValueError(
                         f"decider left rows {failed} undecided at step {step} and there is no fallback"
                     )
                 if fallback_probs is None:
-                    fallback_probs = self.fallback.decide(context, step=step).probs
+                    fallback_probs = self.fallback.decide(archetypes.fallback, context, step=step).probs
                 for j in failed:
                     p[j] = fallback_probs[idx[j]]
             if not torch.isfinite(p).all() or (p < 0).any():
@@ -306,10 +314,11 @@ class ArchetypeLLMPolicy(Policy):
             out.completion_tokens += int(answer.completion_tokens)
         out.cache_hits = sum(cached)
         out.fallbacks = sum(m.startswith("fallback") for m in modes)
-        out.records = self._records(probs, modes, cached)
+        out.records = self._records(archetypes, probs, modes, cached)
         return out
 
 
+@dataclass(frozen=True, eq=False)
 class AgentLLMPolicy(ArchetypeLLMPolicy):
     """One model request per agent: every member is its own archetype (K = members), its row holding the
     spec's attributes plus ``extra`` columns (single-year ``age`` and ``zip`` by default).
@@ -318,22 +327,14 @@ class AgentLLMPolicy(ArchetypeLLMPolicy):
     ``max_agents`` (5,000) deciding agents.
     """
 
-    def __init__(
-        self,
-        decider: Any,
-        *,
-        extra: tuple[str, ...] = ("age", "zip"),
-        max_agents: int = 5000,
-        fallback: Policy | None = None,
-    ):
-        super().__init__(decider, fallback=fallback)
-        self.extra, self.max_agents = tuple(extra), int(max_agents)
+    extra: tuple[str, ...] = field(default=("age", "zip"), kw_only=True)
+    max_agents: int = field(default=5000, kw_only=True)
 
     @property
     def mode(self) -> str:
         return "llm-agent"
 
-    def setup(self, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Grouping:
+    def setup(self, decision: Any, spec: ArchetypeSpec, pop: Population, grouping: Grouping) -> Archetypes:
         members = grouping.ids >= 0
         n = int(members.sum())
         if n > self.max_agents:
@@ -350,10 +351,24 @@ class AgentLLMPolicy(ArchetypeLLMPolicy):
         table = frame[cols].astype(str).reset_index(drop=True)
         table["agents"] = 1
         table.index.name = "archetype"
+        labels = dict(grouping.labels)
+        for c in cols:
+            labels.setdefault(
+                c, pop.labels(c) if pop.is_categorical(c) else sorted(set(table[c]), key=_natural)
+            )
         agent = Grouping(
             ids=ids.to(smallest_int_dtype(-1, max(n - 1, 0))),
             k=n,
             counts=torch.ones(n, dtype=torch.int64),
             table=table,
+            labels=labels,
         )
-        return super().setup(spec, pop, agent)
+        return super().setup(decision, spec, pop, agent)
+
+
+def _natural(label: str) -> tuple:
+    """Sort key putting numeric labels in numeric order (``"9"`` before ``"10"``)."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)

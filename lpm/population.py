@@ -17,7 +17,9 @@ from lpm.errors import InputError
 
 #: Key of the Parquet schema metadata that marks a file as an lpm population.
 PARQUET_KEY = b"lpm.population"
-FORMAT_VERSION = 1
+#: 2: categorical columns dictionary-encoded (pandas shows labels); 1: bare codes (still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -136,10 +138,17 @@ class Population:
 
     # -- storage --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the population as one Parquet file (codes, flags and values; labels in the metadata)."""
+        """Write the population as one Parquet file: categorical columns dictionary-encoded (their codes
+        index the labels, so ``pandas.read_parquet`` shows ``Bronx``, ``10001``), flags and values as they
+        are; labels, dtypes and ``meta`` also in the schema metadata."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {name: pa.array(col.cpu().numpy()) for name, col in self._columns.items()}
+        arrays = {}
+        for name, col in self._columns.items():
+            values = pa.array(col.cpu().numpy())
+            if name in self._labels:
+                values = pa.DictionaryArray.from_arrays(values, pa.array(self._labels[name], pa.string()))
+            arrays[name] = values
         header = {
             "format_version": FORMAT_VERSION,
             "labels": self._labels,
@@ -178,9 +187,10 @@ class Population:
             raise InputError(
                 f"{path}: field {PARQUET_KEY.decode()!r} of the Parquet metadata is corrupt ({exc})"
             ) from None
-        if header.get("format_version") != FORMAT_VERSION:
+        if header.get("format_version") not in READABLE_VERSIONS:
             raise InputError(
-                f"{path}: field 'format_version' is {header.get('format_version')!r}; this lpm reads {FORMAT_VERSION}"
+                f"{path}: field 'format_version' is {header.get('format_version')!r}; this lpm reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
         try:
             table = pq.read_table(path)
@@ -192,7 +202,7 @@ class Population:
                 raise InputError(
                     f"{path}: column {name!r} is listed in the metadata but missing from the data"
                 )
-            values = table.column(name).to_numpy()
+            values = _codes(path, name, table.column(name), labels.get(name))
             dtype = getattr(torch, dtype_name, None)
             if not isinstance(dtype, torch.dtype):
                 raise InputError(f"{path}: column {name!r} has unknown dtype {dtype_name!r}")
@@ -213,3 +223,26 @@ class Population:
         from lpm.synthesis import synthesize
 
         return synthesize(recipe, agents=agents, seed=seed)
+
+
+def _codes(path: Path, name: str, column: pa.ChunkedArray, labels: list[str] | None) -> np.ndarray:
+    """The values of a stored column; a dictionary-encoded one as codes into ``labels`` (the order kept in
+    the metadata), whatever order the file's dictionary has."""
+    if not pa.types.is_dictionary(column.type):
+        return column.to_numpy()
+    if labels is None:
+        raise InputError(
+            f"{path}: column {name!r} is dictionary-encoded but the metadata lists no labels for it"
+        )
+    if column.null_count:
+        raise InputError(f"{path}: column {name!r} has {column.null_count} missing values")
+    column = column.unify_dictionaries() if column.num_chunks > 1 else column
+    if column.num_chunks == 0:
+        return np.zeros(0, dtype=np.int64)
+    dictionary = column.chunk(0).dictionary.to_pylist()
+    unknown = sorted(set(dictionary) - set(labels))
+    if unknown:
+        raise InputError(f"{path}: column {name!r} holds values {unknown[:5]} that are not among its labels")
+    lookup = np.array([labels.index(v) for v in dictionary], dtype=np.int64)
+    indices = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+    return lookup[indices.astype(np.int64)]

@@ -1,6 +1,6 @@
 """Prompt templates: a system and a user message with ``{name}`` variables, rendered per archetype.
 
-A prompt file in ``prompts/`` is YAML with two string fields, ``system`` and ``user``, and optionally
+A prompt file (beside its spec or in ``prompts/``; or the same fields inline in the spec) is YAML with two string fields, ``system`` and ``user``, and optionally
 ``agent_user``: the user message of per-agent prompts (policy ``agent-llm``), which may also name
 agent-level population columns such as ``{age}`` or ``{zip}``. Every other ``{name}`` must be an attribute
 of the archetype spec (rendered by its label, e.g. ``20-29``) or one of the spec's context variables
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from langchain_core.prompts import ChatPromptTemplate
 
-from lpm.archetype import ArchetypeSpec
+from lpm.archetype import ArchetypeSpec, InlinePrompt
 from lpm.errors import InputError
 
 #: The fields of a prompt file, in the order their messages are sent.
@@ -72,7 +72,11 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, spec: ArchetypeSpec) -> PromptTemplate:
-        """Read ``spec.prompt`` and check it against ``spec``; errors name the file and the field or variable."""
+        """Read ``spec.prompt`` (a file, or the prompt written inline in the spec) and check it against
+        ``spec``; errors name the file and the field or variable."""
+        if isinstance(spec.prompt, InlinePrompt):
+            texts = spec.prompt.model_dump(exclude_none=True)
+            return cls(spec, Path(f"{spec.where}: field 'prompt'"), texts)
         path = Path(spec.prompt)
         try:
             raw = yaml.safe_load(path.read_text())

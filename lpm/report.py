@@ -1,4 +1,10 @@
-"""Plots (PNG) and ``report.md`` of a run folder."""
+"""Plots (PNG) and ``report.md`` of a run folder, drawn from the scenario's declarations.
+
+Each :class:`lpm.scenarios.Plot` becomes one figure with a panel per label of its quantity's breakdown
+(simulated solid, the real series dashed, further quantities lighter); every decision gets a panel in
+``decisions.png`` (the probability of its plotted action per decision step, one line per label of the
+spec's first attribute, the mean over archetypes weighted by their agents).
+"""
 
 from __future__ import annotations
 
@@ -12,87 +18,90 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-#: What each scenario plots against the real series, and how it is labelled.
-MAIN_PLOT = {
-    "covid": ("reported_cases", "reported cases per day", "cases.png"),
-    "labor": ("unemployment_rate", "unemployment rate, %", "unemployment.png"),
-}
-#: The action whose probability the decisions plot shows.
-PLOTTED_ACTION = {"covid": "isolate", "labor": "stay home"}
+DECISIONS_PLOT = "decisions.png"
 
 
-def plots(
-    folder: Path, scenario: str, trajectory: pd.DataFrame, real: pd.DataFrame, decisions: pd.DataFrame
-) -> list[str]:
+def plots(folder: Path, scenario: Any, result: Any) -> list[str]:
     """Write the run's PNG plots into ``folder``; returns their file names."""
-    written = []
-    quantity, ylabel, name = MAIN_PLOT[scenario]
-    boroughs = (
-        list(trajectory["borough"].cat.categories)
-        if hasattr(trajectory["borough"], "cat")
-        else sorted(trajectory["borough"].unique())
-    )
-    fig, axes = plt.subplots(1, len(boroughs), figsize=(4 * len(boroughs), 3.4), sharex=True)
-    sim = trajectory[trajectory["quantity"] == quantity]
-    real_q = real[real["quantity"] == quantity] if len(real) else real
-    for ax, borough in zip(axes, boroughs, strict=True):
-        s = sim[sim["borough"] == borough]
-        ax.plot(s["date"], s["value"], label="simulated", color="tab:blue")
-        if len(real_q):
-            r = real_q[real_q["borough"].astype(str) == str(borough)]
-            ax.plot(
-                r["date"],
-                r["value"],
-                label="real (scaled to N)" if scenario == "covid" else "real",
-                color="black",
-                alpha=0.7,
-                linestyle="--",
-            )
-        if scenario == "covid":
-            inf = trajectory[(trajectory["quantity"] == "infections") & (trajectory["borough"] == borough)]
-            ax.plot(inf["date"], inf["value"], label="infections (simulated)", color="tab:red", alpha=0.5)
-        ax.set_title(str(borough))
-        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-    axes[0].set_ylabel(ylabel)
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / name, dpi=110)
-    plt.close(fig)
-    written.append(name)
-
-    if len(decisions):
-        action = PLOTTED_ACTION.get(scenario, decisions["action"].iloc[0])
-        d = decisions[decisions["action"] == action]
-        by = "age_group" if "age_group" in d.columns else None
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        if by:
-            for label, part in d.groupby(by, observed=True, sort=False):
-                mean = part.groupby("date")["probability"].mean()
-                ax.plot(mean.index, mean.to_numpy(), marker="o", label=str(label))
-            ax.legend(fontsize=7, ncol=2, title=by)
-        else:
-            mean = d.groupby("date")["probability"].mean()
-            ax.plot(mean.index, mean.to_numpy(), marker="o")
-        ax.set_ylabel(f"P({action})")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"probability of '{action}' per decision step (mean over archetypes)")
-        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "decisions.png", dpi=110)
-        plt.close(fig)
-        written.append("decisions.png")
+    written = [_quantity_plot(folder, scenario, plot, result) for plot in scenario.plots]
+    if len(result.decisions):
+        written.append(_decisions_plot(folder, scenario, result))
     return written
 
 
+def _quantity_plot(folder: Path, scenario: Any, plot: Any, result: Any) -> str:
+    trajectory, real = result.trajectory, result.real
+    by = scenario.quantity(plot.quantity).by
+    groups: list[Any] = list(trajectory[by].cat.categories) if by else [None]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), sharex=True, squeeze=False)
+
+    def part(frame: pd.DataFrame, quantity: str, group: Any) -> pd.DataFrame:
+        rows = frame[frame["quantity"].astype(str) == quantity]
+        return rows if group is None else rows[rows[by].astype(str) == str(group)]
+
+    for ax, group in zip(axes[0], groups, strict=True):
+        s = part(trajectory, plot.quantity, group)
+        ax.plot(s["date"], s["value"], label="simulated", color="tab:blue")
+        if len(real) and (by is None or by in real.columns):
+            r = part(real, plot.quantity, group)
+            if len(r):
+                ax.plot(r["date"], r["value"], label="real", color="black", alpha=0.7, linestyle="--")
+        for other, color in zip(plot.also, ("tab:red", "tab:green", "tab:purple"), strict=False):
+            o = part(trajectory, other, group)
+            ax.plot(o["date"], o["value"], label=f"{other} (simulated)", color=color, alpha=0.5)
+        ax.set_title(str(group) if group is not None else plot.quantity)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    axes[0][0].set_ylabel(plot.ylabel)
+    axes[0][-1].legend(fontsize=7)
+    if plot.title:
+        fig.suptitle(plot.title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(folder / plot.file, dpi=110)
+    plt.close(fig)
+    return plot.file
+
+
+def _decisions_plot(folder: Path, scenario: Any, result: Any) -> str:
+    decisions = result.decisions
+    specs = {d.name: d for d in scenario.decisions}
+    names = [n for n in decisions["decision"].cat.categories if n in specs]
+    fig, axes = plt.subplots(1, len(names), figsize=(7 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        decision = specs[name]
+        action = decision.plot or decision.actions[0]
+        d = decisions[(decisions["decision"] == name) & (decisions["action"] == action)]
+        agents = result.archetypes[name]["agents"]
+        d = d.assign(agents=d["archetype"].map(agents).astype(float))
+        attributes = [c for c in result.archetypes[name].columns if c != "agents"]
+        by = attributes[0] if attributes else None
+        groups = d.groupby(by, observed=True, sort=True) if by else [(None, d)]
+        for label, rows in groups:
+            weighted = (rows["probability"] * rows["agents"]).groupby(rows["date"]).sum()
+            mean = weighted / rows.groupby("date")["agents"].sum()
+            ax.plot(mean.index, mean.to_numpy(), marker="o", label=None if label is None else str(label))
+        if by:
+            ax.legend(fontsize=7, ncol=2, title=by)
+        ax.set_ylabel(f"P({action})")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{name}: probability of '{action}' per decision step", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / DECISIONS_PLOT, dpi=110)
+    plt.close(fig)
+    return DECISIONS_PLOT
+
+
 def write_report(
-    folder: Path, config: Any, summary: dict[str, Any], plots: list[str], decisions: pd.DataFrame
+    folder: Path, config: Any, scenario: Any, summary: dict[str, Any], plots: list[str], result: Any
 ) -> Path:
-    """A short Markdown report: configuration, summary figures, plots, decision modes."""
+    """A short Markdown report: configuration, summary figures, plots, decision modes, real-data sources."""
     lines = [
         f"# {summary['scenario']} run · policy {summary['policy']}",
         "",
-        f"{summary['agents']:,} agents, {summary['steps']} steps ({summary['first_date']} to {summary['last_date']}), "
-        f"seed {config.seed}, device {config.device}.",
+        f"{scenario.description}" if scenario.description else "",
+        "",
+        f"{summary['agents']:,} agents, {summary['steps']} {summary['step_unit']}s "
+        f"({summary['first_date']} to {summary['last_date']}), seed {config.seed}, device {config.device}.",
         "",
         "## Summary",
         "",
@@ -108,29 +117,39 @@ def write_report(
         "cache_hits",
         "tokens",
         "fallbacks",
-        "archetypes",
     ):
         if key in summary:
             value = summary[key]
             lines.append(f"| {key} | {value:,} |" if isinstance(value, int) else f"| {key} | {value} |")
+    for name, k in (summary.get("archetypes") or {}).items():
+        lines.append(f"| archetypes of decision {name} | {k:,} |")
     for key, value in (summary.get("totals") or {}).items():
         lines.append(f"| total {key} | {value:,.0f} |")
     if summary.get("llm"):
-        lines += [
-            "",
-            f"Model: `{summary['llm'].get('model')}` at {summary['llm'].get('url')} (mode {summary['llm'].get('mode')}).",
-        ]
+        llm = summary["llm"]
+        lines += ["", f"Model: `{llm.get('model')}` at {llm.get('url')} (mode {llm.get('mode')})."]
+    sources = [(q.name, q.real) for q in scenario.quantities if q.real]
+    if sources:
+        lines += ["", "Real series: " + "; ".join(f"{name}: {src}" for name, src in sources) + "."]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    decisions = result.decisions
     if len(decisions):
-        modes = decisions.drop_duplicates(["step", "archetype"]).groupby("mode").size()
-        lines += ["", "## Decisions", "", "| mode | archetype decisions |", "| --- | --- |"]
-        lines += [f"| {m} | {int(c):,} |" for m, c in modes.items()]
+        modes = (
+            decisions.drop_duplicates(["step", "decision", "archetype"])
+            .groupby(["decision", "mode"], observed=True)
+            .size()
+        )
+        lines += ["", "## Decisions", "", "| decision | mode | archetype decisions |", "| --- | --- | --- |"]
+        lines += [f"| {d} | {m} | {int(c):,} |" for (d, m), c in modes.items()]
     lines += [
         "",
         "## Configuration",
         "",
         "```json",
-        json.dumps(config.model_dump(mode="json"), indent=2),
+        json.dumps(
+            {"run": config.model_dump(mode="json"), "scenario": scenario.config.model_dump(mode="json")},
+            indent=2,
+        ),
         "```",
         "",
     ]

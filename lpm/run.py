@@ -1,8 +1,10 @@
 """A run: a scenario on the NYC population under a policy, written to a run folder.
 
-The folder holds ``config.json`` (the resolved configuration), ``trajectory.parquet`` (date × borough ×
-quantity), ``decisions.parquet`` (step × archetype × action probability, mode, cache hit),
-``summary.json``, PNG plots and ``report.md``; ``checkpoint.pt`` lets an interrupted run resume.
+The folder holds ``config.json`` (the resolved configuration), ``trajectory.parquet`` (step × quantity ×
+breakdown), ``decisions.parquet`` (step × decision × archetype × action probability, mode, cache hit),
+``summary.json``, the PNG plots the scenario declares, ``decisions.png`` and ``report.md``;
+``checkpoint.pt`` lets an interrupted run resume. Everything scenario-specific (the horizon's unit, the
+quantities, totals, plots and real series) is read off the scenario's declarations.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import datetime as dt
 import json
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from lpm.errors import InputError, validation_message
 from lpm.population import Population
 
-Scenario = Literal["covid", "labor"]
 PolicyName = Literal["heuristic", "llm", "agent-llm"]
 CacheMode = Literal["use", "refresh", "off", "replay"]
 
@@ -43,15 +44,24 @@ class RunConfig(BaseModel):
     """Everything that determines a run; saved as ``config.json`` in the run folder."""
 
     model_config = ConfigDict(extra="forbid")
-    scenario: Scenario = Field(description="covid (daily SEIR, weekly isolation) or labor (monthly work)")
+    scenario: str = Field(
+        min_length=1, description="a built-in scenario (lpm scenarios), or path/to/file.py:ClassName"
+    )
     policy: PolicyName = Field(
         default="heuristic", description="heuristic rules, one LLM query per archetype, or per agent"
     )
     agents: int | None = Field(default=None, gt=0, description="agents (default: the whole city, ≈ 8.34 M)")
     seed: int = Field(default=0, ge=0, description="seed of the population and of every random draw")
-    start: dt.date | None = Field(default=None, description="first simulated day (default: the scenario's)")
-    weeks: int | None = Field(default=None, gt=0, description="covid: weeks to simulate (default 8)")
-    months: int | None = Field(default=None, gt=0, description="labor: months to simulate (default 12)")
+    start: dt.date | None = Field(
+        default=None, description="date of the first step (default: the scenario's)"
+    )
+    steps: int | None = Field(default=None, gt=0, description="steps to simulate, in the scenario's unit")
+    days: int | None = Field(default=None, gt=0, description="or the horizon in days from the start")
+    weeks: int | None = Field(default=None, gt=0, description="or in weeks")
+    months: int | None = Field(default=None, gt=0, description="or in calendar months")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="scenario parameters overriding its defaults (--param NAME=VALUE)"
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     llm_url: str | None = Field(
         default=None, description="OpenAI-compatible base URL; default: start a local server"
@@ -71,13 +81,14 @@ class RunConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _horizon(self) -> RunConfig:
-        if self.scenario == "covid" and self.months is not None:
-            raise ValueError("the covid scenario steps in days: give --weeks, not --months")
-        if self.scenario == "labor" and self.weeks is not None:
-            raise ValueError("the labor scenario steps in months: give --months, not --weeks")
+    def _options(self) -> RunConfig:
+        horizons = [k for k in ("steps", "days", "weeks", "months") if getattr(self, k) is not None]
+        if len(horizons) > 1:
+            raise ValueError(f"give one horizon, not {' and '.join('--' + h for h in horizons)}")
         if self.policy == "heuristic" and (self.llm_url or self.llm_model):
             raise ValueError("--llm-url/--llm-model need --policy llm or agent-llm")
+        if "start" in self.params:
+            raise ValueError("give the start date with --start, not --param start=…")
         return self
 
     @classmethod
@@ -86,20 +97,30 @@ class RunConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            raise InputError(validation_message(exc, noun="run option", top="config")) from None
-
-    @property
-    def steps(self) -> int:
-        return (self.weeks or 8) * 7 if self.scenario == "covid" else (self.months or 12)
+            raise InputError(validation_message(exc, noun="run option", top="run options")) from None
 
     @property
     def uses_llm(self) -> bool:
         return self.policy != "heuristic"
 
+    def make_scenario(self) -> Any:
+        """The scenario object this configuration names (validated: an unknown scenario or parameter is an
+        :class:`InputError` naming it)."""
+        from lpm.scenarios import make_scenario
+
+        values = dict(self.params)
+        if self.start is not None:
+            values["start"] = self.start
+        return make_scenario(self.scenario, values)
+
+    def steps_for(self, scenario: Any) -> int:
+        """Steps of this run: the horizon given, converted to the scenario's steps, else its default."""
+        return scenario.steps_for(steps=self.steps, days=self.days, weeks=self.weeks, months=self.months)
+
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the horizon may grow)."""
         data = self.model_dump(mode="json")
-        for key in ("weeks", "months", "cache", "llm_url"):
+        for key in ("steps", "days", "weeks", "months", "cache", "llm_url"):
             data.pop(key)
         return data
 
@@ -111,38 +132,53 @@ class RunOutput:
     result: Any  # lpm.engine.RunResult
 
 
-def run(config: RunConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> RunOutput:
+#: Called when lpm starts the local model server (the CLI prints a line); ``None`` says nothing.
+Announce = Callable[[Any], None]
+
+
+def run(
+    config: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_server_start: Announce | None = None,
+) -> RunOutput:
     """Run ``config`` and write its folder ``out``; with ``resume`` continue from its checkpoint.
 
-    Without ``config.llm_url`` an LLM policy starts the local model server and stops it at the end.
+    Without ``config.llm_url`` an LLM policy starts the local model server (at the first cache miss) and
+    stops it at the end; ``on_server_start(server)`` is called just before. ``progress`` shows a progress
+    bar on stderr.
     """
     from lpm.engine import Simulation
-    from lpm.scenarios import make_scenario
 
     started = time.perf_counter()
     folder = Path(out)
-    params = {"start": config.start} if config.start else None
-    scenario = make_scenario(config.scenario, params)  # validates before anything is written
+    scenario = config.make_scenario()  # validates before anything is written
+    steps = config.steps_for(scenario)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise InputError(
             "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
         )
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
-    resolved = config.model_copy(update={"start": dt.date.fromisoformat(str(scenario.date(0).date()))})
-    with _policy(resolved, progress) as (policy, llm_info):
+    resolved = config.model_copy(update={"start": scenario.config.start, "steps": steps})
+    resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
+    with _policy(resolved, on_server_start) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
-        _claim_folder(folder, config, resume)  # only once every check above has passed
-        bar = _progress(config, progress)
+        _claim_folder(folder, resolved, resume)  # only once every check above has passed
+        bar = _progress(progress)
         with bar if bar is not None else nullcontext():
             if bar is not None:
                 task = bar.add_task(
-                    f"{config.scenario} · {config.policy} · {len(pop):,} agents", total=config.steps
+                    f"{scenario.name} · {config.policy} · {len(pop):,} agents",
+                    total=steps,
+                    unit=f"{scenario.step_unit}s",
                 )
                 sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
-            result = sim.run(config.steps, out_dir=folder, resume=resume)
+            result = sim.run(steps, out_dir=folder, resume=resume)
     wall = time.perf_counter() - started
-    summary = _summary(resolved, result, wall, llm_info)
-    _write(folder, resolved, llm_info, result, summary)
+    summary = _summary(resolved, scenario, result, wall, llm_info)
+    _write(folder, resolved, scenario, llm_info, result, summary)
     return RunOutput(folder=folder, summary=summary, result=result)
 
 
@@ -159,8 +195,6 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
         except (ValueError, KeyError, ValidationError) as exc:
             raise InputError(f"{saved}: not a run configuration of this lpm ({exc})") from None
         mine, theirs = config.fingerprint(), old.fingerprint()
-        if config.start is None:
-            theirs["start"] = None
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         if diff:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in diff)
@@ -178,7 +212,7 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
 
 
 @contextmanager
-def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, Any]]]:
+def _policy(config: RunConfig, on_server_start: Announce | None) -> Iterator[tuple[Any, dict[str, Any]]]:
     """The policy of ``config``; for LLM policies also the server (started here if needed) and the decider."""
     from lpm.policy import AgentLLMPolicy, ArchetypeLLMPolicy, HeuristicPolicy
 
@@ -189,14 +223,13 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
     from lpm.decision import Decider
     from lpm.endpoint import default_mode, llm_backend
 
-    announce = _announce_server if progress else None
     with llm_backend(
         config.llm_url,
         config.llm_model,
         cache_mode=config.cache,
         engine=config.engine,
         api_key_env=config.api_key_env,
-        on_start=announce,
+        on_start=on_server_start,
     ) as (backend, info):
         mode = default_mode(config.llm_mode, config.engine)
         decider = Decider(
@@ -213,15 +246,10 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
         yield cls(decider, fallback=fallback), info
 
 
-def _announce_server(server: Any) -> None:
-    from lpm.cli.display import console
-
-    console.print(f"starting the local model server (a cache miss; logs: {server.log_path}) ...")
-
-
-def _progress(config: RunConfig, enabled: bool):
+def _progress(enabled: bool) -> Any:
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -231,29 +259,30 @@ def _progress(config: RunConfig, enabled: bool):
         TimeRemainingColumn,
     )
 
-    from lpm.cli.display import console
-
-    unit = "days" if config.scenario == "covid" else "months"
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(unit),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=Console(stderr=True),
         transient=False,
     )
 
 
-def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -> dict[str, Any]:
+def _summary(
+    config: RunConfig, scenario: Any, result: Any, wall: float, llm: dict[str, Any]
+) -> dict[str, Any]:
     traj = result.trajectory
     totals = traj.groupby("quantity", observed=True)["value"].sum()
     summary = {
-        "scenario": config.scenario,
+        "scenario": scenario.name,
+        "scenario_class": f"{type(scenario).__module__}.{type(scenario).__qualname__}",
         "policy": config.policy,
         "agents": int(result.agents),
         "steps": int(result.steps),
+        "step_unit": scenario.step_unit,
         "first_date": str(traj["date"].min().date()),
         "last_date": str(traj["date"].max().date()),
         "wall_seconds": round(wall, 3),
@@ -265,28 +294,32 @@ def _summary(config: RunConfig, result: Any, wall: float, llm: dict[str, Any]) -
         ),
         "resumed_from_step": int(result.resumed_from),
         **{k: int(v) for k, v in result.counters.items()},
-        "archetypes": len(result.archetypes),
+        "archetypes": {name: len(table) for name, table in result.archetypes.items()},
+        "decisions": result.decision_counters,
         "llm": llm or None,
-        "totals": {str(k): float(v) for k, v in totals.items() if k in ("infections", "reported_cases")},
+        "totals": {q.name: float(totals.get(q.name, 0.0)) for q in scenario.quantities if q.total},
         "lpm": {"torch": torch.__version__, "python": platform.python_version()},
     }
     return summary
 
 
 def _write(
-    folder: Path, config: RunConfig, llm: dict[str, Any], result: Any, summary: dict[str, Any]
+    folder: Path, config: RunConfig, scenario: Any, llm: dict[str, Any], result: Any, summary: dict[str, Any]
 ) -> None:
     from lpm import report
 
     (folder / "config.json").write_text(
-        json.dumps({"run": config.model_dump(mode="json"), "llm": llm or None}, indent=2)
+        json.dumps(
+            {
+                "run": config.model_dump(mode="json"),
+                "scenario": scenario.config.model_dump(mode="json"),
+                "llm": llm or None,
+            },
+            indent=2,
+        )
     )
     result.trajectory.to_parquet(folder / "trajectory.parquet", index=False)
-    decisions = result.decisions.copy()
-    for col in decisions.columns:
-        if decisions[col].dtype == object and col not in ("mode",):
-            decisions[col] = decisions[col].astype(str)
-    decisions.to_parquet(folder / "decisions.parquet", index=False)
+    result.decisions.to_parquet(folder / "decisions.parquet", index=False)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    plots = report.plots(folder, config.scenario, result.trajectory, result.real, result.decisions)
-    report.write_report(folder, config, summary, plots, result.decisions)
+    plots = report.plots(folder, scenario, result)
+    report.write_report(folder, config, scenario, summary, plots, result)

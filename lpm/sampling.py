@@ -19,7 +19,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["UniformStream", "bernoulli_st", "categorical_st", "mix_key", "uniform"]
+__all__ = [
+    "HardSampler",
+    "Sampler",
+    "SoftSampler",
+    "UniformStream",
+    "bernoulli_st",
+    "categorical_st",
+    "mix_key",
+    "uniform",
+]
 
 _MASK64 = (1 << 64) - 1
 _M1 = 0x7FEB352D  # lowbias32 multipliers (C. Wellons, "Prospecting for hash functions", 2018)
@@ -115,3 +124,175 @@ def categorical_st(logits: torch.Tensor, u: torch.Tensor, tau: float = 1.0) -> t
     soft = torch.softmax(z / tau, dim=-1)
     hard = torch.nn.functional.one_hot(z.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard + (soft - soft.detach())
+
+
+# -- samplers: the only thing that differs between inference and differentiable mode ----------------
+
+
+class Sampler:
+    """How one run draws and represents discrete outcomes; a scenario's step calls only these operations,
+    so one implementation of a step serves both modes.
+
+    Two kinds: :class:`HardSampler` (inference: outcomes are bool tensors, categorical agent states are
+    integer codes, actions are int8 indices) and :class:`SoftSampler` (differentiable: outcomes are float
+    straight-through samples, states and actions are float one-hot rows, so a loss of the recorded series
+    has gradients). For the same seed both give the same forward values.
+
+    Randomness is counter-based (:func:`uniform`): the engine sets the step with :meth:`at`, and
+    ``uniform(stream)`` is then each agent's number for ``(seed, step, stream)``. Streams 0–15 belong to
+    the engine (decision ``i`` draws from stream ``i``); a scenario uses 16 and up.
+
+    Categorical agent states (e.g. compartments S, E, I, R) are built with :meth:`states` from integer
+    codes and read with :meth:`codes`, :meth:`member`, :meth:`tally`; :meth:`advance` moves the agents that
+    leave their state to the next one (a chain; the last state is absorbing).
+    """
+
+    differentiable: bool = False
+
+    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0):
+        self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
+        self.t = 0
+        self._uniforms = UniformStream(n, self.device)
+
+    def at(self, t: int) -> Sampler:
+        """Draw the numbers of step ``t`` from now on; returns self."""
+        self.t = int(t)
+        return self
+
+    def uniform(self, stream: int) -> torch.Tensor:
+        """(N,) float32 uniforms of this step and ``stream``; a buffer the next draw overwrites."""
+        return self._uniforms.draw(self.seed, self.t, stream)
+
+    def nbytes(self) -> int:
+        """Bytes of the per-agent buffers the sampler holds."""
+        u = self._uniforms
+        return sum(x.element_size() * x.numel() for x in (u.index, u._x, u._t, u._u))
+
+    @staticmethod
+    def _inverse_cdf(u: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """int8 (N,) index of the action each agent draws from row ``index`` of ``table`` (K, A)."""
+        cdf = torch.cumsum(table, dim=1)
+        action = torch.zeros(u.shape[0], dtype=torch.int8, device=u.device)
+        for a in range(table.shape[1] - 1):  # one uniform per agent, A - 1 comparisons
+            action += u >= cdf[:, a].index_select(0, index)
+        return action
+
+
+class HardSampler(Sampler):
+    """Inference mode: exact discrete draws in the smallest dtypes, no gradients."""
+
+    differentiable = False
+
+    def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
+        """bool (N,): each agent's outcome of probability ``p`` (N,)."""
+        return self.uniform(stream) < p
+
+    def categorical(self, table: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+        """int8 (N,): each agent's action drawn from row ``index`` (N,) of ``table`` (K, A)."""
+        return self._inverse_cdf(self.uniform(stream), table, index)
+
+    def chose(self, action: torch.Tensor, a: int) -> torch.Tensor:
+        """bool (N,): whether each agent took action ``a`` (agents without the decision hold -1)."""
+        return action == a
+
+    def hard(self, outcome: torch.Tensor) -> torch.Tensor:
+        """The outcome as a bool tensor (for indexing and ``torch.where``)."""
+        return outcome
+
+    def states(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """The representation of categorical agent states from uint8 codes (N,) in ``0..k-1``: the codes."""
+        return codes.to(torch.uint8)
+
+    def codes(self, states: torch.Tensor) -> torch.Tensor:
+        """Integer code (N,) of each agent's state."""
+        return states
+
+    def member(self, states: torch.Tensor, s: int) -> torch.Tensor:
+        """bool (N,): whether each agent is in state ``s``."""
+        return states == s
+
+    def tally(
+        self, states: torch.Tensor, k: int, index: torch.Tensor, bins: int, flag: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """float32 counts of agents by state × ``index`` bin: (k, bins), or (k, bins, 2) split by ``flag``."""
+        key = states.to(torch.int32)
+        if flag is None:
+            key.mul_(bins).add_(index)
+            size = k * bins
+        else:
+            key.mul_(2 * bins).add_(index, alpha=2).add_(flag)
+            size = 2 * k * bins
+        counts = torch.bincount(key, minlength=size).to(torch.float32)
+        return counts.view(k, bins) if flag is None else counts.view(k, bins, 2)
+
+    def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
+        """float32 (bins,): agents per ``index`` bin among those ``where`` holds."""
+        key = torch.where(where, index, bins)
+        return torch.bincount(key, minlength=bins + 1)[:bins].to(torch.float32)
+
+    def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""
+        return table.reshape(-1).index_select(0, torch.add(flag, index, alpha=2))
+
+    def advance(self, states: torch.Tensor, k: int, leave: torch.Tensor) -> torch.Tensor:
+        """States after the agents where ``leave`` holds moved to the next of the ``k`` states (the last one
+        is absorbing); a fresh tensor."""
+        return (states + leave).clamp_max_(k - 1)
+
+
+class SoftSampler(Sampler):
+    """Differentiable mode: forward values equal :class:`HardSampler`'s; the backward pass sees the
+    straight-through surrogates (the probability of a Bernoulli or categorical draw), so sums over many
+    agents get one-step gradients of their expected values. States and actions are float one-hot rows."""
+
+    differentiable = True
+
+    def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
+        """float (N,) straight-through sample: forward ``u < p``, backward d/dp = 1."""
+        return bernoulli_st(p, self.uniform(stream))
+
+    def categorical(self, table: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+        """float (N, A) straight-through one-hot: forward the hard draw, backward the gradient of the row's
+        probabilities (``probs[index]``)."""
+        probs = table.index_select(0, index)
+        hard = self._inverse_cdf(self.uniform(stream), table.detach(), index)
+        onehot = torch.nn.functional.one_hot(hard.long(), table.shape[1]).to(probs.dtype)
+        return onehot + (probs - probs.detach())
+
+    def chose(self, action: torch.Tensor, a: int) -> torch.Tensor:
+        return action[:, a]
+
+    def hard(self, outcome: torch.Tensor) -> torch.Tensor:
+        return outcome.detach() > 0.5
+
+    def states(self, codes: torch.Tensor, k: int) -> torch.Tensor:
+        """float (N, k) one-hot rows."""
+        return torch.nn.functional.one_hot(codes.long(), k).to(torch.float32)
+
+    def codes(self, states: torch.Tensor) -> torch.Tensor:
+        return states.detach().argmax(dim=1)
+
+    def member(self, states: torch.Tensor, s: int) -> torch.Tensor:
+        return states[:, s]
+
+    def tally(
+        self, states: torch.Tensor, k: int, index: torch.Tensor, bins: int, flag: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        index = index.long()
+        zeros = torch.zeros(bins, k, device=states.device, dtype=states.dtype)
+        if flag is None:
+            return zeros.index_add(0, index, states).T
+        parts = [zeros.index_add(0, index, states * w[:, None]) for w in (1.0 - flag, flag)]
+        return torch.stack(parts, dim=2).transpose(0, 1)  # (k, bins, 2)
+
+    def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(bins, device=where.device, dtype=where.dtype).index_add(0, index.long(), where)
+
+    def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+        rows = table.index_select(0, index.long())
+        return rows[:, 0] * (1.0 - flag) + rows[:, 1] * flag  # exact at flag 0 or 1; d/dflag = difference
+
+    def advance(self, states: torch.Tensor, k: int, leave: torch.Tensor) -> torch.Tensor:
+        out = states[:, :-1] * leave[:, None]  # what leaves each state but the last (absorbing) one
+        pad = torch.nn.functional.pad
+        return states - pad(out, (0, 1)) + pad(out, (1, 0))

@@ -27,7 +27,8 @@ def test_params_validated():
         CovidScenario({"betta": 0.1})
     with pytest.raises(InputError, match="share_zip"):
         CovidScenario({"share_zip": 0.8, "share_borough": 0.5})
-    assert make_scenario("covid", {"beta": 0.02}).params.beta == 0.02
+    assert make_scenario("covid", {"beta": 0.02}).config.beta == 0.02
+    assert make_scenario("covid", beta=0.03).config.beta == 0.03
 
 
 def test_tables():
@@ -41,17 +42,20 @@ def test_tables():
 
 def test_seeding_and_context_follow_real_cases(pop):
     sim = _sim(pop, diff=False)
-    state = sim.initial_state()
+    state = sim.initial_state().scenario
     infectious = int((state["comp"] == 2).sum())
     assert 50 < infectious < 2000  # real cases of 2020-03-16..22 / 0.1 × 20k / 8.34M ≈ 600
-    ctx = sim.scenario.observe(state, 0)
+    ctx = sim.scenario.observe(sim.world, state, 0)
     assert ctx["week"] == 2 and ctx["cases"] > 1000 and ctx["cases_change"] > 0
 
 
 def test_differentiable_forward_equals_inference(pop):
+    """One implementation of a day: only the sampler differs, and the forward values are the same."""
     soft = _sim(pop).run(10)
     hard = _sim(pop, diff=False).run(10)
     pd.testing.assert_frame_equal(soft.trajectory, hard.trajectory)
+    pd.testing.assert_frame_equal(soft.decisions, hard.decisions)
+    assert soft.series["infections"].requires_grad and not hard.series["infections"].requires_grad
 
 
 def test_one_step_gradient_equals_expected_value_derivative(pop):
@@ -64,13 +68,13 @@ def test_one_step_gradient_equals_expected_value_derivative(pop):
     def expected(beta: float) -> float:
         s = _sim(pop, beta=beta)
         with torch.no_grad():
-            state = s.initial_state()
-            probs = s.policy.decide(s.scenario.observe(state, 0), step=0).probs
-            keep = 1 - s.scenario.params.isolation_effect * s._sample(probs, 0)[:, 0]
-            x = state["x"]
-            cell = s.scenario.cell.long()
-            weighted = torch.zeros(s.scenario.nc).index_add(0, cell, x[:, 2] * keep)
-            lam = s.scenario.force(weighted, torch.tensor(beta))
+            start = s.initial_state()
+            iso = s.step(start, 0).actions["isolation"][:, 0]  # the day's decisions (independent of beta)
+            w, c, x = s.world, s.scenario.config, start.scenario["comp"]
+            cell = w.cell.long()
+            keep = 1 - c.isolation_effect * iso
+            weighted = torch.zeros(w.nc).index_add(0, cell, x[:, 2] * keep)
+            lam = s.scenario.force(w, weighted, torch.tensor(beta))
             return float((x[:, 0] * -torch.expm1(-lam[cell] * keep)).double().sum())
 
     h = 1e-3
@@ -98,12 +102,12 @@ def test_offsets_and_loss_get_gradients(pop):
     loss = weekly_mse(r.series["reported_cases"], r.real, pop.labels("borough"), pd.Timestamp("2020-03-16"))
     loss.backward()
     assert torch.isfinite(loss) and float(sim.params["beta"].grad) != 0
-    g = sim.params["offsets"].grad
+    g = sim.params["offsets.isolation"].grad
     assert g.shape == (100, 2) and float(g.abs().sum()) > 0
     # more isolation -> fewer cases: d(total cases)/d(offset of isolate) < 0 summed over archetypes
     sim2 = _sim(pop)
     sim2.run(14).series["reported_cases"].sum().backward()
-    assert float(sim2.params["offsets"].grad[:, 0].sum()) < 0
+    assert float(sim2.params["offsets.isolation"].grad[:, 0].sum()) < 0
 
 
 def test_offset_gradient_against_finite_differences(pop):
@@ -113,7 +117,7 @@ def test_offset_gradient_against_finite_differences(pop):
     steps = 14
     sim = _sim(pop)
     sim.run(steps).series["infections"].sum().backward()
-    grad = float(sim.params["offsets"].grad[:, 0].sum())
+    grad = float(sim.params["offsets.isolation"].grad[:, 0].sum())
 
     def f(delta: float) -> float:
         offsets = torch.zeros(100, 2)

@@ -73,7 +73,7 @@ def test_frames_shapes(pop10k):
     assert list(r.trajectory.columns) == ["step", "date", "borough", "quantity", "value"]
     assert len(r.trajectory) == 8 * 5 * len(CovidScenario.quantities)
     # weekly decisions: steps 0 and 7, 100 archetypes, 2 actions
-    assert len(r.decisions) == 2 * 100 * 2
+    assert len(r.decisions) == 2 * 100 * 2 and set(r.decisions["decision"]) == {"isolation"}
     assert set(r.decisions["mode"]) == {"heuristic"}
     assert {"age_group", "sex", "borough", "action", "probability", "cached"} <= set(r.decisions.columns)
     assert set(r.real["quantity"]) == {"reported_cases"} and r.real["date"].nunique() == 8
@@ -102,8 +102,9 @@ def test_resume_equals_uninterrupted_run(pop10k, tmp_path):
     assert resumed.resumed_from == 9
     pd.testing.assert_frame_equal(whole.trajectory, resumed.trajectory)
     pd.testing.assert_frame_equal(whole.decisions, resumed.decisions)
-    for key in whole.state:
-        assert torch.equal(whole.state[key], resumed.state[key]), key
+    for key in whole.state.scenario:
+        assert torch.equal(whole.state.scenario[key], resumed.state.scenario[key]), key
+    assert torch.equal(whole.state.actions["isolation"], resumed.state.actions["isolation"])
     # a checkpoint of another run is refused
     with pytest.raises(InputError, match="different run"):
         Simulation(CovidScenario(), pop10k, HeuristicPolicy(), seed=6).run(
@@ -134,20 +135,24 @@ def test_archetype_llm_policy_with_scripted_decider(pop10k):
 
 def test_context_by_attribute_splits_requests(pop3k):
     from lpm.archetype import ArchetypeSpec
+    from lpm.scenarios.labor import LaborScenario
 
     spec = ArchetypeSpec.load("labor_work")
     decider = ScriptedDecider()
     policy = ArchetypeLLMPolicy(decider)
-    policy.setup(spec, pop3k, spec.group(pop3k))
+    archetypes = policy.setup(LaborScenario.decisions[0], spec, pop3k, spec.group(pop3k))
     rates = {b: float(i) for i, b in enumerate(pop3k.labels("borough"))}
     d = policy.decide(
-        {"month": "April 2020", "cases": 1.0, "unemployment_rate": ByAttribute("borough", rates)}, step=0
+        archetypes,
+        {"month": "April 2020", "cases": 1.0, "unemployment_rate": ByAttribute("borough", rates)},
+        step=0,
     )
-    assert len(decider.calls) == 5 and d.probs.shape == (policy.grouping.k, 2)
+    assert len(decider.calls) == 5 and d.probs.shape == (archetypes.k, 2)
     assert sorted(c[1]["unemployment_rate"] for c in decider.calls) == [0.0, 1.0, 2.0, 3.0, 4.0]
-    resolved = resolve_context(policy.rows, {"x": ByAttribute("borough", rates), "y": 2})
+    resolved = resolve_context(archetypes.rows, {"x": ByAttribute("borough", rates), "y": 2})
     assert all(
-        r["x"] == rates[row["borough"]] and r["y"] == 2 for r, row in zip(resolved, policy.rows, strict=True)
+        r["x"] == rates[row["borough"]] and r["y"] == 2
+        for r, row in zip(resolved, archetypes.rows, strict=True)
     )
 
 
@@ -155,7 +160,8 @@ def test_agent_llm_policy_one_row_per_agent(pop3k, pop10k):
     decider = ScriptedDecider()
     r = _run(pop3k, steps=2, policy=AgentLLMPolicy(decider))
     assert decider.calls[0][0] == len(pop3k)
-    assert {"age", "zip"} <= set(r.archetypes.columns) and len(r.archetypes) == len(pop3k)
+    table = r.archetypes["isolation"]
+    assert {"age", "zip"} <= set(table.columns) and len(table) == len(pop3k)
     with pytest.raises(InputError, match="5,000"):
         Simulation(CovidScenario(), pop10k, AgentLLMPolicy(ScriptedDecider()))
 
@@ -169,6 +175,8 @@ def test_offsets_shift_decisions(pop10k):
     assert iso(shifted) > iso(base) + 0.1 * len(pop10k)
     with pytest.raises(InputError, match="offsets"):
         Simulation(CovidScenario(), pop10k, HeuristicPolicy(), offsets=torch.zeros(3, 2))
+    with pytest.raises(InputError, match="unknown decision"):
+        Simulation(CovidScenario(), pop10k, HeuristicPolicy(), offsets={"vaccination": torch.zeros(100, 2)})
 
 
 def test_population_missing_an_attribute_is_a_clear_error(pop10k):

@@ -15,7 +15,7 @@ def pop() -> Population:
 
 def test_labor_runs_end_to_end(pop):
     sim = Simulation(LaborScenario(), pop, HeuristicPolicy(), seed=2)
-    ctx = sim.scenario.observe(sim.initial_state(), 1)
+    ctx = sim.scenario.observe(sim.world, sim.initial_state().scenario, 1)
     assert ctx["month"] == "April 2020" and ctx["cases"] > 10_000
     assert isinstance(ctx["unemployment_rate"], ByAttribute)
     r = sim.run(6)
@@ -28,13 +28,13 @@ def test_labor_runs_end_to_end(pop):
     real = r.real
     assert set(real["quantity"]) == {"unemployment_rate"} and real["date"].nunique() == 6
     # only labor-force members decide
-    assert int(r.archetypes["agents"].sum()) == int(pop["labor_force"].sum())
+    assert int(r.archetypes["work"]["agents"].sum()) == int(pop["labor_force"].sum())
     again = Simulation(LaborScenario(), pop, HeuristicPolicy(), seed=2).run(6)
     assert r.trajectory.equals(again.trajectory)
 
 
 def test_labor_params_and_mode(pop):
-    with pytest.raises(InputError, match="start"):
+    with pytest.raises(InputError, match="labor.py: class LaborScenario: parameter 'start'"):
         LaborScenario({"start": "2020-03-15"})
     with pytest.raises(InputError, match="inference mode"):
         Simulation(LaborScenario(), pop, HeuristicPolicy(), differentiable=True)

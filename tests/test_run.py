@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from fake_server import FakeServer
 
 from lpm.errors import InputError, LLMError
+from lpm.population import Population
 from lpm.run import SUMMARY_KEYS, RunConfig, run
+from lpm.scenarios import available_scenarios, scenario_class
 from lpm.server import metrics
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 FILES = (
     "config.json",
@@ -20,30 +25,49 @@ FILES = (
     "report.md",
     "decisions.png",
 )
+#: Every built-in scenario (found by scanning lpm.scenarios), and the template outside the package.
+SCENARIOS = [*available_scenarios(), str(EXAMPLES / "sir.py") + ":SIR"]
 
 
-def check_folder(folder, scenario):
-    for name in FILES + ({"covid": "cases.png", "labor": "unemployment.png"}[scenario],):
+def check_folder(folder, scenario_ref):
+    """The run folder has every file, and every Parquet file opens in pandas with its labels."""
+    cls = scenario_class(scenario_ref)
+    for name in FILES + tuple(p.file for p in cls.plots):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
     for key in SUMMARY_KEYS:
         assert key in summary, key
     traj = pd.read_parquet(folder / "trajectory.parquet")
-    assert list(traj.columns) == ["step", "date", "borough", "quantity", "value"]
+    bys = list(dict.fromkeys(q.by for q in cls.quantities if q.by))
+    assert list(traj.columns) == ["step", "date", *bys, "quantity", "value"]
     assert traj["step"].nunique() == summary["steps"]
+    assert set(traj["quantity"]) == {q.name for q in cls.quantities}
     decisions = pd.read_parquet(folder / "decisions.parquet")
-    per_row = decisions.groupby(["step", "archetype"])["probability"].sum()
+    per_row = decisions.groupby(["step", "decision", "archetype"], observed=True)["probability"].sum()
     assert ((per_row - 1).abs() < 1e-5).all()
-    assert "![cases.png]" in (folder / "report.md").read_text() or scenario == "labor"
+    assert set(decisions["decision"]) == {d.name for d in cls.decisions}
+    for frame, categorical in ((traj, [*bys, "quantity"]), (decisions, ["decision", "action", "mode"])):
+        for col in categorical:
+            assert isinstance(frame[col].dtype, pd.CategoricalDtype), col
+    for spec in cls.specs().values():
+        for attr in spec.attribute_names:
+            assert isinstance(decisions[attr].dtype, pd.CategoricalDtype), attr
+    report = (folder / "report.md").read_text()
+    assert all(f"![{p.file}]" in report for p in cls.plots)
     return summary, traj, decisions
 
 
-@pytest.mark.parametrize("scenario,horizon", [("covid", {"weeks": 2}), ("labor", {"months": 3})])
-def test_heuristic_runs_write_every_file(tmp_path, scenario, horizon):
-    out = run(RunConfig.build(scenario=scenario, agents=20_000, **horizon), tmp_path / "r", progress=False)
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_heuristic_runs_write_every_file(tmp_path, scenario):
+    steps = {"day": 14, "week": 2, "month": 3}[scenario_class(scenario).step_unit]
+    out = run(RunConfig.build(scenario=scenario, agents=20_000, steps=steps), tmp_path / "r", progress=False)
     summary, traj, decisions = check_folder(out.folder, scenario)
-    assert summary["agents"] == 20_000 and summary["llm_queries"] == 0
+    assert summary["agents"] == 20_000 and summary["llm_queries"] == 0 and summary["steps"] == steps
     assert set(decisions["mode"]) == {"heuristic"}
+    population = tmp_path / "pop.parquet"
+    Population.synthesize("nyc", agents=1_000, seed=1).save(population)
+    labels = pd.read_parquet(population)
+    assert labels["borough"].iloc[0] == "Bronx" and isinstance(labels["zip"].dtype, pd.CategoricalDtype)
 
 
 def test_existing_folder_is_never_overwritten(tmp_path):
@@ -95,17 +119,40 @@ def test_resume_extends_a_finished_run_exactly(tmp_path):
 @pytest.mark.parametrize(
     "values,needle",
     [
-        ({"scenario": "flu"}, "'scenario'"),
         ({"scenario": "covid", "policy": "magic"}, "'policy'"),
         ({"scenario": "covid", "device": "tpu"}, "'device'"),
         ({"scenario": "covid", "weeks": 0}, "'weeks'"),
-        ({"scenario": "covid", "months": 2}, "give --weeks"),
+        ({"scenario": "covid", "weeks": 2, "days": 3}, "give one horizon, not --days and --weeks"),
         ({"scenario": "covid", "llm_url": "http://x"}, "need --policy llm"),
     ],
 )
 def test_bad_options(values, needle):
     with pytest.raises(InputError, match=needle):
         RunConfig.build(**values)
+
+
+@pytest.mark.parametrize(
+    "values,needle",
+    [
+        ({"scenario": "flu"}, "unknown scenario 'flu'"),
+        ({"scenario": "labor", "weeks": 2}, "steps in months: 2 weeks is not a whole number of steps"),
+        ({"scenario": "covid", "params": {"betta": 1}}, "covid.py: class CovidScenario: parameter 'betta'"),
+        ({"scenario": "covid", "params": {"beta": -1}}, "parameter 'beta': Input should be greater than 0"),
+    ],
+)
+def test_bad_scenario_options_write_nothing(tmp_path, values, needle):
+    with pytest.raises(InputError, match=needle):
+        run(RunConfig.build(agents=1000, **values), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def test_horizons_in_calendar_units():
+    covid, labor = RunConfig.build(scenario="covid"), RunConfig.build(scenario="labor")
+    assert covid.steps_for(covid.make_scenario()) == 56 and labor.steps_for(labor.make_scenario()) == 12
+    config = RunConfig.build(scenario="covid", months=1, start="2020-03-16")
+    assert config.steps_for(config.make_scenario()) == 31  # 2020-03-16 .. 2020-04-15
+    config = RunConfig.build(scenario="labor", months=3)
+    assert config.steps_for(config.make_scenario()) == 3
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
@@ -145,7 +192,7 @@ def test_failed_model_calls_stop_the_run_or_fall_back_counted(tmp_path, monkeypa
             run(RunConfig.build(**base), tmp_path / "stop", progress=False)
         out = run(RunConfig.build(**base, on_llm_failure="heuristic"), tmp_path / "fallback", progress=False)
     summary, _, decisions = check_folder(out.folder, "covid")
-    modes = decisions.drop_duplicates(["step", "archetype"]).set_index("archetype")["mode"]
+    modes = decisions.drop_duplicates(["step", "archetype"]).set_index("archetype")["mode"].astype(str)
     bronx = decisions.drop_duplicates("archetype").set_index("archetype")["borough"] == "Bronx"
     assert summary["fallbacks"] == int(bronx.sum()) == 20  # 10 age groups x 2 sexes
     assert (modes[bronx] == "fallback-heuristic").all() and (modes[~bronx] != "fallback-heuristic").all()
@@ -167,7 +214,7 @@ def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch)
     )
     first = run(config, tmp_path / "first", progress=False)
     summary, traj, decisions = check_folder(first.folder, "covid")
-    k = summary["archetypes"]
+    k = summary["archetypes"]["isolation"]
     assert k == 100
     assert 0 < summary["llm_queries"] <= 2 * k  # two weekly decisions; identical prompts are asked once
     assert summary["tokens"] > 0
@@ -214,7 +261,7 @@ def test_agent_llm_policy_asks_per_agent(vllm_server, tmp_path, monkeypatch):
         llm_model=vllm_server.model,
     )
     summary, _, decisions = check_folder(run(config, tmp_path / "r", progress=False).folder, "covid")
-    assert summary["archetypes"] == 300
+    assert summary["archetypes"] == {"isolation": 300}
     assert summary["llm_queries"] > 250  # one prompt per agent (a few agents share age, ZIP and group)
 
 

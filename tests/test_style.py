@@ -15,6 +15,6 @@ RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.whi
 @pytest.mark.parametrize("args", [["check"], ["format", "--check"]])
 def test_ruff(args):
     res = subprocess.run(
-        [RUFF, *args, "lpm", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+        [RUFF, *args, "lpm", "tests", "benchmarks", "examples"], cwd=ROOT, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout + res.stderr

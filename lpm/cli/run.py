@@ -1,4 +1,4 @@
-"""``lpm run covid|labor``."""
+"""``lpm run SCENARIO``: a built-in scenario or one of your own (``path/to/file.py:ClassName``)."""
 
 from __future__ import annotations
 
@@ -8,21 +8,31 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
+from lpm.cli.options import parse_pairs
 
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_command(
-        scenario: str = typer.Argument(..., help="covid or labor"),
+        scenario: str = typer.Argument(
+            ..., help="a scenario: a name from `lpm scenarios`, or path/to/file.py:ClassName"
+        ),
         policy: str = typer.Option(
             "heuristic", "--policy", help="heuristic, llm (one query per archetype) or agent-llm"
         ),
         agents: int = typer.Option(None, "--agents", "-n", help="agents (default: the whole city, ≈ 8.34 M)"),
         start: str = typer.Option(
-            None, "--start", help="first simulated day, YYYY-MM-DD (default: the scenario's)"
+            None, "--start", help="date of the first step, YYYY-MM-DD (default: the scenario's)"
         ),
-        weeks: int = typer.Option(None, "--weeks", help="covid: weeks to simulate (default 8)"),
-        months: int = typer.Option(None, "--months", help="labor: months to simulate (default 12)"),
+        steps: int = typer.Option(
+            None, "--steps", help="steps to simulate (default: the scenario's horizon)"
+        ),
+        days: int = typer.Option(None, "--days", help="or the horizon in days"),
+        weeks: int = typer.Option(None, "--weeks", help="or in weeks"),
+        months: int = typer.Option(None, "--months", help="or in calendar months"),
+        param: list[str] = typer.Option(
+            [], "--param", "-p", metavar="NAME=VALUE", help="a scenario parameter; repeat for each"
+        ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of every random draw"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         llm_url: str = typer.Option(
@@ -57,8 +67,11 @@ def register(app: typer.Typer) -> None:
             agents=agents,
             seed=seed,
             start=start_date,
+            steps=steps,
+            days=days,
             weeks=weeks,
             months=months,
+            params=parse_pairs(param, "--param", "beta=0.05"),
             device=device,
             llm_url=llm_url,
             llm_model=llm_model,
@@ -71,12 +84,20 @@ def register(app: typer.Typer) -> None:
         if out is None:
             if resume:
                 raise InputError("--resume needs the --out folder of the run to continue")
-            out = Path("runs") / f"{scenario}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        result = run(config, out, resume=resume)
+            name = config.make_scenario().name
+            out = Path("runs") / f"{name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        result = run(
+            config,
+            out,
+            resume=resume,
+            on_server_start=lambda server: console.print(
+                f"starting the local model server (a cache miss; logs: {server.log_path}) ..."
+            ),
+        )
         s = result.summary
         console.print(
-            f"[bold]{s['scenario']}[/] · policy {s['policy']} · {s['agents']:,} agents · {s['steps']} steps "
-            f"({s['first_date']} .. {s['last_date']})"
+            f"[bold]{s['scenario']}[/] · policy {s['policy']} · {s['agents']:,} agents · {s['steps']} "
+            f"{s['step_unit']}s ({s['first_date']} .. {s['last_date']})"
         )
         console.print(
             f"wall {s['wall_seconds']:.1f} s, in steps {s['step_seconds']:.1f} s "

@@ -1,7 +1,8 @@
 """COVID-19 in New York City: a daily SEIR model whose agents decide weekly whether to isolate.
 
-State per agent: compartment ``comp`` (uint8: 0 susceptible, 1 exposed, 2 infectious, 3 recovered) and
-``days`` in it (uint8, saturating at 255); ``action`` (the engine's: 0 isolate, 1 go out).
+State per agent: compartment ``comp`` (0 susceptible, 1 exposed, 2 infectious, 3 recovered; uint8 codes in
+inference mode, float one-hot rows in differentiable mode) and ``days`` in it (uint8, saturating at 255);
+the decision ``isolation`` (actions ``isolate``, ``go out``; spec ``covid_isolation``) is the engine's.
 
 Durations: time in E and in I are discretised gamma distributions; each day an agent leaves its
 compartment with the hazard of its days-in-state. Means from the literature:
@@ -24,6 +25,10 @@ O(N): one ``bincount`` of infectious agents per (ZIP × band × isolation) cell,
 forces, and one gather per agent. Reported cases are the detected fraction of new infections (the
 expected value, which keeps the series differentiable).
 
+A day, in the order :meth:`CovidScenario.step` reads: (1) who is where: agents by compartment × cell ×
+isolating; (2) the force of infection per cell; (3) leaving a compartment: infection for S, the end of the
+duration for E and I; (4) reporting; (5) the next state and the day's records.
+
 Seeding: infectious agents per borough = the borough's real cases reported in the first 7 days /
 detected fraction (× agents / city population): cases are reported about a week after infection
 (incubation plus testing delay), so the week after the start shows who is infected at the start;
@@ -35,25 +40,30 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lpm import nyc
 from lpm.errors import InputError
+from lpm.policy import age_of, sigmoid
 from lpm.population import Population
-from lpm.sampling import bernoulli_st
-from lpm.scenarios import Draw, Scenario, parse_params
+from lpm.sampling import Sampler
+from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig
 
-__all__ = ["CovidParams", "CovidScenario", "contact_matrix"]
+__all__ = ["CovidConfig", "CovidScenario", "contact_matrix", "isolation_rule"]
 
 FIRST_CASE = pd.Timestamp("2020-02-29")  # the city's first reported case
 S, E, I, R = 0, 1, 2, 3  # noqa: E741 (compartment codes)
+COMPARTMENTS = 4
 MAX_DAYS = 256
+ISOLATE = 0  # action index of the isolation decision
 STREAM_TRANSITION, STREAM_SEED, STREAM_SEED_DAYS = 16, 17, 18
+CASES_SOURCE = "NYC DOHMH cases-by-day.csv, confirmed + probable, scaled to the population"
 
 #: Mean daily contacts by age of participant, POLYMOD (Mossong et al., PLoS Med 2008, table 1, all
 #: countries), averaged onto the health department's 10 age bands.
@@ -90,10 +100,22 @@ def gamma_hazard(mean: float, shape: float, days: int = MAX_DAYS) -> torch.Tenso
     return h.clamp(0.0, 1.0).to(torch.float32)
 
 
-class CovidParams(BaseModel):
-    """Parameters of the COVID scenario; one line each, with units. Unknown keys are rejected."""
+def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
+    """P(isolate): rises with weekly cases per 100,000 (log scale), with a rising trend and with age.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    rows: K archetype attributes; ctx: K resolved contexts (``cases`` per week citywide,
+    ``cases_change`` percent). Returns (K,) probabilities. About 8 % at no cases, 50 % for a 40-year-old
+    at 200 weekly cases per 100,000, higher for older residents.
+    """
+    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
+    change = ctx["cases_change"].astype(float).to_numpy() if "cases_change" in ctx else np.zeros(len(ctx))
+    x = -2.4 + 0.85 * np.log1p(per_100k) + 0.004 * np.clip(change, -100, 200) + 0.03 * (age_of(rows) - 40)
+    return sigmoid(x)
+
+
+class CovidConfig(ScenarioConfig):
+    """Configuration of the COVID scenario; one line each, with units. Unknown keys are rejected."""
+
     start: dt.date = Field(
         default=dt.date(2020, 3, 16), description="first simulated day (2020-03-01 .. 2021-12-31)"
     )
@@ -125,254 +147,270 @@ class CovidParams(BaseModel):
         default=0.3, ge=0, le=1, description="share of contacts within the borough; rest citywide"
     )
 
+    @field_validator("start")
+    @classmethod
+    def _start(cls, start: dt.date) -> dt.date:
+        if not dt.date(2020, 3, 1) <= start <= dt.date(2021, 12, 31):
+            raise ValueError("start must lie in 2020-03-01 .. 2021-12-31 (the case data)")
+        return start
+
     @model_validator(mode="after")
-    def _check(self) -> CovidParams:
+    def _shares(self) -> CovidConfig:
         if self.share_zip + self.share_borough > 1:
             raise ValueError(
                 f"share_zip + share_borough must be <= 1, got {self.share_zip} + {self.share_borough}"
             )
-        if not dt.date(2020, 3, 1) <= self.start <= dt.date(2021, 12, 31):
-            raise ValueError(f"start must lie in 2020-03-01 .. 2021-12-31 (the case data), got {self.start}")
         return self
 
 
-class CovidScenario(Scenario):
-    """Daily SEIR epidemic in NYC with weekly isolation decisions (spec ``covid_isolation``).
+@dataclass(frozen=True)
+class CovidWorld:
+    """What a COVID run needs that does not change (owned by the simulation).
 
-    Recorded per borough each day: ``infections`` (new), ``reported_cases`` (detected × infections),
-    ``susceptible``, ``exposed``, ``infectious``, ``recovered`` (at the start of the day) and
-    ``isolating`` (agents whose current action is isolate).
+    cell: (N,) int32 (ZIP area, age band) cell of each agent; borough: (N,) int32. zip_borough: (Z,) borough
+    of each ZIP area; borough_of_cell: (C,). inv_zip (Z, bands), inv_borough (B, bands), inv_city (bands,):
+    1 / residents of each band at each level. contacts_t: (b, a) contact matrix, transposed.
+    contact_kept: (2,) share of contacts kept going out / isolating. hazard: (4 * 256,) daily probability of
+    leaving compartment c after d days, at ``c * 256 + d``. residents: (B,). scale: agents / city residents.
     """
 
-    name: ClassVar[str] = "covid"
-    spec_name: ClassVar[str] = "covid_isolation"
-    step_unit: ClassVar[str] = "day"
-    actions: ClassVar[tuple[str, ...]] = ("isolate", "go out")
-    needs: ClassVar[tuple[str, ...]] = ("borough", "zip", "age_group")
-    quantities: ClassVar[tuple[str, ...]] = (
-        "infections",
-        "reported_cases",
-        "susceptible",
-        "exposed",
-        "infectious",
-        "recovered",
-        "isolating",
+    n: int
+    boroughs: list[str]
+    nb: int
+    nz: int
+    nc: int
+    scale: float
+    cell: torch.Tensor
+    borough: torch.Tensor
+    zip_borough: torch.Tensor
+    borough_of_cell: torch.Tensor
+    inv_zip: torch.Tensor
+    inv_borough: torch.Tensor
+    inv_city: torch.Tensor
+    contacts_t: torch.Tensor
+    contact_kept: torch.Tensor
+    hazard: torch.Tensor
+    residents: torch.Tensor
+
+    def by_borough(self, per_cell: torch.Tensor) -> torch.Tensor:
+        """(B,) sums of a (C,) per-cell vector over each borough's cells."""
+        return torch.zeros(self.nb, device=per_cell.device, dtype=per_cell.dtype).index_add(
+            0, self.borough_of_cell, per_cell
+        )
+
+
+class CovidScenario(Scenario):
+    """Daily SEIR epidemic in NYC with weekly isolation decisions (spec ``covid_isolation``)."""
+
+    name = "covid"
+    description = (
+        "COVID-19 in New York City: daily SEIR with ZIP/borough/city mixing, weekly isolation decisions"
+    )
+    step_unit = "day"
+    horizon = 56
+    Config = CovidConfig
+    learnable = ("beta",)
+    needs = ("borough", "zip", "age_group")
+    quantities = (
+        Quantity("infections", "new infections per day", total=True),
+        Quantity(
+            "reported_cases",
+            "new reported cases per day (detected × infections)",
+            total=True,
+            real=CASES_SOURCE,
+        ),
+        Quantity("susceptible", "susceptible agents at the start of the day"),
+        Quantity("exposed", "exposed (infected, not yet infectious) agents at the start of the day"),
+        Quantity("infectious", "infectious agents at the start of the day"),
+        Quantity("recovered", "recovered agents at the start of the day"),
+        Quantity("isolating", "agents whose current action is isolate"),
+    )
+    decisions = (
+        Decision(
+            "isolation",
+            spec="covid_isolation",
+            actions=("isolate", "go out"),
+            heuristic={"isolate": isolation_rule},
+            plot="isolate",
+        ),
+    )
+    plots = (
+        Plot(
+            "cases.png",
+            "reported_cases",
+            "reported cases per day",
+            also=("infections",),
+            title="simulated against real reported cases (real scaled to the population)",
+        ),
     )
 
-    def __init__(self, params: Mapping[str, Any] | CovidParams | None = None):
-        self.params: CovidParams = parse_params(CovidParams, params, "covid scenario")
+    config: CovidConfig
 
-    def config(self) -> dict[str, Any]:
-        return self.params.model_dump(mode="json")
-
-    def date(self, t: int) -> pd.Timestamp:
-        return pd.Timestamp(self.params.start) + pd.Timedelta(days=t)
-
-    def parameters(self, device: torch.device) -> dict[str, torch.Tensor]:
-        return {"beta": torch.tensor(self.params.beta, dtype=torch.float32, device=device)}
-
-    # -- precomputation -----------------------------------------------------------------------------
-    def setup(self, pop: Population, *, device: torch.device, differentiable: bool) -> None:
-        p = self.params
-        self.device, self.differentiable, self.n = device, differentiable, len(pop)
-        self.boroughs = pop.labels("borough")
-        self.nb, self.nz = len(self.boroughs), len(pop.labels("zip"))
+    # -- one run ------------------------------------------------------------------------------------
+    def setup(self, pop: Population, device: torch.device) -> CovidWorld:
+        c = self.config
+        n = len(pop)
+        boroughs = pop.labels("borough")
+        nb, nz = len(boroughs), len(pop.labels("zip"))
         bands = len(pop.labels("age_group"))
         if bands != len(POLYMOD_CONTACTS):
             raise InputError(f"the covid scenario needs the 10 NYC age bands; the population has {bands}")
-        self.nc = self.nz * bands  # cells: ZIP area × age band
-        self.scale = float(pop.meta.get("scale", self.n / nyc.city_population()))
-        zip_, band, borough = pop["zip"].to(torch.int32), pop["age_group"].to(torch.int32), pop["borough"]
+        zip_, band = pop["zip"].to(torch.int32), pop["age_group"].to(torch.int32)
+        borough = pop["borough"].to(torch.int32)
         cell = zip_ * bands + band
-        self.cell = cell  # (N,) int32
-        self.cell2 = cell * 2  # (N,) int32: index of (cell, isolating)
-        self.borough = borough.to(torch.int32)
-        n_cell = torch.bincount(cell, minlength=self.nc).to(torch.float32)
+        n_cell = torch.bincount(cell, minlength=nz * bands).to(torch.float32)
         # each ZIP area's borough, read off its agents (ZIPs without agents: borough 0, no weight)
-        zb = torch.bincount(zip_ * self.nb + self.borough, minlength=self.nz * self.nb).view(self.nz, self.nb)
-        self.zip_borough = zb.argmax(dim=1)  # (Z,) int64
-        n_zb = n_cell.view(self.nz, bands)
-        n_bb = torch.zeros(self.nb, bands, device=device).index_add_(0, self.zip_borough, n_zb)
+        zb = torch.bincount(zip_ * nb + borough, minlength=nz * nb).view(nz, nb)
+        zip_borough = zb.argmax(dim=1)
+        n_zb = n_cell.view(nz, bands)
+        n_bb = torch.zeros(nb, bands, device=device).index_add_(0, zip_borough, n_zb)
         n_b = n_zb.sum(0)
-        self.inv_zip = 1.0 / n_zb.clamp_min(1.0)
-        self.inv_borough = 1.0 / n_bb.clamp_min(1.0)
-        self.inv_city = 1.0 / n_b.clamp_min(1.0)
-        self.contacts_t = contact_matrix((n_b / n_b.sum()).cpu()).to(device).T.contiguous()  # (b, a)
-        hazard = torch.zeros(4, MAX_DAYS)
-        hazard[E] = gamma_hazard(p.incubation_days, p.incubation_shape)
-        hazard[I] = gamma_hazard(p.infectious_days, p.infectious_shape)
-        self.hazard = hazard.reshape(-1).to(device)  # (4 * 256,) by comp * 256 + days
-        self.residents = torch.bincount(self.borough, minlength=self.nb).to(torch.float32)
-        self.borough_of_cell = self.zip_borough.repeat_interleave(bands)  # (C,)
-        if not differentiable:  # work buffers, reused every step
-            self._idx = torch.empty(self.n, dtype=torch.int32, device=device)
-            self._tmp = torch.empty(self.n, dtype=torch.int32, device=device)
-            self._p = torch.empty(self.n, dtype=torch.float32, device=device)
-            self._q = torch.empty(self.n, dtype=torch.float32, device=device)
-            self._leave = torch.empty(self.n, dtype=torch.bool, device=device)
-            self._is_s = torch.empty(self.n, dtype=torch.bool, device=device)
-            self._nc_scalar = torch.tensor(self.nc, dtype=torch.int32, device=device)
-            self._ones = torch.ones(self.n, dtype=torch.float32, device=device)  # counts by index_add_
+        hazard = torch.zeros(COMPARTMENTS, MAX_DAYS)
+        hazard[E] = gamma_hazard(c.incubation_days, c.incubation_shape)
+        hazard[I] = gamma_hazard(c.infectious_days, c.infectious_shape)
+        return CovidWorld(
+            n=n,
+            boroughs=boroughs,
+            nb=nb,
+            nz=nz,
+            nc=nz * bands,
+            scale=float(pop.meta.get("scale", n / nyc.city_population())),
+            cell=cell,
+            borough=borough,
+            zip_borough=zip_borough,
+            borough_of_cell=zip_borough.repeat_interleave(bands),
+            inv_zip=1.0 / n_zb.clamp_min(1.0),
+            inv_borough=1.0 / n_bb.clamp_min(1.0),
+            inv_city=1.0 / n_b.clamp_min(1.0),
+            contacts_t=contact_matrix((n_b / n_b.sum()).cpu()).to(device).T.contiguous(),
+            contact_kept=torch.tensor([1.0, 1.0 - c.isolation_effect], device=device),
+            hazard=hazard.reshape(-1).to(device),
+            residents=torch.bincount(borough, minlength=nb).to(torch.float32),
+        )
 
-    def force(self, infectious: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    def force(self, w: CovidWorld, infectious: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
         """(C,) daily force of infection on a non-isolating susceptible of each (ZIP, band) cell, from the
         (C,) isolation-weighted count of infectious agents per cell."""
-        p = self.params
-        i_zb = infectious.view(self.nz, -1)
-        i_bb = torch.zeros(self.nb, i_zb.shape[1], device=i_zb.device, dtype=i_zb.dtype).index_add(
-            0, self.zip_borough, i_zb
+        c = self.config
+        i_zb = infectious.view(w.nz, -1)
+        i_bb = torch.zeros(w.nb, i_zb.shape[1], device=i_zb.device, dtype=i_zb.dtype).index_add(
+            0, w.zip_borough, i_zb
         )
-        share_city = 1.0 - p.share_zip - p.share_borough
+        share_city = 1.0 - c.share_zip - c.share_borough
         prevalence = (
-            p.share_zip * i_zb * self.inv_zip
-            + p.share_borough * (i_bb * self.inv_borough)[self.zip_borough]
-            + share_city * (i_zb.sum(0) * self.inv_city)
+            c.share_zip * i_zb * w.inv_zip
+            + c.share_borough * (i_bb * w.inv_borough)[w.zip_borough]
+            + share_city * (i_zb.sum(0) * w.inv_city)
         )  # (Z, b)
-        return (beta * (prevalence.unsqueeze(2) * self.contacts_t).sum(1)).reshape(-1)  # (Z, a)
+        return (beta * (prevalence.unsqueeze(2) * w.contacts_t).sum(1)).reshape(-1)  # (Z, a)
 
-    # -- state ---------------------------------------------------------------------------------------
-    def _real_cases(self) -> pd.DataFrame:
-        frame = nyc.cases_by_day().copy()
-        frame["borough"] = frame["borough"].map(nyc.BOROUGH_NAMES)
-        return frame
-
-    def init_state(self, seed: int, uniforms: Any) -> dict[str, torch.Tensor]:
-        p = self.params
-        start = pd.Timestamp(p.start)
-        cases = self._real_cases()
+    def init_state(self, world: CovidWorld, sampler: Sampler) -> dict[str, torch.Tensor]:
+        """Seeding: infectious agents per borough = real cases of the 7 days from the start / detected
+        fraction (on the population's scale); exposed = infectious × incubation / infectious period; days
+        already spent uniform in the mean duration. ``recent``: the 14 days of real cases before the start."""
+        c, w = self.config, world
+        start = pd.Timestamp(c.start)
+        cases = _real_cases()
         before = cases[(cases["date"] >= start - pd.Timedelta(days=14)) & (cases["date"] < start)]
         ahead = cases[(cases["date"] >= start) & (cases["date"] < start + pd.Timedelta(days=7))]
-        week = ahead.groupby("borough")["cases"].sum()
-        week = week.reindex(self.boroughs).fillna(0.0).to_numpy()
-        infectious = torch.tensor(week / p.detected * self.scale, dtype=torch.float32, device=self.device)
-        exposed = infectious * (p.incubation_days / p.infectious_days)
-        residents = self.residents.clamp_min(1.0)
+        week = ahead.groupby("borough")["cases"].sum().reindex(w.boroughs).fillna(0.0).to_numpy()
+        device = w.cell.device
+        infectious = torch.tensor(week / c.detected * w.scale, dtype=torch.float32, device=device)
+        exposed = infectious * (c.incubation_days / c.infectious_days)
+        residents = w.residents.clamp_min(1.0)
         p_i, p_ie = infectious / residents, (infectious + exposed) / residents  # (B,)
-        u = uniforms.draw(seed, 0, STREAM_SEED)
-        b = self.borough
+        u = sampler.uniform(STREAM_SEED)
+        b = w.borough
         comp = torch.where(u < p_i.index_select(0, b), I, torch.where(u < p_ie.index_select(0, b), E, S))
         comp = comp.to(torch.uint8)
-        d = uniforms.draw(seed, 0, STREAM_SEED_DAYS)
-        mean = torch.tensor([0.0, p.incubation_days, p.infectious_days, 0.0], device=self.device)
-        days = (d * mean.index_select(0, comp.long())).to(torch.uint8)
+        mean = torch.tensor([0.0, c.incubation_days, c.infectious_days, 0.0], device=device)
+        days = (sampler.uniform(STREAM_SEED_DAYS) * mean.index_select(0, comp.long())).to(torch.uint8)
         daily = (
             before.groupby("date")["cases"]
             .sum()
             .reindex(pd.date_range(start - pd.Timedelta(days=14), periods=14))
         )
-        recent = torch.tensor(
-            daily.fillna(0.0).to_numpy() * self.scale, dtype=torch.float64, device=self.device
-        )
-        state = {"days": days, "recent": recent, "isolating": torch.zeros(self.nb, device=self.device)}
-        if self.differentiable:
-            state["x"] = torch.nn.functional.one_hot(comp.long(), 4).to(torch.float32)
-        else:
-            state["comp"] = comp
-        return state
+        recent = torch.tensor(daily.fillna(0.0).to_numpy() * w.scale, dtype=torch.float64, device=device)
+        return {"comp": sampler.states(comp, COMPARTMENTS), "days": days, "recent": recent}
 
-    def observe(self, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
-        """``week`` since 2020-02-29, ``cases`` citywide in the simulated past 7 days (scaled to the city),
+    def observe(self, world: CovidWorld, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
+        """``week`` since 2020-02-29, ``cases`` citywide in the simulated past 7 days (on the city's scale),
         ``cases_change`` percent versus the 7 days before."""
         recent = state["recent"].detach().cpu().double()
-        last, prev = float(recent[7:].sum()) / self.scale, float(recent[:7].sum()) / self.scale
+        last, prev = float(recent[7:].sum()) / world.scale, float(recent[:7].sum()) / world.scale
         change = 100.0 * (last - prev) / prev if prev > 0 else 0.0
         return {"week": (self.date(t) - FIRST_CASE).days // 7, "cases": last, "cases_change": change}
 
-    # -- one day ---------------------------------------------------------------------------------------
-    def transition(
-        self, state: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor], t: int, draw: Draw
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        if self.differentiable:
-            return self._soft_transition(state, params, t, draw)
-        p, nc = self.params, self.nc
-        comp, days, action = state["comp"], state["days"], state["action"]
-        idx, tmp, prob, q, leave, is_s = self._idx, self._tmp, self._p, self._q, self._leave, self._is_s
-        # (cell, isolating) of every agent, and counts per (cell, isolating, compartment) at the start
-        torch.eq(action, 0, out=leave)  # isolating (reusing the bool buffer)
-        torch.add(self.cell2, leave, out=idx)
-        tmp.copy_(comp).mul_(2 * nc).add_(idx)
-        counts = torch.zeros(8 * nc, device=self.device).index_add_(0, tmp, self._ones).view(4, nc, 2)
-        weighted = counts[I, :, 0] + (1.0 - p.isolation_effect) * counts[I, :, 1]
-        lam = self.force(weighted, params["beta"])
-        p_inf = -torch.expm1(
-            -lam[:, None] * torch.tensor([1.0, 1.0 - p.isolation_effect], device=self.device)
-        )
-        # leave the compartment: infection for S (by cell), the duration hazard for E and I
-        torch.index_select(p_inf.reshape(-1), 0, idx, out=prob)
-        tmp.copy_(comp).mul_(MAX_DAYS).add_(days)
-        torch.index_select(self.hazard, 0, tmp, out=q)
-        torch.eq(comp, S, out=is_s)
-        torch.where(is_s, prob, q, out=prob)
-        u = draw(STREAM_TRANSITION)
-        torch.lt(u, prob, out=leave)
-        comp = comp + leave  # S -> E -> I -> R; a fresh tensor, so earlier states stay intact
-        days = days + torch.lt(days, MAX_DAYS - 1, out=is_s)
-        days.masked_fill_(leave, 0)
-        torch.eq(comp, E, out=is_s).logical_and_(leave)  # new infections: entered E today
-        torch.where(is_s, self.cell, self._nc_scalar, out=tmp)
-        new = torch.zeros(nc + 1, device=self.device).index_add_(0, tmp, self._ones)[:nc]
-        # record (B, Q)
-        by_borough = torch.zeros(self.nb, 4 + 1 + 1, device=self.device)
-        by_borough.index_add_(
-            0,
-            self.borough_of_cell,
-            torch.cat([counts.sum(2).T, counts[:, :, 1].sum(0, keepdim=True).T, new[:, None]], 1),
-        )
-        infections = by_borough[:, 5]
-        record = torch.stack(
-            [infections, p.detected * infections, *by_borough[:, :4].T, by_borough[:, 4]], dim=1
-        )
-        recent = torch.cat([state["recent"][1:], (p.detected * infections.sum()).to(torch.float64)[None]])
-        return {**state, "comp": comp, "days": days, "recent": recent}, record
-
-    def _soft_transition(
-        self, state: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor], t: int, draw: Draw
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The same day with float one-hot compartments ``x`` (N, 4): straight-through infection draws,
-        so the recorded series are differentiable w.r.t. beta and the decision offsets."""
-        p, nc = self.params, self.nc
-        x, days, action = state["x"], state["days"], state["action"]
-        iso = action[:, 0]
-        keep = 1.0 - p.isolation_effect * iso  # (N,) contact factor
-        cell = self.cell.long()
-        weighted = torch.zeros(nc, device=self.device).index_add(0, cell, x[:, I] * keep)
-        lam = self.force(weighted, params["beta"])
-        p_inf = -torch.expm1(-lam[cell] * keep)
-        comp = x.detach().argmax(dim=1)
-        q = self.hazard[comp * MAX_DAYS + days.long()]
-        u = draw(STREAM_TRANSITION)
-        infect = x[:, S] * bernoulli_st(p_inf, u)
-        hard = (u < q).to(x.dtype)
-        progress, recover = x[:, E] * hard, x[:, I] * hard
-        step = torch.stack([-infect, infect - progress, progress - recover, recover], dim=1)
-        x_new = x + step
-        left = (comp == S) & (u < p_inf.detach()) | (comp != S) & (u < q)
-        days = torch.where(left, 0, days + (days < MAX_DAYS - 1)).to(torch.uint8)
-        bor = self.borough.long()
-        per_b = torch.zeros(self.nb, 6, device=self.device).index_add(
-            0, bor, torch.cat([x, iso[:, None], infect[:, None]], dim=1)
-        )
-        infections = per_b[:, 5]
-        record = torch.stack([infections, p.detected * infections, *per_b[:, :4].T, per_b[:, 4]], dim=1)
-        recent = torch.cat(
-            [state["recent"][1:], (p.detected * infections.detach().sum()).to(torch.float64)[None]]
-        )
-        return {**state, "x": x_new, "days": days, "recent": recent}, record
+    def step(
+        self,
+        world: CovidWorld,
+        state: Mapping[str, torch.Tensor],
+        actions: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        t: int,
+        sampler: Sampler,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        c, w = self.config, world
+        comp, days = state["comp"], state["days"]
+        isolating = sampler.chose(actions["isolation"], ISOLATE)
+        # 1. who is where: agents by compartment × (ZIP, age band) cell × isolating, at the start of the day
+        occupancy = sampler.tally(comp, COMPARTMENTS, w.cell, w.nc, flag=isolating)  # (4, C, 2)
+        # 2. force of infection on a susceptible of each cell, going out (column 0) or isolating (column 1)
+        infectious = occupancy[I, :, 0] + (1.0 - c.isolation_effect) * occupancy[I, :, 1]  # (C,)
+        lam = self.force(w, infectious, params["beta"])
+        p_infect = -torch.expm1(-lam[:, None] * w.contact_kept)  # (C, 2)
+        # 3. leave the compartment: S by infection, E and I when their gamma-distributed duration ends
+        susceptible = sampler.member(comp, S)
+        code = sampler.codes(comp).to(torch.int32)
+        p_end = w.hazard.index_select(0, code.mul_(MAX_DAYS).add_(days))
+        p_leave = torch.where(sampler.hard(susceptible), sampler.pick(p_infect, w.cell, isolating), p_end)
+        leave = sampler.bernoulli(p_leave, STREAM_TRANSITION)
+        # 4. reporting: a detected fraction of the day's new infections (the expected value)
+        infections = w.by_borough(sampler.count(w.cell, w.nc, susceptible * leave))  # (B,)
+        reported = c.detected * infections
+        # 5. the next state and the day's records
+        left = sampler.hard(leave)
+        following = {
+            "comp": sampler.advance(comp, COMPARTMENTS, leave),
+            "days": torch.where(left, 0, days + (days < MAX_DAYS - 1)).to(torch.uint8),
+            "recent": torch.cat([state["recent"][1:], reported.detach().sum().to(torch.float64)[None]]),
+        }
+        counts = torch.zeros(
+            w.nb, COMPARTMENTS + 1, device=occupancy.device, dtype=occupancy.dtype
+        ).index_add(
+            0, w.borough_of_cell, torch.cat([occupancy.sum(2).T, occupancy[:, :, 1].sum(0)[:, None]], dim=1)
+        )  # (B, 4 compartments + isolating)
+        records = {
+            "infections": infections,
+            "reported_cases": reported,
+            "susceptible": counts[:, S],
+            "exposed": counts[:, E],
+            "infectious": counts[:, I],
+            "recovered": counts[:, R],
+            "isolating": counts[:, COMPARTMENTS],
+        }
+        return following, records
 
     # -- real data -----------------------------------------------------------------------------------
-    def real_data(self, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    def real_data(self, world: CovidWorld, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
         """Real daily reported cases per borough (confirmed + probable), × agents / city population."""
-        cases = self._real_cases()
+        cases = _real_cases()
         cases = cases[(cases["date"] >= first) & (cases["date"] <= last)]
         out = pd.DataFrame(
             {
                 "date": cases["date"].to_numpy(),
-                "borough": pd.Categorical(cases["borough"], categories=self.boroughs),
+                "borough": pd.Categorical(cases["borough"], categories=world.boroughs),
                 "quantity": "reported_cases",
-                "value": cases["cases"].to_numpy(dtype=np.float64) * self.scale,
+                "value": cases["cases"].to_numpy(dtype=np.float64) * world.scale,
             }
         )
         return out.sort_values(["date", "borough"]).reset_index(drop=True)
+
+
+def _real_cases() -> pd.DataFrame:
+    frame = nyc.cases_by_day().copy()
+    frame["borough"] = frame["borough"].map(nyc.BOROUGH_NAMES)
+    return frame
 
 
 def weekly(series: torch.Tensor, days: int = 7) -> torch.Tensor:

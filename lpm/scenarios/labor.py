@@ -1,8 +1,8 @@
 """Work decisions of New York City's labor force during the epidemic: monthly steps, unemployment per borough.
 
-State per agent: ``employed`` (bool; meaningful for labor-force members only) and the engine's ``action``
-(0 work, 1 stay home, -1 not in the labor force). Each month, after the members decided (spec
-``labor_work``):
+State per agent: ``employed`` (bool; meaningful for labor-force members only); the decision ``work``
+(actions ``work``, ``stay home``; spec ``labor_work``, members of the labor force only) is the engine's.
+Each month, after the members decided:
 
 * employed, works: keeps the job except for the usual separations (``separation`` per month);
 * employed, stays home: loses the job with probability ``layoff`` (furlough, layoff, quitting);
@@ -22,28 +22,47 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator
 
 from lpm import nyc
 from lpm.errors import InputError
-from lpm.policy import ByAttribute
+from lpm.policy import ByAttribute, age_of, sigmoid
 from lpm.population import Population
-from lpm.scenarios import Draw, Scenario, parse_params
+from lpm.sampling import Sampler
+from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig
 
-__all__ = ["LaborParams", "LaborScenario"]
+__all__ = ["LaborConfig", "LaborScenario", "work_rule"]
 
 WORK, HOME = 0, 1
 STREAM_TRANSITION, STREAM_SEED = 16, 17
+RATES_SOURCE = "BLS LAUS monthly unemployment rate per borough (labor-force-by-borough.csv)"
 
 
-class LaborParams(BaseModel):
-    """Parameters of the labor scenario; one line each, with units. Unknown keys are rejected."""
+def work_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
+    """P(work): falls with monthly cases per 100,000, rises with the borough's unemployment rate.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ``cases`` is citywide cases in the past month, ``unemployment_rate`` in percent. About 95 % with no
+    cases and 4 % unemployment; about 85 % at 1,000 monthly cases per 100,000.
+    """
+    per_100k = ctx["cases"].astype(float).to_numpy() / nyc.city_population() * 1e5
+    unemp = (
+        ctx["unemployment_rate"].astype(float).to_numpy()
+        if "unemployment_rate" in ctx
+        else np.full(len(ctx), 4.0)
+    )
+    x = 2.9 - 0.0012 * per_100k + 0.08 * (unemp - 4.0) - 0.01 * np.clip(age_of(rows) - 50, 0, None)
+    return sigmoid(x)
+
+
+class LaborConfig(ScenarioConfig):
+    """Configuration of the labor scenario; one line each, with units. Unknown keys are rejected."""
+
     start: dt.date = Field(
         default=dt.date(2020, 3, 1), description="first simulated month (its 1st day), 2019-02 .. 2021-12"
     )
@@ -60,112 +79,150 @@ class LaborParams(BaseModel):
         default=500.0, gt=0, description="cases per 100,000 per month that cut job finding by 1/e"
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> LaborParams:
-        if self.start.day != 1 or not dt.date(2019, 2, 1) <= self.start <= dt.date(2021, 12, 1):
-            raise ValueError(f"start must be the 1st of a month in 2019-02 .. 2021-12, got {self.start}")
-        return self
+    @field_validator("start")
+    @classmethod
+    def _start(cls, start: dt.date) -> dt.date:
+        if start.day != 1 or not dt.date(2019, 2, 1) <= start <= dt.date(2021, 12, 1):
+            raise ValueError("start must be the 1st of a month in 2019-02 .. 2021-12")
+        return start
 
 
-class LaborScenario(Scenario):
-    """Monthly work / stay-home decisions and unemployment per borough (spec ``labor_work``).
+@dataclass(frozen=True)
+class LaborWorld:
+    """What a labor run needs that does not change: each agent's borough (N,) int32, labor-force members
+    (N,) bool, members per borough (B,), the real monthly rates and the city's cases per month."""
 
-    Recorded per borough each month (at its end): ``unemployment_rate`` (percent of members),
-    ``employed``, ``labor_force`` (members) and ``working`` (members whose action was work).
-    """
+    boroughs: list[str]
+    borough: torch.Tensor
+    member: torch.Tensor
+    members: torch.Tensor
+    real: pd.DataFrame
+    cases: pd.Series
 
-    name: ClassVar[str] = "labor"
-    spec_name: ClassVar[str] = "labor_work"
-    step_unit: ClassVar[str] = "month"
-    actions: ClassVar[tuple[str, ...]] = ("work", "stay home")
-    quantities: ClassVar[tuple[str, ...]] = ("unemployment_rate", "employed", "labor_force", "working")
-    needs: ClassVar[tuple[str, ...]] = ("borough", "labor_force")
+    @property
+    def nb(self) -> int:
+        return len(self.boroughs)
 
-    def __init__(self, params: Mapping[str, Any] | LaborParams | None = None):
-        self.params: LaborParams = parse_params(LaborParams, params, "labor scenario")
-
-    def config(self) -> dict[str, Any]:
-        return self.params.model_dump(mode="json")
-
-    def date(self, t: int) -> pd.Timestamp:
-        return pd.Timestamp(self.params.start) + pd.DateOffset(months=t)
-
-    def setup(self, pop: Population, *, device: torch.device, differentiable: bool) -> None:
-        if differentiable:
-            raise InputError(
-                "the labor scenario runs in inference mode only", hint="drop differentiable=True"
-            )
-        self.device, self.n = device, len(pop)
-        self.boroughs = pop.labels("borough")
-        self.nb = len(self.boroughs)
-        self.borough = pop["borough"].to(torch.int32)
-        self.member = pop["labor_force"].bool()
-        self.members = torch.bincount(self.borough[self.member], minlength=self.nb).to(torch.float64)
-        lf = nyc.labor_force()
-        lf = lf.assign(borough=lf["borough"].map(nyc.BOROUGH_NAMES))
-        self._real = lf[lf["borough"].isin(self.boroughs)]
-        cases = nyc.cases_by_day()
-        self._cases = cases.groupby(cases["date"].dt.to_period("M"))["cases"].sum()
-
-    def _rate(self, month: pd.Timestamp) -> torch.Tensor:
-        rows = (
-            self._real[self._real["date"] == month]
-            .set_index("borough")["unemployment_rate"]
-            .reindex(self.boroughs)
-        )
+    def rate(self, month: pd.Timestamp) -> torch.Tensor:
+        """(B,) float64 real unemployment rate of each borough in ``month``, percent."""
+        rows = self.real[self.real["date"] == month].set_index("borough")["unemployment_rate"]
+        rows = rows.reindex(self.boroughs)
         if rows.isna().any():
             raise InputError(
                 f"{nyc.data_dir() / 'labor-force-by-borough.csv'}: no unemployment_rate for {month:%Y-%m}"
             )
         return torch.tensor(rows.to_numpy(), dtype=torch.float64)
 
-    def init_state(self, seed: int, uniforms: Any) -> dict[str, torch.Tensor]:
-        before = pd.Timestamp(self.params.start) - pd.DateOffset(months=1)
-        rate = self._rate(before)
-        u = uniforms.draw(seed, 0, STREAM_SEED)
-        p_unemp = (rate / 100.0).to(torch.float32).to(self.device).index_select(0, self.borough)
-        employed = self.member & (u >= p_unemp)
-        return {"employed": employed, "rate": rate.to(self.device)}
+    def cases_before(self, date: pd.Timestamp) -> float:
+        """Real cases citywide in the calendar month before ``date``."""
+        return float(self.cases.get((date - pd.DateOffset(months=1)).to_period("M"), 0.0))
 
-    def _cases_last_month(self, t: int) -> float:
-        month = (self.date(t) - pd.DateOffset(months=1)).to_period("M")
-        return float(self._cases.get(month, 0.0))
 
-    def observe(self, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
+class LaborScenario(Scenario):
+    """Monthly work / stay-home decisions and unemployment per borough (spec ``labor_work``)."""
+
+    name = "labor"
+    description = "NYC labor force in the epidemic: monthly work decisions, unemployment per borough"
+    step_unit = "month"
+    horizon = 12
+    Config = LaborConfig
+    needs = ("borough", "labor_force")
+    differentiable = False
+    quantities = (
+        Quantity("unemployment_rate", "percent of labor-force members without a job", real=RATES_SOURCE),
+        Quantity("employed", "labor-force members with a job at the end of the month"),
+        Quantity("labor_force", "labor-force members"),
+        Quantity("working", "labor-force members whose action was work"),
+    )
+    decisions = (
+        Decision(
+            "work",
+            spec="labor_work",
+            actions=("work", "stay home"),
+            heuristic={"work": work_rule},
+            plot="stay home",
+        ),
+    )
+    plots = (Plot("unemployment.png", "unemployment_rate", "unemployment rate, %"),)
+
+    config: LaborConfig
+
+    def setup(self, pop: Population, device: torch.device) -> LaborWorld:
+        boroughs = pop.labels("borough")
+        borough = pop["borough"].to(torch.int32)
+        member = pop["labor_force"].bool()
+        lf = nyc.labor_force()
+        lf = lf.assign(borough=lf["borough"].map(nyc.BOROUGH_NAMES))
+        cases = nyc.cases_by_day()
+        return LaborWorld(
+            boroughs=boroughs,
+            borough=borough,
+            member=member,
+            members=torch.bincount(borough[member], minlength=len(boroughs)).to(torch.float64),
+            real=lf[lf["borough"].isin(boroughs)],
+            cases=cases.groupby(cases["date"].dt.to_period("M"))["cases"].sum(),
+        )
+
+    def init_state(self, world: LaborWorld, sampler: Sampler) -> dict[str, torch.Tensor]:
+        """Each borough's members are unemployed with the real rate of the month before the start."""
+        rate = world.rate(pd.Timestamp(self.config.start) - pd.DateOffset(months=1))
+        device = world.borough.device
+        p_unemployed = (rate / 100.0).to(torch.float32).to(device).index_select(0, world.borough)
+        employed = world.member & (sampler.uniform(STREAM_SEED) >= p_unemployed)
+        return {"employed": employed, "rate": rate.to(device)}
+
+    def observe(self, world: LaborWorld, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
         """``month`` label, real ``cases`` citywide last month, simulated ``unemployment_rate`` per borough."""
         rate = state["rate"].cpu().tolist()
         return {
             "month": f"{self.date(t):%B %Y}",
-            "cases": self._cases_last_month(t),
-            "unemployment_rate": ByAttribute("borough", dict(zip(self.boroughs, rate, strict=True))),
+            "cases": world.cases_before(self.date(t)),
+            "unemployment_rate": ByAttribute("borough", dict(zip(world.boroughs, rate, strict=True))),
         }
 
-    def transition(
-        self, state: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor], t: int, draw: Draw
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        p = self.params
-        employed, action = state["employed"], state["action"]
-        per_100k = self._cases_last_month(t) / nyc.city_population() * 1e5
-        finding = p.job_finding * math.exp(-per_100k / p.case_scale)
-        # probability of switching employment status by (employed, stays home)
-        table = torch.tensor([finding, 0.0, p.separation, p.layoff], dtype=torch.float32, device=self.device)
-        home = action == HOME
-        index = employed.to(torch.int32) * 2 + home
-        switch = (draw(STREAM_TRANSITION) < table.index_select(0, index)) & self.member
+    def step(
+        self,
+        world: LaborWorld,
+        state: Mapping[str, torch.Tensor],
+        actions: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        t: int,
+        sampler: Sampler,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        c, w = self.config, world
+        employed, action = state["employed"], actions["work"]
+        # 1. hiring dries up with last month's cases
+        per_100k = w.cases_before(self.date(t)) / nyc.city_population() * 1e5
+        finding = c.job_finding * math.exp(-per_100k / c.case_scale)
+        # 2. probability of switching employment status, by (employed, stays home)
+        table = torch.tensor(
+            [finding, 0.0, c.separation, c.layoff], dtype=torch.float32, device=w.borough.device
+        )
+        home = sampler.chose(action, HOME)
+        p_switch = table.index_select(0, employed.to(torch.int32) * 2 + home)
+        switch = sampler.bernoulli(p_switch, STREAM_TRANSITION) & w.member
         employed = employed ^ switch
-        emp = torch.bincount(self.borough, weights=employed.to(torch.float64), minlength=self.nb)
-        working = torch.bincount(self.borough, weights=(action == WORK).to(torch.float64), minlength=self.nb)
-        rate = 100.0 * (1.0 - emp / self.members.clamp_min(1.0))
-        record = torch.stack([rate, emp, self.members, working], dim=1).to(torch.float32)
-        return {**state, "employed": employed, "rate": rate}, record
+        # 3. the month's records
+        emp = torch.bincount(w.borough, weights=employed.to(torch.float64), minlength=w.nb)
+        working = torch.bincount(
+            w.borough, weights=sampler.chose(action, WORK).to(torch.float64), minlength=w.nb
+        )
+        rate = 100.0 * (1.0 - emp / w.members.clamp_min(1.0))
+        records = {
+            "unemployment_rate": rate.to(torch.float32),
+            "employed": emp.to(torch.float32),
+            "labor_force": w.members.to(torch.float32),
+            "working": working.to(torch.float32),
+        }
+        return {**state, "employed": employed, "rate": rate}, records
 
-    def real_data(self, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
+    def real_data(self, world: LaborWorld, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
         """Real monthly unemployment rate per borough (percent, BLS LAUS)."""
-        real = self._real[(self._real["date"] >= first) & (self._real["date"] <= last)]
+        real = world.real[(world.real["date"] >= first) & (world.real["date"] <= last)]
         out = pd.DataFrame(
             {
                 "date": real["date"].to_numpy(),
-                "borough": pd.Categorical(real["borough"], categories=self.boroughs),
+                "borough": pd.Categorical(real["borough"], categories=world.boroughs),
                 "quantity": "unemployment_rate",
                 "value": real["unemployment_rate"].to_numpy(dtype=float),
             }
