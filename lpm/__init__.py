@@ -24,6 +24,8 @@ _LAZY = {
     "ArchetypeLLMPolicy": "lpm.policy",
     "AgentLLMPolicy": "lpm.policy",
     "make_scenario": "lpm.scenarios",
+    "scenario_class": "lpm.scenarios",
+    "Scenario": "lpm.scenarios",
     "RunConfig": "lpm.run",
     "PromptTemplate": "lpm.prompt",
     "OpenAIBackend": "lpm.backend",

@@ -59,8 +59,8 @@ class RunConfig(BaseModel):
     days: int | None = Field(default=None, gt=0, description="or the horizon in days from the start")
     weeks: int | None = Field(default=None, gt=0, description="or in weeks")
     months: int | None = Field(default=None, gt=0, description="or in calendar months")
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="scenario parameters overriding its defaults (--param NAME=VALUE)"
+    scenario_config: dict[str, Any] = Field(
+        default_factory=dict, description="scenario settings overriding its defaults (--set NAME=VALUE)"
     )
     device: Literal["cpu", "cuda"] = "cpu"
     llm_url: str | None = Field(
@@ -87,8 +87,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"give one horizon, not {' and '.join('--' + h for h in horizons)}")
         if self.policy == "heuristic" and (self.llm_url or self.llm_model):
             raise ValueError("--llm-url/--llm-model need --policy llm or agent-llm")
-        if "start" in self.params:
-            raise ValueError("give the start date with --start, not --param start=…")
+        if "start" in self.scenario_config:
+            raise ValueError("give the start date with --start, not --set start=…")
         return self
 
     @classmethod
@@ -108,7 +108,7 @@ class RunConfig(BaseModel):
         :class:`InputError` naming it)."""
         from lpm.scenarios import make_scenario
 
-        values = dict(self.params)
+        values = dict(self.scenario_config)
         if self.start is not None:
             values["start"] = self.start
         return make_scenario(self.scenario, values)

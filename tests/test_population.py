@@ -114,6 +114,19 @@ def test_parquet_round_trip_is_exact(tmp_path, small_pop):
     pd.testing.assert_frame_equal(back.to_pandas(), small_pop.to_pandas())
 
 
+def test_parquet_opens_in_pandas_with_labels_and_loads_as_codes(tmp_path, small_pop):
+    """Categorical columns are dictionary-encoded: pandas shows labels (every label kept, in order),
+    Population.load gives the uint8 codes back."""
+    path = small_pop.save(tmp_path / "p.parquet")
+    frame = pd.read_parquet(path)
+    for name in ("borough", "zip", "age_group", "sex"):
+        assert list(frame[name].cat.categories) == small_pop.labels(name), name
+        assert (frame[name].cat.codes.to_numpy() == small_pop[name].numpy()).all(), name
+    assert frame["borough"].iloc[0] == "Bronx" and frame["age"].dtype == np.uint8
+    again = Population.load(path)
+    assert again["zip"].dtype == torch.uint8 and torch.equal(again["zip"], small_pop["zip"])
+
+
 def test_foreign_parquet_is_refused(tmp_path):
     path = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"x": [1, 2, 3]}), path)

@@ -136,8 +136,8 @@ def test_bad_options(values, needle):
     [
         ({"scenario": "flu"}, "unknown scenario 'flu'"),
         ({"scenario": "labor", "weeks": 2}, "steps in months: 2 weeks is not a whole number of steps"),
-        ({"scenario": "covid", "params": {"betta": 1}}, "covid.py: class CovidScenario: parameter 'betta'"),
-        ({"scenario": "covid", "params": {"beta": -1}}, "parameter 'beta': Input should be greater than 0"),
+        ({"scenario": "covid", "scenario_config": {"betta": 1}}, "class CovidScenario: parameter 'betta'"),
+        ({"scenario": "covid", "scenario_config": {"beta": -1}}, "parameter 'beta': Input should be greater"),
     ],
 )
 def test_bad_scenario_options_write_nothing(tmp_path, values, needle):

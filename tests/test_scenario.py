@@ -317,3 +317,22 @@ def test_the_base_class_is_the_contract():
     covid = scenario_class("covid")
     assert covid.parameter_ranges() == {"beta": (0.0, 1.0)}
     assert [q.name for q in covid.quantities if q.real] == ["reported_cases"]
+
+
+def test_installed_plugins_go_through_the_same_registry(tmp_path, monkeypatch):
+    """A package declaring an entry point in the group ``lpm.scenarios`` is found by its name."""
+    import importlib.metadata
+
+    from lpm.scenarios import available_scenarios
+
+    write(tmp_path, GOOD, name="toy_plugin.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = importlib.metadata.EntryPoint("toy", "toy_plugin:Toy", "lpm.scenarios")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(
+        importlib.metadata,
+        "entry_points",
+        lambda **kw: [point] if kw.get("group") == "lpm.scenarios" else real(**kw),
+    )
+    assert available_scenarios()["toy"] == "toy_plugin:Toy"
+    assert scenario_class("toy").name == "toy" and scenario_class("toy_plugin:Toy") is scenario_class("toy")

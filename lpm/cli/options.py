@@ -1,4 +1,4 @@
-"""Parsing of repeated ``NAME=VALUE`` options shared by the commands (``--param``, ``--context``)."""
+"""Parsing of repeated ``NAME=VALUE`` options shared by the commands (``--set``, ``--context``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def parse_pairs(pairs: list[str], option: str, example: str) -> dict[str, Any]:
     """``["week=10", "cases=2300", "trend=rising"]`` -> ``{"week": 10, "cases": 2300, "trend": "rising"}``.
 
     Values that read as an int or a float become numbers (finite only); anything else stays text. option
-    and example name the option in errors (``--param``, ``beta=0.05``).
+    and example name the option in errors (``--set``, ``beta=0.05``).
     """
     out: dict[str, Any] = {}
     for pair in pairs:

@@ -30,8 +30,11 @@ def register(app: typer.Typer) -> None:
         days: int = typer.Option(None, "--days", help="or the horizon in days"),
         weeks: int = typer.Option(None, "--weeks", help="or in weeks"),
         months: int = typer.Option(None, "--months", help="or in calendar months"),
-        param: list[str] = typer.Option(
-            [], "--param", "-p", metavar="NAME=VALUE", help="a scenario parameter; repeat for each"
+        settings: list[str] = typer.Option(
+            [],
+            "--set",
+            metavar="NAME=VALUE",
+            help="a setting of the scenario's configuration (lpm scenarios NAME lists them); repeat for each",
         ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of every random draw"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
@@ -71,7 +74,7 @@ def register(app: typer.Typer) -> None:
             days=days,
             weeks=weeks,
             months=months,
-            params=parse_pairs(param, "--param", "beta=0.05"),
+            scenario_config=parse_pairs(settings, "--set", "beta=0.05"),
             device=device,
             llm_url=llm_url,
             llm_model=llm_model,

@@ -58,7 +58,7 @@ def describe(cls) -> None:
             for name, info in cls.Config.model_fields.items()
         ]
     )
-    console.print(frame_table(params, title="configuration (--param NAME=VALUE)"))
+    console.print(frame_table(params, title="configuration (lpm run … --set NAME=VALUE)"))
     quantities = pd.DataFrame(
         [
             {
