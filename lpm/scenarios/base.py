@@ -56,6 +56,7 @@ from lpm.population import Population
 
 __all__ = [
     "Decision",
+    "real_frame",
     "Plot",
     "Quantity",
     "Scenario",
@@ -334,6 +335,28 @@ class Scenario(ABC):
         """The real series (``date``, the breakdown attribute(s), ``quantity``, ``value``) between two
         dates, on the scale of the simulated population; empty when the scenario has none."""
         return pd.DataFrame(columns=["date", "quantity", "value"])
+
+
+def real_frame(
+    frame: pd.DataFrame,
+    *,
+    quantity: str,
+    value: str,
+    labels: list[str],
+    by: str = "borough",
+    scale: float = 1.0,
+) -> pd.DataFrame:
+    """A real series in the shape :meth:`Scenario.real_data` returns: ``date``, ``by`` (categorical with
+    ``labels``), ``quantity``, ``value`` (column ``value`` of ``frame`` × ``scale``), sorted by date and label."""
+    out = pd.DataFrame(
+        {
+            "date": pd.to_datetime(frame["date"]).to_numpy(),
+            by: pd.Categorical(frame[by], categories=labels),
+            "quantity": quantity,
+            "value": frame[value].to_numpy(dtype=float) * scale,
+        }
+    )
+    return out.sort_values(["date", by]).reset_index(drop=True)
 
 
 # -- checks of the declarations ----------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from lpm.errors import InputError
 from lpm.policy import age_of, sigmoid
 from lpm.population import Population
 from lpm.sampling import Sampler
-from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig
+from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig, real_frame
 
 __all__ = ["CovidConfig", "CovidScenario", "contact_matrix", "isolation_rule"]
 
@@ -396,15 +396,9 @@ class CovidScenario(Scenario):
         """Real daily reported cases per borough (confirmed + probable), × agents / city population."""
         cases = _real_cases()
         cases = cases[(cases["date"] >= first) & (cases["date"] <= last)]
-        out = pd.DataFrame(
-            {
-                "date": cases["date"].to_numpy(),
-                "borough": pd.Categorical(cases["borough"], categories=world.boroughs),
-                "quantity": "reported_cases",
-                "value": cases["cases"].to_numpy(dtype=np.float64) * world.scale,
-            }
+        return real_frame(
+            cases, quantity="reported_cases", value="cases", labels=world.boroughs, scale=world.scale
         )
-        return out.sort_values(["date", "borough"]).reset_index(drop=True)
 
 
 def _real_cases() -> pd.DataFrame:

@@ -35,7 +35,7 @@ from lpm.errors import InputError
 from lpm.policy import ByAttribute, age_of, sigmoid
 from lpm.population import Population
 from lpm.sampling import Sampler
-from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig
+from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig, real_frame
 
 __all__ = ["LaborConfig", "LaborScenario", "work_rule"]
 
@@ -219,12 +219,6 @@ class LaborScenario(Scenario):
     def real_data(self, world: LaborWorld, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
         """Real monthly unemployment rate per borough (percent, BLS LAUS)."""
         real = world.real[(world.real["date"] >= first) & (world.real["date"] <= last)]
-        out = pd.DataFrame(
-            {
-                "date": real["date"].to_numpy(),
-                "borough": pd.Categorical(real["borough"], categories=world.boroughs),
-                "quantity": "unemployment_rate",
-                "value": real["unemployment_rate"].to_numpy(dtype=float),
-            }
+        return real_frame(
+            real, quantity="unemployment_rate", value="unemployment_rate", labels=world.boroughs
         )
-        return out.sort_values(["date", "borough"]).reset_index(drop=True)
