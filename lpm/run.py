@@ -194,7 +194,7 @@ def _policy(config: RunConfig, progress: bool) -> Iterator[tuple[Any, dict[str, 
         config.llm_url,
         config.llm_model,
         cache_mode=config.cache,
-        engine=config.engine,
+        server=config.engine,
         api_key_env=config.api_key_env,
         on_start=announce,
     ) as (backend, info):

@@ -83,12 +83,12 @@ def test_sample_mode_and_langchain_against_vllm(vllm_server, small_pop):
     assert torch.allclose(via_lc.probs, direct.probs, atol=1e-3)
 
 
-def test_llamacpp_engine_gives_a_valid_distribution(llamacpp_server, small_pop, tmp_path):
+def test_llamacpp_server_gives_a_valid_distribution(llamacpp_server, small_pop, tmp_path):
     """llama.cpp serves the GGUF directly; its top_logprobs come from before the grammar, so lpm counts
     ``n`` grammar-constrained samples there (mode ``sample``)."""
     spec = ArchetypeSpec.load("covid_isolation")
     rows = spec.group(small_pop).rows()[:10]
-    backend = OpenAIBackend(llamacpp_server.url, llamacpp_server.model, constraint="llamacpp")
+    backend = OpenAIBackend(llamacpp_server.url, llamacpp_server.model, server="llamacpp")
     decider = Decider(backend, ResponseCache(tmp_path), mode="sample", n_samples=20, progress=False)
     out = decider.decide(spec, rows, CONTEXT)
     assert out.requests == 10 and set(out.mode) == {"sample"}
