@@ -116,6 +116,16 @@ def test_running_server_at_a_url_starts_nothing() -> None:
         pass
 
 
+def test_cli_serve_names_the_server_option() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "lpm", "serve", "--server", "tgi"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2 and "--server must be one of vllm, llamacpp, got 'tgi'" in res.stderr
+
+
 def test_check_server_unreachable_names_url_and_fix() -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerError) as caught:

@@ -9,13 +9,13 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.server_kind import SERVER_KINDS
+from lpm.server_kind import SERVER_KINDS, server_kind
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        server_kind: str = typer.Option(
+        kind: str = typer.Option(
             "vllm",
             "--server",
             help=f"server kind: {'|'.join(SERVER_KINDS)} (vllm: the CPU build without a GPU)",
@@ -38,7 +38,9 @@ def register(app: typer.Typer) -> None:
             models = ", ".join(info.get("models") or []) or "-"
             console.print(f"{info['url']}: healthy, serving {models}")
             return
-        server = ModelServer(server_kind, model, name, port=port, kv_cache_gib=kv_cache_gib)
+        server = ModelServer(
+            server_kind(kind, field="--server"), model, name, port=port, kv_cache_gib=kv_cache_gib
+        )
         with console.status(f"starting {server.kind.label} server (logs: {server.log_path})"):
             server.start()
         try:
