@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import platform
 import tempfile
@@ -28,6 +27,8 @@ from lpm.archetype import ArchetypeSpec
 from lpm.backend import OpenAIBackend
 from lpm.cache import ResponseCache
 from lpm.decision import Decider
+from lpm.decoding import MODES, Decoding
+from lpm.endpoint import running_server
 from lpm.population import Population
 
 CONTEXT = {"week": 10, "cases": 2345, "cases_change": 12}
@@ -37,8 +38,9 @@ async def per_agent(
     backend: OpenAIBackend, messages: list[list[dict[str, str]]], actions: list[str], mode: str
 ) -> int:
     """One request per agent, all in flight up to the backend's bound; returns requests sent."""
+    decoding = Decoding(mode=mode)
     try:
-        answers = await asyncio.gather(*(backend.choose(m, actions, mode=mode) for m in messages))
+        answers = await asyncio.gather(*(backend.choose(m, actions, decoding) for m in messages))
     finally:
         await backend.aclose()
     return sum(a.attempts for a in answers)
@@ -52,7 +54,7 @@ def main() -> None:
     parser.add_argument("--llm-model", help="served model name")
     parser.add_argument("--archetype-agents", type=int, default=20_000, help="population size for part 1")
     parser.add_argument("--agents", type=int, default=1_000, help="population size for part 2")
-    parser.add_argument("--mode", default="logprobs", choices=["auto", "logprobs", "sample"])
+    parser.add_argument("--mode", default="logprobs", choices=MODES)
     parser.add_argument("--concurrency", type=int, default=32)
     args = parser.parse_args()
 
@@ -62,16 +64,10 @@ def main() -> None:
         "mode": args.mode,
         "concurrency": args.concurrency,
     }
-    with contextlib.ExitStack() as stack:
-        url, model = args.llm_url, args.llm_model
-        if url is None:
-            from lpm.server import ModelServer
-
-            server = stack.enter_context(ModelServer("vllm", served_name=model))
-            url, model = server.url, server.model
-            results["server_startup_s"] = round(server.startup_seconds or 0.0, 1)
-            print(f"started {model} at {url} in {server.startup_seconds:.0f} s")
-        model = model or "SmolLM2-135M-Instruct"
+    with running_server(args.llm_url, args.llm_model) as (url, model, startup_s):
+        if startup_s is not None:
+            results["server_startup_s"] = round(startup_s, 1)
+            print(f"started {model} at {url} in {startup_s:.0f} s")
         results.update(url=url, model=model)
 
         def make_backend() -> OpenAIBackend:

@@ -1,16 +1,13 @@
 """LLM backends: turn chat messages and an action set into a probability vector over the actions.
 
-Two ways to read a choice distribution, both under a constraint that only lets the model write one of
-the actions (vLLM ``structured_outputs.choice`` or a llama.cpp GBNF ``grammar``):
+Two ways to read a choice distribution (:class:`lpm.decoding.Decoding` holds the settings), both under a
+constraint that only lets the model write one of the actions, in the format of the server kind
+(:mod:`lpm.server_kind`: vLLM ``structured_outputs.choice`` or a llama.cpp GBNF ``grammar``):
 
 ``logprobs``
-    One greedy request with ``logprobs=True, top_logprobs=20``. The first generated token's top
-    log-probabilities come from the *masked* distribution, and the mass of an action is spread over every
-    token that begins it (``isol``, ``is``, ``i`` all begin "isolate"), so the probability of an action is
-    the sum of ``exp(logprob)`` over the tokens that are a prefix of it, normalised over the actions.
-    A token that is a prefix of several actions (``g`` for "go" and "give up") is *ambiguous*: its mass
-    is split between those actions in proportion to the mass they get from unambiguous tokens (equally if
-    they get none). Word actions so their first tokens differ to avoid it.
+    One greedy request with ``logprobs=True, top_logprobs=20``; the first generated token's alternatives
+    are summed per action (:func:`lpm.logprobs.choice_distribution`). A token that is a prefix of several
+    actions is *ambiguous*; word actions so their first tokens differ to avoid it.
 ``sample``
     ``n`` samples at temperature 1 under the same constraint; the probability of an action is its share.
 
@@ -25,24 +22,21 @@ import abc
 import asyncio
 import inspect
 import json
-import math
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import openai
 
+from lpm.decoding import Decoding
 from lpm.errors import InputError, LLMError, LpmError, ServerError
+from lpm.logprobs import BadAnswer, NoLogprobs, choice_distribution, first_token_candidates, match_action
+from lpm.server_kind import ServerKind, server_kind
 
-Mode = Literal["auto", "logprobs", "sample"]
-MODES = ("auto", "logprobs", "sample")
-CONSTRAINTS = ("vllm", "llamacpp")
-TOP_LOGPROBS = 20
-"""Top log-probabilities requested for the first token (the OpenAI API allows at most 20)."""
-SAMPLE_TEMPERATURE = 1.0
-"""Temperature of ``sample`` mode: the model's own distribution."""
+DEFAULT_DECODING = Decoding()
+"""Mode ``auto``, 20 samples, 20 top log-probabilities, sampling temperature 1."""
 
 
 @dataclass
@@ -65,14 +59,6 @@ class Answer:
     ambiguous: float = 0.0
 
 
-class NoLogprobs(Exception):
-    """The server answered without log-probabilities (``auto`` mode falls back to sampling)."""
-
-
-class BadAnswer(Exception):
-    """The answer cannot be read as a choice (retried)."""
-
-
 class Backend(abc.ABC):
     """Base of the LLM backends. A subclass implements :meth:`choose` as a coroutine and sets ``model``.
 
@@ -88,138 +74,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def choose(
-        self,
-        messages: list[dict[str, str]],
-        actions: Sequence[str],
-        *,
-        mode: Mode = "auto",
-        n_samples: int = 20,
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
-        """Ask the model once; return the probability of each action. Raises LLMError / ServerError."""
+        """Ask the model once, decoding as ``decoding`` says; return the probability of each action.
+
+        Raises LLMError / ServerError.
+        """
 
     def identity(self) -> dict[str, Any]:
         """What identifies the model and the answer format in a cache key (no URL, no key)."""
         return {"backend": type(self).__name__, "model": self.model}
 
-    def decoding(self, actions: Sequence[str], mode: Mode, n_samples: int) -> dict[str, Any]:
-        """The decoding parameters a request of ``mode`` uses (part of the cache key)."""
-        lp = {"temperature": 0.0, "max_tokens": max_tokens(actions), "top_logprobs": TOP_LOGPROBS, "n": 1}
-        sm = {"temperature": SAMPLE_TEMPERATURE, "max_tokens": max_tokens(actions), "n": n_samples}
-        return {"logprobs": lp, "sample": sm, "auto": {"logprobs": lp, "sample": sm}}[mode]
+    def request_params(self, actions: Sequence[str], decoding: Decoding) -> dict[str, Any]:
+        """The decoding parameters that :meth:`choose` sends for ``decoding`` (part of the cache key).
+
+        This default, :meth:`Decoding.requests`, is right for a backend that sends the decoding's own
+        requests; a backend that sends something else says what here.
+        """
+        return decoding.requests(actions)
 
     async def aclose(self) -> None:
         """Release connections (called at the end of each event loop the backend was used in)."""
         return None
-
-
-def _check_choose_args(mode: str, n_samples: int) -> None:
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}")
-    if n_samples < 1:
-        raise InputError(f"n_samples must be >= 1, got {n_samples}")
-
-
-def max_tokens(actions: Sequence[str]) -> int:
-    """Tokens enough for the longest action: one per UTF-8 byte (a token is at least one byte), plus one."""
-    return max(len(a.encode("utf-8")) for a in actions) + 1
-
-
-def gbnf_grammar(actions: Sequence[str]) -> str:
-    """A llama.cpp GBNF grammar allowing exactly one of ``actions``: ``root ::= "isolate" | "go out"``."""
-
-    def literal(a: str) -> str:
-        return '"' + a.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-    return "root ::= " + " | ".join(literal(a) for a in actions)
-
-
-def constraint_payload(constraint: str, actions: Sequence[str]) -> dict[str, Any]:
-    """The ``extra_body`` that restricts the answer to one of ``actions`` on a vLLM or llama.cpp server."""
-    if constraint == "vllm":
-        return {"structured_outputs": {"choice": list(actions)}}
-    if constraint == "llamacpp":
-        return {"grammar": gbnf_grammar(actions)}
-    raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
-
-
-def first_token_candidates(
-    choice: dict[str, Any], response: dict[str, Any] | None = None
-) -> list[tuple[str, float]]:
-    """(token, probability) pairs of the first generated token's top alternatives.
-
-    Reads the OpenAI chat shape (``logprobs.content[0].top_logprobs[*].token/logprob``, also llama.cpp's
-    server), llama.cpp's ``probs`` / ``top_probs`` with ``tok_str`` / ``prob``, and the older top-level
-    ``completion_probabilities``. Raises :class:`NoLogprobs` when there are none.
-    """
-    entries: Any = None
-    lp = choice.get("logprobs")
-    if isinstance(lp, dict):
-        entries = lp.get("content")
-    elif isinstance(lp, list):
-        entries = lp
-    if not entries and response:
-        entries = response.get("completion_probabilities")
-    if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
-        raise NoLogprobs("the response has no log-probabilities")
-    first = entries[0]
-    alts = first.get("top_logprobs") or first.get("top_probs") or first.get("probs")
-    if not alts:
-        raise NoLogprobs("the first token has no top log-probabilities")
-    out = []
-    for alt in alts:
-        token = alt.get("token", alt.get("tok_str"))
-        if token is None:
-            continue
-        if alt.get("logprob") is not None:
-            p = math.exp(float(alt["logprob"]))
-        elif alt.get("prob") is not None:
-            p = float(alt["prob"])
-        else:
-            continue
-        out.append((str(token), p))
-    if not out:
-        raise NoLogprobs("the first token's alternatives carry no probabilities")
-    return out
-
-
-def choice_distribution(
-    candidates: Sequence[tuple[str, float]], actions: Sequence[str]
-) -> tuple[list[float], float]:
-    """Probability of each action from the first token's alternatives, and the ambiguous share.
-
-    A token counts for an action when it is a non-empty prefix of it; the mass of a token that is a prefix
-    of several actions is split in proportion to their unambiguous mass (equally if none). Raises
-    :class:`BadAnswer` when no token begins any action.
-    """
-    mass = [0.0] * len(actions)
-    shared: list[tuple[list[int], float]] = []
-    for token, p in candidates:
-        hits = [i for i, a in enumerate(actions) if token and a.startswith(token)]
-        if len(hits) == 1:
-            mass[hits[0]] += p
-        elif hits:
-            shared.append((hits, p))
-    ambiguous = sum(p for _, p in shared)
-    base = list(mass)
-    for hits, p in shared:
-        weights = [base[i] for i in hits]
-        total = sum(weights)
-        for i, w in zip(hits, weights, strict=True):
-            mass[i] += p * (w / total if total > 0 else 1 / len(hits))
-    total = sum(mass)
-    if not total > 0:
-        tokens = [t for t, _ in candidates[:5]]
-        raise BadAnswer(f"no first-token alternative begins an action (top tokens: {tokens})")
-    return [m / total for m in mass], ambiguous / total
-
-
-def match_action(text: str | None, actions: Sequence[str]) -> int:
-    """Index of the action ``text`` is (surrounding whitespace and quotes ignored); BadAnswer otherwise."""
-    clean = (text or "").strip().strip("\"'").strip()
-    for i, a in enumerate(actions):
-        if clean == a:
-            return i
-    raise BadAnswer(f"answer {text!r} is not one of {list(actions)}")
 
 
 class _Retrying:
@@ -264,7 +140,8 @@ class OpenAIBackend(Backend, _Retrying):
     api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect).
     max_concurrency: requests in flight at once. timeout: seconds per request.
     retries: extra attempts after a failed one; backoff: seconds before the first retry, doubled each time.
-    constraint: ``vllm`` (``structured_outputs.choice``) or ``llamacpp`` (GBNF ``grammar``).
+    server: the server kind (:data:`lpm.server_kind.SERVER_KINDS`), which says how an answer is constrained:
+    ``vllm`` (``structured_outputs.choice``) or ``llamacpp`` (GBNF ``grammar``).
     """
 
     def __init__(
@@ -277,13 +154,12 @@ class OpenAIBackend(Backend, _Retrying):
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.5,
-        constraint: Literal["vllm", "llamacpp"] = "vllm",
+        server: str | ServerKind = "vllm",
     ):
         self._check_retry_args(retries, backoff, max_concurrency)
         if timeout <= 0:
             raise InputError(f"timeout must be > 0 seconds, got {timeout}")
-        if constraint not in CONSTRAINTS:
-            raise InputError(f"constraint must be one of {CONSTRAINTS}, got {constraint!r}")
+        self.server: ServerKind = server_kind(server)
         if not base_url.startswith(("http://", "https://")):
             raise InputError(
                 f"--llm-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}"
@@ -295,13 +171,12 @@ class OpenAIBackend(Backend, _Retrying):
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self.constraint = constraint
         self.stats = BackendStats()
         self._state: _LoopState | None = None
         self._logprobs_ok: bool | None = None  # learned in auto mode
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.model, "constraint": self.constraint}
+        return {"backend": "openai", "model": self.model, "server": self.server.name}
 
     def _loop_state(self) -> _LoopState:
         # httpx connections and asyncio semaphores belong to one event loop; make fresh ones per loop.
@@ -322,18 +197,13 @@ class OpenAIBackend(Backend, _Retrying):
             await state.client.close()
 
     async def choose(
-        self,
-        messages: list[dict[str, str]],
-        actions: Sequence[str],
-        *,
-        mode: Mode = "auto",
-        n_samples: int = 20,
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
-        _check_choose_args(mode, n_samples)
+        mode = decoding.mode
         if mode == "sample" or (mode == "auto" and self._logprobs_ok is False):
-            return await self._with_retries(self._sample, messages, actions, n_samples)
+            return await self._with_retries(self._sample, messages, actions, decoding)
         try:
-            answer = await self._with_retries(self._logprobs, messages, actions, n_samples)
+            answer = await self._with_retries(self._logprobs, messages, actions, decoding)
         except NoLogprobs as exc:
             if mode == "logprobs":
                 raise LLMError(
@@ -342,12 +212,12 @@ class OpenAIBackend(Backend, _Retrying):
                 ) from None
             self._logprobs_ok = False
             self.stats.fallbacks += 1
-            return await self._with_retries(self._sample, messages, actions, n_samples)
+            return await self._with_retries(self._sample, messages, actions, decoding)
         self._logprobs_ok = True
         return answer
 
     async def _with_retries(
-        self, call: Any, messages: list[dict[str, str]], actions: Sequence[str], n: int
+        self, call: Any, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
     ) -> Answer:
         last: BaseException | None = None
         for attempt in range(self.retries + 1):
@@ -355,7 +225,7 @@ class OpenAIBackend(Backend, _Retrying):
                 self.stats.retries += 1
                 await self._pause(attempt - 1)
             try:
-                answer = await call(messages, actions, n)
+                answer = await call(messages, actions, decoding)
                 answer.attempts = attempt + 1
                 return answer
             except (
@@ -403,14 +273,13 @@ class OpenAIBackend(Backend, _Retrying):
             raise BadAnswer(f"the response is not a JSON object: {_short(str(data))}")
         return data
 
-    async def _logprobs(self, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+    async def _logprobs(
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
+    ) -> Answer:
         data = await self._create(
             messages=messages,
-            temperature=0.0,
-            max_tokens=max_tokens(actions),
-            logprobs=True,
-            top_logprobs=TOP_LOGPROBS,
-            extra_body=constraint_payload(self.constraint, actions),
+            **decoding.logprobs_request(actions),
+            extra_body=self.server.constraint_payload(actions),
         )
         choice = _first_choice(data)
         text = (choice.get("message") or {}).get("content")
@@ -427,17 +296,18 @@ class OpenAIBackend(Backend, _Retrying):
             ambiguous=ambiguous,
         )
 
-    async def _sample(self, messages: list[dict[str, str]], actions: Sequence[str], n: int) -> Answer:
+    async def _sample(
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
+    ) -> Answer:
+        n = decoding.n_samples
         answers: list[str] = []
         counts = [0] * len(actions)
         prompt_tokens = completion_tokens = 0
         for _ in range(n):  # a server that ignores n returns fewer choices: ask again for the rest
             data = await self._create(
                 messages=messages,
-                temperature=SAMPLE_TEMPERATURE,
-                max_tokens=max_tokens(actions),
-                n=n - len(answers),
-                extra_body=constraint_payload(self.constraint, actions),
+                **decoding.sample_request(actions, n=n - len(answers)),
+                extra_body=self.server.constraint_payload(actions),
             )
             choices = data.get("choices") or []
             if not choices:
@@ -459,8 +329,11 @@ class LangChainBackend(Backend, _Retrying):
 
     ``logprobs`` mode reads ``response_metadata["logprobs"]`` (ChatOpenAI fills it when built with
     ``logprobs=True, top_logprobs=20``); ``sample`` mode asks ``n_samples`` times and counts the answers.
-    constraint: ``vllm`` or ``llamacpp`` binds the constraint as ``extra_body`` (OpenAI-style models);
-    ``None`` sends no constraint, so answers are only matched against the actions.
+    Every request is decoded as the chat model is configured (its temperature, max_tokens, logprobs …):
+    of a :class:`Decoding` only the mode and ``n_samples`` are used, and the cache key records the chat
+    model's own settings instead (:meth:`request_params`).
+    server: ``vllm`` or ``llamacpp`` binds that server kind's answer constraint as ``extra_body``
+    (OpenAI-style models); ``None`` sends no constraint, so answers are only matched against the actions.
     """
 
     def __init__(
@@ -468,7 +341,7 @@ class LangChainBackend(Backend, _Retrying):
         chat_model: Any,
         *,
         model: str | None = None,
-        constraint: Literal["vllm", "llamacpp"] | None = "vllm",
+        server: str | ServerKind | None = "vllm",
         max_concurrency: int = 16,
         retries: int = 3,
         backoff: float = 0.5,
@@ -477,8 +350,7 @@ class LangChainBackend(Backend, _Retrying):
             raise InputError(
                 f"LangChainBackend needs a LangChain chat model, got {type(chat_model).__name__}"
             )
-        if constraint is not None and constraint not in CONSTRAINTS:
-            raise InputError(f"constraint must be one of {CONSTRAINTS} or None, got {constraint!r}")
+        self.server: ServerKind | None = None if server is None else server_kind(server)
         self._check_retry_args(retries, backoff, max_concurrency)
         self.chat_model = chat_model
         self.model = model or str(
@@ -486,7 +358,6 @@ class LangChainBackend(Backend, _Retrying):
             or getattr(chat_model, "model", None)
             or type(chat_model).__name__
         )
-        self.constraint = constraint
         self.max_concurrency = max_concurrency
         self.retries = retries
         self.backoff = backoff
@@ -499,13 +370,21 @@ class LangChainBackend(Backend, _Retrying):
             "backend": "langchain",
             "class": type(self.chat_model).__name__,
             "model": self.model,
-            "constraint": self.constraint,
+            "server": None if self.server is None else self.server.name,
         }
 
+    def request_params(self, actions: Sequence[str], decoding: Decoding) -> dict[str, Any]:
+        """The chat model's own request settings (what LangChain sends), the mode, and in modes that
+        sample the number of invocations; the decoding's temperature and top_logprobs are not sent."""
+        out: dict[str, Any] = {"mode": decoding.mode, "chat_model": chat_settings(self.chat_model)}
+        if decoding.mode in ("auto", "sample"):
+            out["invocations"] = decoding.n_samples
+        return out
+
     def _bound(self, actions: Sequence[str]) -> Any:
-        if self.constraint is None:
+        if self.server is None:
             return self.chat_model
-        return self.chat_model.bind(extra_body=constraint_payload(self.constraint, actions))
+        return self.chat_model.bind(extra_body=self.server.constraint_payload(actions))
 
     async def _invoke(self, runnable: Any, messages: list[dict[str, str]]) -> Any:
         loop = asyncio.get_running_loop()
@@ -519,21 +398,15 @@ class LangChainBackend(Backend, _Retrying):
             return await asyncio.to_thread(runnable.invoke, messages)
 
     async def choose(
-        self,
-        messages: list[dict[str, str]],
-        actions: Sequence[str],
-        *,
-        mode: Mode = "auto",
-        n_samples: int = 20,
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
-        _check_choose_args(mode, n_samples)
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats.retries += 1
                 await self._pause(attempt - 1)
             try:
-                answer = await self._once(messages, actions, mode, n_samples)
+                answer = await self._once(messages, actions, decoding.mode, decoding.n_samples)
                 answer.attempts = attempt + 1
                 return answer
             except NoLogprobs as exc:
@@ -550,7 +423,7 @@ class LangChainBackend(Backend, _Retrying):
         raise LLMError(f"{self.model}: {_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _once(
-        self, messages: list[dict[str, str]], actions: Sequence[str], mode: Mode, n: int
+        self, messages: list[dict[str, str]], actions: Sequence[str], mode: str, n: int
     ) -> Answer:
         runnable = self._bound(actions)
         if mode in ("auto", "logprobs"):
@@ -573,6 +446,19 @@ class LangChainBackend(Backend, _Retrying):
             p, c = _lc_usage(reply)
             pt, ct = pt + p, ct + c
         return Answer([c / n for c in counts], "sample", [str(r.content) for r in replies], pt, ct)
+
+
+def chat_settings(chat_model: Any) -> dict[str, Any]:
+    """The request parameters a LangChain chat model sends on its own, as JSON values: LangChain's
+    ``_get_invocation_params()`` (model, temperature, max_tokens, logprobs …; no URL, no key) and the
+    arguments of ``chat_model.bind(...)``. ``{}`` for an object that does not say."""
+    from langchain_core.runnables import RunnableBinding
+
+    get = getattr(chat_model, "_get_invocation_params", None)
+    settings = dict(get()) if callable(get) else {}
+    if isinstance(chat_model, RunnableBinding):
+        settings |= chat_model.kwargs
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 def _lc_usage(reply: Any) -> tuple[int, int]:
@@ -605,13 +491,14 @@ class LocalServerBackend(Backend):
     """An :class:`OpenAIBackend` for a local :class:`lpm.server.ModelServer` that is started only when
     the first request is sent, so a run answered entirely from the cache starts no server.
 
-    server: a ModelServer not yet started (its URL and port are fixed at construction); the caller stops
-    it. Other keyword arguments go to :class:`OpenAIBackend`. Cache keys are those of OpenAIBackend.
+    local_server: a ModelServer not yet started (its URL and port are fixed at construction); the caller
+    stops it. Other keyword arguments go to :class:`OpenAIBackend` (its server kind is the ModelServer's).
+    Cache keys are those of OpenAIBackend.
     """
 
-    def __init__(self, server: Any, **kwargs: Any):
-        self.server = server
-        self.inner = OpenAIBackend(server.url, server.model, **kwargs)
+    def __init__(self, local_server: Any, **kwargs: Any):
+        self.local_server = local_server
+        self.inner = OpenAIBackend(local_server.url, local_server.model, server=local_server.kind, **kwargs)
         self.model = self.inner.model
         self._lock = threading.Lock()
         self.on_start: Any = None
@@ -619,28 +506,23 @@ class LocalServerBackend(Backend):
 
     def _ensure_started(self) -> None:
         with self._lock:
-            if not self.server.running:
+            if not self.local_server.running:
                 if self.on_start is not None:
-                    self.on_start(self.server)
-                self.server.start()
+                    self.on_start(self.local_server)
+                self.local_server.start()
 
     async def choose(
-        self,
-        messages: list[dict[str, str]],
-        actions: Sequence[str],
-        *,
-        mode: Mode = "auto",
-        n_samples: int = 20,
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
-        if not self.server.running:
+        if not self.local_server.running:
             await asyncio.to_thread(self._ensure_started)
-        return await self.inner.choose(messages, actions, mode=mode, n_samples=n_samples)
+        return await self.inner.choose(messages, actions, decoding)
 
     def identity(self) -> dict[str, Any]:
         return self.inner.identity()
 
-    def decoding(self, actions: Sequence[str], mode: Mode, n_samples: int) -> dict[str, Any]:
-        return self.inner.decoding(actions, mode, n_samples)
+    def request_params(self, actions: Sequence[str], decoding: Decoding) -> dict[str, Any]:
+        return self.inner.request_params(actions, decoding)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -2,11 +2,14 @@
 
 Key: SHA-256 of the canonical JSON (sorted keys, no whitespace) of
 
-- ``model``: the backend's identity: backend kind, served model name, constraint kind;
+- ``model``: the backend's identity: backend kind, served model name, server kind (which answer constraint
+  it sends);
 - ``messages``: the rendered chat messages (context values already rounded, so nearby steps share entries);
 - ``actions``: the action set, in order;
-- ``mode``: the mode asked for (``auto``, ``logprobs``, ``sample``);
-- ``decoding``: temperature, max_tokens, top_logprobs and n of the request(s) that mode sends;
+- ``decoding``: the backend's :meth:`~lpm.backend.Backend.request_params`: the mode asked for (``auto``,
+  ``logprobs``, ``sample``) and the decoding arguments of the request(s) that mode sends, the very dicts
+  the backend sends (:class:`lpm.decoding.Decoding`: temperature, max_tokens, logprobs, top_logprobs, n;
+  for LangChain the chat model's own settings and the number of invocations);
 - ``version``: :data:`FORMAT_VERSION`.
 
 Deliberately excluded: the server URL and API key (the same model behind another address gives the same
@@ -36,8 +39,10 @@ from lpm.errors import CacheMissError, InputError
 from lpm.paths import cache_root
 
 CACHE_MODES = ("use", "refresh", "off", "replay")
-FORMAT_VERSION = 1
-"""Bump when the meaning of a cached answer changes, so old entries stop matching."""
+FORMAT_VERSION = 2
+"""Bump when the meaning of a cached answer or the content of its key changes, so old entries stop matching.
+2: the key's decoding is the request arguments as sent (mode inside it) and the identity names the server
+kind (``server``) instead of the ``constraint``."""
 
 _ENTRY = "r:"  # response entries
 _STAT = "s:"  # counters: hits, misses, tokens_saved, corrupt, writes
@@ -54,15 +59,17 @@ def cache_key(
     model: dict[str, Any],
     messages: list[dict[str, str]],
     actions: list[str],
-    mode: str,
     decoding: dict[str, Any],
 ) -> str:
-    """The SHA-256 hex key of one request (see the module docstring for what goes in and what does not)."""
+    """The SHA-256 hex key of one request (see the module docstring for what goes in and what does not).
+
+    decoding: what the backend sends for the mode asked for, with the mode
+    (:meth:`lpm.backend.Backend.request_params`).
+    """
     payload = {
         "model": model,
         "messages": messages,
         "actions": list(actions),
-        "mode": mode,
         "decoding": decoding,
         "version": FORMAT_VERSION,
     }

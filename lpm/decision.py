@@ -27,8 +27,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lpm.archetype import ArchetypeSpec
-from lpm.backend import MODES, Answer, Backend
+from lpm.backend import Answer, Backend
 from lpm.cache import ResponseCache, cache_key
+from lpm.decoding import Decoding
 from lpm.errors import CacheMissError, InputError, LLMError, LpmError, ServerError
 from lpm.prompt import PromptTemplate
 
@@ -76,7 +77,9 @@ class Decider:
 
     backend: an :class:`lpm.backend.Backend`. cache: a :class:`ResponseCache`, or None for no caching.
     mode: ``auto`` (logprobs, else sampling), ``logprobs`` or ``sample``. n_samples: answers per
-    request in sample mode. on_failure: ``error`` (raise) or ``return`` (NaN rows listed in ``failed``).
+    request in sample mode. Both are checked once, into :attr:`decoding` (a :class:`lpm.decoding.Decoding`,
+    what every request sends and every cache key hashes).
+    on_failure: ``error`` (raise) or ``return`` (NaN rows listed in ``failed``).
     progress: show a progress bar (stderr) when more than one request is sent.
     per_agent: render the prompt file's ``agent_user`` message (rows carry each agent's own columns).
     """
@@ -96,16 +99,12 @@ class Decider:
             raise InputError(f"backend must be an lpm.backend.Backend, got {type(backend).__name__}")
         if cache is not None and not isinstance(cache, ResponseCache):
             raise InputError(f"cache must be a ResponseCache or None, got {type(cache).__name__}")
-        if mode not in MODES:
-            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if n_samples < 1:
-            raise InputError(f"n_samples must be >= 1, got {n_samples}")
+        decoding = Decoding(mode=mode, n_samples=n_samples)
         if on_failure not in FAILURE_POLICIES:
             raise InputError(f"on_failure must be one of {', '.join(FAILURE_POLICIES)}, got {on_failure!r}")
         self.backend = backend
         self.cache = cache
-        self.mode = mode
-        self.n_samples = n_samples
+        self.decoding = decoding
         self.on_failure = on_failure
         self.progress = progress
         self.per_agent = per_agent
@@ -160,12 +159,9 @@ class Decider:
         actions = list(spec.actions)
         template = self.prompt(spec)
         messages = [template.render(r, context, per_agent=self.per_agent) for r in rows]
-        decoding = self.backend.decoding(actions, self.mode, self.n_samples)
         identity = self.backend.identity()
-        keys = [
-            cache_key(model=identity, messages=m, actions=actions, mode=self.mode, decoding=decoding)
-            for m in messages
-        ]
+        params = self.backend.request_params(actions, self.decoding)
+        keys = [cache_key(model=identity, messages=m, actions=actions, decoding=params) for m in messages]
 
         answers: list[Answer | None] = [None] * len(rows)
         cached = [False] * len(rows)
@@ -203,9 +199,7 @@ class Decider:
 
         async def ask(key: str, idx: list[int]) -> None:
             try:
-                answer = await self.backend.choose(
-                    messages[idx[0]], actions, mode=self.mode, n_samples=self.n_samples
-                )
+                answer = await self.backend.choose(messages[idx[0]], actions, self.decoding)
                 _check(answer, actions)
             except (LpmError, ValueError) as exc:
                 errors[idx[0]] = exc

@@ -227,7 +227,7 @@ def _policy(config: RunConfig, on_server_start: Announce | None) -> Iterator[tup
         config.llm_url,
         config.llm_model,
         cache_mode=config.cache,
-        engine=config.engine,
+        server=config.engine,
         api_key_env=config.api_key_env,
         on_start=on_server_start,
     ) as (backend, info):

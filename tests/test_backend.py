@@ -1,102 +1,36 @@
-"""Backends against a scripted fake OpenAI-compatible server: parsing, retries and errors."""
+"""Backends against a scripted fake OpenAI-compatible server: requests, retries, errors and cache keys."""
 
 from __future__ import annotations
 
 import asyncio
-import math
 import socket
 
 import pytest
 from fake_server import FakeServer
 
-from lpm.backend import (
-    Answer,
-    Backend,
-    BadAnswer,
-    LangChainBackend,
-    NoLogprobs,
-    OpenAIBackend,
-    choice_distribution,
-    first_token_candidates,
-    gbnf_grammar,
-    max_tokens,
-)
+from lpm.backend import Answer, Backend, LangChainBackend, OpenAIBackend
+from lpm.decoding import Decoding
 from lpm.errors import InputError, LLMError, ServerError
 
 ACTIONS = ["isolate", "go out"]
 MESSAGES = [{"role": "system", "content": "You decide."}, {"role": "user", "content": "Isolate or go out?"}]
 
 
-def backend(server: FakeServer, **kw) -> OpenAIBackend:
+def backend(fake: FakeServer, **kw) -> OpenAIBackend:
     kw.setdefault("backoff", 0.01)
-    return OpenAIBackend(server.url, server.model, **kw)
+    return OpenAIBackend(fake.url, fake.model, **kw)
 
 
-def choose(b: Backend, **kw) -> Answer:
+def choose(b: Backend, **settings) -> Answer:
+    """One ``choose`` call decoded with ``Decoding(**settings)`` (mode, n_samples …)."""
+
     async def go() -> Answer:
         try:
-            return await b.choose(MESSAGES, ACTIONS, **kw)
+            return await b.choose(MESSAGES, ACTIONS, Decoding(**settings))
         finally:
             await b.aclose()
 
     return asyncio.run(go())
-
-
-# -- parsing ------------------------------------------------------------------------------------
-def test_distribution_merges_tokens_by_prefix():
-    # the shape measured with SmolLM2 under the choice constraint
-    cands = [("isol", 0.619), ("i", 0.332), ("is", 0.031), ("g", 0.013), ("go", 0.005), ("<|im_end|>", 1e-6)]
-    probs, ambiguous = choice_distribution(cands, ACTIONS)
-    assert math.isclose(sum(probs), 1.0)
-    assert math.isclose(probs[0], 0.982 / 1.0, rel_tol=1e-3)
-    assert math.isclose(probs[1], 0.018, rel_tol=1e-2)
-    assert ambiguous == 0
-
-
-def test_ambiguous_token_split_in_proportion_to_unambiguous_mass():
-    cands = [("g", 0.4), ("go", 0.3), ("giv", 0.1)]
-    probs, ambiguous = choice_distribution(cands, ["go out", "give up"])
-    # "g" begins both: split 3:1 like the unambiguous masses 0.3 and 0.1
-    assert probs[0] == pytest.approx((0.3 + 0.3) / 0.8)
-    assert probs[1] == pytest.approx((0.1 + 0.1) / 0.8)
-    assert ambiguous == pytest.approx(0.4 / 0.8)
-    # no unambiguous mass at all: equal split
-    probs, _ = choice_distribution([("g", 1.0)], ["go out", "give up"])
-    assert probs == [0.5, 0.5]
-
-
-def test_zero_mass_on_actions_is_a_bad_answer():
-    with pytest.raises(BadAnswer, match="no first-token alternative"):
-        choice_distribution([("I", 0.9), ("", 0.1)], ACTIONS)
-
-
-def test_candidates_in_every_response_shape():
-    openai_shape = {
-        "logprobs": {
-            "content": [
-                {
-                    "token": "isol",
-                    "logprob": 0.0,
-                    "top_logprobs": [{"token": "isol", "logprob": math.log(0.5)}],
-                }
-            ]
-        }
-    }
-    assert first_token_candidates(openai_shape) == [("isol", pytest.approx(0.5))]
-    llama_probs = {"logprobs": {"content": [{"tok_str": "go", "probs": [{"tok_str": "go", "prob": 0.25}]}]}}
-    assert first_token_candidates(llama_probs) == [("go", 0.25)]
-    llama_top = {"logprobs": {"content": [{"token": "go", "top_probs": [{"token": "go", "prob": 0.75}]}]}}
-    assert first_token_candidates(llama_top) == [("go", 0.75)]
-    legacy = {"completion_probabilities": [{"content": "i", "probs": [{"tok_str": "i", "prob": 1.0}]}]}
-    assert first_token_candidates({"text": "i"}, legacy) == [("i", 1.0)]
-    with pytest.raises(NoLogprobs):
-        first_token_candidates({"logprobs": None})
-
-
-def test_gbnf_grammar_escapes_literals():
-    assert gbnf_grammar(["isolate", "go out"]) == 'root ::= "isolate" | "go out"'
-    assert gbnf_grammar(['say "hi"', "a\\b"]) == 'root ::= "say \\"hi\\"" | "a\\\\b"'
-    assert max_tokens(["isolate", "go out"]) == 8
 
 
 # -- the OpenAI backend -------------------------------------------------------------------------
@@ -115,7 +49,7 @@ def test_logprobs_mode_against_fake_server():
 
 def test_llamacpp_constraint_and_response_shape():
     with FakeServer(default="llamacpp") as server:
-        answer = choose(backend(server, constraint="llamacpp"), mode="logprobs")
+        answer = choose(backend(server, server="llamacpp"), mode="logprobs")
         body = server.bodies[0]
     assert body["grammar"] == 'root ::= "isolate" | "go out"'
     assert "structured_outputs" not in body
@@ -197,8 +131,8 @@ def test_unreachable_server_names_url_and_fix():
 
 
 def test_backend_arguments_are_validated():
-    with pytest.raises(InputError, match="constraint"):
-        OpenAIBackend("http://127.0.0.1:1/v1", "m", constraint="ollama")
+    with pytest.raises(InputError, match="server must be one of vllm, llamacpp, got 'ollama'"):
+        OpenAIBackend("http://127.0.0.1:1/v1", "m", server="ollama")
     with pytest.raises(InputError, match="max_concurrency"):
         OpenAIBackend("http://127.0.0.1:1/v1", "m", max_concurrency=0)
     with pytest.raises(InputError, match="http"):
@@ -207,7 +141,7 @@ def test_backend_arguments_are_validated():
 
 def test_backend_base_class_is_checked_at_construction():
     class Sync(Backend):
-        def choose(self, messages, actions, *, mode="auto", n_samples=20):  # not async
+        def choose(self, messages, actions, decoding=None):  # not async
             return None
 
     class Missing(Backend):
@@ -255,3 +189,54 @@ def test_langchain_backend_logprobs_and_sampling():
         assert answer.mode == "sample" and server.requests - before == 5
         assert sum(answer.probs) == pytest.approx(1.0)
         assert answer.prompt_tokens == 5 * 50
+
+
+# -- what the cache key records is what is sent ---------------------------------------------------
+def test_openai_request_params_are_the_requests_sent():
+    settings = {"mode": "auto", "n_samples": 7, "top_logprobs": 5, "sample_temperature": 0.7}
+    with FakeServer(default="nologprobs") as server:  # auto: a logprobs request, then a sample request
+        b = backend(server)
+        choose(b, **settings)
+        logprobs_body, sample_body = server.bodies
+    params = b.request_params(ACTIONS, Decoding(**settings))
+    assert params == {
+        "mode": "auto",
+        "logprobs": {"temperature": 0.0, "max_tokens": 8, "logprobs": True, "top_logprobs": 5},
+        "sample": {"temperature": 0.7, "max_tokens": 8, "n": 7},
+    }
+    for body, sent in ((logprobs_body, params["logprobs"]), (sample_body, params["sample"])):
+        assert set(body) == {"model", "messages", "structured_outputs", *sent}
+        assert {k: body[k] for k in sent} == sent
+    assert b.identity() == {"backend": "openai", "model": "fake-model", "server": "vllm"}
+
+
+def test_langchain_request_params_are_the_chat_models_own_settings():
+    from langchain_openai import ChatOpenAI
+
+    with FakeServer() as server:
+        chat = ChatOpenAI(
+            base_url=server.url, api_key="x", model="fake-model", temperature=0.3, max_retries=0
+        )
+        lc = LangChainBackend(chat, backoff=0.01, server="llamacpp")
+        choose(lc, mode="sample", n_samples=2, sample_temperature=0.5)
+        body = server.bodies[0]
+        url = server.url
+    params = lc.request_params(ACTIONS, Decoding(mode="sample", n_samples=2, sample_temperature=0.5))
+    # the chat model's temperature was sent, not the decoding's: the key records the one sent
+    assert params["chat_model"]["temperature"] == body["temperature"] == 0.3
+    assert params == lc.request_params(ACTIONS, Decoding(mode="sample", n_samples=2))
+    assert params["mode"] == "sample" and params["invocations"] == 2 and len(server.bodies) == 2
+    assert body["grammar"] == 'root ::= "isolate" | "go out"'
+    assert lc.identity() == {
+        "backend": "langchain",
+        "class": "ChatOpenAI",
+        "model": "fake-model",
+        "server": "llamacpp",
+    }
+    assert url not in str(params) and "x" not in params["chat_model"].values()  # no address, no key
+    hotter = LangChainBackend(chat.bind(temperature=0.9), model="fake-model")
+    assert (
+        hotter.request_params(ACTIONS, Decoding(mode="sample", n_samples=2))["chat_model"]["temperature"]
+        == 0.9
+    )
+    assert "invocations" not in lc.request_params(ACTIONS, Decoding(mode="logprobs"))

@@ -12,16 +12,16 @@ from lpm.errors import CacheMissError, InputError
 
 MESSAGES = [{"role": "user", "content": "isolate or go out?"}]
 ACTIONS = ["isolate", "go out"]
-DECODING = {"temperature": 0.0, "max_tokens": 8, "top_logprobs": 20, "n": 1}
+REQUEST = {"temperature": 0.0, "max_tokens": 8, "logprobs": True, "top_logprobs": 20}
 
 
-def key(**changes) -> str:
+def key(*, mode: str = "logprobs", request: dict | None = None, **changes) -> str:
+    """The key of a request of ``mode`` sending ``request`` (default REQUEST), with other parts changed."""
     args = {
-        "model": {"backend": "openai", "model": "m"},
+        "model": {"backend": "openai", "model": "m", "server": "vllm"},
         "messages": MESSAGES,
         "actions": ACTIONS,
-        "mode": "logprobs",
-        "decoding": DECODING,
+        "decoding": {"mode": mode, "logprobs": REQUEST if request is None else request},
     }
     args.update(changes)
     return cache_key(**args)
@@ -34,12 +34,14 @@ def answer(p: float = 0.25) -> Answer:
 def test_key_is_stable_and_covers_what_changes_the_answer():
     assert key() == key(messages=[dict(MESSAGES[0])])  # canonical JSON, not object identity
     different = [
-        key(model={"backend": "openai", "model": "other"}),
+        key(model={"backend": "openai", "model": "other", "server": "vllm"}),
+        key(model={"backend": "openai", "model": "m", "server": "llamacpp"}),
         key(messages=[{"role": "user", "content": "isolate or go out? "}]),
         key(actions=["go out", "isolate"]),
         key(mode="sample"),
-        key(decoding={**DECODING, "temperature": 1.0}),
-        key(decoding={**DECODING, "max_tokens": 9}),
+        key(request={**REQUEST, "temperature": 1.0}),
+        key(request={**REQUEST, "max_tokens": 9}),
+        key(request={**REQUEST, "top_logprobs": 5}),
     ]
     assert len({key(), *different}) == 1 + len(different)
 

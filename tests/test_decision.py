@@ -163,10 +163,29 @@ def test_decider_arguments_are_validated(spec):
     backend = OpenAIBackend("http://127.0.0.1:1/v1", "m")
     with pytest.raises(InputError, match="mode"):
         Decider(backend, mode="greedy")
+    with pytest.raises(InputError, match=r"'n_samples'.*\(got 0\)"):
+        Decider(backend, mode="sample", n_samples=0)
     with pytest.raises(InputError, match="on_failure"):
         Decider(backend, on_failure="zero")
     with pytest.raises(InputError, match="Backend"):
         Decider(object())
+
+
+def test_cache_key_holds_only_what_the_mode_sends(spec, rows, tmp_path):
+    """n_samples is not sent in logprobs mode, so it does not split cache entries there; in sample mode it
+    is sent (``n``), so it does."""
+    with FakeServer() as server:
+        decider(server, ResponseCache(tmp_path), mode="logprobs", n_samples=5).decide(spec, rows[:3], CONTEXT)
+        again = decider(server, ResponseCache(tmp_path), mode="logprobs", n_samples=7).decide(
+            spec, rows[:3], CONTEXT
+        )
+        assert server.requests == 3 and all(again.cached)
+        decider(server, ResponseCache(tmp_path), mode="sample", n_samples=5).decide(spec, rows[:3], CONTEXT)
+        other = decider(server, ResponseCache(tmp_path), mode="sample", n_samples=7).decide(
+            spec, rows[:3], CONTEXT
+        )
+        assert server.requests == 9 and not any(other.cached)
+        assert [b.get("n") for b in server.bodies[3:]] == [5] * 3 + [7] * 3
 
 
 @pytest.mark.asyncio
@@ -288,3 +307,17 @@ def test_cli_decide_table_and_bad_context(small_pop, tmp_path):
             server.model,
         )
         assert res.returncode == 2 and "NAME=VALUE" in res.stderr
+        context = ["--context", "week=10", "--context", "cases=2345", "--context", "cases_change=12"]
+        res = lpm_cli(
+            "decide",
+            "covid_isolation",
+            "-p",
+            str(pop_file),
+            *context,
+            "--llm-url",
+            server.url,
+            "--server",
+            "ollama",
+        )
+        assert res.returncode == 2 and "--server must be one of vllm, llamacpp, got 'ollama'" in res.stderr
+        assert server.requests == 100  # nothing sent for the refused calls

@@ -55,7 +55,7 @@ def test_cpu_list_string(cores: list[int], expected: str) -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"engine": "ollama"},
+        {"kind": "ollama"},
         {"kv_cache_gib": 0},
         {"kv_cache_gib": 1.5},
         {"threads": 10_000},
@@ -65,6 +65,65 @@ def test_cpu_list_string(cores: list[int], expected: str) -> None:
 def test_bad_arguments_are_rejected(kwargs: dict) -> None:
     with pytest.raises(ServerError):
         ModelServer(**kwargs)
+
+
+def test_commands_of_each_kind(tmp_path, monkeypatch) -> None:
+    """Both launchers get the common options (llama.cpp's own parser accepts them), then their own."""
+    import sys
+
+    from lpm import server as server_module
+    from lpm.llamacpp_server import build_parser
+
+    monkeypatch.setattr(server_module, "gpu_available", lambda: False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    llama = ModelServer("llamacpp", model=gguf, port=8123, threads=1, max_model_len=512)
+    cmd = llama.command()
+    assert cmd[:3] == [sys.executable, "-m", "lpm.llamacpp_server"]
+    args = build_parser().parse_args(cmd[3:])
+    assert (args.model, args.served_model_name, args.port, args.max_model_len, args.threads) == (
+        str(gguf),
+        "tiny",
+        8123,
+        512,
+        1,
+    )
+    assert "VLLM_CPU_KVCACHE_SPACE" not in llama.environment()  # the CPU settings are vLLM's
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    vllm = ModelServer("vllm", model=folder, port=8124, kv_cache_gib=3)
+    cmd = vllm.command()
+    assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    assert (
+        cmd[cmd.index("--served-model-name") + 1] == "hf" and cmd[cmd.index("--max-model-len") + 1] == "2048"
+    )
+    assert "--structured-outputs-config" in cmd and cmd[-1] == "--enforce-eager" and "--threads" not in cmd
+    assert vllm.environment()["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert repr(vllm).startswith("ModelServer(kind='vllm', model='hf'")
+
+
+def test_running_server_at_a_url_starts_nothing() -> None:
+    from lpm.endpoint import running_server
+    from lpm.errors import InputError
+    from lpm.model import DEFAULT_MODEL_NAME
+
+    with running_server("http://127.0.0.1:9/v1", None) as found:
+        assert found == ("http://127.0.0.1:9/v1", DEFAULT_MODEL_NAME, None)
+    with pytest.raises(InputError, match="--server must be one of"), running_server(None, None, server="tgi"):
+        pass
+
+
+def test_cli_serve_names_the_server_option() -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-m", "lpm", "serve", "--server", "tgi"], capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 2 and "--server must be one of vllm, llamacpp, got 'tgi'" in res.stderr
 
 
 def test_check_server_unreachable_names_url_and_fix() -> None:
@@ -113,7 +172,7 @@ def test_vllm_lists_its_model(vllm_server: ModelServer) -> None:
 @pytest.mark.integration
 def test_vllm_choice_logprobs_and_request_counter(vllm_server: ModelServer) -> None:
     before = metrics(vllm_server.url)
-    assert before["engine"] == "vllm"
+    assert before["server"] == "vllm"
     body = {
         "model": vllm_server.model,
         "messages": QUESTION,

@@ -11,15 +11,14 @@ import typer
 from rich.console import Console
 
 from lpm.archetype import ArchetypeSpec
-from lpm.backend import MODES
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
 from lpm.decision import Decider
+from lpm.decoding import MODES
 from lpm.endpoint import default_mode, llm_backend
 from lpm.errors import InputError
 from lpm.population import Population
-
-"""Stand-in address in cache mode replay without --llm-url: never contacted (a miss raises first)."""
+from lpm.server_kind import SERVER_KINDS
 
 
 def parse_context(pairs: list[str]) -> dict[str, Any]:
@@ -64,11 +63,11 @@ def register(app: typer.Typer) -> None:
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
         ),
-        engine: str = typer.Option(
+        server: str = typer.Option(
             "vllm",
-            "--engine",
-            "--constraint",
-            help="engine of the local server lpm starts, or of the server at --llm-url (its answer-constraint format): vllm|llamacpp",
+            "--server",
+            help="kind of the local server lpm starts, or of the server at --llm-url (which answer constraint "
+            f"it takes): {'|'.join(SERVER_KINDS)}",
         ),
         cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
         cache_dir: Path = typer.Option(
@@ -96,17 +95,17 @@ def register(app: typer.Typer) -> None:
             llm_url,
             llm_model,
             cache_mode=cache,
-            engine=engine,
+            server=server,
             api_key_env=api_key_env,
             max_concurrency=concurrency,
-            on_start=lambda server: err.print(
-                f"starting a local {engine} server (logs: {server.log_path}) ..."
+            on_start=lambda local: err.print(
+                f"starting a local {local.kind.label} server (logs: {local.log_path}) ..."
             ),
         ) as (backend, info):
             decider = Decider(
                 backend,
                 response_cache,
-                mode=default_mode(mode, engine),
+                mode=default_mode(mode, server),
                 n_samples=n_samples,
                 progress=not as_json,
             )

@@ -9,12 +9,17 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
+from lpm.server_kind import SERVER_KINDS, server_kind
 
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        engine: str = typer.Option("vllm", "--engine", help="vllm (CPU build without a GPU) or llamacpp"),
+        kind: str = typer.Option(
+            "vllm",
+            "--server",
+            help=f"server kind: {'|'.join(SERVER_KINDS)} (vllm: the CPU build without a GPU)",
+        ),
         model: Path = typer.Option(
             None, "--model", help="model folder (vllm) or .gguf file; default SmolLM2-135M-Instruct"
         ),
@@ -33,12 +38,14 @@ def register(app: typer.Typer) -> None:
             models = ", ".join(info.get("models") or []) or "-"
             console.print(f"{info['url']}: healthy, serving {models}")
             return
-        server = ModelServer(engine, model, name, port=port, kv_cache_gib=kv_cache_gib)
-        with console.status(f"starting {engine} server (logs: {server.log_path})"):
+        server = ModelServer(
+            server_kind(kind, field="--server"), model, name, port=port, kv_cache_gib=kv_cache_gib
+        )
+        with console.status(f"starting {server.kind.label} server (logs: {server.log_path})"):
             server.start()
         try:
             console.print(
-                f"serving {server.model} at {server.url}  (engine {engine}, started in "
+                f"serving {server.model} at {server.url}  (server {server.kind.name}, started in "
                 f"{server.startup_seconds:.0f} s; Ctrl-C stops it)"
             )
             console.print(
@@ -53,7 +60,7 @@ def register(app: typer.Typer) -> None:
                     from lpm.server import log_tail
 
                     raise ServerError(
-                        f"the {engine} server exited unexpectedly:\n{log_tail(server.log_path)}"
+                        f"the {server.kind.label} server exited unexpectedly:\n{log_tail(server.log_path)}"
                     )
         except KeyboardInterrupt:
             pass

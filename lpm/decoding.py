@@ -1,0 +1,86 @@
+"""Decoding settings of a decision request: one validated, immutable object that the backends send and the
+response cache hashes.
+
+:class:`Decoding` is built once (by :class:`lpm.decision.Decider`) and checked then: an unknown setting or
+a value out of range raises :class:`lpm.errors.InputError` naming the setting and the bad value. The keyword
+arguments of each request come from its methods (:meth:`Decoding.logprobs_request`,
+:meth:`Decoding.sample_request`), and the cache key hashes :meth:`Decoding.requests`, made of the same
+dicts, so a key cannot record a value that was not sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lpm.errors import InputError, validation_message
+
+Mode = Literal["auto", "logprobs", "sample"]
+MODES: tuple[str, ...] = get_args(Mode)
+"""How a distribution is read: ``logprobs`` (first-token log-probabilities under the constraint),
+``sample`` (``n_samples`` constrained answers counted), ``auto`` (logprobs, else sample)."""
+
+LOGPROBS_TEMPERATURE = 0.0
+"""Temperature of ``logprobs`` requests: greedy, so the answer text is the most likely action."""
+
+
+class Decoding(BaseModel):
+    """How one decision request is decoded. Immutable; unknown settings are refused.
+
+    The ``logprobs`` request is greedy and asks for the first token's ``top_logprobs`` alternatives; the
+    ``sample`` request asks for ``n_samples`` answers at ``sample_temperature``. Both allow
+    :func:`max_tokens` tokens, enough for the longest action.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    mode: Mode = Field(default="auto", description="auto, logprobs or sample (see MODES)")
+    n_samples: int = Field(default=20, ge=1, description="answers per request in sample mode")
+    top_logprobs: int = Field(
+        default=20, ge=1, le=20, description="first-token alternatives in logprobs mode (OpenAI allows 20)"
+    )
+    sample_temperature: float = Field(
+        default=1.0, gt=0, description="temperature of sample mode; 1: the model's own distribution"
+    )
+
+    def __init__(self, **settings: Any) -> None:
+        try:
+            super().__init__(**settings)
+        except ValidationError as exc:
+            raise InputError(
+                validation_message(exc, noun="decoding setting"),
+                hint=f"settings: {', '.join(type(self).model_fields)}; modes: {', '.join(MODES)}",
+            ) from None
+
+    def logprobs_request(self, actions: Sequence[str]) -> dict[str, Any]:
+        """Keyword arguments of a ``logprobs`` chat request (the answer constraint is added by the backend)."""
+        return {
+            "temperature": LOGPROBS_TEMPERATURE,
+            "max_tokens": max_tokens(actions),
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+        }
+
+    def sample_request(self, actions: Sequence[str], n: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of a ``sample`` chat request for ``n`` answers (default ``n_samples``)."""
+        return {
+            "temperature": self.sample_temperature,
+            "max_tokens": max_tokens(actions),
+            "n": self.n_samples if n is None else n,
+        }
+
+    def requests(self, actions: Sequence[str]) -> dict[str, Any]:
+        """The mode and the request(s) it may send: ``{"mode", "logprobs"?, "sample"?}`` (``auto``: both)."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode in ("auto", "logprobs"):
+            out["logprobs"] = self.logprobs_request(actions)
+        if self.mode in ("auto", "sample"):
+            out["sample"] = self.sample_request(actions)
+        return out
+
+
+def max_tokens(actions: Sequence[str]) -> int:
+    """Tokens enough for the longest action: one per UTF-8 byte (a token is at least one byte), plus one."""
+    return max(len(a.encode("utf-8")) for a in actions) + 1
