@@ -30,21 +30,49 @@ def _bytes(tensors) -> int:
     return sum(t.element_size() * t.numel() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None off Linux."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the peak resident size (VmHWM) to the current one (Linux: /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
-    """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days."""
+    """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days, and the peak memory
+    the steps take above what the run holds before them (a step's temporaries; meaningful where arrays are
+    larger than malloc's mmap threshold, 32 MiB, so freed ones go back to the system: the full city)."""
     pop = Population.synthesize("nyc", agents=agents, seed=7)
     n = len(pop)
     sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
     times = []
+    peak = None
     with torch.no_grad():
         for _ in range(repeats):
             state = sim.initial_state()
+            held = _status_kib("VmRSS") if _reset_peak() else None
             for t in range(2):  # warm-up (allocations, first decision)
                 state = sim.step(state, t)
             t0 = time.perf_counter()
             for t in range(2, 2 + days):
                 state = sim.step(state, t)
             times.append(time.perf_counter() - t0)
+            if held is not None:
+                extra = (_status_kib("VmHWM") or held) - held
+                peak = extra if peak is None else max(peak, extra)
     seconds = min(times)
     per_agent = [v for v in [*state.scenario.values(), *state.actions.values()] if v.shape[:1] == (n,)]
     memory = sim.memory()
@@ -57,6 +85,7 @@ def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
         "state_bytes_per_agent": _bytes(per_agent) / n,
         "population_bytes_per_agent": memory["population"],
         "index_and_buffer_bytes_per_agent": memory["world"] + memory["decisions"] + memory["sampler"],
+        "step_peak_bytes_per_agent": None if peak is None else round(peak * 1024 / n, 1),
     }
 
 
@@ -113,7 +142,8 @@ def main() -> None:
             f"lpm covid step, {res['agents']:,} agents x {res['days']} days: {res['seconds']:.2f} s, "
             f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s; state {res['state_bytes_per_agent']:.1f} B/agent, "
             f"population {res['population_bytes_per_agent']:.1f} B/agent, "
-            f"index tensors + work buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent",
+            f"index tensors + buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent, "
+            f"temporaries of a step (peak RSS above that) {res['step_peak_bytes_per_agent']} B/agent",
             flush=True,
         )
     for agents in args.covasim_agents:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from lpm.errors import InputError, validation_message
 from lpm.population import Population
+from lpm.server_kind import SERVER_KINDS
 
 PolicyName = Literal["heuristic", "llm", "agent-llm"]
 CacheMode = Literal["use", "refresh", "off", "replay"]
@@ -70,8 +71,8 @@ class RunConfig(BaseModel):
         default=None, description="served model name (default: the local default model)"
     )
     api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
-    engine: Literal["vllm", "llamacpp"] = Field(
-        default="vllm", description="engine of the local server lpm starts"
+    server: Literal[SERVER_KINDS] = Field(  # type: ignore[valid-type]
+        default="vllm", description="kind of the local LLM server lpm starts (or of the one at llm_url)"
     )
     llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
     cache: CacheMode = "use"
@@ -227,11 +228,11 @@ def _policy(config: RunConfig, on_server_start: Announce | None) -> Iterator[tup
         config.llm_url,
         config.llm_model,
         cache_mode=config.cache,
-        server=config.engine,
+        server=config.server,
         api_key_env=config.api_key_env,
         on_start=on_server_start,
     ) as (backend, info):
-        mode = default_mode(config.llm_mode, config.engine)
+        mode = default_mode(config.llm_mode, config.server)
         decider = Decider(
             backend,
             ResponseCache(mode=config.cache),

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -13,33 +11,13 @@ from rich.console import Console
 from lpm.archetype import ArchetypeSpec
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
+from lpm.cli.options import parse_pairs
 from lpm.decision import Decider
 from lpm.decoding import MODES
 from lpm.endpoint import default_mode, llm_backend
 from lpm.errors import InputError
 from lpm.population import Population
 from lpm.server_kind import SERVER_KINDS
-
-
-def parse_context(pairs: list[str]) -> dict[str, Any]:
-    """``["week=10", "cases=2300", "trend=rising"]`` -> ``{"week": 10, "cases": 2300, "trend": "rising"}``."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        name, sep, text = pair.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise InputError(f"--context {pair!r}: expected NAME=VALUE, e.g. --context week=10")
-        value: Any = text.strip()
-        for kind in (int, float):
-            try:
-                value = kind(text)
-                break
-            except ValueError:
-                continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"--context {pair!r}: the value must be finite")
-        out[name] = value
-    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -84,7 +62,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Print each archetype's probability of every action, the mode used and whether it was cached."""
         s = ArchetypeSpec.load(spec)
-        values = parse_context(context)
+        values = parse_pairs(context, "--context", "week=10")
         if cache not in CACHE_MODES:
             raise InputError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
         pop = Population.load(population)

@@ -9,6 +9,7 @@ import typer
 
 from lpm.cli.display import console
 from lpm.cli.options import parse_pairs
+from lpm.server_kind import SERVER_KINDS
 
 
 def register(app: typer.Typer) -> None:
@@ -45,7 +46,11 @@ def register(app: typer.Typer) -> None:
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API key"
         ),
-        engine: str = typer.Option("vllm", "--engine", help="local server engine: vllm or llamacpp"),
+        server: str = typer.Option(
+            "vllm",
+            "--server",
+            help=f"kind of LLM server: {', '.join(SERVER_KINDS)} (the one lpm starts, or at --llm-url)",
+        ),
         llm_mode: str = typer.Option("auto", "--llm-mode", help="auto, logprobs or sample"),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
         on_llm_failure: str = typer.Option(
@@ -79,7 +84,7 @@ def register(app: typer.Typer) -> None:
             llm_url=llm_url,
             llm_model=llm_model,
             api_key_env=api_key_env,
-            engine=engine,
+            server=server,
             llm_mode=llm_mode,
             cache=cache,
             on_llm_failure=on_llm_failure,
