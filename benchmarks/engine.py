@@ -1,7 +1,9 @@
 """Throughput of the COVID daily step (heuristic policy, inference mode) and of covasim in the same run.
 
-Prints agent-steps per second at 1 M agents and at the full city (≈ 8.34 M), bytes per agent of the
-state, and covasim's people-days per second (``cv.Sim(pop_size=…, n_days=…)``, timed from
+Prints agent-steps per second at 1 M agents and at the full city (≈ 8.34 M) (the best of ``--repeats``
+timings), bytes per agent of the state, of the population, of what the run holds besides (index tensors,
+broadcast indices, sampler buffers) and of a step's temporaries (measured in a child process, see
+:func:`step_temporaries`), and covasim's people-days per second (``cv.Sim(pop_size=…, n_days=…)``, timed from
 ``sim.run()`` after ``sim.initialize()``) at the same population and days where feasible; the last line is
 all figures as one JSON object.
 
@@ -16,6 +18,8 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -24,6 +28,14 @@ from lpm.engine import Simulation
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
 from lpm.scenarios import make_scenario
+
+#: What each side of the ratio simulates: the ratio is of throughput, not of equal models.
+SEMANTICS = {
+    "lpm": "lpm: daily SEIR, gamma durations, mean-field mixing within ZIP area, borough and city across 10 age "
+    "bands (no contact network), weekly isolation decisions of 100 archetypes (heuristic policy)",
+    "covasim": "covasim: default Sim, a random contact network of about 20 contacts per person (one layer), "
+    "SEIR with severity states (symptomatic, severe, critical, death), no behaviour model",
+}
 
 
 def _bytes(tensors) -> int:
@@ -52,27 +64,20 @@ def _reset_peak() -> bool:
 
 
 def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
-    """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days, and the peak memory
-    the steps take above what the run holds before them (a step's temporaries; meaningful where arrays are
-    larger than malloc's mmap threshold, 32 MiB, so freed ones go back to the system: the full city)."""
+    """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days."""
     pop = Population.synthesize("nyc", agents=agents, seed=7)
     n = len(pop)
     sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
     times = []
-    peak = None
     with torch.no_grad():
         for _ in range(repeats):
             state = sim.initial_state()
-            held = _status_kib("VmRSS") if _reset_peak() else None
             for t in range(2):  # warm-up (allocations, first decision)
                 state = sim.step(state, t)
             t0 = time.perf_counter()
             for t in range(2, 2 + days):
                 state = sim.step(state, t)
             times.append(time.perf_counter() - t0)
-            if held is not None:
-                extra = (_status_kib("VmHWM") or held) - held
-                peak = extra if peak is None else max(peak, extra)
     seconds = min(times)
     per_agent = [v for v in [*state.scenario.values(), *state.actions.values()] if v.shape[:1] == (n,)]
     memory = sim.memory()
@@ -85,8 +90,32 @@ def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
         "state_bytes_per_agent": _bytes(per_agent) / n,
         "population_bytes_per_agent": memory["population"],
         "index_and_buffer_bytes_per_agent": memory["world"] + memory["decisions"] + memory["sampler"],
-        "step_peak_bytes_per_agent": None if peak is None else round(peak * 1024 / n, 1),
+        "step_temporaries_bytes_per_agent": step_temporaries(agents),
     }
+
+
+def step_temporaries(agents: int | None, days: int = 3) -> float | None:
+    """Peak resident memory a step takes above what the run holds before it (its temporaries), bytes per
+    agent: measured in a child process whose malloc returns every array above 64 KiB to the system when it
+    is freed (``MALLOC_MMAP_THRESHOLD_``), so resident memory follows live tensors. None off Linux."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--temporaries-of", str(agents or 0), "--days", str(days)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return None if out == "None" else float(out)
+
+
+def _measure_temporaries(agents: int | None, days: int) -> None:
+    pop = Population.synthesize("nyc", agents=agents, seed=7)
+    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
+    with torch.no_grad():
+        state = sim.initial_state()
+        held = _status_kib("VmRSS") if _reset_peak() else None
+        for t in range(days):
+            state = sim.step(state, t)
+    if held is None:
+        print("None")
+        return
+    print(round(((_status_kib("VmHWM") or held) - held) * 1024 / len(pop), 1))
 
 
 def bench_covasim(agents: int, days: int) -> dict:
@@ -126,7 +155,10 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=3, help="timed repeats per size; the best is reported (default 3)"
     )
+    ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.temporaries_of is not None:
+        return _measure_temporaries(args.temporaries_of or None, args.days)
     if args.threads:
         torch.set_num_threads(args.threads)
     figures: dict = {
@@ -143,7 +175,7 @@ def main() -> None:
             f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s; state {res['state_bytes_per_agent']:.1f} B/agent, "
             f"population {res['population_bytes_per_agent']:.1f} B/agent, "
             f"index tensors + buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent, "
-            f"temporaries of a step (peak RSS above that) {res['step_peak_bytes_per_agent']} B/agent",
+            f"temporaries of a step {res['step_temporaries_bytes_per_agent']} B/agent",
             flush=True,
         )
     for agents in args.covasim_agents:
@@ -170,6 +202,8 @@ def main() -> None:
             big["agent_steps_per_s"] / figures["covasim"][-1]["people_days_per_s"]
         )
     figures["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    figures["semantics"] = SEMANTICS
+    print(f"what each side models: {SEMANTICS['lpm']}; {SEMANTICS['covasim']}")
     for r in figures["ratio_same_size"]:
         print(f"ratio at {r['agents']:,} agents: lpm / covasim = {r['lpm_over_covasim']:.1f}x")
     print(json.dumps(figures))
