@@ -365,12 +365,12 @@ class Simulation:
         missing = [q for q in declared if q not in records]
         if extra or missing:
             what = (
-                f"the record(s) {extra}, which 'quantities' does not declare"
+                f"the record(s) {extra} at step {t}, which 'quantities' does not declare"
                 if extra
-                else f"no record for declared quantity(ies) {missing}"
+                else f"no record for declared quantity(ies) {missing} at step {t}"
             )
             raise InputError(
-                f"{type(self.scenario).where()}: field 'quantities': step() returned {what} at step {t}",
+                f"{type(self.scenario).where()}: field 'quantities': step() returned {what}",
                 hint=f"declared: {', '.join(declared)}",
             )
         for q in self.scenario.quantities:

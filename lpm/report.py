@@ -41,11 +41,18 @@ def _quantity_plot(folder: Path, scenario: Any, plot: Any, result: Any) -> str:
 
     for ax, group in zip(axes[0], groups, strict=True):
         s = part(trajectory, plot.quantity, group)
-        ax.plot(s["date"], s["value"], label="simulated", color="tab:blue")
+        ax.plot(s["date"], s["value"], label=f"{plot.quantity} (simulated)", color="tab:blue")
         if len(real) and (by is None or by in real.columns):
             r = part(real, plot.quantity, group)
             if len(r):
-                ax.plot(r["date"], r["value"], label="real", color="black", alpha=0.7, linestyle="--")
+                ax.plot(
+                    r["date"],
+                    r["value"],
+                    label=f"{plot.quantity} (real)",
+                    color="black",
+                    alpha=0.7,
+                    linestyle="--",
+                )
         for other, color in zip(plot.also, ("tab:red", "tab:green", "tab:purple"), strict=False):
             o = part(trajectory, other, group)
             ax.plot(o["date"], o["value"], label=f"{other} (simulated)", color=color, alpha=0.5)

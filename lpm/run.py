@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -151,7 +152,7 @@ def run(
     stops it at the end; ``on_server_start(server)`` is called just before. ``progress`` shows a progress
     bar on stderr.
     """
-    from lpm.engine import Simulation
+    from lpm.engine import CHECKPOINT, Simulation
 
     started = time.perf_counter()
     folder = Path(out)
@@ -166,25 +167,31 @@ def run(
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
     with _policy(resolved, on_server_start) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
-        _claim_folder(folder, resolved, resume)  # only once every check above has passed
+        created = _claim_folder(folder, resolved, resume)  # only once every check above has passed
         bar = _progress(progress)
-        with bar if bar is not None else nullcontext():
-            if bar is not None:
-                task = bar.add_task(
-                    f"{scenario.name} · {config.policy} · {len(pop):,} agents",
-                    total=steps,
-                    unit=f"{scenario.step_unit}s",
-                )
-                sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
-            result = sim.run(steps, out_dir=folder, resume=resume)
+        try:
+            with bar if bar is not None else nullcontext():
+                if bar is not None:
+                    task = bar.add_task(
+                        f"{scenario.name} · {config.policy} · {len(pop):,} agents",
+                        total=steps,
+                        unit=f"{scenario.step_unit}s",
+                    )
+                    sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
+                result = sim.run(steps, out_dir=folder, resume=resume)
+        except BaseException:
+            if created and not (folder / CHECKPOINT).exists():  # nothing to resume: leave nothing behind
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
     wall = time.perf_counter() - started
     summary = _summary(resolved, scenario, result, wall, llm_info)
     _write(folder, resolved, scenario, llm_info, result, summary)
     return RunOutput(folder=folder, summary=summary, result=result)
 
 
-def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
-    """Refuse to overwrite another run; on resume, insist on the same configuration."""
+def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> bool:
+    """Refuse to overwrite another run; on resume, insist on the same configuration. Returns whether the
+    folder was created here."""
     saved = folder / "config.json"
     if resume:
         if not saved.is_file():
@@ -202,14 +209,16 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> None:
             raise InputError(
                 f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out"
             )
-        return
+        return False
     if folder.exists() and any(folder.iterdir()):
         raise InputError(
             f"{folder}: the run folder exists and is not empty; nothing was overwritten",
             hint="pass --resume to continue that run, or another --out",
         )
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({"run": config.model_dump(mode="json")}, indent=2))
+    return created
 
 
 @contextmanager

@@ -336,3 +336,12 @@ def test_installed_plugins_go_through_the_same_registry(tmp_path, monkeypatch):
     )
     assert available_scenarios()["toy"] == "toy_plugin:Toy"
     assert scenario_class("toy").name == "toy" and scenario_class("toy_plugin:Toy") is scenario_class("toy")
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
+    from lpm.run import RunConfig, run
+
+    path = write(tmp_path, GOOD.replace('{"going": going}', '{"going": going, "staying": going}'))
+    with pytest.raises(InputError, match=r"returned the record\(s\) \['staying'\] at step 0"):
+        run(RunConfig.build(scenario=f"{path}:Toy", agents=1_000), tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
