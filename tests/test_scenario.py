@@ -266,10 +266,9 @@ def test_bad_records_name_file_class_and_field(tmp_path, pop5k, edit, needle):
 
 
 def test_missing_context_value_names_the_variable(tmp_path, pop5k):
-    body = GOOD.replace('"prompt":', '"context": {"risk": {"description": "risk"}}, "prompt":')
-    path = tmp_path / "toy.py"
+    path = tmp_path / "toy.py"  # the spec declares a context variable that observe() never gives
     path.write_text(
-        HEADER.replace('"prompt":', '"context": {"risk": {"description": "risk"}}, "prompt":') + body
+        HEADER.replace('"prompt":', '"context": {"risk": {"description": "risk"}}, "prompt":') + GOOD
     )
     with pytest.raises(
         InputError, match=r"observe\(\) at step 0 gave no value for context variable\(s\) \['risk'\]"
@@ -286,20 +285,20 @@ def test_missing_context_value_names_the_variable(tmp_path, pop5k):
             "{path}:Toy",
             r"toy\.py: importing it failed: RuntimeError: no data here \(line \d+\)",
         ),
-        (GOOD, "{path}:Toi", r"toy\.py: no class 'Toi' \(scenario classes there: Toy\)"),
+        (HEADER + GOOD, "{path}:Toi", r"toy\.py: no class 'Toi' \(scenario classes there: Toy\)"),
         (
-            GOOD + "\nclass Other:\n    pass\n",
+            HEADER + GOOD + "\nclass Other:\n    pass\n",
             "{path}:Other",
             r"'Other' is not a subclass of lpm\.scenarios\.Scenario",
         ),
-        (GOOD, "{path}x:Toy", r"toy\.pyx: no such scenario file|no module"),
-        (GOOD, "nowhere/toy.py:Toy", r"nowhere/toy\.py: no such scenario file"),
-        (GOOD, "not_a_module_at_all:Toy", r"no module 'not_a_module_at_all'"),
+        (HEADER + GOOD, "{path}x:Toy", r"toy\.pyx: a scenario file is a Python file \(\.py\)"),
+        (HEADER + GOOD, "nowhere/toy.py:Toy", r"nowhere/toy\.py: no such scenario file"),
+        (HEADER + GOOD, "not_a_module_at_all:Toy", r"no module 'not_a_module_at_all'"),
     ],
 )
 def test_scenarios_that_cannot_be_loaded(tmp_path, source, ref, needle):
     path = tmp_path / "toy.py"
-    path.write_text(HEADER + source if source is GOOD or source.startswith(GOOD) else source)
+    path.write_text(source)
     with pytest.raises(InputError, match=needle):
         scenario_class(ref.format(path=path))
 

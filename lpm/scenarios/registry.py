@@ -72,6 +72,10 @@ def scenario_class(ref: str | type[Scenario]) -> type[Scenario]:
     target, _, name = ref.rpartition(":") if ":" in ref else (ref, "", "")
     if target.endswith(".py"):
         cls = _from_module(_import_file(Path(target)), name, ref)
+    elif "/" in target or "\\" in target:
+        raise InputError(
+            f"{target}: a scenario file is a Python file (.py)", hint="give path/to/file.py:ClassName"
+        )
     elif ":" in ref:
         cls = _from_module(_import_module(target), name, ref)
     else:
