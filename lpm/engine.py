@@ -183,6 +183,12 @@ class Simulation:
         self.sampler: Sampler = (SoftSampler if self.differentiable else HardSampler)(
             self.n, self.device, seed=self.seed
         )
+        unknown = sorted(set(specs or {}) - {d.name for d in scenario.decisions})
+        if unknown:
+            raise InputError(
+                f"specs for unknown decision(s) {unknown}; the {scenario.name} scenario's decisions: "
+                f"{', '.join(d.name for d in scenario.decisions) or 'none'}"
+            )
         # 2. group: once per run, per decision
         self.asked = [
             self._ask(i, decision, policy, specs or {}) for i, decision in enumerate(scenario.decisions)

@@ -344,3 +344,28 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     with pytest.raises(InputError, match=r"returned the record\(s\) \['staying'\] at step 0"):
         run(RunConfig.build(scenario=f"{path}:Toy", agents=1_000), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_decision_can_be_asked_under_another_spec(pop5k):
+    """Coarser or finer archetypes for the same decision (what a granularity sweep needs)."""
+    coarse = {
+        "name": "covid_isolation_by_age",
+        "attributes": ["age_group"],
+        "actions": ["isolate", "go out"],
+        "prompt": {
+            "system": "Isolate or go out?",
+            "user": "{cases} cases this week. You are aged {age_group}.",
+        },
+        "context": {"cases": {"description": "cases"}, "cases_change": {"description": "change"}},
+    }
+    sim = Simulation(make_scenario("covid"), pop5k, HeuristicPolicy(), specs={"isolation": coarse})
+    assert sim.asked[0].k == 10 and set(sim.run(8).archetypes["isolation"].columns) == {"age_group", "agents"}
+    with pytest.raises(InputError, match=r"reads the actions \['isolate', 'go out'\], the spec has"):
+        Simulation(
+            make_scenario("covid"),
+            pop5k,
+            HeuristicPolicy(),
+            specs={"isolation": {**coarse, "actions": ["a", "b"]}},
+        )
+    with pytest.raises(InputError, match=r"specs for unknown decision\(s\) \['work'\]"):
+        Simulation(make_scenario("covid"), pop5k, HeuristicPolicy(), specs={"work": coarse})
