@@ -253,9 +253,10 @@ class Scenario(ABC):
             return int(amount)
         start = pd.Timestamp(self.config.start)
         end = start + (pd.DateOffset(months=amount) if unit == "months" else pd.Timedelta(**{unit: amount}))
-        n = 0
-        while self.date(n) < end:
-            n += 1
+        if self.step_unit == "month":
+            n = (end.year - start.year) * 12 + end.month - start.month
+        else:
+            n = (end - start).days // (7 if self.step_unit == "week" else 1)
         if self.date(n) != end:
             raise InputError(
                 f"the {self.name} scenario steps in {self.step_unit}s: {amount} {unit} is not a whole number "
