@@ -21,6 +21,49 @@ import pandas as pd  # noqa: E402
 DECISIONS_PLOT = "decisions.png"
 
 
+def real_error(scenario: Any, trajectory: pd.DataFrame, real: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """How far each quantity with a real series is from it, over the dates both cover.
+
+    Daily quantities that are totals (flows such as reported cases) are compared as weekly sums (full weeks
+    from the first step); others per step. Per quantity: ``periods`` compared, ``mape_percent`` (mean over
+    periods × breakdown labels of |simulated − real| / real, where real > 0), ``rmse``, and the ``simulated``
+    and ``real`` values over what was compared: their sums for totals, their means otherwise (``over``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for q in scenario.quantities:
+        if not q.real or not len(real):
+            continue
+        keys = ["date", q.by] if q.by else ["date"]
+        sim = trajectory[trajectory["quantity"].astype(str) == q.name][["step", *keys, "value"]]
+        obs = real[real["quantity"].astype(str) == q.name][[*keys, "value"]]
+        both = sim.merge(obs, on=keys, suffixes=("_sim", "_real"))
+        if both.empty:
+            continue
+        weekly = scenario.step_unit == "day" and q.total
+        if weekly:
+            both = both.assign(period=both["step"] // 7)
+            full = both.groupby("period")["step"].nunique()
+            both = both[both["period"].isin(full[full == 7].index)]
+            both = both.groupby(["period", *keys[1:]], observed=True)[["value_sim", "value_real"]].sum()
+            both = both.reset_index()
+        if both.empty:
+            continue
+        diff = both["value_sim"] - both["value_real"]
+        positive = both["value_real"] > 0
+        out[q.name] = {
+            "compared": "weekly sums" if weekly else f"per {scenario.step_unit}",
+            "periods": int(both["period" if weekly else "date"].nunique()),
+            "mape_percent": round(
+                float((diff[positive].abs() / both.loc[positive, "value_real"]).mean() * 100), 1
+            ),
+            "rmse": round(float((diff**2).mean() ** 0.5), 3),
+            "over": "sum" if q.total else "mean",
+            "simulated": round(float(both["value_sim"].sum() if q.total else both["value_sim"].mean()), 3),
+            "real": round(float(both["value_real"].sum() if q.total else both["value_real"].mean()), 3),
+        }
+    return out
+
+
 def plots(folder: Path, scenario: Any, result: Any) -> list[str]:
     """Write the run's PNG plots into ``folder``; returns their file names."""
     written = [_quantity_plot(folder, scenario, plot, result) for plot in scenario.plots]
@@ -138,6 +181,20 @@ def write_report(
     sources = [(q.name, q.real) for q in scenario.quantities if q.real]
     if sources:
         lines += ["", "Real series: " + "; ".join(f"{name}: {src}" for name, src in sources) + "."]
+    errors = summary.get("real_error") or {}
+    if errors:
+        lines += [
+            "",
+            "## Against the real series",
+            "",
+            "| quantity | compared | periods | mean abs. % error | RMSE | simulated | real | (over) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        lines += [
+            f"| {name} | {e['compared']} | {e['periods']} | {e['mape_percent']} | {e['rmse']:,.3g} "
+            f"| {e['simulated']:,.4g} | {e['real']:,.4g} | {e['over']} |"
+            for name, e in errors.items()
+        ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     decisions = result.decisions
     if len(decisions):

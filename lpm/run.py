@@ -284,6 +284,8 @@ def _progress(enabled: bool) -> Any:
 def _summary(
     config: RunConfig, scenario: Any, result: Any, wall: float, llm: dict[str, Any]
 ) -> dict[str, Any]:
+    from lpm.report import real_error
+
     traj = result.trajectory
     totals = traj.groupby("quantity", observed=True)["value"].sum()
     summary = {
@@ -308,6 +310,7 @@ def _summary(
         "decisions": result.decision_counters,
         "llm": llm or None,
         "totals": {q.name: float(totals.get(q.name, 0.0)) for q in scenario.quantities if q.total},
+        "real_error": real_error(scenario, traj, result.real),
         "lpm": {"torch": torch.__version__, "python": platform.python_version()},
     }
     return summary

@@ -64,6 +64,10 @@ def test_heuristic_runs_write_every_file(tmp_path, scenario):
     summary, traj, decisions = check_folder(out.folder, scenario)
     assert summary["agents"] == 20_000 and summary["llm_queries"] == 0 and summary["steps"] == steps
     assert set(decisions["mode"]) == {"heuristic"}
+    cls = scenario_class(scenario)
+    assert set(summary["real_error"]) == {q.name for q in cls.quantities if q.real}
+    for error in summary["real_error"].values():
+        assert error["periods"] >= 2 and error["mape_percent"] >= 0 and error["real"] > 0
     population = tmp_path / "pop.parquet"
     Population.synthesize("nyc", agents=1_000, seed=1).save(population)
     labels = pd.read_parquet(population)
@@ -144,6 +148,30 @@ def test_bad_scenario_options_write_nothing(tmp_path, values, needle):
     with pytest.raises(InputError, match=needle):
         run(RunConfig.build(agents=1000, **values), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+
+
+def test_error_against_the_real_series():
+    """Weekly sums for daily totals (full weeks only), per step otherwise; MAPE over periods x labels."""
+    from lpm.report import real_error
+
+    covid, labor = scenario_class("covid")(), scenario_class("labor")()
+    dates = pd.date_range("2020-03-16", periods=15)
+    sim = pd.DataFrame(
+        {
+            "step": range(15),
+            "date": dates,
+            "borough": pd.Categorical(["Bronx"] * 15),
+            "quantity": "reported_cases",
+            "value": 2.0,
+        }
+    )
+    real = sim.drop(columns="step").assign(value=1.0)
+    e = real_error(covid, sim, real)["reported_cases"]
+    assert e["compared"] == "weekly sums" and e["periods"] == 2  # day 15 is not a full week
+    assert e["mape_percent"] == 100.0 and e["simulated"] == 28.0 and e["real"] == 14.0 and e["rmse"] == 7.0
+    rate = sim.assign(quantity="unemployment_rate", value=[10.0, 20.0] * 7 + [10.0])
+    e = real_error(labor, rate, rate.drop(columns="step").assign(value=10.0))["unemployment_rate"]
+    assert e["compared"] == "per month" and e["mape_percent"] == round(700 / 15, 1) and e["over"] == "mean"
 
 
 def test_horizons_in_calendar_units():

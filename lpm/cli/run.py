@@ -115,4 +115,9 @@ def register(app: typer.Typer) -> None:
         )
         for key, value in (s.get("totals") or {}).items():
             console.print(f"total {key}: {value:,.0f}")
+        for key, e in (s.get("real_error") or {}).items():
+            console.print(
+                f"{key} against the real series ({e['compared']}, {e['periods']} periods): mean abs. error "
+                f"{e['mape_percent']}%, simulated {e['simulated']:,.4g} vs real {e['real']:,.4g} ({e['over']})"
+            )
         console.print(f"report: {result.folder / 'report.md'}")
