@@ -21,6 +21,11 @@ import pandas as pd  # noqa: E402
 DECISIONS_PLOT = "decisions.png"
 
 
+def number(x: float) -> str:
+    """A figure for people: thousands separators for large values, four significant digits otherwise."""
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.4g}"
+
+
 def real_error(scenario: Any, trajectory: pd.DataFrame, real: pd.DataFrame) -> dict[str, dict[str, Any]]:
     """How far each quantity with a real series is from it, over the dates both cover.
 
@@ -191,8 +196,8 @@ def write_report(
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {name} | {e['compared']} | {e['periods']} | {e['mape_percent']} | {e['rmse']:,.3g} "
-            f"| {e['simulated']:,.4g} | {e['real']:,.4g} | {e['over']} |"
+            f"| {name} | {e['compared']} | {e['periods']} | {e['mape_percent']} | {number(e['rmse'])} "
+            f"| {number(e['simulated'])} | {number(e['real'])} | {e['over']} |"
             for name, e in errors.items()
         ]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a scenario on the NYC population and write its run folder (trajectory, decisions, plots, report)."""
         from lpm.errors import InputError
+        from lpm.report import number
         from lpm.run import RunConfig, run
 
         try:
@@ -118,6 +119,6 @@ def register(app: typer.Typer) -> None:
         for key, e in (s.get("real_error") or {}).items():
             console.print(
                 f"{key} against the real series ({e['compared']}, {e['periods']} periods): mean abs. error "
-                f"{e['mape_percent']}%, simulated {e['simulated']:,.4g} vs real {e['real']:,.4g} ({e['over']})"
+                f"{e['mape_percent']}%, simulated {number(e['simulated'])} vs real {number(e['real'])} ({e['over']})"
             )
         console.print(f"report: {result.folder / 'report.md'}")
