@@ -177,7 +177,7 @@ class Simulation:
                 f"{', '.join(pop.columns)}",
                 hint="synthesize one with Population.synthesize('nyc') or add the columns",
             )
-        self._check_breakdowns(pop)
+        self._shapes = self._record_shapes(pop)
         self.pop = pop.to(self.device)
         self.n = len(pop)
         self.sampler: Sampler = (SoftSampler if self.differentiable else HardSampler)(
@@ -204,13 +204,17 @@ class Simulation:
         self._reset()
 
     # -- construction ------------------------------------------------------------------------------
-    def _check_breakdowns(self, pop: Population) -> None:
+    def _record_shapes(self, pop: Population) -> dict[str, tuple[int, ...]]:
+        """The shape of each declared quantity's record: (labels of its breakdown,) or ()."""
+        shapes = {}
         for i, q in enumerate(self.scenario.quantities):
             if q.by is not None and not (q.by in pop and pop.is_categorical(q.by)):
                 raise InputError(
                     f"{type(self.scenario).where()}: field 'quantities[{i}].by': {q.by!r} is not a "
                     f"categorical attribute of the population ({', '.join(pop.columns)})"
                 )
+            shapes[q.name] = () if q.by is None else (len(pop.labels(q.by)),)
+        return shapes
 
     def _ask(self, index: int, decision: Any, policy: Any, specs: Mapping[str, Any]) -> _Asked:
         chosen = policy.get(decision.name) if isinstance(policy, Mapping) else policy
@@ -366,7 +370,7 @@ class Simulation:
         return action.masked_fill_(~d.member, -1)
 
     def _checked(self, records: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
-        declared = [q.name for q in self.scenario.quantities]
+        declared = list(self._shapes)
         extra = sorted(set(records) - set(declared))
         missing = [q for q in declared if q not in records]
         if extra or missing:
@@ -380,8 +384,7 @@ class Simulation:
                 hint=f"declared: {', '.join(declared)}",
             )
         for q in self.scenario.quantities:
-            want = () if q.by is None else (len(self.pop.labels(q.by)),)
-            value = records[q.name]
+            want, value = self._shapes[q.name], records[q.name]
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
                 got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                 raise InputError(
