@@ -71,6 +71,10 @@ class UniformStream:
         self._t = torch.empty_like(self.index)
         self._u = torch.empty(n, dtype=torch.float32, device=device)
 
+    def nbytes(self) -> int:
+        """Bytes of the per-agent tensors the stream holds (indices and the buffers of a draw)."""
+        return sum(x.element_size() * x.numel() for x in (self.index, self._x, self._t, self._u))
+
     def draw(self, seed: int, step: int, stream: int) -> torch.Tensor:
         """(n,) float32 in [0, 1): agent ``start + j``'s number for ``(seed, step, stream)`` at ``j``."""
         m, a = mix_key(seed, step, stream)
@@ -165,8 +169,7 @@ class Sampler:
 
     def nbytes(self) -> int:
         """Bytes of the per-agent buffers the sampler holds."""
-        u = self._uniforms
-        return sum(x.element_size() * x.numel() for x in (u.index, u._x, u._t, u._u))
+        return self._uniforms.nbytes()
 
     @staticmethod
     def _inverse_cdf(u: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
