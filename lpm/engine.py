@@ -18,10 +18,12 @@ The order of one step, the only place it is written down (:meth:`Simulation.step
 
 Two modes, one code path: the scenario's step calls only the operations of a sampler
 (:mod:`lpm.sampling`). *Inference* (default): :class:`~lpm.sampling.HardSampler` under ``torch.no_grad``,
-states in the smallest dtypes. *Differentiable*: :class:`~lpm.sampling.SoftSampler`, straight-through
-samples and float one-hot states, so a loss of the recorded series has gradients with respect to
-``Simulation.params`` (the scenario's learnable parameters and each decision's alignment offsets); the
-forward values equal inference mode's for the same seed.
+states in the smallest dtypes. *Differentiable*: float one-hot states and actions, so a loss of the recorded series has
+gradients with respect to ``Simulation.params`` (the scenario's learnable parameters and each decision's
+alignment offsets), by one of the estimators of :data:`lpm.sampling.ESTIMATORS`: ``"expected"`` (default:
+the forward values equal inference mode's for the same seed; the backward pass is the Jacobian of each
+step's expected transition), ``"bernoulli"`` (per-agent straight-through, biased low over weeks, kept for
+comparison) or ``"mean-field"`` (deterministic expected occupancies).
 
 A simulation owns everything a run changes or precomputes: the scenario's *world* (``scenario.setup``),
 each decision's :class:`~lpm.policy.Archetypes` (``policy.setup``), the sampler and the records; scenario
@@ -50,7 +52,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.errors import InputError
 from lpm.policy import COUNTERS, Archetypes, Policy
 from lpm.population import Population
-from lpm.sampling import HardSampler, Sampler, SoftSampler
+from lpm.sampling import ESTIMATORS, Sampler, sampler_class
 from lpm.scenarios import Scenario
 from lpm.scenarios.base import check_cadence, load_spec
 
@@ -132,7 +134,8 @@ class Simulation:
 
     scenario: an :class:`lpm.scenarios.Scenario`; pop: the agents; policy: a :class:`lpm.policy.Policy` for
     every decision, or a mapping decision name -> policy. seed: base of every random draw. device: ``"cpu"``
-    or ``"cuda"``. differentiable: straight-through sampling and float states, gradients w.r.t. ``params``.
+    or ``"cuda"``. differentiable: float states, gradients w.r.t. ``params``; estimator: the
+    gradient estimator of differentiable mode (:data:`lpm.sampling.ESTIMATORS`).
     offsets: (K, A) alignment offsets added to log-probabilities (a tensor for a scenario with one
     decision, or a mapping decision name -> tensor; zeros by default). specs: decision name -> archetype spec
     (or its name or path) replacing the scenario's (same actions). callback: ``f(step, sim)`` after each
@@ -151,6 +154,7 @@ class Simulation:
         seed: int = 0,
         device: str | torch.device = "cpu",
         differentiable: bool = False,
+        estimator: str = "expected",
         offsets: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         specs: Mapping[str, ArchetypeSpec | str] | None = None,
         callback: Callable[[int, Simulation], None] | None = None,
@@ -180,7 +184,10 @@ class Simulation:
         self._shapes = self._record_shapes(pop)
         self.pop = pop.to(self.device)
         self.n = len(pop)
-        self.sampler: Sampler = (SoftSampler if self.differentiable else HardSampler)(
+        if estimator not in ESTIMATORS:
+            raise InputError(f"unknown gradient estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+        self.estimator = estimator if self.differentiable else None
+        self.sampler: Sampler = sampler_class(self.differentiable, estimator)(
             self.n, self.device, seed=self.seed
         )
         unknown = sorted(set(specs or {}) - {d.name for d in scenario.decisions})

@@ -10,19 +10,36 @@ The hash: ``(seed, step, stream)`` is mixed once in Python with SplitMix64 into 
 integer hash, a bijection with full avalanche), whose top 24 bits make a float32 in ``[0, 1)``. Everything
 per agent is int32 tensor arithmetic done in place, about a dozen passes over ``n`` integers.
 
-Differentiable sampling uses straight-through estimators: the forward value is a hard sample, the
-backward pass sees the gradient of a smooth surrogate (the probability itself for a Bernoulli, a
-Gumbel-softmax relaxation for a categorical draw).
+Differentiable mode has three gradient estimators (:data:`ESTIMATORS`), chosen with numbers in
+``benchmarks/gradients.py`` (per-week ratio to finite differences of the stochastic model):
+
+* ``"expected"`` (:class:`SoftSampler`, the default): the forward pass is the hard stochastic run; the
+  backward pass of each step is the Jacobian of the step's *expected* transition given the agents'
+  current states (``next = hard + (E[next | states] - E[next | states].detach())``). A perturbation of an
+  agent's state probabilities moves along its chain of states with the chain's rates (an extra infection
+  becomes exposed, then infectious, then infects others), which per-agent straight-through misses.
+* ``"bernoulli"`` (:class:`BernoulliSTSampler`): per-agent straight-through Bernoulli draws (``d/dp = 1``);
+  kept to measure against: its gradient never leaves the column an agent was pushed into, so it is
+  biased low over weeks.
+* ``"mean-field"`` (:class:`MeanFieldSampler`): no sampling at all; every agent carries its expected
+  state probabilities (a deterministic relaxation whose forward pass differs from the stochastic run).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
+    "ESTIMATORS",
+    "BernoulliSTSampler",
     "HardSampler",
+    "MeanFieldSampler",
+    "Moves",
     "Sampler",
     "SoftSampler",
+    "sampler_class",
     "UniformStream",
     "bernoulli_st",
     "categorical_st",
@@ -130,6 +147,28 @@ def categorical_st(logits: torch.Tensor, u: torch.Tensor, tau: float = 1.0) -> t
     return hard + (soft - soft.detach())
 
 
+@dataclass(frozen=True)
+class Moves:
+    """Who left which state in one :meth:`Sampler.transition` or :meth:`Sampler.markov`.
+
+    ``out(s)``: (N,) per agent, bool in inference mode (the agent was in state ``s`` and left it); float in
+    differentiable mode (forward the same 0/1, backward the expected flow out of ``s``).
+    code, leave: hard codes before the move and whether each agent moved (None in mean-field mode);
+    flow: (N, k) expected flows out of each state (None in inference mode).
+    """
+
+    code: torch.Tensor | None
+    leave: torch.Tensor | None
+    flow: torch.Tensor | None
+
+    def out(self, s: int) -> torch.Tensor:
+        hard = None if self.code is None else (self.code == s) & self.leave
+        if self.flow is None:
+            return hard
+        f = self.flow[:, s]
+        return f if hard is None else hard.to(f.dtype) + (f - f.detach())
+
+
 # -- samplers: the only thing that differs between inference and differentiable mode ----------------
 
 
@@ -147,8 +186,10 @@ class Sampler:
     the engine (decision ``i`` draws from stream ``i``); a scenario uses 16 and up.
 
     Categorical agent states (e.g. compartments S, E, I, R) are built with :meth:`states` from integer
-    codes and read with :meth:`codes`, :meth:`member`, :meth:`tally`; :meth:`advance` moves the agents that
-    leave their state to the next one (a chain; the last state is absorbing).
+    codes and read with :meth:`member`, :meth:`value`, :meth:`tally`. They move with
+    :meth:`transition` (a chain of states: leave state 0 with a per-agent probability, state ``j > 0``
+    with a per-state daily hazard, the last state absorbing) or :meth:`markov` (any per-agent transition
+    matrix); both return the next states and the :class:`Moves` (who left which state).
     """
 
     differentiable: bool = False
@@ -170,6 +211,25 @@ class Sampler:
     def nbytes(self) -> int:
         """Bytes of the per-agent buffers the sampler holds."""
         return self._uniforms.nbytes()
+
+    @staticmethod
+    def _check_chain(hazard: torch.Tensor) -> None:
+        if hazard.ndim != 1 or hazard.shape[0] < 2:
+            raise ValueError(f"hazard must be a (k,) vector with k >= 2, got shape {tuple(hazard.shape)}")
+
+    @staticmethod
+    def _rows(table: torch.Tensor, index: torch.Tensor | None, code: torch.Tensor) -> torch.Tensor:
+        """(N, k) row ``code`` of each agent's transition matrix: ``table[index]`` (G, k, k) or (N, k, k)."""
+        k = table.shape[-1]
+        if index is None:
+            return table.gather(1, code.long().view(-1, 1, 1).expand(-1, 1, k)).squeeze(1)
+        return table.reshape(-1, k).index_select(0, index.long() * k + code.long())
+
+    @staticmethod
+    def _expected_rows(states: torch.Tensor, table: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """(N, k) expected next-state probabilities: ``states[n] @ T_n``."""
+        per_agent = table if index is None else table.index_select(0, index.long())
+        return torch.einsum("nk,nkj->nj", states, per_agent)
 
     @staticmethod
     def _inverse_cdf(u: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -237,6 +297,31 @@ class HardSampler(Sampler):
         """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""
         return table.reshape(-1).index_select(0, torch.add(flag, index, alpha=2))
 
+    def value(self, states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(N,) ``table[state]`` of each agent, from a (k,) float table."""
+        return table.index_select(0, states.to(torch.int32))
+
+    def transition(
+        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
+    ) -> tuple[torch.Tensor, Moves]:
+        """One step along a chain of ``k`` states: an agent in state 0 leaves with its probability
+        ``p_first`` (N,), one in state ``j > 0`` with ``hazard[j]`` ((k,), ``hazard[k-1] = 0``: absorbing);
+        leaving means moving to the next state. Returns the next states and the moves."""
+        self._check_chain(hazard)
+        p = torch.where(states == 0, p_first, hazard.index_select(0, states.to(torch.int32)))
+        leave = self.uniform(stream) < p
+        return states + leave, Moves(states, leave, None)
+
+    def markov(
+        self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Moves]:
+        """One step of a Markov chain: each agent's next state drawn from row ``state`` of its transition
+        matrix, ``table[index]`` ((G, k, k) with an (N,) group ``index``) or ``table`` ((N, k, k))."""
+        rows = self._rows(table, index, states)
+        nxt = self._inverse_cdf(self.uniform(stream), rows, torch.arange(rows.shape[0], device=rows.device))
+        nxt = nxt.to(torch.uint8)
+        return nxt, Moves(states, nxt != states, None)
+
     def advance(self, states: torch.Tensor, k: int, leave: torch.Tensor) -> torch.Tensor:
         """States after the agents where ``leave`` holds moved to the next of the ``k`` states (the last one
         is absorbing); a fresh tensor."""
@@ -244,9 +329,11 @@ class HardSampler(Sampler):
 
 
 class SoftSampler(Sampler):
-    """Differentiable mode: forward values equal :class:`HardSampler`'s; the backward pass sees the
-    straight-through surrogates (the probability of a Bernoulli or categorical draw), so sums over many
-    agents get one-step gradients of their expected values. States and actions are float one-hot rows."""
+    """Differentiable mode, estimator ``"expected"``: forward values equal :class:`HardSampler`'s; the
+    backward pass of a draw is the gradient of its expected value given the current states (the
+    probability of a Bernoulli or categorical draw; for :meth:`transition` and :meth:`markov` the
+    expected next-state probabilities, so perturbations travel along the chain). States and actions are
+    float one-hot rows."""
 
     differentiable = True
 
@@ -299,3 +386,125 @@ class SoftSampler(Sampler):
         out = states[:, :-1] * leave[:, None]  # what leaves each state but the last (absorbing) one
         pad = torch.nn.functional.pad
         return states - pad(out, (0, 1)) + pad(out, (1, 0))
+
+    def value(self, states: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return states @ table.to(states.dtype)
+
+    @staticmethod
+    def _flow(states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor) -> torch.Tensor:
+        """(N, k) expected flow out of each state: ``states * [p_first, hazard[1:]]``."""
+        return torch.cat([states[:, :1] * p_first[:, None], states[:, 1:] * hazard[1:].to(states.dtype)], 1)
+
+    @staticmethod
+    def _shifted(states: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Expected next states of a chain: what leaves each state enters the next one."""
+        return states - flow + torch.nn.functional.pad(flow[:, :-1], (1, 0))
+
+    def transition(
+        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
+    ) -> tuple[torch.Tensor, Moves]:
+        self._check_chain(hazard)
+        k = hazard.shape[0]
+        code = self.codes(states)
+        p = torch.where(code == 0, p_first.detach(), hazard.index_select(0, code))
+        leave = self.uniform(stream) < p
+        hard = torch.nn.functional.one_hot(code + leave, k).to(states.dtype)
+        flow = self._flow(states, p_first, hazard)
+        expected = self._shifted(states, flow)
+        return hard + (expected - expected.detach()), Moves(code, leave, flow)
+
+    def markov(
+        self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Moves]:
+        k = table.shape[-1]
+        code = self.codes(states)
+        rows = self._rows(table.detach(), index, code)
+        nxt = self._inverse_cdf(self.uniform(stream), rows, torch.arange(rows.shape[0], device=rows.device))
+        hard = torch.nn.functional.one_hot(nxt.long(), k).to(states.dtype)
+        expected = self._expected_rows(states, table, index)
+        stay = torch.diagonal(
+            table.index_select(0, index.long()) if index is not None else table, dim1=1, dim2=2
+        )
+        flow = states * (1.0 - stay)
+        return hard + (expected - expected.detach()), Moves(code, nxt.long() != code, flow)
+
+
+class BernoulliSTSampler(SoftSampler):
+    """Differentiable mode, estimator ``"bernoulli"``: per-agent straight-through draws (``d/dp = 1``) and
+    :meth:`advance` on the sampled outcome. Kept as the baseline the default is measured against: an
+    agent pushed towards the next state carries that gradient in the next state's column, but the column
+    moves on only when the agent's hard state does, so chains (exposed → infectious → infecting others)
+    lose their gradient over weeks."""
+
+    def transition(
+        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
+    ) -> tuple[torch.Tensor, Moves]:
+        self._check_chain(hazard)
+        code = self.codes(states)
+        p = torch.where(code == 0, p_first, hazard.index_select(0, code).to(p_first.dtype))
+        leave = self.bernoulli(p, stream)
+        return self.advance(states, hazard.shape[0], leave), Moves(None, None, states * leave[:, None])
+
+    def markov(
+        self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Moves]:
+        k = table.shape[-1]
+        code = self.codes(states)
+        rows = self._rows(table, index, code)
+        nxt = self._inverse_cdf(
+            self.uniform(stream), rows.detach(), torch.arange(rows.shape[0], device=rows.device)
+        )
+        onehot = torch.nn.functional.one_hot(nxt.long(), k).to(states.dtype)
+        moved = onehot + (rows - rows.detach())
+        left = (nxt.long() != code).to(states.dtype)
+        return moved, Moves(None, None, states * left[:, None])
+
+
+class MeanFieldSampler(SoftSampler):
+    """Differentiable mode, estimator ``"mean-field"``: nothing is sampled. A Bernoulli draw is its
+    probability, a categorical draw its probability row, and each agent carries its expected state
+    probabilities through :meth:`transition` and :meth:`markov`. Deterministic; the forward values are
+    the individual-based mean-field approximation, not the stochastic run's."""
+
+    def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
+        return p
+
+    def categorical(self, table: torch.Tensor, index: torch.Tensor, stream: int) -> torch.Tensor:
+        return table.index_select(0, index)
+
+    def hard(self, outcome: torch.Tensor) -> torch.Tensor:
+        raise TypeError("the mean-field estimator has no hard outcomes; write the step with transition()")
+
+    def transition(
+        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
+    ) -> tuple[torch.Tensor, Moves]:
+        self._check_chain(hazard)
+        flow = self._flow(states, p_first, hazard)
+        return self._shifted(states, flow), Moves(None, None, flow)
+
+    def markov(
+        self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Moves]:
+        per_agent = table if index is None else table.index_select(0, index.long())
+        flow = states * (1.0 - torch.diagonal(per_agent, dim1=1, dim2=2))
+        return self._expected_rows(states, table, index), Moves(None, None, flow)
+
+
+#: Gradient estimators of differentiable mode, by name (see the module docstring).
+ESTIMATORS: dict[str, type[SoftSampler]] = {
+    "expected": SoftSampler,
+    "bernoulli": BernoulliSTSampler,
+    "mean-field": MeanFieldSampler,
+}
+
+
+def sampler_class(differentiable: bool, estimator: str = "expected") -> type[Sampler]:
+    """The sampler of a run: :class:`HardSampler` in inference mode, else the named estimator's."""
+    if not differentiable:
+        return HardSampler
+    try:
+        return ESTIMATORS[estimator]
+    except KeyError:
+        raise ValueError(
+            f"unknown gradient estimator {estimator!r}; known: {', '.join(ESTIMATORS)}"
+        ) from None
