@@ -1,14 +1,17 @@
-"""Throughput of the COVID daily step (heuristic policy, inference mode) and of covasim in the same run.
+"""Throughput of the COVID daily step (heuristic policy, all contact layers) and of covasim in the same run.
 
-Prints agent-steps per second at 1 M agents and at the full city (≈ 8.34 M) (the best of ``--repeats``
-timings), bytes per agent of the state, of the population, of what the run holds besides (index tensors,
-broadcast indices, sampler buffers) and of a step's temporaries (measured in a child process, see
-:func:`step_temporaries`), and covasim's people-days per second (``cv.Sim(pop_size=…, n_days=…)``, timed from
-``sim.run()`` after ``sim.initialize()``) at the same population and days where feasible; the last line is
-all figures as one JSON object.
+Prints, in inference mode, agent-steps per second at 1 M agents and at the full city (≈ 8.34 M) (the best of
+``--repeats`` timings), bytes per agent of the state, of the population, of what the run holds besides (index
+tensors, broadcast indices, sampler buffers) and of a step's temporaries (measured in a child process, see
+:func:`step_temporaries`); in differentiable mode (estimator "expected") at ``--diff-agents``, agent-steps per
+second of the forward and backward pass together and the bytes per agent the autograd graph holds per
+simulated day (what bounds the horizon a calibration can backpropagate through); and covasim's people-days per
+second with its household, school, work and community layers (``cv.Sim(pop_type="hybrid", …)``, timed from
+``sim.run()`` after ``sim.initialize()``) at the same population and days; the last line is all figures as one
+JSON object.
 
     .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817]
-        [--threads N] [--repeats 3]
+        [--diff-agents 1000000] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,10 +34,13 @@ from lpm.scenarios import make_scenario
 
 #: What each side of the ratio simulates: the ratio is of throughput, not of equal models.
 SEMANTICS = {
-    "lpm": "lpm: daily SEIR, gamma durations, mean-field mixing within ZIP area, borough and city across 10 age "
-    "bands (no contact network), weekly isolation decisions of 100 archetypes (heuristic policy)",
-    "covasim": "covasim: default Sim, a random contact network of about 20 contacts per person (one layer), "
-    "SEIR with severity states (symptomatic, severe, critical, death), no behaviour model",
+    "lpm": "lpm: daily stochastic S-E-P-I-R chain (Erlang stages, asymptomatic share), transmission inside "
+    "households (ACS sizes), school classes (~25) and workplaces (~20) as whole clusters, plus community "
+    "mixing within ZIP area, borough and city across 10 age bands (no individual community contacts), dated "
+    "interventions, reporting delay, weekly isolation decisions of 100 archetypes (heuristic policy)",
+    "covasim": "covasim: hybrid population (households, schools, workplaces, random community contacts, about "
+    "20 community contacts a day), SEIR with severity states (symptomatic, severe, critical, death), no "
+    "behaviour model",
 }
 
 
@@ -118,10 +124,48 @@ def _measure_temporaries(agents: int | None, days: int) -> None:
     print(round(((_status_kib("VmHWM") or held) - held) * 1024 / len(pop), 1))
 
 
+def bench_differentiable(agents: int, days: int) -> dict:
+    """Forward and backward of ``days`` COVID days in differentiable mode (measured in a child process so
+    that resident memory follows the autograd graph); bytes the graph holds per agent per simulated day."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--differentiable-of", str(agents), "--days", str(days)]
+    return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+
+
+def _measure_differentiable(agents: int, days: int) -> None:
+    pop = Population.synthesize("nyc", agents=agents, seed=7)
+    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1, differentiable=True)
+    state = sim.initial_state()
+    state = sim.step(state, 0)  # warm-up day (first decision); its graph is part of the run's
+    held = _status_kib("VmRSS") or 0
+    t0 = time.perf_counter()
+    records = []
+    for t in range(1, 1 + days):
+        state = sim.step(state, t)
+    forward = time.perf_counter() - t0
+    graph = (_status_kib("VmRSS") or held) - held
+    records = torch.stack([r["reported_cases"].sum() for r in sim._records])
+    t0 = time.perf_counter()
+    records.sum().backward()
+    backward = time.perf_counter() - t0
+    print(
+        json.dumps(
+            {
+                "agents": agents,
+                "days": days,
+                "forward_seconds": round(forward, 3),
+                "backward_seconds": round(backward, 3),
+                "agent_steps_per_s": agents * days / (forward + backward),
+                "graph_bytes_per_agent_day": round(graph * 1024 / agents / days, 1),
+            }
+        )
+    )
+
+
 def bench_covasim(agents: int, days: int) -> dict:
     import covasim as cv
 
-    sim = cv.Sim(pop_size=agents, n_days=days, verbose=0, rand_seed=1)
+    sim = cv.Sim(pop_size=agents, n_days=days, pop_type="hybrid", verbose=0, rand_seed=1)
     t0 = time.perf_counter()
     sim.initialize()
     init = time.perf_counter() - t0
@@ -155,10 +199,17 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=3, help="timed repeats per size; the best is reported (default 3)"
     )
+    ap.add_argument(
+        "--diff-agents", type=int, default=1_000_000, help="agents of the differentiable run (0: skip)"
+    )
+    ap.add_argument("--diff-days", type=int, default=7, help="days of the differentiable run (default 7)")
     ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--differentiable-of", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.temporaries_of is not None:
         return _measure_temporaries(args.temporaries_of or None, args.days)
+    if args.differentiable_of is not None:
+        return _measure_differentiable(args.differentiable_of, args.days)
     if args.threads:
         torch.set_num_threads(args.threads)
     figures: dict = {
@@ -166,6 +217,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "lpm": [],
         "covasim": [],
+        "differentiable": None,
     }
     for size in args.sizes:
         res = bench_lpm(None if size == "full" else int(size), args.days, args.repeats)
@@ -176,6 +228,15 @@ def main() -> None:
             f"population {res['population_bytes_per_agent']:.1f} B/agent, "
             f"index tensors + buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent, "
             f"temporaries of a step {res['step_temporaries_bytes_per_agent']} B/agent",
+            flush=True,
+        )
+    if args.diff_agents:
+        res = figures["differentiable"] = bench_differentiable(args.diff_agents, args.diff_days)
+        print(
+            f"lpm covid step, differentiable (estimator 'expected'), {res['agents']:,} agents x {res['days']} "
+            f"days: forward {res['forward_seconds']:.2f} s + backward {res['backward_seconds']:.2f} s, "
+            f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s with gradients; the graph holds "
+            f"{res['graph_bytes_per_agent_day']} B per agent per simulated day",
             flush=True,
         )
     for agents in args.covasim_agents:

@@ -37,6 +37,7 @@ not checkpointed).
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -296,7 +297,10 @@ class Simulation:
 
     def initial_state(self) -> SimState:
         """The scenario's state at step 0, and every decision's actions (-1 or zero rows: none yet)."""
-        state = self.scenario.init_state(self.world, self.sampler.at(0))
+        if "params" in inspect.signature(self.scenario.init_state).parameters:
+            state = self.scenario.init_state(self.world, self.sampler.at(0), self.params)
+        else:
+            state = self.scenario.init_state(self.world, self.sampler.at(0))
         actions = {}
         for d in self.asked:
             if self.differentiable:

@@ -1,13 +1,25 @@
+import datetime as dt
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+import lpm.scenarios.covid as covid
 from lpm.engine import Simulation
 from lpm.errors import InputError
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
 from lpm.scenarios import make_scenario
-from lpm.scenarios.covid import CovidScenario, contact_matrix, gamma_hazard, weekly_mse
+from lpm.scenarios.covid import (
+    CovidScenario,
+    Intervention,
+    chain_hazard,
+    contact_matrix,
+    report_delay,
+    seed_estimate,
+    weekly_mse,
+)
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +27,9 @@ def pop() -> Population:
     return Population.synthesize("nyc", agents=20_000, seed=0)
 
 
-def _sim(pop, beta=0.05, diff=True, offsets=None, **params):
-    scenario = CovidScenario({"beta": beta, **params})
-    return Simulation(scenario, pop, HeuristicPolicy(), seed=3, differentiable=diff, offsets=offsets)
+def _sim(pop, diff=True, offsets=None, seed=3, **params):
+    scenario = CovidScenario({"start": "2020-03-16"} | params)
+    return Simulation(scenario, pop, HeuristicPolicy(), seed=seed, differentiable=diff, offsets=offsets)
 
 
 def test_params_validated():
@@ -27,26 +39,75 @@ def test_params_validated():
         CovidScenario({"betta": 0.1})
     with pytest.raises(InputError, match="share_zip"):
         CovidScenario({"share_zip": 0.8, "share_borough": 0.5})
+    with pytest.raises(InputError, match="start must lie in 2020-03-01"):
+        CovidScenario({"start": "2020-02-29"})
+    late = Intervention(date=dt.date(2023, 1, 1), layer="work", level=0.5)
+    with pytest.raises(InputError, match=r"interventions\[0\]\.date 2023-01-01 lies outside"):
+        CovidScenario({"interventions": (late,)})
+    unknown = Intervention(date=dt.date(2020, 4, 1), layer="work", level="work_lockdown")
+    with pytest.raises(InputError, match=r"interventions\[0\]\.level 'work_lockdown' names no parameter"):
+        CovidScenario({"interventions": (unknown,)})
     assert make_scenario("covid", {"beta": 0.02}).config.beta == 0.02
-    assert make_scenario("covid", beta=0.03).config.beta == 0.03
 
 
 def test_tables():
-    c = contact_matrix(torch.full((10,), 0.1))
-    assert c.shape == (10, 10) and torch.allclose(c.sum(1)[0], torch.tensor(10.21))
-    h = gamma_hazard(5.2, 3.0)
-    survive = torch.cumprod(1 - h.double(), 0)
-    mean = float(1 + survive[:-1].sum())  # mean of the discrete duration (days)
-    assert 5.0 < mean < 6.2 and float(h[-1]) == 1.0
+    shares = torch.tensor([0.06, 0.09, 0.06, 0.09, 0.17, 0.14, 0.12, 0.11, 0.09, 0.07])
+    c = contact_matrix(shares)
+    total = shares[:, None] * c  # contacts from band a to band b, per resident of the city
+    assert torch.allclose(total, total.T, rtol=1e-5)  # reciprocal
+    assert (
+        abs(float((c.sum(1) * shares).sum()) - float((torch.tensor(covid.POLYMOD_CONTACTS) * shares).sum()))
+        < 1e-3
+    )
+    h = chain_hazard(CovidScenario().config)
+    assert float(h[covid.S]) == 0 and float(h[covid.R]) == 0  # S is set per agent, R absorbs
+    assert abs(2 / float(h[covid.E1]) - 2.9) < 1e-9  # mean latent period of the two stages
+    d = report_delay(3.0)
+    assert abs(float(d.sum()) - 1) < 1e-12 and 2.5 < float((d * torch.arange(len(d))).sum()) < 3.5
 
 
-def test_seeding_and_context_follow_real_cases(pop):
-    sim = _sim(pop, diff=False)
-    state = sim.initial_state().scenario
-    infectious = int((state["comp"] == 2).sum())
-    assert 50 < infectious < 2000  # real cases of 2020-03-16..22 / 0.1 × 20k / 8.34M ≈ 600
-    ctx = sim.scenario.observe(sim.world, state, 0)
-    assert ctx["week"] == 2 and ctx["cases"] > 1000 and ctx["cases_change"] > 0
+def test_layers_follow_the_dated_interventions():
+    sc = CovidScenario()  # starts 2020-03-01
+    params = sc.params()
+    before, closed, pause = sc.levels(params, 0), sc.levels(params, 15), sc.levels(params, 21)
+    assert before == dict.fromkeys(covid.LAYERS, 1.0)
+    assert closed["school"] == 0.0 and closed["work"] == 1.0
+    assert float(pause["work"]) == pytest.approx(sc.config.work_pause) and pause["household"] == 1.0
+
+
+def test_seeding_reads_no_data_on_or_after_the_start(pop, monkeypatch):
+    """Changing every real case on or after the start date changes nothing in the state at the start."""
+    state = _sim(pop, diff=False).initial_state().scenario
+    real = covid._real_cases()
+    changed = real.assign(cases=np.where(real["date"] >= "2020-03-16", real["cases"] * 10 + 7, real["cases"]))
+    monkeypatch.setattr(covid, "_real_cases", lambda: changed)
+    again = _sim(pop, diff=False).initial_state().scenario
+    for name in state:
+        assert torch.equal(state[name], again[name]), name
+    # and changing a day before the start does change it
+    earlier = real.assign(cases=np.where(real["date"] == "2020-03-14", real["cases"] * 3, real["cases"]))
+    monkeypatch.setattr(covid, "_real_cases", lambda: earlier)
+    assert not torch.equal(state["stage"], _sim(pop, diff=False).initial_state().scenario["stage"])
+
+
+def test_seeding_without_earlier_cases_is_a_clear_error():
+    c = CovidScenario({"start": "2020-03-01"}).config
+    empty = pd.DataFrame({"date": pd.to_datetime([]), "borough": [], "cases": []})
+    with pytest.raises(
+        InputError, match=r"cases-by-day\.csv: field 'date_of_interest': no case was reported"
+    ):
+        seed_estimate(c, {}, empty, ["Bronx"])
+
+
+def test_agents_conserved_and_seeded_sensibly(pop):
+    r = _sim(pop, diff=False).run(21)
+    s = r.series
+    alive = s["susceptible"] + s["exposed"] + s["infectious"] + s["recovered"]
+    assert torch.equal(alive.sum(1), torch.full((21,), float(len(pop))))
+    infected = 1 - float(s["susceptible"][0].sum()) / len(pop)
+    assert 0.001 < infected < 0.5  # a few percent of the city infected by mid-March 2020
+    ctx = r.real  # the real series is there to compare with
+    assert ctx["value"].sum() > 0
 
 
 def test_differentiable_forward_equals_inference(pop):
@@ -58,74 +119,25 @@ def test_differentiable_forward_equals_inference(pop):
     assert soft.series["infections"].requires_grad and not hard.series["infections"].requires_grad
 
 
-def test_one_step_gradient_equals_expected_value_derivative(pop):
-    """Straight-through gradient of a day's infections = d/dbeta of the expected infections (exact)."""
-    sim = _sim(pop)
-    total = sim.run(1).series["infections"].sum()
-    total.backward()
-    grad = float(sim.params["beta"].grad)
-
-    def expected(beta: float) -> float:
-        s = _sim(pop, beta=beta)
-        with torch.no_grad():
-            start = s.initial_state()
-            iso = s.step(start, 0).actions["isolation"][:, 0]  # the day's decisions (independent of beta)
-            w, c, x = s.world, s.scenario.config, start.scenario["comp"]
-            cell = w.cell.long()
-            keep = 1 - c.isolation_effect * iso
-            weighted = torch.zeros(w.nc).index_add(0, cell, x[:, 2] * keep)
-            lam = s.scenario.force(w, weighted, torch.tensor(beta))
-            return float((x[:, 0] * -torch.expm1(-lam[cell] * keep)).double().sum())
-
-    h = 1e-3
-    fd = (expected(0.05 + h) - expected(0.05 - h)) / (2 * h)
-    assert grad > 0 and abs(grad - fd) < 2e-3 * abs(fd)
-
-
-def test_multi_step_gradient_against_finite_differences(pop):
-    """Over three weeks the straight-through gradient of total reported cases tracks central finite
-    differences of the hard simulation with common random numbers (within 35 %)."""
-    steps = 21
-    sim = _sim(pop)
-    sim.run(steps).series["reported_cases"].sum().backward()
-    grad = float(sim.params["beta"].grad)
-    with torch.no_grad():
-        f = lambda b: float(_sim(pop, beta=b, diff=False).run(steps).series["reported_cases"].sum())  # noqa: E731
-        h = 0.005
-        fd = (f(0.05 + h) - f(0.05 - h)) / (2 * h)
-    assert fd > 0 and abs(grad - fd) < 0.35 * fd
-
-
-def test_offsets_and_loss_get_gradients(pop):
-    sim = _sim(pop)
-    r = sim.run(14)
-    loss = weekly_mse(r.series["reported_cases"], r.real, pop.labels("borough"), pd.Timestamp("2020-03-16"))
+def test_every_learnable_parameter_and_the_offsets_get_gradients(pop):
+    sim = _sim(pop, start="2020-06-01")
+    r = sim.run(70)  # into the reopening and past 2020-07-15 (summer detection)
+    loss = weekly_mse(r.series["reported_cases"], r.real, pop.labels("borough"), pd.Timestamp("2020-06-01"))
     loss.backward()
-    assert torch.isfinite(loss) and float(sim.params["beta"].grad) != 0
+    assert torch.isfinite(loss)
+    for name in ("beta", "detected", "detected_summer", "work_reopened", "community_reopened"):
+        assert float(sim.params[name].grad) != 0, name
     g = sim.params["offsets.isolation"].grad
     assert g.shape == (100, 2) and float(g.abs().sum()) > 0
-    # more isolation -> fewer cases: d(total cases)/d(offset of isolate) < 0 summed over archetypes
-    sim2 = _sim(pop)
-    sim2.run(14).series["reported_cases"].sum().backward()
-    assert float(sim2.params["offsets.isolation"].grad[:, 0].sum()) < 0
 
 
-def test_offset_gradient_against_finite_differences(pop):
-    """d(total infections over 2 weeks)/d(common shift of the 'isolate' offset): the straight-through
-    gradient summed over archetypes tracks central finite differences of the hard simulation with
-    common random numbers."""
-    steps = 14
-    sim = _sim(pop)
-    sim.run(steps).series["infections"].sum().backward()
-    grad = float(sim.params["offsets.isolation"].grad[:, 0].sum())
-
-    def f(delta: float) -> float:
-        offsets = torch.zeros(100, 2)
-        offsets[:, 0] = delta
-        with torch.no_grad():
-            return float(_sim(pop, diff=False, offsets=offsets).run(steps).series["infections"].sum())
-
-    h = 0.3
-    fd = (f(h) - f(-h)) / (2 * h)
-    assert fd < 0 and grad < 0  # more isolation, fewer infections
-    assert abs(grad - fd) < 0.35 * abs(fd), (grad, fd)
+def test_default_run_rises_peaks_and_falls():
+    """The model's shape, not a fit: from 2020-03-01 with the defaults, reported cases rise, peak between
+    mid-March and the end of April, and fall by the end of May."""
+    pop = Population.synthesize("nyc", agents=300_000, seed=1)
+    sc = CovidScenario()
+    r = Simulation(sc, pop, HeuristicPolicy(), seed=1).run(92)
+    weekly = covid.weekly(r.series["reported_cases"].sum(1))
+    peak = int(weekly.argmax())
+    assert pd.Timestamp("2020-03-15") <= sc.date(7 * peak) <= pd.Timestamp("2020-04-30")
+    assert float(weekly[peak]) > 5 * float(weekly[0]) and float(weekly[-1]) < 0.5 * float(weekly[peak])

@@ -28,7 +28,8 @@ report, the policies and the CLI read only these declarations:
 
 The engine (:mod:`lpm.engine`) calls, once per run, ``setup(pop, device) -> world`` (what the run needs
 that does not change: index tensors and tables; the simulation owns it) and
-``init_state(world, sampler) -> state``; then at every step ``t``: ``observe(world, state, t)`` (only when
+``init_state(world, sampler) -> state`` (or ``init_state(world, sampler, params)`` when the initial state
+depends on learnable parameters, e.g. a seeding that reads the detected share); then at every step ``t``: ``observe(world, state, t)`` (only when
 a decision is due; the context of the prompts), and ``step(world, state, actions, params, t, sampler)``,
 which returns the next state and the step's records by name. ``real_data(world, first, last)`` gives the
 real series for the report. A scenario object is immutable configuration: many simulations may share it.
@@ -307,7 +308,8 @@ class Scenario(ABC):
     @abstractmethod
     def init_state(self, world: Any, sampler: Any) -> dict[str, torch.Tensor]:
         """The agents' state at step 0 (named tensors); draw with ``sampler.at(0)``, build categorical
-        states with ``sampler.states``."""
+        states with ``sampler.states``. A scenario whose initial state depends on learnable parameters
+        declares a third argument ``params`` and gets the simulation's parameter tensors there."""
 
     def observe(self, world: Any, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
         """The context of step ``t``: a value for every context variable of the decisions' specs (numbers,

@@ -1,39 +1,68 @@
-"""COVID-19 in New York City: a daily SEIR model whose agents decide weekly whether to isolate.
+"""COVID-19 in New York City: a daily stochastic model with household, school, work and community contacts,
+whose agents decide weekly whether to isolate.
 
-State per agent: compartment ``comp`` (0 susceptible, 1 exposed, 2 infectious, 3 recovered; uint8 codes in
-inference mode, float one-hot rows in differentiable mode) and ``days`` in it (uint8, saturating at 255);
-the decision ``isolation`` (actions ``isolate``, ``go out``; spec ``covid_isolation``) is the engine's.
+**Natural history** (each agent walks one chain of stages, one step a day; sources in brackets):
 
-Durations: time in E and in I are discretised gamma distributions; each day an agent leaves its
-compartment with the hazard of its days-in-state. Means from the literature:
+    S → E1 → E2 → P1 → P2 → I1 → I2 → R
 
-* incubation 5.2 days (Li et al., "Early transmission dynamics in Wuhan, China, of novel
-  coronavirus-infected pneumonia", NEJM 2020; 95th percentile 12.5 d; gamma shape 3 approximates it);
-* infectious period 7 days (CDC COVID-19 Pandemic Planning Scenarios, 2020: infectiousness from about
-  2 days before to 10 days after symptom onset, most within the first week; He et al., Nat Med 2020).
+* E (latent, not infectious): mean ``latent_days`` = 2.9 — the incubation period, 5.2 days [Li et al., NEJM
+  2020], less the pre-symptomatic infectious period, 2.3 days [He et al., Nat Med 2020: infectiousness
+  starts 2.3 days before symptom onset].
+* P (pre-symptomatic, infectious): mean ``presymptomatic_days`` = 2.3 [He et al. 2020].
+* I (infectious after symptom onset): mean ``symptomatic_days`` = 3.5 [Cheng et al., JAMA Intern Med 2020:
+  no secondary case among contacts first exposed more than 5 days after onset; He et al.: 44 % of
+  transmission before onset, here 2.3 / (2.3 + 3.5) = 40 %].
+* Each stage of two is left with the daily hazard ``2 / mean`` (an Erlang-2 duration in days), so the
+  generation interval comes out near 5.5 days [Ganyani et al., Eurosurveillance 2020: 5.2; Ferretti et
+  al., Science 2020: 5.0].
+* A share ``asymptomatic`` = 0.31 of infections never shows symptoms [Buitrago-Garcia et al., PLoS Med 2020:
+  31 %, 95 % CI 26–37 %]; they are infectious in P and I with relative infectiousness ``asymptomatic_rel``
+  = 0.35 [same review: secondary attack rate ratio 0.35] and are never reported. Whether an agent would be
+  asymptomatic is drawn once per run.
 
-Transmission: each day a susceptible agent of age band ``a`` in ZIP area ``z`` of borough ``B`` is
-infected with probability ``1 - exp(-lambda)``,
+**Transmission.** Each day a susceptible agent ``j`` is infected with probability ``1 - exp(-lambda_j)``,
 
-    lambda = beta * (1 - e * iso) * sum_b C[a, b] * (w_zip * P_zb + w_borough * P_Bb + w_city * P_b)
+    lambda_j = beta * [ w_h (1 - q iso_j) sum_{i in household(j), i != j} x_i (1 - q iso_i)
+                      + w_s L_s(t) (1 - e iso_j) sum_{i in class(j), i != j} x_i (1 - e iso_i)
+                      + w_w L_w(t) (1 - e iso_j) sum_{i in workplace(j), i != j} x_i (1 - e iso_i)
+                      + w_c L_c(t) (1 - e iso_j) sum_b C[a_j, b] * prevalence_b(zip, borough, city) ]
 
-where ``C`` is the (10, 10) daily contact matrix between age bands (:func:`contact_matrix`), ``P_zb`` the
-isolation-weighted infectious fraction of band ``b`` in the agent's ZIP area (``P_Bb`` borough,
-``P_b`` city), ``w`` the shares of contacts made at each level, ``e`` the isolation effectiveness and
-``iso`` whether the agent isolates; an isolating infectious agent counts ``1 - e`` towards ``P``. All
-O(N): one ``bincount`` of infectious agents per (ZIP × band × isolation) cell, a (Z × 10) table of
-forces, and one gather per agent. Reported cases are the detected fraction of new infections (the
-expected value, which keeps the series differentiable).
+``x_i`` is agent ``i``'s infectiousness (1 in P and I, ``asymptomatic_rel`` if asymptomatic, 0
+otherwise), ``iso`` whether the agent isolates (the decision), ``e`` = ``isolation_effect`` the share of
+school, work and community contacts an isolating agent cuts, ``q`` = ``household_isolation`` the share of
+household contacts it cuts. Per-contact weights ``w_h = 1``, ``w_s = w_w = 0.2``, ``w_c = 0.1`` are
+Covasim's default relative layer transmissibilities (household 3.0, school and work 0.6, community 0.3;
+Kerr et al., PLoS Comput Biol 2021). ``C`` is the (10, 10) daily contact matrix between age bands
+(:func:`contact_matrix`, reciprocal), ``prevalence_b`` mixes ZIP area, borough and city with shares
+``share_zip``, ``share_borough`` and the rest. ``L(t)``: the level of each layer from the dated
+:data:`INTERVENTIONS` (schools closed 2020-03-16, New York State on PAUSE 2020-03-22, reopening from
+2020-06-08, schools partly reopened 2020-09-21); the levels under PAUSE and after reopening are
+learnable. All O(N): one ``index_add`` of infectious agents per household, per place and per (ZIP, band)
+cell, one gather of each back per agent.
 
-A day, in the order :meth:`CovidScenario.step` reads: (1) who is where: agents by compartment × cell ×
-isolating; (2) the force of infection per cell; (3) leaving a compartment: infection for S, the end of the
-duration for E and I; (4) reporting; (5) the next state and the day's records.
+**Reporting.** Symptom onsets (P2 → I1 of symptomatic agents) are diagnosed after a delay (discretised
+gamma, mean ``report_delay_days`` = 3; Bi et al., Lancet Infect Dis 2020: 4.6 days from onset to
+confirmation under symptom-based testing, specimen collection a day or more before), and a share
+``detected(t)`` of them is reported (expected value, which keeps the series differentiable). ``detected``
+rises with testing: log-linear from ``detected_march`` on 2020-03-01 to ``detected`` on 2020-03-22 (testing scaled up by the PAUSE order), flat
+to 2020-05-15, then to ``detected_summer`` by 2020-07-15. The default April level, 0.1, follows from New
+York's serosurvey (22.7 % of New York City residents with antibodies by late April 2020, Rosenberg et
+al., Ann Epidemiol 2020: about 1.9 million infections against about 130,000 reported cases by
+mid-April, 7 % of all infections and 10 % of symptomatic ones).
 
-Seeding: infectious agents per borough = the borough's real cases reported in the first 7 days /
-detected fraction (× agents / city population): cases are reported about a week after infection
-(incubation plus testing delay), so the week after the start shows who is infected at the start;
-exposed = infectious × incubation / infectious period. The 14 days of real cases before the start fill
-the context's case history.
+**Seeding without look-ahead.** The state on the start date is estimated from the real cases reported in
+the 14 days *before* it, never from the start date or later (:func:`seed_estimate`): daily infections
+are back-projected as cases / detected / (1 - asymptomatic) at the report date minus the mean delay
+from infection to report; their growth rate is the log-linear slope of the detection-corrected cases
+when at least 7 of the 14 days have cases, else ``seed_growth`` (0.23 a day, a doubling time of 3 days;
+Pei et al., Nature 2021 (NYC, March 2020); Sanche et al., Emerg Infect Dis 2020: 2.3–3.3 days); the
+infections of the 60 days before the start are run through the stage chain to give each borough's
+expected agents per stage and the symptom onsets still waiting to be reported. A start date with no
+reported case in the 14 days before it (2020-02-29 and earlier) cannot be seeded and is an error.
+
+A day, in the order :meth:`CovidScenario.step` reads: (1) infectiousness and isolation per agent;
+(2) pressure per household, place and cell (scatter) and the force on each agent (gather); (3) one step
+along the chain; (4) reporting; (5) records.
 """
 
 from __future__ import annotations
@@ -41,12 +70,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lpm import nyc
 from lpm.errors import InputError
@@ -55,15 +84,29 @@ from lpm.population import Population
 from lpm.sampling import Sampler
 from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig, real_frame
 
-__all__ = ["CovidConfig", "CovidScenario", "contact_matrix", "isolation_rule"]
+__all__ = [
+    "INTERVENTIONS",
+    "CovidConfig",
+    "CovidScenario",
+    "Intervention",
+    "contact_matrix",
+    "isolation_rule",
+    "seed_estimate",
+]
 
-FIRST_CASE = pd.Timestamp("2020-02-29")  # the city's first reported case
-S, E, I, R = 0, 1, 2, 3  # noqa: E741 (compartment codes)
-COMPARTMENTS = 4
-MAX_DAYS = 256
+FIRST_DATA = pd.Timestamp("2020-02-29")  # first day of the case data (the city's first reported case)
+LAST_DATA = pd.Timestamp("2021-12-31")
+S, E1, E2, P1, P2, I1, I2, R = range(8)
+STAGES = ("S", "E1", "E2", "P1", "P2", "I1", "I2", "R")
+K = len(STAGES)
 ISOLATE = 0  # action index of the isolation decision
-STREAM_TRANSITION, STREAM_SEED, STREAM_SEED_DAYS = 16, 17, 18
+STREAM_TRANSITION, STREAM_SEED, STREAM_ASYMPTOMATIC = 16, 17, 18
+SEED_WINDOW, REPORT_LAGS = 14, 21
 CASES_SOURCE = "NYC DOHMH cases-by-day.csv, confirmed + probable, scaled to the population"
+LAYERS = ("household", "school", "work", "community")
+#: Relative transmissibility per contact of each layer: Covasim's default hybrid beta_layer (h 3.0,
+#: s 0.6, w 0.6, c 0.3; Kerr et al., PLoS Comput Biol 2021), divided by the household's.
+LAYER_WEIGHT = {"household": 1.0, "school": 0.2, "work": 0.2, "community": 0.1}
 
 #: Mean daily contacts by age of participant, POLYMOD (Mossong et al., PLoS Med 2008, table 1, all
 #: countries), averaged onto the health department's 10 age bands.
@@ -71,33 +114,125 @@ POLYMOD_CONTACTS = (10.21, 16.0, 17.9, 15.0, 13.9, 14.1, 13.5, 11.3, 8.5, 6.9)
 BAND_MIDPOINTS = (2.0, 8.5, 15.0, 21.0, 29.5, 39.5, 49.5, 59.5, 69.5, 82.0)
 
 
-def contact_matrix(shares: torch.Tensor) -> torch.Tensor:
-    """(10, 10) mean daily contacts ``C[a, b]`` of a person of band ``a`` with people of band ``b``.
+class Intervention(BaseModel):
+    """From ``date`` on, contacts of ``layer`` are at ``level`` (a share of normal, 0..1, or the name of a
+    learnable parameter holding it). ``source`` says where the date comes from."""
 
-    An approximation of POLYMOD, not its fitted matrix: row totals are POLYMOD's mean contacts per age
-    (:data:`POLYMOD_CONTACTS`); a row is spread over bands in proportion to the bands' population
-    ``shares`` times a kernel of the age gap: assortative (``exp(-gap / 8)``), a generation apart
-    (``0.25 exp(-(gap - 30)^2 / 72)``, parents and children) and a flat background (0.1).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    date: dt.date
+    layer: Literal["household", "school", "work", "community"]
+    level: float | str
+    source: str = ""
+
+    @field_validator("level")
+    @classmethod
+    def _level(cls, level: float | str) -> float | str:
+        if isinstance(level, float) and not 0.0 <= level <= 1.0:
+            raise ValueError(f"a level is a share of normal contacts in [0, 1], got {level}")
+        return level
+
+
+#: New York City's dated events of 2020 (the defaults of ``CovidConfig.interventions``).
+INTERVENTIONS = (
+    Intervention(
+        date=dt.date(2020, 3, 16),
+        layer="school",
+        level=0.0,
+        source="NYC public schools closed (Mayor's announcement of 2020-03-15)",
+    ),
+    Intervention(
+        date=dt.date(2020, 3, 22),
+        layer="work",
+        level="work_pause",
+        source="New York State on PAUSE, Executive Order 202.8 (non-essential workplaces closed)",
+    ),
+    Intervention(
+        date=dt.date(2020, 3, 22),
+        layer="community",
+        level="community_pause",
+        source="New York State on PAUSE, Executive Order 202.8",
+    ),
+    Intervention(
+        date=dt.date(2020, 6, 8),
+        layer="work",
+        level="work_reopened",
+        source="NYC enters phase 1 of NY Forward (2020-06-08; phases 2-4 on 06-22, 07-06, 07-20)",
+    ),
+    Intervention(
+        date=dt.date(2020, 6, 8),
+        layer="community",
+        level="community_reopened",
+        source="NYC enters phase 1 of NY Forward",
+    ),
+    Intervention(
+        date=dt.date(2020, 9, 21),
+        layer="school",
+        level=0.5,
+        source="NYC public schools reopen with blended learning (2020-09-21; about half the pupils in class)",
+    ),
+)
+
+
+def contact_matrix(shares: torch.Tensor) -> torch.Tensor:
+    """(10, 10) mean daily contacts ``C[a, b]`` of a person of band ``a`` with people of band ``b``,
+    reciprocal: ``shares[a] C[a, b] = shares[b] C[b, a]`` (contacts counted from either side agree).
+
+    An approximation of POLYMOD, not its fitted matrix: a kernel of the age gap — assortative
+    (``exp(-gap / 8)``), a generation apart (``0.25 exp(-(gap - 30)^2 / 72)``, parents and children) and
+    a flat background (0.1) — is weighted by both bands' activity (POLYMOD's mean contacts per age,
+    :data:`POLYMOD_CONTACTS`) and population ``shares``, which makes it symmetric in total contacts; it
+    is scaled so that the population's mean contacts equal POLYMOD's mean.
     """
     mid = torch.tensor(BAND_MIDPOINTS, dtype=torch.float64)
     gap = (mid[:, None] - mid[None, :]).abs()
     kernel = torch.exp(-gap / 8.0) + 0.25 * torch.exp(-((gap - 30.0) ** 2) / 72.0) + 0.1
-    weight = kernel * shares.to(torch.float64)[None, :]
-    total = torch.tensor(POLYMOD_CONTACTS, dtype=torch.float64)
-    return (total[:, None] * weight / weight.sum(dim=1, keepdim=True)).to(torch.float32)
+    activity = torch.tensor(POLYMOD_CONTACTS, dtype=torch.float64)
+    share = shares.to(torch.float64)
+    total = kernel * (activity * share)[:, None] * (activity * share)[None, :]  # symmetric contacts a<->b
+    per_person = total / share.clamp_min(1e-12)[:, None]
+    per_person = per_person * float((activity * share).sum() / (per_person.sum(1) * share).sum())
+    return per_person.to(torch.float32)
 
 
-def gamma_hazard(mean: float, shape: float, days: int = MAX_DAYS) -> torch.Tensor:
-    """(days,) daily probability of leaving a state after ``d`` completed days in it, for a gamma
-    distributed duration (mean days, shape); the last entry is 1."""
-    d = torch.arange(days + 1, dtype=torch.float64)
+def chain_hazard(c: CovidConfig) -> torch.Tensor:
+    """(8,) daily probability of leaving each stage (S's is the force of infection, set per agent; R
+    absorbs): two stages per period, each left with hazard ``2 / mean days``."""
+    h = torch.zeros(K, dtype=torch.float64)
+    for stages, mean in (((E1, E2), c.latent_days), ((P1, P2), c.presymptomatic_days)):
+        h[list(stages)] = min(1.0, 2.0 / mean)
+    h[[I1, I2]] = min(1.0, 2.0 / c.symptomatic_days)
+    return h
+
+
+def report_delay(mean: float, shape: float = 2.0, lags: int = REPORT_LAGS) -> torch.Tensor:
+    """(lags,) probability that a symptom onset is diagnosed ``0 .. lags-1`` days later (a gamma
+    distribution discretised to days, renormalised)."""
+    d = torch.arange(lags + 1, dtype=torch.float64)
     cdf = torch.special.gammainc(torch.tensor(shape, dtype=torch.float64), d * shape / mean)
-    survive = 1.0 - cdf[:-1]
-    h = torch.where(
-        survive > 1e-12, (cdf[1:] - cdf[:-1]) / survive.clamp_min(1e-300), torch.ones_like(survive)
+    w = cdf[1:] - cdf[:-1]
+    return w / w.sum()
+
+
+def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Timestamp) -> torch.Tensor:
+    """Share of symptom onsets reported on ``date`` (a tensor carrying the learnable levels' gradients):
+    log-linear between the knots of the module docstring."""
+    knots = (
+        (pd.Timestamp("2020-03-01"), "detected_march"),
+        (pd.Timestamp("2020-03-22"), "detected"),
+        (pd.Timestamp("2020-05-15"), "detected"),
+        (pd.Timestamp("2020-07-15"), "detected_summer"),
     )
-    h[-1] = 1.0
-    return h.clamp(0.0, 1.0).to(torch.float32)
+
+    def level(name: str) -> torch.Tensor:
+        return params[name] if name in params else torch.tensor(float(getattr(c, name)))
+
+    if date <= knots[0][0]:
+        return level(knots[0][1])
+    for (d0, n0), (d1, n1) in zip(knots, knots[1:], strict=False):
+        if date <= d1:
+            f = (date - d0).days / (d1 - d0).days
+            return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
+    return level(knots[-1][1])
 
 
 def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
@@ -113,53 +248,95 @@ def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
     return sigmoid(x)
 
 
+def _share(description: str, default: float) -> Any:
+    return Field(default=default, gt=0, le=1, description=description)
+
+
 class CovidConfig(ScenarioConfig):
-    """Configuration of the COVID scenario; one line each, with units. Unknown keys are rejected."""
+    """Configuration of the COVID scenario; one line each, with units and sources (module docstring).
+    Unknown keys are rejected."""
 
     start: dt.date = Field(
-        default=dt.date(2020, 3, 16), description="first simulated day (2020-03-01 .. 2021-12-31)"
+        default=dt.date(2020, 3, 1),
+        description="first simulated day (2020-03-01 .. 2021-12-31; seeded from the 14 days before)",
     )
     beta: float = Field(
-        default=0.045, gt=0, le=1, description="infection probability per contact with an infectious person"
+        default=0.048,
+        gt=0,
+        le=1,
+        description="daily infection hazard from one infectious household member (other layers: × weight)",
     )
-    detected: float = Field(
-        default=0.1, gt=0, le=1, description="fraction of new infections reported as cases"
-    )
+    detected_march: float = _share("share of symptom onsets reported on 2020-03-01 (scarce tests)", 0.01)
+    detected: float = _share("share of symptom onsets reported 2020-03-22 .. 05-15 (serosurvey)", 0.1)
+    detected_summer: float = _share("share of symptom onsets reported from 2020-07-15 (wider testing)", 0.3)
+    work_pause: float = _share("share of workplace contacts kept under PAUSE (essential workers)", 0.35)
+    community_pause: float = _share("share of community contacts kept under PAUSE", 0.3)
+    work_reopened: float = _share("share of workplace contacts kept after reopening (2020-06-08)", 0.6)
+    community_reopened: float = _share("share of community contacts kept after reopening", 0.6)
     isolation_effect: float = Field(
-        default=0.7, ge=0, le=1, description="fraction of contacts an isolating agent cuts"
+        default=0.75, ge=0, le=1, description="share of school, work and community contacts isolation cuts"
     )
-    incubation_days: float = Field(
-        default=5.2, gt=0, le=30, description="mean days exposed before infectious (Li 2020)"
+    household_isolation: float = Field(
+        default=0.25, ge=0, le=1, description="share of household contacts isolation cuts"
     )
-    incubation_shape: float = Field(
-        default=3.0, gt=0, le=100, description="gamma shape of the incubation period"
+    latent_days: float = Field(default=2.9, ge=1, le=20, description="mean days infected, not infectious")
+    presymptomatic_days: float = Field(
+        default=2.3, ge=1, le=20, description="mean days infectious before symptom onset"
     )
-    infectious_days: float = Field(
-        default=7.0, gt=0, le=30, description="mean days infectious (CDC planning scenarios)"
+    symptomatic_days: float = Field(default=3.5, ge=1, le=20, description="mean days infectious after onset")
+    asymptomatic: float = Field(default=0.31, ge=0, lt=1, description="share of infections without symptoms")
+    asymptomatic_rel: float = Field(
+        default=0.35, ge=0, le=1, description="infectiousness of an asymptomatic agent, relative"
     )
-    infectious_shape: float = Field(
-        default=4.0, gt=0, le=100, description="gamma shape of the infectious period"
+    report_delay_days: float = Field(
+        default=3.0, gt=0, le=14, description="mean days from symptom onset to diagnosis"
+    )
+    seed_growth: float = Field(
+        default=0.23, ge=-0.5, le=1, description="daily growth of infections before the start (few data)"
+    )
+    community_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description="transmissibility of a community contact relative to a household one",
     )
     share_zip: float = Field(
-        default=0.5, ge=0, le=1, description="share of contacts within the agent's ZIP area"
+        default=0.5, ge=0, le=1, description="share of community contacts within the agent's ZIP area"
     )
     share_borough: float = Field(
-        default=0.3, ge=0, le=1, description="share of contacts within the borough; rest citywide"
+        default=0.3, ge=0, le=1, description="share of community contacts within the borough; rest citywide"
+    )
+    interventions: tuple[Intervention, ...] = Field(
+        default=INTERVENTIONS, description="dated changes of contacts per layer (see INTERVENTIONS)"
     )
 
     @field_validator("start")
     @classmethod
     def _start(cls, start: dt.date) -> dt.date:
         if not dt.date(2020, 3, 1) <= start <= dt.date(2021, 12, 31):
-            raise ValueError("start must lie in 2020-03-01 .. 2021-12-31 (the case data)")
+            raise ValueError(
+                "start must lie in 2020-03-01 .. 2021-12-31: the state on the start date is estimated "
+                "from the cases reported before it, and the case data begin on 2020-02-29"
+            )
         return start
 
     @model_validator(mode="after")
-    def _shares(self) -> CovidConfig:
+    def _checks(self) -> CovidConfig:
         if self.share_zip + self.share_borough > 1:
             raise ValueError(
                 f"share_zip + share_borough must be <= 1, got {self.share_zip} + {self.share_borough}"
             )
+        names = set(type(self).model_fields)
+        for i, event in enumerate(self.interventions):
+            if not FIRST_DATA.date() <= event.date <= LAST_DATA.date():
+                raise ValueError(
+                    f"interventions[{i}].date {event.date} lies outside the period the scenario simulates "
+                    f"({FIRST_DATA.date()} .. {LAST_DATA.date()})"
+                )
+            if isinstance(event.level, str) and event.level not in names:
+                raise ValueError(
+                    f"interventions[{i}].level {event.level!r} names no parameter of the covid scenario"
+                )
         return self
 
 
@@ -167,11 +344,12 @@ class CovidConfig(ScenarioConfig):
 class CovidWorld:
     """What a COVID run needs that does not change (owned by the simulation).
 
-    cell: (N,) int32 (ZIP area, age band) cell of each agent; borough: (N,) int32. zip_borough: (Z,) borough
-    of each ZIP area; borough_of_cell: (C,). inv_zip (Z, bands), inv_borough (B, bands), inv_city (bands,):
-    1 / residents of each band at each level. contacts_t: (b, a) contact matrix, transposed.
-    contact_kept: (2,) share of contacts kept going out / isolating. hazard: (4 * 256,) daily probability of
-    leaving compartment c after d days, at ``c * 256 + d``. residents: (B,). scale: agents / city residents.
+    Per agent: household (N,) int32 and place (N,) int32 ids (0: no place; 1..S school classes, S+1..S+W
+    workplaces), cell (N,) int32 (ZIP area, age band) and borough (N,) uint8. place_school: (1+S+W,) bool,
+    whether a place is a school class. zip_borough (Z,) and borough_of_cell (C,) int64; inv_zip (Z, bands),
+    inv_borough (B, bands), inv_city (bands,): 1 / residents of each band at each level. contacts_t (b, a):
+    the contact matrix, transposed. hazard (8,): daily probability of leaving each stage. delay
+    (lags,): onset-to-diagnosis distribution. residents (B,), scale: agents / city residents.
     """
 
     n: int
@@ -179,7 +357,11 @@ class CovidWorld:
     nb: int
     nz: int
     nc: int
+    nh: int
     scale: float
+    household: torch.Tensor
+    place: torch.Tensor
+    place_school: torch.Tensor
     cell: torch.Tensor
     borough: torch.Tensor
     zip_borough: torch.Tensor
@@ -188,8 +370,8 @@ class CovidWorld:
     inv_borough: torch.Tensor
     inv_city: torch.Tensor
     contacts_t: torch.Tensor
-    contact_kept: torch.Tensor
     hazard: torch.Tensor
+    delay: torch.Tensor
     residents: torch.Tensor
 
     def by_borough(self, per_cell: torch.Tensor) -> torch.Tensor:
@@ -199,30 +381,97 @@ class CovidWorld:
         )
 
 
+def seed_estimate(
+    c: CovidConfig, params: Mapping[str, torch.Tensor], before: pd.DataFrame, boroughs: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each borough's expected residents per stage on the start date, and the symptom onsets of the
+    ``REPORT_LAGS`` days before it (oldest first), from the real cases reported before the start only.
+
+    before: real cases (``date``, ``borough`` label, ``cases``) of every day before the start (from 2020-02-29). Daily
+    infections are back-projected: the cases reported on day ``d`` / detected(d) / (1 - asymptomatic)
+    were infected ``lag`` days earlier (the mean latent, pre-symptomatic and diagnosis delays). The last
+    ``lag`` days before the start are not reported yet: they continue the mean of the 7 days before them
+    at the growth rate of the detection-corrected cases of the last ``SEED_WINDOW`` days (a log-linear fit
+    when at least 7 of them have cases, else ``seed_growth``; kept within -0.2 .. 0.3 a day, doubling no
+    faster than every 2.3 days). The infections are run through the stage chain to the start date.
+    Returns ((B, 8), (lags, B)) float64 tensors that carry the gradients of the detection parameters.
+    """
+    start = pd.Timestamp(c.start)
+    days = pd.date_range(FIRST_DATA, start - pd.Timedelta(days=1))
+    wide = before.pivot_table(index="date", columns="borough", values="cases", aggfunc="sum", observed=False)
+    wide = wide.reindex(index=days, columns=boroughs).fillna(0.0)
+    city = wide.sum(axis=1).to_numpy()
+    if city[-SEED_WINDOW:].sum() <= 0:
+        raise InputError(
+            f"{nyc.data_dir() / 'cases-by-day.csv'}: field 'date_of_interest': no case was reported in the "
+            f"{SEED_WINDOW} days before the start {start.date()}, so the state on the start date cannot be "
+            "estimated without reading later data",
+            hint="start on 2020-03-01 or later",
+        )
+    det = torch.stack([torch.as_tensor(detection(c, params, d)) for d in days]).to(torch.float64)  # (H,)
+    symptomatic = 1.0 - c.asymptomatic
+    lag = round(c.latent_days + c.presymptomatic_days + c.report_delay_days)
+    cases = torch.tensor(wide.to_numpy(), dtype=torch.float64)  # (H, B)
+    behind = cases / det[:, None] / symptomatic  # infections dated `lag` days before each report
+    window = (city / det.detach().numpy())[-SEED_WINDOW:]
+    seen = window > 0
+    if seen.sum() >= 7:
+        growth = float(np.polyfit(np.arange(SEED_WINDOW)[seen], np.log(window[seen]), 1)[0])
+    else:
+        growth = c.seed_growth
+    growth = min(max(growth, -0.2), 0.3)
+    known = behind  # infections of the days FIRST_DATA - lag .. start - lag - 1
+    recent = known[-7:].mean(0)  # (B,)
+    ahead = recent[None, :] * torch.exp(growth * torch.arange(4, 4 + lag, dtype=torch.float64))[:, None]
+    incidence = torch.cat([known, ahead])  # (days + lag, B): infections of each day before the start
+    h = chain_hazard(c)
+    occ = torch.zeros(len(boroughs), K, dtype=torch.float64)
+    onsets = []
+    for day in range(incidence.shape[0]):
+        flow = occ * h
+        onsets.append(flow[:, P2] * symptomatic)
+        occ = occ - flow + torch.nn.functional.pad(flow[:, :-1], (1, 0))
+        occ = occ + torch.nn.functional.pad(incidence[day][:, None], (E1, K - E1 - 1))
+    onsets = torch.stack(onsets[-REPORT_LAGS:])
+    return occ, torch.nn.functional.pad(onsets, (0, 0, REPORT_LAGS - onsets.shape[0], 0))
+
+
 class CovidScenario(Scenario):
-    """Daily SEIR epidemic in NYC with weekly isolation decisions (spec ``covid_isolation``)."""
+    """Daily epidemic in NYC, household/school/work/community contacts, weekly isolation decisions (spec
+    ``covid_isolation``)."""
 
     name = "covid"
     description = (
-        "COVID-19 in New York City: daily SEIR with ZIP/borough/city mixing, weekly isolation decisions"
+        "COVID-19 in New York City: daily stochastic model with household, school, work and community "
+        "contacts, dated interventions, reporting delay; weekly isolation decisions"
     )
     step_unit = "day"
-    horizon = 56
+    horizon = 92
     Config = CovidConfig
-    learnable = ("beta",)
-    needs = ("borough", "zip", "age_group")
+    learnable = (
+        "beta",
+        "detected_march",
+        "detected",
+        "detected_summer",
+        "work_pause",
+        "community_pause",
+        "work_reopened",
+        "community_reopened",
+    )
+    needs = ("borough", "zip", "age_group", "household", "school", "workplace")
     quantities = (
         Quantity("infections", "new infections per day", total=True),
         Quantity(
             "reported_cases",
-            "new reported cases per day (detected × infections)",
+            "new reported cases per day (detected share of symptom onsets, after the diagnosis delay)",
             total=True,
             real=CASES_SOURCE,
         ),
+        Quantity("onsets", "symptom onsets per day", total=True),
         Quantity("susceptible", "susceptible agents at the start of the day"),
-        Quantity("exposed", "exposed (infected, not yet infectious) agents at the start of the day"),
-        Quantity("infectious", "infectious agents at the start of the day"),
-        Quantity("recovered", "recovered agents at the start of the day"),
+        Quantity("exposed", "latent (infected, not yet infectious) agents at the start of the day"),
+        Quantity("infectious", "infectious agents (pre-symptomatic, symptomatic, asymptomatic)"),
+        Quantity("recovered", "recovered (removed) agents at the start of the day"),
         Quantity("isolating", "agents whose current action is isolate"),
     )
     decisions = (
@@ -259,38 +508,45 @@ class CovidScenario(Scenario):
         borough = pop["borough"].to(torch.int32)
         cell = zip_ * bands + band
         n_cell = torch.bincount(cell, minlength=nz * bands).to(torch.float32)
-        # each ZIP area's borough, read off its agents (ZIPs without agents: borough 0, no weight)
         zb = torch.bincount(zip_ * nb + borough, minlength=nz * nb).view(nz, nb)
         zip_borough = zb.argmax(dim=1)
         n_zb = n_cell.view(nz, bands)
         n_bb = torch.zeros(nb, bands, device=device).index_add_(0, zip_borough, n_zb)
         n_b = n_zb.sum(0)
-        hazard = torch.zeros(COMPARTMENTS, MAX_DAYS)
-        hazard[E] = gamma_hazard(c.incubation_days, c.incubation_shape)
-        hazard[I] = gamma_hazard(c.infectious_days, c.infectious_shape)
+        school, work = pop["school"].to(torch.int32), pop["workplace"].to(torch.int32)
+        n_school = int(school.max()) if n else 0
+        place = torch.where(school > 0, school, torch.where(work > 0, work + n_school, 0))
+        n_place = 1 + n_school + (int(work.max()) if n else 0)
+        place_school = torch.arange(n_place, device=device) <= n_school
+        place_school[0] = False
+        household = pop["household"].to(torch.int32)
         return CovidWorld(
             n=n,
             boroughs=boroughs,
             nb=nb,
             nz=nz,
             nc=nz * bands,
+            nh=int(household.max()) + 1 if n else 0,
             scale=float(pop.meta.get("scale", n / nyc.city_population())),
-            cell=cell,
-            borough=borough,
+            household=household,
+            place=place.to(torch.int32),
+            place_school=place_school,
+            cell=cell.to(torch.int32),
+            borough=pop["borough"].to(torch.uint8),
             zip_borough=zip_borough,
             borough_of_cell=zip_borough.repeat_interleave(bands),
             inv_zip=1.0 / n_zb.clamp_min(1.0),
             inv_borough=1.0 / n_bb.clamp_min(1.0),
             inv_city=1.0 / n_b.clamp_min(1.0),
             contacts_t=contact_matrix((n_b / n_b.sum()).cpu()).to(device).T.contiguous(),
-            contact_kept=torch.tensor([1.0, 1.0 - c.isolation_effect], device=device),
-            hazard=hazard.reshape(-1).to(device),
+            hazard=chain_hazard(c).to(torch.float32).to(device),
+            delay=report_delay(c.report_delay_days).to(device),
             residents=torch.bincount(borough, minlength=nb).to(torch.float32),
         )
 
-    def force(self, w: CovidWorld, infectious: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-        """(C,) daily force of infection on a non-isolating susceptible of each (ZIP, band) cell, from the
-        (C,) isolation-weighted count of infectious agents per cell."""
+    def community(self, w: CovidWorld, infectious: torch.Tensor) -> torch.Tensor:
+        """(C,) community pressure on each (ZIP, band) cell from the (C,) isolation-weighted infectiousness
+        per cell: contacts × prevalence mixed over ZIP area, borough and city."""
         c = self.config
         i_zb = infectious.view(w.nz, -1)
         i_bb = torch.zeros(w.nb, i_zb.shape[1], device=i_zb.device, dtype=i_zb.dtype).index_add(
@@ -302,36 +558,58 @@ class CovidScenario(Scenario):
             + c.share_borough * (i_bb * w.inv_borough)[w.zip_borough]
             + share_city * (i_zb.sum(0) * w.inv_city)
         )  # (Z, b)
-        return (beta * (prevalence.unsqueeze(2) * w.contacts_t).sum(1)).reshape(-1)  # (Z, a)
+        return (prevalence.unsqueeze(2) * w.contacts_t).sum(1).reshape(-1)  # (Z, a)
 
-    def init_state(self, world: CovidWorld, sampler: Sampler) -> dict[str, torch.Tensor]:
-        """Seeding: infectious agents per borough = real cases of the 7 days from the start / detected
-        fraction (on the population's scale); exposed = infectious × incubation / infectious period; days
-        already spent uniform in the mean duration. ``recent``: the 14 days of real cases before the start."""
+    def levels(self, params: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor | float]:
+        """Each layer's share of normal contacts on day ``t`` (the latest intervention in force)."""
+        date = self.date(t).date()
+        out: dict[str, torch.Tensor | float] = dict.fromkeys(LAYERS, 1.0)
+        for event in sorted(self.config.interventions, key=lambda e: e.date):
+            if event.date <= date:
+                level = event.level
+                out[event.layer] = (
+                    params[level] if isinstance(level, str) and level in params else self._level(level)
+                )
+        return out
+
+    def _level(self, level: float | str) -> float:
+        return float(getattr(self.config, level)) if isinstance(level, str) else float(level)
+
+    def init_state(
+        self, world: CovidWorld, sampler: Sampler, params: Mapping[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Seeding from the cases reported before the start (:func:`seed_estimate`); ``onsets``: the
+        expected symptom onsets of the last ``REPORT_LAGS`` days (lags, B), ``recent``: real reported cases
+        of the 14 days before the start (the decisions' context)."""
         c, w = self.config, world
         start = pd.Timestamp(c.start)
         cases = _real_cases()
-        before = cases[(cases["date"] >= start - pd.Timedelta(days=14)) & (cases["date"] < start)]
-        ahead = cases[(cases["date"] >= start) & (cases["date"] < start + pd.Timedelta(days=7))]
-        week = ahead.groupby("borough")["cases"].sum().reindex(w.boroughs).fillna(0.0).to_numpy()
-        device = w.cell.device
-        infectious = torch.tensor(week / c.detected * w.scale, dtype=torch.float32, device=device)
-        exposed = infectious * (c.incubation_days / c.infectious_days)
-        residents = w.residents.clamp_min(1.0)
-        p_i, p_ie = infectious / residents, (infectious + exposed) / residents  # (B,)
-        u = sampler.uniform(STREAM_SEED)
-        b = w.borough
-        comp = torch.where(u < p_i.index_select(0, b), I, torch.where(u < p_ie.index_select(0, b), E, S))
-        comp = comp.to(torch.uint8)
-        mean = torch.tensor([0.0, c.incubation_days, c.infectious_days, 0.0], device=device)
-        days = (sampler.uniform(STREAM_SEED_DAYS) * mean.index_select(0, comp.long())).to(torch.uint8)
+        before = cases[cases["date"] < start]
+        occupancy, onsets = seed_estimate(c, params or {}, before, w.boroughs)
+        device = w.household.device
+        residents = (w.residents.to(torch.float64) / w.scale).clamp_min(1.0).to(device)
+        share = occupancy.to(device) / residents[:, None]
+        infected = share[:, 1:].sum(1, keepdim=True)
+        share = torch.cat([1.0 - infected, share[:, 1:]], 1) / infected.clamp_min(1.0)
+        stage = sampler.categorical(share.to(torch.float32), w.borough.to(torch.int64), STREAM_SEED)
+        if not sampler.differentiable:
+            stage = stage.to(torch.uint8)
+        asymptomatic = sampler.bernoulli(
+            torch.full((w.n,), c.asymptomatic, device=device), STREAM_ASYMPTOMATIC
+        )
+        recent_days = before[before["date"] >= start - pd.Timedelta(days=14)]
         daily = (
-            before.groupby("date")["cases"]
+            recent_days.groupby("date")["cases"]
             .sum()
             .reindex(pd.date_range(start - pd.Timedelta(days=14), periods=14))
         )
         recent = torch.tensor(daily.fillna(0.0).to_numpy() * w.scale, dtype=torch.float64, device=device)
-        return {"comp": sampler.states(comp, COMPARTMENTS), "days": days, "recent": recent}
+        return {
+            "stage": stage,
+            "asymptomatic": asymptomatic,
+            "onsets": (onsets * w.scale).to(torch.float32).to(device),
+            "recent": recent,
+        }
 
     def observe(self, world: CovidWorld, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
         """``week`` since 2020-02-29, ``cases`` citywide in the simulated past 7 days (on the city's scale),
@@ -339,7 +617,7 @@ class CovidScenario(Scenario):
         recent = state["recent"].detach().cpu().double()
         last, prev = float(recent[7:].sum()) / world.scale, float(recent[:7].sum()) / world.scale
         change = 100.0 * (last - prev) / prev if prev > 0 else 0.0
-        return {"week": (self.date(t) - FIRST_CASE).days // 7, "cases": last, "cases_change": change}
+        return {"week": (self.date(t) - FIRST_DATA).days // 7, "cases": last, "cases_change": change}
 
     def step(
         self,
@@ -351,43 +629,63 @@ class CovidScenario(Scenario):
         sampler: Sampler,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         c, w = self.config, world
-        comp, days = state["comp"], state["days"]
+        stage, asym = state["stage"], state["asymptomatic"]
         isolating = sampler.chose(actions["isolation"], ISOLATE)
-        # 1. who is where: agents by compartment × (ZIP, age band) cell × isolating, at the start of the day
-        occupancy = sampler.tally(comp, COMPARTMENTS, w.cell, w.nc, flag=isolating)  # (4, C, 2)
-        # 2. force of infection on a susceptible of each cell, going out (column 0) or isolating (column 1)
-        infectious = occupancy[I, :, 0] + (1.0 - c.isolation_effect) * occupancy[I, :, 1]  # (C,)
-        lam = self.force(w, infectious, params["beta"])
-        p_infect = -torch.expm1(-lam[:, None] * w.contact_kept)  # (C, 2)
-        # 3. leave the compartment: S by infection, E and I when their gamma-distributed duration ends
-        susceptible = sampler.member(comp, S)
-        code = sampler.codes(comp).to(torch.int32)
-        p_end = w.hazard.index_select(0, code.mul_(MAX_DAYS).add_(days))
-        p_leave = torch.where(sampler.hard(susceptible), sampler.pick(p_infect, w.cell, isolating), p_end)
-        leave = sampler.bernoulli(p_leave, STREAM_TRANSITION)
-        # 4. reporting: a detected fraction of the day's new infections (the expected value)
-        infections = w.by_borough(sampler.count(w.cell, w.nc, susceptible * leave))  # (B,)
-        reported = c.detected * infections
-        # 5. the next state and the day's records
-        left = sampler.hard(leave)
-        following = {
-            "comp": sampler.advance(comp, COMPARTMENTS, leave),
-            "days": torch.where(left, 0, days + (days < MAX_DAYS - 1)).to(torch.uint8),
-            "recent": torch.cat([state["recent"][1:], reported.detach().sum().to(torch.float64)[None]]),
-        }
-        counts = torch.zeros(
-            w.nb, COMPARTMENTS + 1, device=occupancy.device, dtype=occupancy.dtype
-        ).index_add(
-            0, w.borough_of_cell, torch.cat([occupancy.sum(2).T, occupancy[:, :, 1].sum(0)[:, None]], dim=1)
-        )  # (B, 4 compartments + isolating)
+        level = self.levels(params, t)
+        # 1. infectiousness and isolation per agent
+        infectious_stage = torch.zeros(K, device=w.hazard.device)
+        infectious_stage[P1 : I2 + 1] = 1.0
+        x = sampler.value(stage, infectious_stage)
+        x = x * (1.0 - (1.0 - c.asymptomatic_rel) * asym.to(x.dtype))
+        iso = isolating.to(x.dtype)
+        keep_h = 1.0 - c.household_isolation * iso
+        keep_o = 1.0 - c.isolation_effect * iso
+        x_h, x_o = x * keep_h, x * keep_o
+        # 2. pressure per household, place and cell (scatter), force per agent (gather)
+        house = torch.zeros(w.nh, device=x.device, dtype=x.dtype).index_add(0, w.household, x_h)
+        places = torch.zeros(len(w.place_school), device=x.device, dtype=x.dtype).index_add(0, w.place, x_o)
+        cells = torch.zeros(w.nc, device=x.device, dtype=x.dtype).index_add(0, w.cell, x_o)
+        school = LAYER_WEIGHT["school"] * level["school"]
+        work = LAYER_WEIGHT["work"] * level["work"]
+        place_weight = torch.where(w.place_school, school, work)
+        place_weight = place_weight * (torch.arange(len(place_weight), device=x.device) > 0)
+        outside = (place_weight * places).index_select(0, w.place) - place_weight.index_select(
+            0, w.place
+        ) * x_o
+        outside = outside + c.community_weight * level["community"] * self.community(w, cells).index_select(
+            0, w.cell
+        )
+        home = LAYER_WEIGHT["household"] * level["household"] * (house.index_select(0, w.household) - x_h)
+        lam = params["beta"] * (keep_h * home + keep_o * outside)
+        p_infect = -torch.expm1(-lam)
+        # 3. one step along the chain
+        following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
+        infected = moves.out(S)
+        onset = moves.out(P2)
+        onset = onset * (1.0 - asym.to(x.dtype)) if sampler.differentiable else onset & ~asym
+        infections = sampler.count(w.borough, w.nb, infected)
+        onsets_today = sampler.count(w.borough, w.nb, onset)
+        # 4. reporting: the detected share of onsets, after the diagnosis delay
+        onsets = torch.cat([state["onsets"][1:], onsets_today[None]])
+        delay = w.delay.to(onsets.dtype).flip(0)
+        reported = detection(c, params, self.date(t)).to(onsets.dtype) * (delay[:, None] * onsets).sum(0)
+        # 5. records
+        counts = sampler.tally(stage, K, w.borough.to(torch.int64), w.nb)  # (K, B)
         records = {
             "infections": infections,
             "reported_cases": reported,
-            "susceptible": counts[:, S],
-            "exposed": counts[:, E],
-            "infectious": counts[:, I],
-            "recovered": counts[:, R],
-            "isolating": counts[:, COMPARTMENTS],
+            "onsets": onsets_today,
+            "susceptible": counts[S],
+            "exposed": counts[E1] + counts[E2],
+            "infectious": counts[P1:R].sum(0),
+            "recovered": counts[R],
+            "isolating": sampler.count(w.borough, w.nb, isolating),
+        }
+        following = {
+            "stage": following,
+            "asymptomatic": asym,
+            "onsets": onsets,
+            "recent": torch.cat([state["recent"][1:], reported.detach().sum().to(torch.float64)[None]]),
         }
         return following, records
 
