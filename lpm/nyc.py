@@ -22,8 +22,8 @@ def data_dir() -> Path:
     return project_root() / "populations" / "nyc"
 
 
-def _read_csv(name: str, required: list[str], **kwargs) -> pd.DataFrame:
-    path = data_dir() / name
+def _read_csv(name: str, required: list[str], *, path: Path | None = None, **kwargs) -> pd.DataFrame:
+    path = data_dir() / name if path is None else Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing NYC data file", hint="restore it from the repository")
     try:
@@ -84,6 +84,106 @@ def zip_areas() -> pd.DataFrame:
             "population": frame["POP_DENOMINATOR"].astype(float),
         }
     )
+
+
+#: Count columns of households-by-area.csv that the synthesis reads (whole numbers >= 0).
+HOUSEHOLD_COUNTS = (
+    "people_in_households",
+    "households",
+    "householders",
+    "householders_living_alone",
+    "householders_living_alone_65_and_over",
+    "family_households_with_own_children_under_18",
+    "married_couple_families_with_own_children_under_18",
+)
+#: (part, whole) pairs of household counts: a row whose part exceeds its whole is refused.
+HOUSEHOLD_PARTS = (
+    ("householders_living_alone", "households"),
+    ("householders_living_alone_65_and_over", "householders_living_alone"),
+    ("family_households_with_own_children_under_18", "households"),
+    ("married_couple_families_with_own_children_under_18", "family_households_with_own_children_under_18"),
+)
+#: Largest relative gap allowed between a borough's people in households and its population from
+#: group-data-by-boro.csv (group quarters hold about 2-3 %; the two sources differ in vintage).
+HOUSEHOLD_POPULATION_GAP = 0.10
+
+
+@cache
+def households_by_area(path: Path | None = None) -> pd.DataFrame:
+    """Household composition per neighborhood tabulation area (ACS DP02) from households-by-area.csv.
+
+    Columns: area (NTA code), borough (its first two letters), the counts :data:`HOUSEHOLD_COUNTS`
+    (int64) and average_household_size (float; empty where an area has no households). ``path`` reads
+    another copy of the table (tests). Refused with an :class:`InputError` naming the file and the field:
+    a missing column; a count that is missing, not a whole number or negative; an area code of no
+    borough; householders other than households; people_in_households off households ×
+    average_household_size by more than its two decimals allow (0.006 × households + 1); a part (living
+    alone, …) larger than its whole (:data:`HOUSEHOLD_PARTS`); and a borough whose people in households
+    differ from its population (:func:`population_by_group`) by more than
+    :data:`HOUSEHOLD_POPULATION_GAP`: a household file whose sizes do not add up to the population.
+    """
+    name = "households-by-area.csv"
+    required = ["area", *HOUSEHOLD_COUNTS, "average_household_size"]
+    frame = _read_csv(name, required, path=path, dtype={"area": str})
+    where = data_dir() / name if path is None else Path(path)
+    area = frame["area"].fillna("(empty)").astype(str)
+    out = pd.DataFrame({"area": area, "borough": area.str[:2]})
+    _refuse(where, "area", area, ~out["borough"].isin(BOROUGH_CODES), "starts with no borough code")
+    for col in [*HOUSEHOLD_COUNTS, "average_household_size"]:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        _refuse(where, col, area, values.isna() & frame[col].notna(), "is not a number", frame[col])
+        _refuse(where, col, area, values < 0, "is negative", values)
+        if col != "average_household_size":
+            _refuse(where, col, area, values.isna(), "is missing")
+            _refuse(where, col, area, values % 1 != 0, "is not a whole number", values)
+            values = values.astype("int64")
+        out[col] = values
+    households, average = out["households"], out["average_household_size"]
+    _refuse(where, "average_household_size", area, average.isna() & (households > 0), "is missing")
+    _refuse(
+        where,
+        "householders",
+        area,
+        out["householders"] != households,
+        "differs from field households",
+        out["householders"].astype(str) + " householders, " + households.astype(str) + " households",
+    )
+    people = out["people_in_households"]
+    _refuse(
+        where,
+        "people_in_households",
+        area,
+        (people - households * average.fillna(0.0)).abs() > 0.006 * households + 1,
+        "differs from households × average_household_size by more than rounding to 2 decimals allows",
+        people.astype(str) + " ≠ " + households.astype(str) + " × " + average.astype(str),
+    )
+    for part, whole in HOUSEHOLD_PARTS:
+        _refuse(where, part, area, out[part] > out[whole], f"exceeds field {whole}", out[part])
+    residents = population_by_group()
+    residents = residents[residents["group"] == "Age"].groupby("borough")["population"].sum()
+    in_households = people.groupby(out["borough"]).sum()
+    for code in BOROUGH_CODES:
+        have, want = int(in_households.get(code, 0)), float(residents.get(code, 0.0))
+        if abs(have - want) > HOUSEHOLD_POPULATION_GAP * want:
+            raise InputError(
+                f"{where}: field people_in_households sums to {have:,} in borough {code}, "
+                f"{have / want:.0%} of its population {want:,.0f} (group-data-by-boro.csv): the household "
+                f"sizes do not add up to the population (at most {HOUSEHOLD_POPULATION_GAP:.0%} may differ)"
+            )
+    return out
+
+
+def _refuse(
+    path: Path, field: str, area: pd.Series, bad: pd.Series, what: str, value: pd.Series | None = None
+) -> None:
+    """Raise an :class:`InputError` naming ``path``, ``field`` and the first areas (with their ``value``)
+    where ``bad`` holds."""
+    rows = bad.to_numpy().nonzero()[0]
+    if not len(rows):
+        return
+    shown = [area.iloc[i] + ("" if value is None else f" ({value.iloc[i]})") for i in rows[:5]]
+    more = f" and {len(rows) - 5} more" if len(rows) > 5 else ""
+    raise InputError(f"{path}: field {field} {what} in area(s) {', '.join(shown)}{more}")
 
 
 @cache

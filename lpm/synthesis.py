@@ -9,6 +9,7 @@ an age profile scaled to each borough's labor force in the recipe's month. O(N) 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,11 @@ from lpm import nyc
 from lpm.errors import InputError, validation_message
 from lpm.paths import project_root
 from lpm.population import Population, smallest_int_dtype
+
+#: Agents younger than this are children: they live with at least one adult.
+ADULT_AGE = 18
+#: Agents this old or older fill the share of people living alone aged 65+ (ACS's age cut).
+SENIOR_AGE = 65
 
 
 class LaborForceRecipe(BaseModel):
@@ -47,6 +53,20 @@ class Recipe(BaseModel):
     age_groups: dict[str, tuple[int, int]]
     sexes: list[str]
     labor_force: LaborForceRecipe
+    school_ages: tuple[int, int] = Field(
+        (5, 17), description="youngest and oldest age (years, inclusive) of the agents at school"
+    )
+    school_size: int = Field(25, ge=1, le=10_000, description="pupils per class cluster")
+    workplace_size: int = Field(20, ge=1, le=100_000, description="labor-force members per workplace cluster")
+
+    @field_validator("school_ages")
+    @classmethod
+    def _ages(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] <= value[1] <= 120:
+            raise ValueError(
+                f"must be [youngest, oldest] with 0 <= youngest <= oldest <= 120, got {list(value)}"
+            )
+        return value
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
@@ -104,6 +124,138 @@ def cell_sizes(recipe: Recipe) -> np.ndarray:
     return age[:, :, None] * sex_share[:, None, :]
 
 
+@dataclass(frozen=True)
+class HouseholdMix:
+    """A borough's household composition: ACS DP02 counts summed over its neighborhood areas."""
+
+    mean_size: float  # people in households / households
+    alone: float  # share of households of one person (householders living alone / households)
+    alone_senior: float  # share of those aged 65+ (householders living alone 65 and over / living alone)
+    with_children: float  # share of households that are families with own children under 18
+    two_adults: float  # share of those headed by a married couple (married-couple families with children)
+
+
+def household_mixes(boroughs: list[str]) -> list[HouseholdMix]:
+    """The :class:`HouseholdMix` of each borough code in ``boroughs`` (nyc.households_by_area, which
+    checks that every borough has households)."""
+    table = nyc.households_by_area().groupby("borough")[list(nyc.HOUSEHOLD_COUNTS)].sum()
+    mixes = []
+    for code in boroughs:
+        row = table.loc[code]
+        households, with_children = row["households"], row["family_households_with_own_children_under_18"]
+        alone = row["householders_living_alone"]
+        mixes.append(
+            HouseholdMix(
+                mean_size=row["people_in_households"] / households,
+                alone=alone / households,
+                alone_senior=row["householders_living_alone_65_and_over"] / max(alone, 1),
+                with_children=with_children / households,
+                two_adults=row["married_couple_families_with_own_children_under_18"] / max(with_children, 1),
+            )
+        )
+    return mixes
+
+
+def area_households(age: torch.Tensor, mix: HouseholdMix, gen: torch.Generator) -> torch.Tensor:
+    """The household of each agent of one ZIP area: (n,) int64 ids 0..h-1 for ``age`` (n,) in years.
+
+    Ids ``0..a-1`` are people living alone, then ``f`` families with children, then ``o`` other
+    households; every id has at least one member. With ``h = round(n / mix.mean_size)`` households:
+
+    * ``f = round(h × with_children)`` families (at least one if the area has children): one adult
+      each, a second adult in ``round(f × two_adults)`` of them, one child (< 18) each and the other
+      children dealt uniformly at random among the families (so 1 + a binomial number of children);
+    * ``a = round(h × alone)`` people living alone, the first ``round(a × alone_senior)`` aged 65+;
+    * ``o = h - f - a`` other households of two adults each, the remaining adults dealt uniformly at
+      random among them: 2 + a binomial (about Poisson) number with mean (remaining adults) / o - 2.
+
+    Parents and people living alone under 65 are drawn from the adults aged 18-64 first, and only then
+    from the seniors left; all draws are random within their age group. Every agent gets a household
+    and the area's mean size is ``n / h``, the borough's mean up to rounding. Where the area's agents do
+    not allow the types exactly, fewer households of a type are made, in the order families, living
+    alone, second parents, others (never fewer than one family if there are children and an adult), and
+    a last odd adult lives alone; an area of children only (a borough with fewer adults than ZIP areas)
+    is one household.
+
+    What it approximates: households hold people of one ZIP area; children live only with one or two
+    parents, so the adults who in reality live in families besides the parents (grown children,
+    grandparents) land in the other households, which are therefore larger than the ACS's; the other
+    households mix family and non-family households; the composition is the borough's in every ZIP area.
+    """
+    n = age.shape[0]
+    order = torch.randperm(n, generator=gen)
+    child, senior = age[order] < ADULT_AGE, age[order] >= SENIOR_AGE
+    children, seniors, younger = order[child], order[senior], order[~child & ~senior]
+    n_children = children.shape[0]
+    n_adults = n - n_children
+    out = torch.zeros(n, dtype=torch.int64)
+    if n_adults == 0:
+        return out
+    h = max(1, round(n / mix.mean_size))
+    families = min(max(round(h * mix.with_children), int(n_children > 0)), n_children, n_adults)
+    left = n_adults - families
+    alone = min(round(h * mix.alone), left)
+    left -= alone
+    second = min(round(families * mix.two_adults), left)
+    left -= second
+    other = min(max(h - families - alone, 1), left // 2)
+    if other == 0:  # at most one adult left: it lives alone
+        alone, left = alone + left, 0
+    old = min(round(alone * mix.alone_senior), seniors.shape[0])
+    # adults in the order they fill places: seniors living alone, then 18-64, then the other seniors
+    queue = torch.cat([seniors[:old], younger, seniors[old:]])
+    fam = alone + torch.arange(families)
+    out[queue[:old]] = torch.arange(old)
+    out[queue[old : old + families]] = fam
+    out[queue[old + families : old + families + second]] = fam[:second]
+    start = old + families + second
+    out[queue[start : start + alone - old]] = torch.arange(old, alone)
+    rest = queue[start + alone - old :]  # empty if other == 0, as the children are if families == 0
+    rest = rest[torch.randperm(rest.shape[0], generator=gen)]
+    first_other = alone + families
+    out[rest[: 2 * other]] = first_other + torch.arange(2 * other) // 2
+    out[rest[2 * other :]] = first_other + torch.randint(
+        max(other, 1), (rest.shape[0] - 2 * other,), generator=gen
+    )
+    out[children[:families]] = fam
+    out[children[families:]] = alone + torch.randint(
+        max(families, 1), (n_children - families,), generator=gen
+    )
+    return out
+
+
+def deal_places(counts: torch.Tensor, adult: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Agents in the order of ``n`` places dealt ``counts`` (Z,) at a time: (n,) int64 indices into
+    ``adult`` (n,) bool; the first ``counts[0]`` are place 0's. Random, except that each place with
+    agents gets an adult where the adults suffice (so no ZIP area is left with children only)."""
+    n = adult.shape[0]
+    first = torch.cumsum(counts, 0) - counts
+    used = torch.nonzero(counts > 0).squeeze(1)
+    adults = torch.nonzero(adult).squeeze(1)
+    adults = adults[torch.randperm(adults.shape[0], generator=gen)]
+    g = min(used.shape[0], adults.shape[0])
+    slots = first[used[torch.randperm(used.shape[0], generator=gen)[:g]]]
+    out = torch.empty(n, dtype=torch.int64)
+    out[slots] = adults[:g]
+    free_slot = torch.ones(n, dtype=torch.bool)
+    free_slot[slots] = False
+    free_agent = torch.ones(n, dtype=torch.bool)
+    free_agent[adults[:g]] = False
+    rest = torch.nonzero(free_agent).squeeze(1)
+    out[free_slot] = rest[torch.randperm(rest.shape[0], generator=gen)]
+    return out
+
+
+def deal_clusters(member: torch.Tensor, size: int, first: int, gen: torch.Generator) -> torch.Tensor:
+    """Cluster ids ``first + 1, first + 2, …`` dealt at random to the agents where ``member`` (n,) bool
+    holds, ``size`` agents each (the last cluster may be smaller); 0 for the others. (n,) int32."""
+    idx = torch.nonzero(member).squeeze(1)
+    idx = idx[torch.randperm(idx.shape[0], generator=gen)]
+    out = torch.zeros(member.shape[0], dtype=torch.int32)
+    out[idx] = (first + 1 + torch.arange(idx.shape[0]) // size).to(torch.int32)
+    return out
+
+
 def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -> Population:
     """See :meth:`Population.synthesize`."""
     recipe = Recipe.load(recipe_path(name))
@@ -130,15 +282,18 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     u = torch.rand(n, generator=gen)
     age = (low[age_group.long()] + (u * width[age_group.long()]).to(torch.int16)).to(torch.uint8)
 
-    # 3. ZIP area within borough: exact shares per borough, dealt out in random order.
+    # 3. ZIP area within borough: exact shares per borough, dealt out in random order (each ZIP area
+    #    with agents gets an adult first); by_zip lists the agents ZIP area by ZIP area.
     zips = nyc.zip_areas()
     zip_labels = zips["zip"].tolist()
     zip_code = torch.empty(n, dtype=smallest_int_dtype(0, len(zip_labels) - 1))
     per_borough = counts.view(B, A * S).sum(1)
-    start = 0
+    first_agent = torch.cumsum(per_borough, 0) - per_borough  # boroughs are contiguous
+    by_zip = torch.empty(n, dtype=torch.int64)
+    zip_sizes = []  # (ZIP row, agents) in by_zip order
     for b, code in enumerate(boroughs):  # loop over 5 boroughs, not over agents
         rows = np.flatnonzero(zips["borough"].to_numpy() == code)
-        size = int(per_borough[b])
+        start, size = int(first_agent[b]), int(per_borough[b])
         if size == 0:
             continue
         if len(rows) == 0:
@@ -146,9 +301,10 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
                 f"{nyc.data_dir() / 'data-by-modzcta.csv'}: no ZIP area in borough {code} (column BOROUGH_GROUP)"
             )
         k = torch.from_numpy(allocate(zips["population"].to_numpy()[rows], size))
-        deal = torch.repeat_interleave(torch.from_numpy(rows).to(zip_code.dtype), k)
-        zip_code[start : start + size] = deal[torch.randperm(size, generator=gen)]
-        start += size
+        agents = start + deal_places(k, age[start : start + size] >= ADULT_AGE, gen)
+        zip_code[agents] = torch.repeat_interleave(torch.from_numpy(rows).to(zip_code.dtype), k)
+        by_zip[start : start + size] = agents
+        zip_sizes += [(b, int(c)) for c in k if c > 0]
 
     # 4. labor force: age profile scaled to each borough's labor force in the recipe month.
     lf = nyc.labor_force()
@@ -168,15 +324,46 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     rate_t = torch.from_numpy(rate.astype(np.float32)).ravel()
     labor = torch.rand(n, generator=gen) < rate_t[borough.long() * A + age_group.long()]
 
+    # 5. households, ZIP area by ZIP area; perm lists the agents household by household.
+    mixes = household_mixes(boroughs)
+    perm = torch.empty(n, dtype=torch.int64)
+    household_sizes = []
+    start = 0
+    for b, size in zip_sizes:  # loop over ZIP areas, not over agents
+        agents = by_zip[start : start + size]
+        local = area_households(age[agents], mixes[b], gen)
+        perm[start : start + size] = agents[torch.sort(local, stable=True).indices]
+        household_sizes.append(torch.bincount(local))
+        start += size
+    del by_zip
+    sizes = torch.cat(household_sizes)
+    H = sizes.shape[0]
+    household = torch.repeat_interleave(torch.arange(H, dtype=smallest_int_dtype(0, H - 1)), sizes)
+
+    # 6. schools and workplaces: clusters dealt at random within each borough.
+    low_age, high_age = recipe.school_ages
+    members = {
+        "school": ((age >= low_age) & (age <= high_age), recipe.school_size),
+        "workplace": (labor, recipe.workplace_size),
+    }
+    clusters = {key: torch.zeros(n, dtype=torch.int32) for key in members}
+    made = dict.fromkeys(members, 0)
+    for b in range(B):  # loop over 5 boroughs
+        part = slice(int(first_agent[b]), int(first_agent[b] + per_borough[b]))
+        for key, (member, size) in members.items():
+            clusters[key][part] = deal_clusters(member[part], size, made[key], gen)
+            made[key] += -(-int(member[part].sum()) // size)
+    del members
+
+    # 7. one permutation lays every column out household by household.
+    columns = {"borough": borough, "zip": zip_code, "age_group": age_group, "age": age, "sex": sex}
+    columns["labor_force"] = labor
+    columns = {name: col[perm] for name, col in columns.items()}
+    columns["household"] = household
+    for key, ids in clusters.items():
+        columns[key] = ids[perm].to(smallest_int_dtype(0, made[key]))
     return Population(
-        {
-            "borough": borough,
-            "zip": zip_code,
-            "age_group": age_group,
-            "age": age,
-            "sex": sex,
-            "labor_force": labor,
-        },
+        columns,
         {
             "borough": list(recipe.boroughs.values()),
             "zip": zip_labels,
@@ -189,5 +376,8 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
             "seed": int(seed),
             "city_population": round(city),
             "scale": n / city,
+            "households": H,
+            "schools": made["school"],
+            "workplaces": made["workplace"],
         },
     )

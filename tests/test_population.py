@@ -86,7 +86,10 @@ def test_smallest_dtypes_and_ages_within_bands(small_pop):
     for col in ("borough", "zip", "age_group", "age", "sex"):
         assert small_pop[col].dtype == torch.uint8, col
     assert small_pop["labor_force"].dtype == torch.bool
-    assert small_pop.nbytes / len(small_pop) == 6
+    # 20,000 agents: about 7,600 households and 500 workplaces need 16 bits, about 110 classes 8
+    assert small_pop["household"].dtype == small_pop["workplace"].dtype == torch.int16
+    assert small_pop["school"].dtype == torch.uint8
+    assert small_pop.nbytes / len(small_pop) == 6 + 2 + 1 + 2
     frame = small_pop.to_pandas()
     lo = frame["age_group"].astype(str).str.extract(r"^(\d+)")[0].astype(int)
     assert (frame["age"] >= lo).all()
@@ -98,7 +101,7 @@ def test_same_seed_same_population_other_seed_differs():
     c = Population.synthesize("nyc", agents=30_000, seed=12)
     for col in a.columns:
         assert torch.equal(a[col], b[col]), col
-    assert not torch.equal(a["zip"], c["zip"])
+    assert not torch.equal(a["age"], c["age"])  # (ZIP codes are laid out ZIP area by ZIP area)
 
 
 def test_parquet_round_trip_is_exact(tmp_path, small_pop):
@@ -186,3 +189,93 @@ def test_population_api(small_pop):
         small_pop.labels("age")
     counts = small_pop.counts("sex")
     assert counts["agents"].sum() == 20_000
+
+
+# -- households, schools, workplaces -----------------------------------------------------------------
+
+
+def _per_household(pop: Population, values: torch.Tensor, reduce: str) -> torch.Tensor:
+    h = pop["household"].long()
+    out = torch.zeros(int(h.max()) + 1, dtype=values.dtype)
+    return out.scatter_reduce(0, h, values, reduce, include_self=False)
+
+
+def test_households_hold_the_sizes_and_composition_drawn(city):
+    """Per borough, the households' mean size and share of people living alone are the ACS's (DP02, summed
+    over the borough's areas); every household has an adult and lies in one ZIP area; ids are dense and
+    the columns are laid out household by household."""
+    h = city["household"].long()
+    sizes = torch.bincount(h)
+    assert city.meta["households"] == sizes.shape[0] and bool((sizes > 0).all())
+    assert bool((h[1:] >= h[:-1]).all())  # household by household
+    assert city["household"].dtype == torch.int32  # 3.2 M households
+    age, z = city["age"].long(), city["zip"].long()
+    assert bool((_per_household(city, (age >= 18).long(), "sum") >= 1).all())
+    assert torch.equal(_per_household(city, z, "amin"), _per_household(city, z, "amax"))
+    borough = _per_household(city, city["borough"].long(), "amax")
+    acs = nyc.households_by_area().groupby("borough")[list(nyc.HOUSEHOLD_COUNTS)].sum()
+    codes = {label: code for code, label in Recipe.load(recipe_path("nyc")).boroughs.items()}
+    for b, label in enumerate(city.labels("borough")):
+        row, mine = acs.loc[codes[label]], sizes[borough == b].double()
+        assert float(mine.mean()) == pytest.approx(row["people_in_households"] / row["households"], rel=0.01)
+        alone = row["householders_living_alone"] / row["households"]
+        assert float((mine == 1).double().mean()) == pytest.approx(alone, rel=0.02), label
+    # children live with one or two parents and the other households are larger: sizes 1 .. about 12
+    assert int(sizes.max()) < 20
+
+
+def test_schools_and_workplaces_are_clusters_within_a_borough(small_pop):
+    recipe = Recipe.load(recipe_path("nyc"))
+    age, school, work = small_pop["age"], small_pop["school"].long(), small_pop["workplace"].long()
+    low, high = recipe.school_ages
+    assert torch.equal(school > 0, (age >= low) & (age <= high))
+    assert torch.equal(work > 0, small_pop["labor_force"])
+    for ids, size, key in (
+        (school, recipe.school_size, "schools"),
+        (work, recipe.workplace_size, "workplaces"),
+    ):
+        members = torch.bincount(ids[ids > 0])[1:]
+        assert small_pop.meta[key] == members.shape[0] and bool((members > 0).all())
+        assert int(members.max()) == size
+        assert float(members.double().mean()) > 0.95 * size  # only each borough's last cluster is smaller
+        b = small_pop["borough"].long()[ids > 0]
+        slots = torch.zeros(members.shape[0] + 1, dtype=torch.long)
+        first = slots.scatter_reduce(0, ids[ids > 0], b, "amin", include_self=False)
+        last = slots.scatter_reduce(0, ids[ids > 0], b, "amax", include_self=False)
+        assert torch.equal(first, last) and int(last.max()) == 4
+
+
+def _set(row: int, field: str, value):
+    def edit(frame: pd.DataFrame) -> pd.DataFrame:
+        frame[field] = frame[field].astype(object)
+        frame.loc[row, field] = value
+        return frame
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda f: f.drop(columns="households"), r"missing column\(s\) households"),
+        (_set(3, "householders_living_alone", -5), "field householders_living_alone is negative"),
+        (_set(0, "people_in_households", "many"), "field people_in_households is not a number"),
+        (_set(2, "householders", 1), "field householders differs from field households"),
+        (_set(1, "area", "XX0101"), "field area starts with no borough code"),
+        (
+            _set(4, "householders_living_alone_65_and_over", 10**6),
+            "field householders_living_alone_65_and_over exceeds field householders_living_alone",
+        ),
+        # half of Staten Island's neighborhoods missing: the sizes no longer add up to its population
+        (
+            lambda f: f.drop(index=f.index[f["area"].str.startswith("SI")][::2]),
+            r"field people_in_households sums to [\d,]+ in borough SI, \d+% of its population",
+        ),
+    ],
+)
+def test_bad_household_file_is_refused_naming_the_file_and_field(tmp_path, edit, message):
+    frame = pd.read_csv(nyc.data_dir() / "households-by-area.csv", dtype={"area": str})
+    path = tmp_path / "households-by-area.csv"
+    edit(frame).to_csv(path, index=False)
+    with pytest.raises(InputError, match=f"{path}: {message}"):
+        nyc.households_by_area(path)
