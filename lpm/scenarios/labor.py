@@ -337,7 +337,9 @@ class LaborScenario(Scenario):
             work_rows, home_rows = table.index_select(0, w.group), table.index_select(0, w.group + 1)
             hard = home.detach() > 0.5
             soft = (home - hard.to(home.dtype))[:, None, None]
-            per_agent = torch.where(hard[:, None, None], home_rows, work_rows) + soft * (home_rows - work_rows)
+            per_agent = torch.where(hard[:, None, None], home_rows, work_rows) + soft * (
+                home_rows - work_rows
+            )
             following, _ = sampler.markov(status, per_agent, STREAM_TRANSITION)
         else:
             following, _ = sampler.markov(status, table, STREAM_TRANSITION, w.group + home)
