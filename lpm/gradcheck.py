@@ -6,11 +6,14 @@ shift of one action's alignment offsets — with central finite differences of t
 stochastic model itself) at ``theta ± h`` with the same seeds (common random numbers). Both are averaged
 over the seeds; the ratio gradient / finite difference is reported per week. Decisions come from a
 policy that does not read the simulated series (``policy``; by default the scenario's heuristic), so
-the comparison isolates the estimator; :func:`feedback_cost` measures what detaching the decisions'
-context costs when the policy does react.
+the comparison isolates the estimator. With a policy that does read the simulated series (the default
+heuristic) the same comparison measures what detaching the decisions' context costs: the gradient leaves
+out the path from simulated cases to the next decisions, the finite difference keeps it
+(``benchmarks/gradients.py --policy heuristic``).
 
 ``benchmarks/gradients.py`` prints these tables for the three estimators; ``tests/test_gradients.py``
-asserts the default estimator is within 10 % at every week.
+and ``tests/test_labor.py`` assert what holds (``period``: steps per reported period, 7 for weeks of
+daily steps, 1 for monthly steps).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def check(
     offset_step: float = 0.2,
     decision: str | None = None,
     action: int = 0,
+    period: int = 7,
 ) -> list[GradCheck]:
     """Gradient vs finite differences per week for each of ``parameters`` (learnable names, or
     ``"offsets"`` for a common shift of ``action``'s alignment offsets of ``decision``).
@@ -87,7 +91,7 @@ def check(
     fds: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     for seed in seeds:
         sim = Simulation(base, pop, policy, seed=seed, differentiable=True, estimator=estimator)
-        weekly = weekly_totals(sim.run(steps).series[quantity])
+        weekly = weekly_totals(sim.run(steps).series[quantity], period)
         inputs = [sim.params[f"offsets.{decision}"] if p == "offsets" else sim.params[p] for p in parameters]
         rows = []
         for w in range(len(weekly)):
@@ -115,6 +119,7 @@ def check(
                     offset_step,
                     decision,
                     action,
+                    period,
                 )
             )
     out = []
@@ -125,14 +130,26 @@ def check(
 
 
 def _finite_difference(
-    make_scenario, base, pop, policy, seed, p, quantity, steps, rel_step, offset_step, decision, action
+    make_scenario,
+    base,
+    pop,
+    policy,
+    seed,
+    p,
+    quantity,
+    steps,
+    rel_step,
+    offset_step,
+    decision,
+    action,
+    period,
 ) -> np.ndarray:
     def weekly(scenario: Scenario, offsets: torch.Tensor | None = None) -> np.ndarray:
         sim = Simulation(
             scenario, pop, policy, seed=seed, offsets=None if offsets is None else {decision: offsets}
         )
         with torch.no_grad():
-            return weekly_totals(sim.run(steps).series[quantity]).double().numpy()
+            return weekly_totals(sim.run(steps).series[quantity], period).double().numpy()
 
     if p == "offsets":
         probe = Simulation(base, pop, policy, seed=seed)

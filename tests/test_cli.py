@@ -24,7 +24,9 @@ def pop_file(tmp_path_factory):
 def test_show_population(pop_file):
     res = lpm("population", "show", str(pop_file))
     assert res.returncode == 0, res.stderr
-    assert "Staten Island" in res.stdout and "6.0 bytes per agent" in res.stdout
+    assert (
+        "Staten Island" in res.stdout and "11.0 bytes per agent" in res.stdout
+    )  # + household, school, workplace
 
 
 def test_archetypes_show(pop_file):

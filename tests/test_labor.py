@@ -94,8 +94,11 @@ def test_differentiable_forward_equals_inference(pop):
 
 def test_gradients_match_the_exact_expectation(pop50k):
     """Agents move independently under a policy that does not read the simulated series, so the mean-field
-    run is the exact expected trajectory: the expected-transition estimator, averaged over seeds, must give
-    its gradient (within 3 %) for every parameter at every month."""
+    run is the exact expected trajectory given the initial states: the expected-transition estimator,
+    averaged over 4 seeds, must give its gradient for every parameter at every month, within 4 standard
+    errors of the difference. Noise comes from the initial draw (each seed's unemployed at the start, about
+    1,000 agents here: a 3 % spread per seed, also in the reference's own draw), measured from the seeds'
+    spread; measured ratios 0.97-1.01."""
     names = [*LEARNABLE, "offsets.work"]
 
     def monthly_grads(estimator: str, seed: int) -> np.ndarray:
@@ -116,18 +119,21 @@ def test_gradients_match_the_exact_expectation(pop50k):
         return np.array(rows)
 
     exact = monthly_grads("mean-field", 0)
-    mean = np.mean([monthly_grads("expected", s) for s in range(1, 5)], 0)
+    grads = np.array([monthly_grads("expected", s) for s in range(1, 5)])
+    mean, sd = grads.mean(0), grads.std(0, ddof=1)
+    tolerance = 4 * sd * np.sqrt(1 / len(grads) + 1)  # the mean's error and the reference's own draw
     ratio = mean / exact
-    assert np.abs(ratio - 1).max() < 0.03, dict(zip(names, ratio.T.round(3).tolist(), strict=True))
+    report = dict(zip(names, ratio.T.round(3).tolist(), strict=True))
+    assert np.all(np.abs(mean - exact) <= tolerance), report
+    assert np.abs(ratio - 1).max() < 0.1, report  # and the noise itself is small
 
 
-def test_gradients_match_finite_differences(pop50k, monkeypatch):
+def test_gradients_match_finite_differences(pop50k):
     """Monthly citywide unemployed from 2020-04 over 6 months: gradient vs central finite differences of
     the inference run with common random numbers, 8 seeds, 50,000 agents, steps 25 % of each parameter
     and 0.3 of the stay-home offset. The finite differences' standard error there is 1-4.5 % for these
     parameters (measured); case_scale and withdrawal move unemployment too little for finite differences
     to resolve at this cost (standard error 5-100 %) and are checked against the exact expectation above."""
-    monkeypatch.setattr(gradcheck, "weekly_totals", lambda s, days=7: s.reshape(s.shape[0], -1).sum(1))
     results = gradcheck.check(
         lambda kw: LaborScenario({"start": "2020-04-01", **kw}),
         pop50k,
@@ -139,6 +145,7 @@ def test_gradients_match_finite_differences(pop50k, monkeypatch):
         rel_step=0.25,
         offset_step=0.3,
         action=1,
+        period=1,
     )
     for r in results:
         assert r.ratio.shape == (6,) and np.abs(r.ratio - 1).max() < 0.1, (r.parameter, r.ratio.round(3))

@@ -176,7 +176,7 @@ def test_error_against_the_real_series():
 
 def test_horizons_in_calendar_units():
     covid, labor = RunConfig.build(scenario="covid"), RunConfig.build(scenario="labor")
-    assert covid.steps_for(covid.make_scenario()) == 56 and labor.steps_for(labor.make_scenario()) == 12
+    assert covid.steps_for(covid.make_scenario()) == 92 and labor.steps_for(labor.make_scenario()) == 12
     config = RunConfig.build(scenario="covid", months=1, start="2020-03-16")
     assert config.steps_for(config.make_scenario()) == 31  # 2020-03-16 .. 2020-04-15
     config = RunConfig.build(scenario="labor", months=3)

@@ -314,7 +314,19 @@ def test_cli_reports_a_bad_scenario_without_a_traceback(tmp_path):
 def test_the_base_class_is_the_contract():
     assert {"setup", "init_state", "step"} <= Scenario.__abstractmethods__
     covid = scenario_class("covid")
-    assert covid.parameter_ranges() == {"beta": (0.0, 1.0)}
+    assert covid.parameter_ranges() == dict.fromkeys(
+        [
+            "beta",
+            "detected_march",
+            "detected",
+            "detected_summer",
+            "work_pause",
+            "community_pause",
+            "work_reopened",
+            "community_reopened",
+        ],
+        (0.0, 1.0),
+    )
     assert [q.name for q in covid.quantities if q.real] == ["reported_cases"]
 
 

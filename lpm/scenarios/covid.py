@@ -37,7 +37,14 @@ Kerr et al., PLoS Comput Biol 2021). ``C`` is the (10, 10) daily contact matrix 
 ``share_zip``, ``share_borough`` and the rest. ``L(t)``: the level of each layer from the dated
 :data:`INTERVENTIONS` (schools closed 2020-03-16, New York State on PAUSE 2020-03-22, reopening from
 2020-06-08, schools partly reopened 2020-09-21); the levels under PAUSE and after reopening are
-learnable. All O(N): one ``index_add`` of infectious agents per household, per place and per (ZIP, band)
+learnable. Their defaults, ``work_pause`` 0.35 and ``community_pause`` 0.3, follow the drop in New York
+County's visits to workplaces (about -65 %) and to retail, recreation and transit stations (about -70 %)
+in April 2020 against January-February [Google COVID-19 Community Mobility Reports]; reopening (0.6)
+is a modelling choice. Because those levels already hold most of the city's behaviour change, the
+decision to isolate cuts only a further ``isolation_effect`` = 0.25 of an isolating agent's outside
+contacts: a hand choice among 0.75, 0.5 and 0.25 (at 0.75 with the heuristic policy the spring wave
+infects 6 % of the city against 22.7 % seropositive by late April [Rosenberg et al. 2020]; at 0.25,
+25 % by 2020-05-31), not a fit; calibration (issue 9) replaces it. All O(N): one ``index_add`` of infectious agents per household, per place and per (ZIP, band)
 cell, one gather of each back per agent.
 
 **Reporting.** Symptom onsets (P2 → I1 of symptomatic agents) are diagnosed after a delay (discretised
@@ -274,7 +281,10 @@ class CovidConfig(ScenarioConfig):
     work_reopened: float = _share("share of workplace contacts kept after reopening (2020-06-08)", 0.6)
     community_reopened: float = _share("share of community contacts kept after reopening", 0.6)
     isolation_effect: float = Field(
-        default=0.75, ge=0, le=1, description="share of school, work and community contacts isolation cuts"
+        default=0.25,
+        ge=0,
+        le=1,
+        description="share of school, work and community contacts isolation cuts (beyond the PAUSE levels)",
     )
     household_isolation: float = Field(
         default=0.25, ge=0, le=1, description="share of household contacts isolation cuts"
