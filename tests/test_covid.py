@@ -125,7 +125,8 @@ def test_every_learnable_parameter_and_the_offsets_get_gradients(pop):
     loss = weekly_mse(r.series["reported_cases"], r.real, pop.labels("borough"), pd.Timestamp("2020-06-01"))
     loss.backward()
     assert torch.isfinite(loss)
-    for name in ("beta", "detected", "detected_summer", "work_reopened", "community_reopened"):
+    names = ["beta", "detected", "detected_summer", "work_reopened", "community_reopened"]
+    for name in names + [n for n in sim.scenario.learnable if n.startswith("beta_")]:
         assert float(sim.params[name].grad) != 0, name
     g = sim.params["offsets.isolation"].grad
     assert g.shape == (100, 2) and float(g.abs().sum()) > 0
@@ -141,3 +142,15 @@ def test_default_run_rises_peaks_and_falls():
     peak = int(weekly.argmax())
     assert pd.Timestamp("2020-03-15") <= sc.date(7 * peak) <= pd.Timestamp("2020-04-30")
     assert float(weekly[peak]) > 5 * float(weekly[0]) and float(weekly[-1]) < 0.5 * float(weekly[peak])
+
+
+def test_a_borough_multiplier_acts_on_its_residents(pop):
+    """beta_manhattan scales the force of infection on Manhattan's residents: their infections rise (same
+    seed), and the gradient of Manhattan's infections with respect to it is positive."""
+    manhattan = pop.labels("borough").index("Manhattan")
+    base = _sim(pop, diff=False).run(21).series["infections"].sum(0)
+    more = _sim(pop, diff=False, beta_manhattan=2.0).run(21).series["infections"].sum(0)
+    assert float(more[manhattan]) > 1.3 * float(base[manhattan])
+    sim = _sim(pop)
+    sim.run(21).series["infections"][:, manhattan].sum().backward()
+    assert float(sim.params["beta_manhattan"].grad) > 0

@@ -326,6 +326,8 @@ def test_the_base_class_is_the_contract():
             "community_reopened",
         ],
         (0.0, 1.0),
+    ) | dict.fromkeys(
+        ["beta_bronx", "beta_brooklyn", "beta_manhattan", "beta_queens", "beta_staten_island"], (0.0, 5.0)
     )
     assert [q.name for q in covid.quantities if q.real] == ["reported_cases"]
 

@@ -22,11 +22,14 @@ whose agents decide weekly whether to isolate.
 
 **Transmission.** Each day a susceptible agent ``j`` is infected with probability ``1 - exp(-lambda_j)``,
 
-    lambda_j = beta * [ w_h (1 - q iso_j) sum_{i in household(j), i != j} x_i (1 - q iso_i)
+    lambda_j = beta m_b(j) [ w_h (1 - q iso_j) sum_{i in household(j), i != j} x_i (1 - q iso_i)
                       + w_s L_s(t) (1 - e iso_j) sum_{i in class(j), i != j} x_i (1 - e iso_i)
                       + w_w L_w(t) (1 - e iso_j) sum_{i in workplace(j), i != j} x_i (1 - e iso_i)
                       + w_c L_c(t) (1 - e iso_j) sum_b C[a_j, b] * prevalence_b(zip, borough, city) ]
 
+``m_b(j)`` is a learnable multiplier of transmission to the residents of ``j``'s borough
+(``beta_bronx`` … ``beta_staten_island``, 1 by default: what households, schools, workplaces and the
+shared community mixing do not explain, such as crowding or essential work, is left to calibration).
 ``x_i`` is agent ``i``'s infectiousness (1 in P and I, ``asymptomatic_rel`` if asymptomatic, 0
 otherwise), ``iso`` whether the agent isolates (the decision), ``e`` = ``isolation_effect`` the share of
 school, work and community contacts an isolating agent cuts, ``q`` = ``household_isolation`` the share of
@@ -114,6 +117,15 @@ LAYERS = ("household", "school", "work", "community")
 #: Relative transmissibility per contact of each layer: Covasim's default hybrid beta_layer (h 3.0,
 #: s 0.6, w 0.6, c 0.3; Kerr et al., PLoS Comput Biol 2021), divided by the household's.
 LAYER_WEIGHT = {"household": 1.0, "school": 0.2, "work": 0.2, "community": 0.1}
+
+#: The learnable multiplier of transmission to the residents of each borough (by the population's label).
+BOROUGH_BETA = {
+    "Bronx": "beta_bronx",
+    "Brooklyn": "beta_brooklyn",
+    "Manhattan": "beta_manhattan",
+    "Queens": "beta_queens",
+    "Staten Island": "beta_staten_island",
+}
 
 #: Mean daily contacts by age of participant, POLYMOD (Mossong et al., PLoS Med 2008, table 1, all
 #: countries), averaged onto the health department's 10 age bands.
@@ -280,6 +292,11 @@ class CovidConfig(ScenarioConfig):
     community_pause: float = _share("share of community contacts kept under PAUSE", 0.3)
     work_reopened: float = _share("share of workplace contacts kept after reopening (2020-06-08)", 0.6)
     community_reopened: float = _share("share of community contacts kept after reopening", 0.6)
+    beta_bronx: float = Field(default=1.0, gt=0, le=5, description="transmission × in the Bronx (1: none)")
+    beta_brooklyn: float = Field(default=1.0, gt=0, le=5, description="transmission × in Brooklyn")
+    beta_manhattan: float = Field(default=1.0, gt=0, le=5, description="transmission × in Manhattan")
+    beta_queens: float = Field(default=1.0, gt=0, le=5, description="transmission × in Queens")
+    beta_staten_island: float = Field(default=1.0, gt=0, le=5, description="transmission × in Staten Island")
     isolation_effect: float = Field(
         default=0.25,
         ge=0,
@@ -467,6 +484,7 @@ class CovidScenario(Scenario):
         "community_pause",
         "work_reopened",
         "community_reopened",
+        *BOROUGH_BETA.values(),
     )
     needs = ("borough", "zip", "age_group", "household", "school", "workplace")
     quantities = (
@@ -514,6 +532,12 @@ class CovidScenario(Scenario):
         bands = len(pop.labels("age_group"))
         if bands != len(POLYMOD_CONTACTS):
             raise InputError(f"the covid scenario needs the 10 NYC age bands; the population has {bands}")
+        unknown = [b for b in boroughs if b not in BOROUGH_BETA]
+        if unknown:
+            raise InputError(
+                f"the covid scenario models the five NYC boroughs; the population's borough labels "
+                f"{unknown} are not among {list(BOROUGH_BETA)}"
+            )
         zip_, band = pop["zip"].to(torch.int32), pop["age_group"].to(torch.int32)
         borough = pop["borough"].to(torch.int32)
         cell = zip_ * bands + band
@@ -666,7 +690,9 @@ class CovidScenario(Scenario):
             0, w.cell
         )
         home = LAYER_WEIGHT["household"] * level["household"] * (house.index_select(0, w.household) - x_h)
-        lam = params["beta"] * (keep_h * home + keep_o * outside)
+        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
+        beta = borough_beta.to(x.dtype).index_select(0, w.borough_of_cell).index_select(0, w.cell)  # (N,)
+        lam = beta * (keep_h * home + keep_o * outside)
         p_infect = -torch.expm1(-lam)
         # 3. one step along the chain
         following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
