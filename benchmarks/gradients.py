@@ -71,7 +71,8 @@ def main() -> None:
             estimator=estimator,
         )
         for r in results:
-            se = r.fd_sd / np.sqrt(len(args.seeds)) / np.abs(r.fd)
+            with np.errstate(divide="ignore", invalid="ignore"):  # nan where the parameter does not act yet
+                se = r.fd_sd / np.sqrt(len(args.seeds)) / np.abs(r.fd)
             print(
                 f"{estimator:>10} {r.parameter:>16}  gradient / finite difference per week: "
                 + " ".join(f"{x:5.2f}" for x in r.ratio)
