@@ -13,8 +13,8 @@ test: setup
 	.venv/bin/python -m pytest -q -ra
 
 lint: setup
-	.venv/bin/ruff check lpm tests benchmarks examples
-	.venv/bin/ruff format --check lpm tests benchmarks examples
+	.venv/bin/ruff check lpm tests benchmarks examples docs
+	.venv/bin/ruff format --check lpm tests benchmarks examples docs
 
 bench: setup
 	.venv/bin/python benchmarks/population.py
