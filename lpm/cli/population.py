@@ -13,16 +13,24 @@ from lpm.population import Population
 
 
 def summary(pop: Population) -> pd.DataFrame:
-    """Agents, share and labor-force members per borough, plus a city row."""
+    """Agents, share, labor-force members, ZIP areas, households, school classes and workplaces per
+    borough (those the population has), plus a city row."""
     frame = pop.to_pandas()
     rows = frame.groupby("borough", observed=True).agg(agents=("borough", "size"))
     if "labor_force" in frame:
         rows["labor_force"] = frame.groupby("borough", observed=True)["labor_force"].sum()
     if "zip" in frame:
         rows["zip_areas"] = frame.groupby("borough", observed=True)["zip"].nunique()
+    for column, label in (("household", "households"), ("school", "classes"), ("workplace", "workplaces")):
+        if column in frame:  # ids are unique across boroughs; 0 means none for classes and workplaces
+            ids = frame[column].where(frame[column] > 0) if column != "household" else frame[column]
+            rows[label] = ids.groupby(frame["borough"], observed=True).nunique()
     rows.loc["city"] = rows.sum()
     rows["share"] = rows["agents"] / len(pop)
-    return rows.reset_index().astype({c: "int64" for c in rows.columns if c != "share"})
+    if "households" in rows:
+        rows["household_size"] = rows["agents"] / rows["households"]
+    keep = ("share", "household_size")
+    return rows.reset_index().astype({c: "int64" for c in rows.columns if c not in keep})
 
 
 def show_population(pop: Population, *, title: str) -> None:
