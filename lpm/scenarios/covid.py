@@ -33,7 +33,10 @@ shared community mixing do not explain, such as crowding or essential work, is l
 ``x_i`` is agent ``i``'s infectiousness (1 in P and I, ``asymptomatic_rel`` if asymptomatic, 0
 otherwise), ``iso`` whether the agent isolates (the decision), ``e`` = ``isolation_effect`` the share of
 school, work and community contacts an isolating agent cuts, ``q`` = ``household_isolation`` the share of
-household contacts it cuts. Per-contact weights ``w_h = 1``, ``w_s = w_w = 0.2``, ``w_c = 0.1`` are
+household contacts it cuts. ``beta`` = 0.048 infects a single housemate with probability 0.24 over an
+infectious period (34 % of housemates in households of four, later generations included); Madewell et al.,
+JAMA Netw Open 2020, pool household secondary attack rates at 16.6 % (95 % CI 14.0–19.3 %; 37.8 % between
+spouses): on the high side, a modelling choice for calibration to revisit. Per-contact weights ``w_h = 1``, ``w_s = w_w = 0.2``, ``w_c = 0.1`` are
 Covasim's default relative layer transmissibilities (household 3.0, school and work 0.6, community 0.3;
 Kerr et al., PLoS Comput Biol 2021). ``C`` is the (10, 10) daily contact matrix between age bands
 (:func:`contact_matrix`, reciprocal), ``prevalence_b`` mixes ZIP area, borough and city with shares
