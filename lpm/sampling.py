@@ -317,11 +317,13 @@ class HardSampler(Sampler):
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
         """float32 (bins,): agents per ``index`` bin among those ``where`` holds."""
-        # the agents not counted go to bins .. 2 bins - 1 by their index: into one bin, each increment
-        # of bincount would wait on the last
-        key = torch.logical_not(where).to(torch.uint8 if 2 * bins <= 256 else torch.int32)
-        key.mul_(bins).add_(index)
-        return torch.bincount(key, minlength=2 * bins)[:bins].to(torch.float32)
+        # the agents counted go to bins .. 2 bins - 1, the others to 0 .. bins - 1, both by their index
+        # (were the others in one bin, each increment of bincount would wait on the last)
+        if index.dtype == torch.uint8 and where.dtype == torch.bool and 2 * bins <= 256:
+            key = torch.add(index, where.view(torch.uint8), alpha=bins)  # one pass over bytes
+        else:
+            key = torch.add(index.to(torch.int32), where.to(torch.int32), alpha=bins)
+        return torch.bincount(key, minlength=2 * bins)[bins:].to(torch.float32)
 
     def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""
