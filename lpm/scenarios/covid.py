@@ -600,28 +600,31 @@ class CovidScenario(Scenario):
         params: Mapping[str, torch.Tensor],
         level: Mapping[str, torch.Tensor | float],
         isolating: torch.Tensor,
-        infectious: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor],
+        infectious: tuple[torch.Tensor | None, torch.Tensor],
         sampler: Sampler,
     ) -> torch.Tensor:
         """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
 
-        infectious: ``(who, x_h, x_o)``, the indices (M,) of the infectious agents and their household
-        and outside infectiousness (M,), or None and every agent's (N,). With indices (inference mode)
-        only those agents are scattered and the per-agent arithmetic runs in place in the sampler's work
-        buffers; without (differentiable mode) it runs out of place, as autograd needs.
+        infectious: ``(who, x)``, the indices (M,) of the infectious agents and their infectiousness
+        (M,), or None and every agent's (N,). With indices (inference mode) only those agents are
+        scattered and the per-agent arithmetic runs in place in the sampler's work buffers; without
+        (differentiable mode) it runs out of place, as autograd needs.
         """
         c = self.config
-        who, x_h, x_o = infectious
-        dtype = x_h.dtype
-        house = torch.zeros(w.nh, device=x_h.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
-        places = torch.zeros(len(w.place_school), device=x_h.device, dtype=dtype).index_add(
+        who, x = infectious
+        dtype = x.dtype
+        keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,) or (N,)
+        keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
+        x_h, x_o = x * keep_h, x * keep_o
+        house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
+        places = torch.zeros(len(w.place_school), device=x.device, dtype=dtype).index_add(
             0, _at(w.place, who), x_o
         )
-        cells = torch.zeros(w.nc, device=x_h.device, dtype=dtype).index_add(0, _at(w.cell, who), x_o)
+        cells = torch.zeros(w.nc, device=x.device, dtype=dtype).index_add(0, _at(w.cell, who), x_o)
         school = LAYER_WEIGHT["school"] * level["school"]
         work = LAYER_WEIGHT["work"] * level["work"]
         place_weight = torch.where(w.place_school, school, work)
-        place_weight = place_weight * (torch.arange(len(place_weight), device=x_h.device) > 0)
+        place_weight = place_weight * (torch.arange(len(place_weight), device=x.device) > 0)
         community, community_weight = self.community(w, cells), c.community_weight * level["community"]
         home_weight = LAYER_WEIGHT["household"] * level["household"]
         borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
@@ -632,8 +635,6 @@ class CovidScenario(Scenario):
             home = home_weight * (house.index_select(0, w.household) - x_h)
             outside = (place_weight * places).index_select(0, w.place) - own_o
             outside = outside + community_weight * community.index_select(0, w.cell)
-            keep_h = _keep(isolating, c.household_isolation, dtype)
-            keep_o = _keep(isolating, c.isolation_effect, dtype)
             lam = beta.index_select(0, w.cell) * (keep_h * home + keep_o * outside)
             return -torch.expm1(-lam)
         home = torch.index_select(house, 0, w.household, out=sampler.work("covid.home", dtype))
@@ -721,15 +722,13 @@ class CovidScenario(Scenario):
         stage, asym = state["stage"], state["asymptomatic"]
         isolating = sampler.chose(actions["isolation"], ISOLATE)
         level = self.levels(params, t)
-        # 1. infectiousness and isolation of the infectious agents (who: their indices; None: every agent)
+        # 1. infectiousness of the infectious agents (who: their indices; None: every agent)
         infectious_stage = torch.zeros(K, device=w.hazard.device)
         infectious_stage[P1 : I2 + 1] = 1.0
         who, x = sampler.support(stage, infectious_stage)
         x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
-        x_h = x * _keep(_at(isolating, who), c.household_isolation, x.dtype)
-        x_o = x * _keep(_at(isolating, who), c.isolation_effect, x.dtype)
-        # 2. pressure per household, place and cell (scatter), force per agent (gather)
-        p_infect = self.infection(w, params, level, isolating, (who, x_h, x_o), sampler)
+        # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
+        p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
         # 3. one step along the chain
         following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
         infected = moves.out(S)
