@@ -92,6 +92,11 @@ class UniformStream:
         """Bytes of the per-agent tensors the stream holds (indices and the buffers of a draw)."""
         return sum(x.element_size() * x.numel() for x in (self.index, self._x, self._t, self._u))
 
+    def work(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two (n,) int32 work buffers of a draw, free for other use until the next draw overwrites
+        them."""
+        return self._x, self._t
+
     def draw(self, seed: int, step: int, stream: int) -> torch.Tensor:
         """(n,) float32 in [0, 1): agent ``start + j``'s number for ``(seed, step, stream)`` at ``j``."""
         m, a = mix_key(seed, step, stream)
@@ -212,6 +217,12 @@ class Sampler:
         """Bytes of the per-agent buffers the sampler holds."""
         return self._uniforms.nbytes()
 
+    def support(self, states: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The agents whose ``table[state]`` is non-zero and their values, for sums that only those agents
+        enter: here ``(None, value(states, table))``, every agent ((N,) values); :class:`HardSampler`
+        gives the few agents' indices (M,) and their values (M,)."""
+        return None, self.value(states, table)
+
     @staticmethod
     def _check_chain(hazard: torch.Tensor) -> None:
         if hazard.ndim != 1 or hazard.shape[0] < 2:
@@ -234,10 +245,10 @@ class Sampler:
     @staticmethod
     def _inverse_cdf(u: torch.Tensor, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """int8 (N,) index of the action each agent draws from row ``index`` of ``table`` (K, A)."""
-        cdf = torch.cumsum(table, dim=1)
+        cdf = torch.cumsum(table, dim=1).T.contiguous()  # (A, K): a gather from a contiguous row is faster
         action = torch.zeros(u.shape[0], dtype=torch.int8, device=u.device)
         for a in range(table.shape[1] - 1):  # one uniform per agent, A - 1 comparisons
-            action += u >= cdf[:, a].index_select(0, index)
+            action += u >= cdf[a].index_select(0, index)
         return action
 
 
@@ -245,6 +256,23 @@ class HardSampler(Sampler):
     """Inference mode: exact discrete draws in the smallest dtypes, no gradients."""
 
     differentiable = False
+
+    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0):
+        super().__init__(n, device, seed=seed)
+        self._work: dict[str, torch.Tensor] = {}
+
+    def work(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The run's (N,) work buffer ``name`` (one meaning per name), kept from step to step so that
+        in-place arithmetic needs no fresh per-agent memory: allocated on first use, its contents are
+        whatever the last user left."""
+        buffer = self._work.get(name)
+        if buffer is None or buffer.dtype != dtype:
+            buffer = self._work[name] = torch.empty(self.n, dtype=dtype, device=self.device)
+        return buffer
+
+    def nbytes(self) -> int:
+        """Bytes of the per-agent buffers the sampler holds (the draws' and the work buffers)."""
+        return super().nbytes() + sum(b.element_size() * b.numel() for b in self._work.values())
 
     def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
         """bool (N,): each agent's outcome of probability ``p`` (N,)."""
@@ -278,20 +306,24 @@ class HardSampler(Sampler):
         self, states: torch.Tensor, k: int, index: torch.Tensor, bins: int, flag: torch.Tensor | None = None
     ) -> torch.Tensor:
         """float32 counts of agents by state × ``index`` bin: (k, bins), or (k, bins, 2) split by ``flag``."""
-        key = states.to(torch.int32)
+        size = k * bins if flag is None else 2 * k * bins
+        key = states.to(torch.uint8 if size <= 256 else torch.int32) * (size // k)  # a byte if it fits
         if flag is None:
-            key.mul_(bins).add_(index)
-            size = k * bins
+            key.add_(index)
         else:
-            key.mul_(2 * bins).add_(index, alpha=2).add_(flag)
-            size = 2 * k * bins
+            key.add_(index, alpha=2).add_(flag)
         counts = torch.bincount(key, minlength=size).to(torch.float32)
         return counts.view(k, bins) if flag is None else counts.view(k, bins, 2)
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
         """float32 (bins,): agents per ``index`` bin among those ``where`` holds."""
-        key = torch.where(where, index, bins)
-        return torch.bincount(key, minlength=bins + 1)[:bins].to(torch.float32)
+        # the agents counted go to bins .. 2 bins - 1, the others to 0 .. bins - 1, both by their index
+        # (were the others in one bin, each increment of bincount would wait on the last)
+        if index.dtype == torch.uint8 and where.dtype == torch.bool and 2 * bins <= 256:
+            key = torch.add(index, where.view(torch.uint8), alpha=bins)  # one pass over bytes
+        else:
+            key = torch.add(index.to(torch.int32), where.to(torch.int32), alpha=bins)
+        return torch.bincount(key, minlength=2 * bins)[bins:].to(torch.float32)
 
     def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""
@@ -301,6 +333,18 @@ class HardSampler(Sampler):
         """(N,) ``table[state]`` of each agent, from a (k,) float table."""
         return table.index_select(0, states.to(torch.int32))
 
+    def support(self, states: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 (M,) indices of the agents whose ``table[state]`` ((k,) table) is non-zero, and (M,) those
+        values: one pass over the uint8 codes when the non-zero entries are consecutive codes."""
+        codes = torch.nonzero(table).view(-1).tolist()
+        lo, hi = (codes[0], codes[-1]) if codes else (0, -1)
+        if states.dtype == torch.uint8 and codes == list(range(lo, hi + 1)):
+            inside = torch.sub(states, lo).le_(hi - lo)  # codes below lo wrap above 255 - lo
+        else:
+            inside = (table != 0).index_select(0, states.to(torch.int32))
+        who = inside.nonzero().view(-1)
+        return who, table.index_select(0, states.index_select(0, who).to(torch.int32))
+
     def transition(
         self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
     ) -> tuple[torch.Tensor, Moves]:
@@ -308,8 +352,12 @@ class HardSampler(Sampler):
         ``p_first`` (N,), one in state ``j > 0`` with ``hazard[j]`` ((k,), ``hazard[k-1] = 0``: absorbing);
         leaving means moving to the next state. Returns the next states and the moves."""
         self._check_chain(hazard)
-        p = torch.where(states == 0, p_first, hazard.index_select(0, states.to(torch.int32)))
-        leave = self.uniform(stream) < p
+        u = self.uniform(stream)
+        code, p = self._uniforms.work()  # free until the next draw
+        chain = hazard.to(torch.float32).clone()
+        chain[0] = 0.0  # u < 0 never holds: the agents in state 0 leave by p_first alone
+        leave = u < torch.index_select(chain, 0, code.copy_(states), out=p.view(torch.float32))
+        leave |= (states == 0) & (u < p_first)
         return states + leave, Moves(states, leave, None)
 
     def markov(

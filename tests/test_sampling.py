@@ -63,3 +63,33 @@ def test_categorical_st_samples_softmax_and_has_soft_gradient():
         e[i] = h
         fd = (soft(logits.double() + e.double()) - soft(logits.double() - e.double())) / (2 * h)
         assert abs(float(lg.grad[i]) - float(fd)) < 1e-2 * max(1.0, abs(float(fd)))
+
+
+def test_hard_sampler_fast_paths_match_their_definitions():
+    """support, count, tally and transition of HardSampler against the plain formulas they replace."""
+    from lpm.sampling import HardSampler, SoftSampler
+
+    n, k, bins = 50_000, 8, 5
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randint(0, k, (n,), generator=gen).to(torch.uint8)
+    index = torch.randint(0, bins, (n,), generator=gen).to(torch.uint8)
+    flag = torch.rand(n, generator=gen) < 0.2
+    hard = HardSampler(n, seed=3).at(5)
+    for table in (torch.tensor([0, 0, 0, 1, 1, 0.5, 2, 0]), torch.tensor([1.0, 0, 3, 0, 0, 0, 0, 2])):
+        who, values = hard.support(states, table)
+        dense = table[states.long()]
+        assert torch.equal(who, dense.nonzero().view(-1)) and torch.equal(values, dense[who])
+        soft = SoftSampler(n)
+        who, values = soft.support(soft.states(states, k), table)  # the dense default: every agent
+        assert who is None and torch.equal(values, dense)
+    want = torch.zeros(bins).index_add_(0, index.long(), flag.float())
+    assert torch.equal(hard.count(index, bins, flag), want)
+    assert torch.equal(hard.count(index.long(), bins, flag), want)
+    tally = torch.zeros(k, bins).index_put_((states.long(), index.long()), torch.ones(n), accumulate=True)
+    assert torch.equal(hard.tally(states, k, index, bins), tally)
+    p_first, hazard = torch.rand(n, generator=gen), torch.linspace(0.9, 0.0, k)
+    nxt, moves = hard.transition(states, p_first, hazard, 16)
+    p = torch.where(states == 0, p_first, hazard[states.long()])
+    assert torch.equal(moves.leave, hard.uniform(16) < p) and torch.equal(nxt, states + moves.leave)
+    assert hard.work("x").shape == (n,) and hard.work("x") is hard.work("x")
+    assert hard.nbytes() == HardSampler(n).nbytes() + 4 * n

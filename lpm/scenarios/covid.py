@@ -597,6 +597,62 @@ class CovidScenario(Scenario):
         )  # (Z, b)
         return (prevalence.unsqueeze(2) * w.contacts_t).sum(1).reshape(-1)  # (Z, a)
 
+    def infection(
+        self,
+        w: CovidWorld,
+        params: Mapping[str, torch.Tensor],
+        level: Mapping[str, torch.Tensor | float],
+        isolating: torch.Tensor,
+        infectious: tuple[torch.Tensor | None, torch.Tensor],
+        sampler: Sampler,
+    ) -> torch.Tensor:
+        """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
+
+        infectious: ``(who, x)``, the indices (M,) of the infectious agents and their infectiousness
+        (M,), or None and every agent's (N,). With indices (inference mode) only those agents are
+        scattered and the per-agent arithmetic runs in place in the sampler's work buffers; without
+        (differentiable mode) it runs out of place, as autograd needs.
+        """
+        c = self.config
+        who, x = infectious
+        dtype = x.dtype
+        keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,) or (N,)
+        keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
+        x_h, x_o = x * keep_h, x * keep_o
+        house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
+        places = torch.zeros(len(w.place_school), device=x.device, dtype=dtype).index_add(
+            0, _at(w.place, who), x_o
+        )
+        cells = torch.zeros(w.nc, device=x.device, dtype=dtype).index_add(0, _at(w.cell, who), x_o)
+        school = LAYER_WEIGHT["school"] * level["school"]
+        work = LAYER_WEIGHT["work"] * level["work"]
+        place_weight = torch.where(w.place_school, school, work)
+        place_weight = place_weight * (torch.arange(len(place_weight), device=x.device) > 0)
+        community, community_weight = self.community(w, cells), c.community_weight * level["community"]
+        home_weight = LAYER_WEIGHT["household"] * level["household"]
+        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
+        beta = borough_beta.to(dtype).index_select(0, w.borough_of_cell)  # (C,)
+        # the pressure each agent meets, less its own infectiousness (an agent is not its own contact)
+        own_o = place_weight.index_select(0, _at(w.place, who)) * x_o
+        if who is None:
+            home = home_weight * (house.index_select(0, w.household) - x_h)
+            outside = (place_weight * places).index_select(0, w.place) - own_o
+            outside = outside + community_weight * community.index_select(0, w.cell)
+            lam = beta.index_select(0, w.cell) * (keep_h * home + keep_o * outside)
+            return -torch.expm1(-lam)
+        home = torch.index_select(house, 0, w.household, out=sampler.work("covid.home", dtype))
+        outside = torch.index_select(
+            place_weight * places, 0, w.place, out=sampler.work("covid.outside", dtype)
+        )
+        factor = sampler.work("covid.factor", dtype)  # a per-agent factor of one term, then the next
+        home.index_add_(0, who, x_h, alpha=-1).mul_(home_weight)
+        home.mul_(_keep(isolating, c.household_isolation, dtype, out=factor))
+        outside.index_add_(0, who, own_o, alpha=-1)
+        outside.add_(torch.index_select(community_weight * community, 0, w.cell, out=factor))
+        outside.mul_(_keep(isolating, c.isolation_effect, dtype, out=factor))
+        lam = home.add_(outside).mul_(torch.index_select(beta, 0, w.cell, out=factor))
+        return lam.neg_().expm1_().neg_()
+
     def levels(self, params: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor | float]:
         """Each layer's share of normal contacts on day ``t`` (the latest intervention in force)."""
         date = self.date(t).date()
@@ -669,39 +725,18 @@ class CovidScenario(Scenario):
         stage, asym = state["stage"], state["asymptomatic"]
         isolating = sampler.chose(actions["isolation"], ISOLATE)
         level = self.levels(params, t)
-        # 1. infectiousness and isolation per agent
+        # 1. infectiousness of the infectious agents (who: their indices; None: every agent)
         infectious_stage = torch.zeros(K, device=w.hazard.device)
         infectious_stage[P1 : I2 + 1] = 1.0
-        x = sampler.value(stage, infectious_stage)
-        x = x * (1.0 - (1.0 - c.asymptomatic_rel) * asym.to(x.dtype))
-        iso = isolating.to(x.dtype)
-        keep_h = 1.0 - c.household_isolation * iso
-        keep_o = 1.0 - c.isolation_effect * iso
-        x_h, x_o = x * keep_h, x * keep_o
-        # 2. pressure per household, place and cell (scatter), force per agent (gather)
-        house = torch.zeros(w.nh, device=x.device, dtype=x.dtype).index_add(0, w.household, x_h)
-        places = torch.zeros(len(w.place_school), device=x.device, dtype=x.dtype).index_add(0, w.place, x_o)
-        cells = torch.zeros(w.nc, device=x.device, dtype=x.dtype).index_add(0, w.cell, x_o)
-        school = LAYER_WEIGHT["school"] * level["school"]
-        work = LAYER_WEIGHT["work"] * level["work"]
-        place_weight = torch.where(w.place_school, school, work)
-        place_weight = place_weight * (torch.arange(len(place_weight), device=x.device) > 0)
-        outside = (place_weight * places).index_select(0, w.place) - place_weight.index_select(
-            0, w.place
-        ) * x_o
-        outside = outside + c.community_weight * level["community"] * self.community(w, cells).index_select(
-            0, w.cell
-        )
-        home = LAYER_WEIGHT["household"] * level["household"] * (house.index_select(0, w.household) - x_h)
-        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
-        beta = borough_beta.to(x.dtype).index_select(0, w.borough_of_cell).index_select(0, w.cell)  # (N,)
-        lam = beta * (keep_h * home + keep_o * outside)
-        p_infect = -torch.expm1(-lam)
+        who, x = sampler.support(stage, infectious_stage)
+        x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
+        # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
+        p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
         # 3. one step along the chain
         following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
         infected = moves.out(S)
         onset = moves.out(P2)
-        onset = onset * (1.0 - asym.to(x.dtype)) if sampler.differentiable else onset & ~asym
+        onset = onset * (1.0 - asym.to(onset.dtype)) if sampler.differentiable else onset & ~asym
         infections = sampler.count(w.borough, w.nb, infected)
         onsets_today = sampler.count(w.borough, w.nb, onset)
         # 4. reporting: the detected share of onsets, after the diagnosis delay
@@ -709,7 +744,7 @@ class CovidScenario(Scenario):
         delay = w.delay.to(onsets.dtype).flip(0)
         reported = detection(c, params, self.date(t)).to(onsets.dtype) * (delay[:, None] * onsets).sum(0)
         # 5. records
-        counts = sampler.tally(stage, K, w.borough.to(torch.int64), w.nb)  # (K, B)
+        counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
         records = {
             "infections": infections,
             "reported_cases": reported,
@@ -736,6 +771,21 @@ class CovidScenario(Scenario):
         return real_frame(
             cases, quantity="reported_cases", value="cases", labels=world.boroughs, scale=world.scale
         )
+
+
+def _at(per_agent: torch.Tensor, who: torch.Tensor | None) -> torch.Tensor:
+    """The entries of an (N, ...) per-agent tensor at the agents ``who`` (M,), or all of them (None)."""
+    return per_agent if who is None else per_agent.index_select(0, who)
+
+
+def _keep(
+    isolating: torch.Tensor, share: float, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per agent, the share of its contacts an agent keeps, ``1 - share * iso``, from the bool (inference)
+    or float (differentiable) isolation decisions; into ``out`` if given."""
+    if out is None:
+        return 1.0 - share * isolating.to(dtype)
+    return out.copy_(isolating).mul_(-share).add_(1.0)  # the same numbers, in place
 
 
 def _real_cases() -> pd.DataFrame:
