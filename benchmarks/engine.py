@@ -127,11 +127,16 @@ def _measure_temporaries(agents: int | None, days: int) -> None:
 
 
 def bench_differentiable(agents: int, days: int) -> dict:
-    """Forward and backward of ``days`` COVID days in differentiable mode (measured in a child process so
-    that resident memory follows the autograd graph); bytes the graph holds per agent per simulated day."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    """Forward and backward of ``days`` COVID days in differentiable mode, and the bytes the autograd graph
+    holds per agent per simulated day. Two child processes: the times come from one with the default
+    allocator; the memory from one whose allocator maps every large array on its own
+    (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows the graph but every array costs fresh
+    page faults (about twice the time)."""
     cmd = [sys.executable, __file__, "--differentiable-of", str(agents), "--days", str(days)]
-    return json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+    timed = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    sized = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
+    return {**timed, "graph_bytes_per_agent_day": sized["graph_bytes_per_agent_day"]}
 
 
 def _measure_differentiable(agents: int, days: int) -> None:
