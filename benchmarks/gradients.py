@@ -8,7 +8,7 @@ so the numbers isolate the estimator. The last line is all figures as one JSON o
 
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
         [--start 2020-04-01] [--estimators expected bernoulli mean-field] [--parameters beta offsets ...]
-        [--policy fixed|heuristic]
+        [--policy fixed|heuristic] [--replay]
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def main() -> None:
         "the simulated cases (the gradient leaves that path out, the finite difference keeps it: what "
         "detaching the decisions' context costs)",
     )
+    ap.add_argument(
+        "--replay",
+        action="store_true",
+        help="finite differences replay each seed's base-run decisions (held fixed, as in the gradient); "
+        "with --policy heuristic, replay/react of the finite differences is what the reaction adds",
+    )
     args = ap.parse_args()
     pop = Population.synthesize("nyc", agents=args.agents, seed=0)
     policy = (
@@ -56,6 +62,7 @@ def main() -> None:
         "start": args.start,
         "seeds": args.seeds,
         "policy": args.policy,
+        "replay": args.replay,
         "results": [],
     }
     for estimator in args.estimators:
@@ -69,6 +76,7 @@ def main() -> None:
             steps=7 * args.weeks,
             seeds=args.seeds,
             estimator=estimator,
+            replay=args.replay,
         )
         for r in results:
             with np.errstate(divide="ignore", invalid="ignore"):  # nan where the parameter does not act yet

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from lpm.engine import Simulation
-from lpm.policy import Policy
+from lpm.policy import Archetypes, Policy, PolicyDecision
 from lpm.population import Population
 from lpm.scenarios.base import Scenario
 
@@ -56,6 +56,33 @@ class GradCheck:
             return np.where(self.fd != 0, self.grad / self.fd, np.nan)
 
 
+class ReplayPolicy(Policy):
+    """Answers every decision step with the probabilities ``inner`` gave at that step of the first run it
+    served: with it, a finite difference holds the decisions fixed at the base run's, as the gradient
+    (whose decision context is detached) does. A measuring tool, not a policy for runs."""
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.table: dict[tuple[str, int], torch.Tensor] = {}
+
+    def setup(self, decision, spec, pop, grouping) -> Archetypes:
+        return self.inner.setup(decision, spec, pop, grouping)
+
+    @property
+    def mode(self) -> str:
+        return "replay"
+
+    def decide(self, archetypes: Archetypes, context, *, step: int) -> PolicyDecision:
+        key = (archetypes.decision, step)
+        if key not in self.table:
+            answer = self.inner.decide(archetypes, context, step=step)
+            self.table[key] = answer.probs.detach().clone()
+            return answer
+        probs = self.table[key]
+        k = probs.shape[0]
+        return PolicyDecision(probs, self._records(archetypes, probs, ["replay"] * k, [False] * k))
+
+
 def _offset_shift(sim: Simulation, decision: str, action: int, delta: float) -> torch.Tensor:
     off = sim.params[f"offsets.{decision}"]
     shift = torch.zeros_like(off)
@@ -78,12 +105,16 @@ def check(
     decision: str | None = None,
     action: int = 0,
     period: int = 7,
+    replay: bool = False,
 ) -> list[GradCheck]:
     """Gradient vs finite differences per week for each of ``parameters`` (learnable names, or
     ``"offsets"`` for a common shift of ``action``'s alignment offsets of ``decision``).
 
     make_scenario: config overrides -> scenario. Finite differences: central, step ``rel_step`` × the
-    parameter's value (``offset_step`` for offsets), inference mode, the same seeds.
+    parameter's value (``offset_step`` for offsets), inference mode, the same seeds. ``replay``: the
+    finite differences replay the decisions of the base inference run of each seed (:class:`ReplayPolicy`),
+    so that they hold the decisions fixed as the gradient does; without it they keep the policy's
+    reaction to the perturbed series.
     """
     base = make_scenario({})
     decision = decision or base.decisions[0].name
@@ -103,6 +134,11 @@ def check(
                 ]
             )
         table = np.array(rows)  # (weeks, parameters)
+        fd_policy = policy
+        if replay:
+            fd_policy = ReplayPolicy(policy)
+            with torch.no_grad():
+                Simulation(base, pop, fd_policy, seed=seed).run(steps)  # records the base run's decisions
         for j, p in enumerate(parameters):
             grads[p].append(table[:, j])
             fds[p].append(
@@ -110,7 +146,7 @@ def check(
                     make_scenario,
                     base,
                     pop,
-                    policy,
+                    fd_policy,
                     seed,
                     p,
                     quantity,

@@ -78,3 +78,22 @@ def test_the_old_per_agent_estimator_is_biased_low(pop):
         estimator="bernoulli",
     )[0]
     assert old.ratio[-1] < 0.8, old.ratio
+
+
+def test_replay_holds_the_decisions_of_the_base_run():
+    """The finite differences that measure what detaching the decisions' context costs hold each seed's
+    decisions at the base run's: a replayed run with another beta decides as the base run did, while the
+    reacting policy decides differently."""
+    from lpm.engine import Simulation
+    from lpm.gradcheck import ReplayPolicy
+
+    small = Population.synthesize("nyc", agents=20_000, seed=0)
+    replay = ReplayPolicy(HeuristicPolicy())
+    base = Simulation(CovidScenario({"start": "2020-03-16"}), small, replay, seed=1).run(21)
+    other = CovidScenario({"start": "2020-03-16", "beta": 0.1})
+    replayed = Simulation(other, small, replay, seed=1).run(21)
+    reacting = Simulation(other, small, HeuristicPolicy(), seed=1).run(21)
+    p = "probability"  # one row per step, archetype and action
+    assert np.array_equal(base.decisions[p].to_numpy(), replayed.decisions[p].to_numpy())
+    assert not np.array_equal(base.decisions[p].to_numpy(), reacting.decisions[p].to_numpy())
+    assert not base.trajectory.equals(replayed.trajectory)  # the epidemic itself did change
