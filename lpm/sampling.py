@@ -152,6 +152,36 @@ def categorical_st(logits: torch.Tensor, u: torch.Tensor, tau: float = 1.0) -> t
     return hard + (soft - soft.detach())
 
 
+class _ChainStep(torch.autograd.Function):
+    """One step along a chain in differentiable mode: forward the hard next states (one-hot rows of
+    ``following``), backward the Jacobian of the expected next states ``states - flow + shift(flow)``
+    with ``flow = states * r``, ``r = [p_first, hazard[1:]]`` (what leaves state j enters j + 1), written
+    out so that the forward pass builds no (N, k) intermediate and the graph keeps only ``states`` and
+    ``p_first``. With ``d_j = g_{j+1} - g_j`` (``g_k = 0``): d states_j = g_j + r_j d_j, d p_first =
+    states_0 d_0, d hazard_j = sum over agents of states_j d_j (j >= 1)."""
+
+    @staticmethod
+    def forward(ctx, states, p_first, hazard, following):
+        ctx.save_for_backward(states, p_first, hazard)
+        return torch.nn.functional.one_hot(following, hazard.shape[0]).to(states.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        states, p_first, hazard = ctx.saved_tensors
+        d = torch.nn.functional.pad(g[:, 1:], (0, 1)).sub_(g)  # g_{j+1} - g_j
+        d_states = d_p = d_hazard = None
+        if ctx.needs_input_grad[0]:
+            d_states = d * hazard.to(g.dtype)
+            d_states[:, 0] = d[:, 0] * p_first
+            d_states.add_(g)
+        if ctx.needs_input_grad[1]:
+            d_p = states[:, 0] * d[:, 0]
+        if ctx.needs_input_grad[2]:
+            d_hazard = (states * d).sum(0).to(hazard.dtype)
+            d_hazard[0] = 0.0
+        return d_states, d_p, d_hazard, None
+
+
 @dataclass(frozen=True)
 class Moves:
     """Who left which state in one :meth:`Sampler.transition` or :meth:`Sampler.markov`.
@@ -165,12 +195,17 @@ class Moves:
     code: torch.Tensor | None
     leave: torch.Tensor | None
     flow: torch.Tensor | None
+    chain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (states, p_first, hazard)
 
     def out(self, s: int) -> torch.Tensor:
         hard = None if self.code is None else (self.code == s) & self.leave
-        if self.flow is None:
+        if self.flow is not None:
+            f = self.flow[:, s]
+        elif self.chain is not None:  # a chain's expected flow out of s, one column only
+            states, p_first, hazard = self.chain
+            f = states[:, s] * (p_first if s == 0 else hazard[s].to(states.dtype))
+        else:
             return hard
-        f = self.flow[:, s]
         return f if hard is None else hard.to(f.dtype) + (f - f.detach())
 
 
@@ -452,14 +487,11 @@ class SoftSampler(Sampler):
         self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, stream: int
     ) -> tuple[torch.Tensor, Moves]:
         self._check_chain(hazard)
-        k = hazard.shape[0]
         code = self.codes(states)
         p = torch.where(code == 0, p_first.detach(), hazard.index_select(0, code))
         leave = self.uniform(stream) < p
-        hard = torch.nn.functional.one_hot(code + leave, k).to(states.dtype)
-        flow = self._flow(states, p_first, hazard)
-        expected = self._shifted(states, flow)
-        return hard + (expected - expected.detach()), Moves(code, leave, flow)
+        following = _ChainStep.apply(states, p_first, hazard, code + leave)
+        return following, Moves(code, leave, None, (states, p_first, hazard))
 
     def markov(
         self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None

@@ -93,3 +93,31 @@ def test_hard_sampler_fast_paths_match_their_definitions():
     assert torch.equal(moves.leave, hard.uniform(16) < p) and torch.equal(nxt, states + moves.leave)
     assert hard.work("x").shape == (n,) and hard.work("x") is hard.work("x")
     assert hard.nbytes() == HardSampler(n).nbytes() + 4 * n
+
+
+def test_chain_step_backward_is_the_expected_transitions_jacobian():
+    """SoftSampler.transition's hand-written backward equals autograd through the expected next states
+    ``states - flow + shift(flow)``, ``flow = states * [p_first, hazard[1:]]``, for the states, the
+    leaving probability and the hazards; the forward is the hard next state."""
+    from lpm.sampling import _ChainStep
+
+    gen = torch.Generator().manual_seed(0)
+    n, k = 400, 8
+    codes = torch.randint(0, k, (n,), generator=gen)
+    w = torch.randn(n, k, generator=gen).requires_grad_(True)
+    p = torch.rand(n, generator=gen).requires_grad_(True)
+    h = torch.cat([torch.zeros(1), 0.5 * torch.rand(k - 2, generator=gen), torch.zeros(1)]).requires_grad_(
+        True
+    )
+    states = torch.nn.functional.one_hot(codes, k).float() + (w - w.detach())
+    following = torch.randint(0, k, (n,), generator=gen)
+    weights = torch.randn(n, k, generator=gen)
+    out = _ChainStep.apply(states, p, h, following)
+    mine = torch.autograd.grad((out * weights).sum(), [w, p, h])
+    flow = torch.cat([states[:, :1] * p[:, None], states[:, 1:] * h[1:]], 1)
+    expected = states - flow + torch.nn.functional.pad(flow[:, :-1], (1, 0))
+    reference = torch.nn.functional.one_hot(following, k).float() + (expected - expected.detach())
+    theirs = torch.autograd.grad((reference * weights).sum(), [w, p, h])
+    assert torch.equal(out, reference.detach())
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
