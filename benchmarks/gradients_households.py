@@ -22,6 +22,7 @@ import json
 import numpy as np
 import torch
 
+from lpm.gradcheck import GradCheck
 from lpm.sampling import sampler_class
 from lpm.scenarios.covid import P1, CovidConfig, S, chain_hazard
 
@@ -69,7 +70,7 @@ def main() -> None:
                 plus = weekly_infections(args.beta + h, n, args.households, seed, None)
                 minus = weekly_infections(args.beta - h, n, args.households, seed, None)
             fd.append(((plus - minus) / (2 * h)).double().numpy())
-        fd = np.mean(fd, 0)
+        fd, fd_sd = np.mean(fd, 0), np.std(fd, 0)
         for estimator in args.estimators:
             grads = []
             for seed in args.seeds:
@@ -78,9 +79,7 @@ def main() -> None:
                 grads.append(
                     [float(torch.autograd.grad(weekly[w], beta, retain_graph=True)[0]) for w in range(WEEKS)]
                 )
-            grad = np.mean(grads, 0)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(fd != 0, grad / fd, np.nan)
+            ratio = GradCheck("beta", estimator, np.mean(grads, 0), fd, np.std(grads, 0), fd_sd).ratio
             print(
                 f"households of {n}, {estimator:>10}: gradient / finite difference per week "
                 + " ".join(f"{r:7.2f}" for r in ratio)

@@ -118,6 +118,26 @@ def check(
     """
     base = make_scenario({})
     decision = decision or base.decisions[0].name
+
+    def finite_difference(policy: Policy, seed: int, p: str) -> np.ndarray:
+        """(periods,) central finite difference of the inference run with respect to ``p``."""
+
+        def totals(scenario: Scenario, offsets: torch.Tensor | None = None) -> np.ndarray:
+            sim = Simulation(
+                scenario, pop, policy, seed=seed, offsets=None if offsets is None else {decision: offsets}
+            )
+            with torch.no_grad():
+                return weekly_totals(sim.run(steps).series[quantity], period).double().numpy()
+
+        if p == "offsets":
+            probe = Simulation(base, pop, policy, seed=seed)
+            plus = totals(base, _offset_shift(probe, decision, action, offset_step))
+            minus = totals(base, _offset_shift(probe, decision, action, -offset_step))
+            return (plus - minus) / (2 * offset_step)
+        value = float(getattr(base.config, p))
+        h = rel_step * value
+        return (totals(make_scenario({p: value + h})) - totals(make_scenario({p: value - h}))) / (2 * h)
+
     grads: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     fds: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     for seed in seeds:
@@ -141,58 +161,9 @@ def check(
                 Simulation(base, pop, fd_policy, seed=seed).run(steps)  # records the base run's decisions
         for j, p in enumerate(parameters):
             grads[p].append(table[:, j])
-            fds[p].append(
-                _finite_difference(
-                    make_scenario,
-                    base,
-                    pop,
-                    fd_policy,
-                    seed,
-                    p,
-                    quantity,
-                    steps,
-                    rel_step,
-                    offset_step,
-                    decision,
-                    action,
-                    period,
-                )
-            )
+            fds[p].append(finite_difference(fd_policy, seed, p))
     out = []
     for p in parameters:
         g, f = np.array(grads[p]), np.array(fds[p])
         out.append(GradCheck(p, estimator, g.mean(0), f.mean(0), g.std(0), f.std(0)))
     return out
-
-
-def _finite_difference(
-    make_scenario,
-    base,
-    pop,
-    policy,
-    seed,
-    p,
-    quantity,
-    steps,
-    rel_step,
-    offset_step,
-    decision,
-    action,
-    period,
-) -> np.ndarray:
-    def weekly(scenario: Scenario, offsets: torch.Tensor | None = None) -> np.ndarray:
-        sim = Simulation(
-            scenario, pop, policy, seed=seed, offsets=None if offsets is None else {decision: offsets}
-        )
-        with torch.no_grad():
-            return weekly_totals(sim.run(steps).series[quantity], period).double().numpy()
-
-    if p == "offsets":
-        probe = Simulation(base, pop, policy, seed=seed)
-        plus = weekly(base, _offset_shift(probe, decision, action, offset_step))
-        minus = weekly(base, _offset_shift(probe, decision, action, -offset_step))
-        return (plus - minus) / (2 * offset_step)
-    value = float(getattr(base.config, p))
-    h = rel_step * value
-    plus, minus = weekly(make_scenario({p: value + h})), weekly(make_scenario({p: value - h}))
-    return (plus - minus) / (2 * h)

@@ -57,6 +57,7 @@ from lpm.population import Population
 
 __all__ = [
     "Decision",
+    "parameter",
     "real_frame",
     "Plot",
     "Quantity",
@@ -338,6 +339,12 @@ class Scenario(ABC):
         """The real series (``date``, the breakdown attribute(s), ``quantity``, ``value``) between two
         dates, on the scale of the simulated population; empty when the scenario has none."""
         return pd.DataFrame(columns=["date", "quantity", "value"])
+
+
+def parameter(config: ScenarioConfig, params: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Setting ``name`` as a tensor: the run's learnable tensor when ``params`` has it (gradients reach
+    it), else the configuration's value."""
+    return params[name] if name in params else torch.tensor(float(getattr(config, name)))
 
 
 def real_frame(

@@ -36,7 +36,8 @@ school, work and community contacts an isolating agent cuts, ``q`` = ``household
 household contacts it cuts. ``beta`` = 0.048 infects a single housemate with probability 0.24 over an
 infectious period (34 % of housemates in households of four, later generations included); Madewell et al.,
 JAMA Netw Open 2020, pool household secondary attack rates at 16.6 % (95 % CI 14.0–19.3 %; 37.8 % between
-spouses): on the high side, a modelling choice for calibration to revisit. Per-contact weights ``w_h = 1``, ``w_s = w_w = 0.2``, ``w_c = 0.1`` are
+spouses): on the high side, a modelling choice for calibration to revisit. Per-contact weights
+``w_h = 1``, ``w_s = w_w = 0.2``, ``w_c = 0.1`` are
 Covasim's default relative layer transmissibilities (household 3.0, school and work 0.6, community 0.3;
 Kerr et al., PLoS Comput Biol 2021). ``C`` is the (10, 10) daily contact matrix between age bands
 (:func:`contact_matrix`, reciprocal), ``prevalence_b`` mixes ZIP area, borough and city with shares
@@ -50,7 +51,8 @@ is a modelling choice. Because those levels already hold most of the city's beha
 decision to isolate cuts only a further ``isolation_effect`` = 0.25 of an isolating agent's outside
 contacts: a hand choice among 0.75, 0.5 and 0.25 (at 0.75 with the heuristic policy the spring wave
 infects 6 % of the city against 22.7 % seropositive by late April [Rosenberg et al. 2020]; at 0.25,
-25 % by 2020-05-31), not a fit; calibration (issue 9) replaces it. All O(N): one ``index_add`` of infectious agents per household, per place and per (ZIP, band)
+25 % by 2020-05-31), not a fit; calibration (issue 9) replaces it. All O(N): one ``index_add`` of
+infectious agents per household, per place and per (ZIP, band)
 cell, one gather of each back per agent.
 
 **Reporting.** Symptom onsets (P2 → I1 of symptomatic agents) are diagnosed after a delay (discretised
@@ -95,7 +97,15 @@ from lpm.errors import InputError
 from lpm.policy import age_of, sigmoid
 from lpm.population import Population
 from lpm.sampling import Sampler
-from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig, real_frame
+from lpm.scenarios.base import (
+    Decision,
+    Plot,
+    Quantity,
+    Scenario,
+    ScenarioConfig,
+    parameter,
+    real_frame,
+)
 
 __all__ = [
     "INTERVENTIONS",
@@ -246,7 +256,7 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
     )
 
     def level(name: str) -> torch.Tensor:
-        return params[name] if name in params else torch.tensor(float(getattr(c, name)))
+        return parameter(c, params, name)
 
     if date <= knots[0][0]:
         return level(knots[0][1])

@@ -67,9 +67,17 @@ from pydantic import Field, field_validator
 from lpm import nyc
 from lpm.errors import InputError
 from lpm.policy import ByAttribute, age_of, sigmoid
-from lpm.population import Population
+from lpm.population import Population, smallest_int_dtype
 from lpm.sampling import Sampler
-from lpm.scenarios.base import Decision, Plot, Quantity, Scenario, ScenarioConfig, real_frame
+from lpm.scenarios.base import (
+    Decision,
+    Plot,
+    Quantity,
+    Scenario,
+    ScenarioConfig,
+    parameter,
+    real_frame,
+)
 
 __all__ = ["LaborConfig", "LaborScenario", "flow_table", "work_rule"]
 
@@ -161,7 +169,7 @@ def flow_table(
     ``a`` (work, stay home). Learnable entries come from ``params`` (tensors), the rest from ``c``."""
 
     def value(name: str) -> torch.Tensor:
-        return params[name] if name in params else torch.tensor(float(getattr(c, name)))
+        return parameter(c, params, name)
 
     risk = risk.to(torch.float32)
     home = torch.tensor([0.0, 1.0], device=risk.device)[None, :]  # (1, 2): work, stay home
@@ -189,8 +197,8 @@ def flow_table(
 
 @dataclass(frozen=True)
 class LaborWorld:
-    """What a labor run needs that does not change: each agent's borough (N,) int64 (``tally``: B for
-    agents under 16, who are left out of the counts) and flow group (N,) int32 (0 under 16, else
+    """What a labor run needs that does not change: each agent's borough (N,) int32 (``tally``, smallest dtype: B
+    for agents under 16, who are left out of the counts) and flow group (N,) int32 (0 under 16, else
     ``1 + 2 borough``: the row of one who works; stay home is the next row), whether it is of working age
     (N,) bool, each borough's relative unemployment risk (B,), the real monthly rates and the city's cases
     per month."""
@@ -267,7 +275,7 @@ class LaborScenario(Scenario):
     def setup(self, pop: Population, device: torch.device) -> LaborWorld:
         boroughs = pop.labels("borough")
         nb = len(boroughs)
-        borough = pop["borough"].to(torch.int64)
+        borough = pop["borough"].to(torch.int32)
         working_age = pop["age"] >= WORKING_AGE
         lf = nyc.labor_force()
         lf = lf.assign(borough=lf["borough"].map(nyc.BOROUGH_NAMES))
@@ -285,7 +293,7 @@ class LaborScenario(Scenario):
         return LaborWorld(
             boroughs=boroughs,
             borough=borough,
-            tally=torch.where(working_age, borough, nb),
+            tally=torch.where(working_age, borough, nb).to(smallest_int_dtype(0, nb)),
             group=torch.where(working_age, 1 + 2 * borough, 0).to(torch.int32),
             working_age=working_age,
             member=pop["labor_force"].bool() & working_age,
