@@ -25,7 +25,11 @@ def data_dir() -> Path:
 def _read_csv(name: str, required: list[str], *, path: Path | None = None, **kwargs) -> pd.DataFrame:
     path = data_dir() / name if path is None else Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: missing NYC data file", hint="restore it from the repository")
+        shipped = path.parent == data_dir()
+        raise InputError(
+            f"{path}: {'missing NYC data file' if shipped else 'no such file'}",
+            hint="restore it from the repository" if shipped else "check the path",
+        )
     try:
         frame = pd.read_csv(path, **kwargs)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -186,24 +190,71 @@ def _refuse(
     raise InputError(f"{path}: field {field} {what} in area(s) {', '.join(shown)}{more}")
 
 
+def _numbers(frame: pd.DataFrame, columns: list[str], path: Path, *, key: str) -> None:
+    """Every value of ``columns`` a number >= 0; else an :class:`InputError` naming the file, the field
+    and the first bad row (by its ``key`` column)."""
+    for col in columns:
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = values.isna() | (values < 0)
+        if bad.any():
+            first = frame.loc[bad.idxmax()]
+            what = "is not a number" if pd.isna(values[bad.idxmax()]) else "is negative"
+            raise InputError(
+                f"{path}: field {col!r} {what} ({first[col]!r} at {key} {first[key]!r}; {int(bad.sum())} such row(s))",
+                hint="counts and rates are numbers >= 0",
+            )
+        frame[col] = values
+
+
 @cache
-def labor_force() -> pd.DataFrame:
+def labor_force(path: Path | None = None) -> pd.DataFrame:
     """Monthly labor force per borough (BLS LAUS): borough, date (month start), labor_force, employed,
-    unemployed, unemployment_rate (percent)."""
-    frame = _read_csv(
-        "labor-force-by-borough.csv",
-        ["borough", "year", "month", "labor_force", "employed", "unemployed", "unemployment_rate"],
-    )
-    frame["date"] = pd.to_datetime(dict(year=frame["year"], month=frame["month"], day=1))
-    return frame[["borough", "date", "labor_force", "employed", "unemployed", "unemployment_rate"]]
+    unemployed, unemployment_rate (percent). ``path``: a file of the same format instead of the shipped
+    ``labor-force-by-borough.csv`` (checked: columns, borough codes, months, numbers >= 0)."""
+    path = data_dir() / "labor-force-by-borough.csv" if path is None else Path(path)
+    cols = ["labor_force", "employed", "unemployed", "unemployment_rate"]
+    frame = _read_csv(path.name, ["borough", "year", "month", *cols], path=path)
+    unknown = sorted(set(frame["borough"].astype(str)) - set(BOROUGH_CODES))
+    if unknown:
+        raise InputError(
+            f"{path}: field 'borough' has unknown value(s) {unknown}",
+            hint=f"borough codes: {', '.join(BOROUGH_CODES)}",
+        )
+    _numbers(frame, ["year", "month", *cols], path, key="borough")
+    try:
+        frame["date"] = pd.to_datetime(
+            dict(year=frame["year"].astype(int), month=frame["month"].astype(int), day=1)
+        )
+    except (ValueError, OverflowError) as exc:
+        raise InputError(f"{path}: fields 'year' and 'month' do not make dates ({exc})") from None
+    twice = frame.duplicated(["borough", "date"])
+    if twice.any():
+        row = frame[twice].iloc[0]
+        raise InputError(f"{path}: borough {row['borough']} has {row['date']:%Y-%m} more than once")
+    return frame[["borough", "date", *cols]]
 
 
 @cache
-def cases_by_day() -> pd.DataFrame:
-    """Daily confirmed + probable cases per borough: date, borough (code), cases. Tidy (long) form."""
+def cases_by_day(path: Path | None = None) -> pd.DataFrame:
+    """Daily confirmed + probable cases per borough: date, borough (code), cases. Tidy (long) form.
+
+    ``path``: a file in the health department's format (``cases-by-day.csv``: ``date_of_interest`` as
+    MM/DD/YYYY and ``<BX|BK|MN|QN|SI>_CASE_COUNT``, ``..._PROBABLE_CASE_COUNT``) instead of the shipped
+    one; checked: columns, dates (each once), counts numbers >= 0."""
+    path = data_dir() / "cases-by-day.csv" if path is None else Path(path)
     cols = [f"{b}_CASE_COUNT" for b in BOROUGH_CODES] + [f"{b}_PROBABLE_CASE_COUNT" for b in BOROUGH_CODES]
-    frame = _read_csv("cases-by-day.csv", ["date_of_interest", *cols])
-    date = pd.to_datetime(frame["date_of_interest"], format="%m/%d/%Y")
+    frame = _read_csv(path.name, ["date_of_interest", *cols], path=path)
+    if frame.empty:
+        raise InputError(f"{path}: no rows")
+    date = pd.to_datetime(frame["date_of_interest"], format="%m/%d/%Y", errors="coerce")
+    if date.isna().any():
+        bad = frame.loc[date.isna(), "date_of_interest"].iloc[0]
+        raise InputError(f"{path}: field 'date_of_interest' is not a date MM/DD/YYYY ({bad!r})")
+    if date.duplicated().any():
+        raise InputError(
+            f"{path}: field 'date_of_interest': {date[date.duplicated()].iloc[0]:%m/%d/%Y} twice"
+        )
+    _numbers(frame, cols, path, key="date_of_interest")
     parts = [
         pd.DataFrame(
             {

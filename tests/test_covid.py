@@ -39,7 +39,7 @@ def test_params_validated():
         CovidScenario({"betta": 0.1})
     with pytest.raises(InputError, match="share_zip"):
         CovidScenario({"share_zip": 0.8, "share_borough": 0.5})
-    with pytest.raises(InputError, match="start must lie in 2020-03-01"):
+    with pytest.raises(InputError, match="start must be 2020-03-01 or later"):
         CovidScenario({"start": "2020-02-29"})
     late = Intervention(date=dt.date(2023, 1, 1), layer="work", level=0.5)
     with pytest.raises(InputError, match=r"interventions\[0\]\.date 2023-01-01 lies outside"):
@@ -80,13 +80,13 @@ def test_seeding_reads_no_data_on_or_after_the_start(pop, monkeypatch):
     state = _sim(pop, diff=False).initial_state().scenario
     real = covid._real_cases()
     changed = real.assign(cases=np.where(real["date"] >= "2020-03-16", real["cases"] * 10 + 7, real["cases"]))
-    monkeypatch.setattr(covid, "_real_cases", lambda: changed)
+    monkeypatch.setattr(covid, "_real_cases", lambda path=None: changed)
     again = _sim(pop, diff=False).initial_state().scenario
     for name in state:
         assert torch.equal(state[name], again[name]), name
     # and changing a day before the start does change it
     earlier = real.assign(cases=np.where(real["date"] == "2020-03-14", real["cases"] * 3, real["cases"]))
-    monkeypatch.setattr(covid, "_real_cases", lambda: earlier)
+    monkeypatch.setattr(covid, "_real_cases", lambda path=None: earlier)
     assert not torch.equal(state["stage"], _sim(pop, diff=False).initial_state().scenario["stage"])
 
 

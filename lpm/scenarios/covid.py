@@ -85,6 +85,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -290,7 +291,7 @@ class CovidConfig(ScenarioConfig):
 
     start: dt.date = Field(
         default=dt.date(2020, 3, 1),
-        description="first simulated day (2020-03-01 .. 2021-12-31; seeded from the 14 days before)",
+        description="first simulated day (from 2020-03-01; seeded from the cases of the 14 days before)",
     )
     beta: float = Field(
         default=0.048,
@@ -346,6 +347,11 @@ class CovidConfig(ScenarioConfig):
     share_borough: float = Field(
         default=0.3, ge=0, le=1, description="share of community contacts within the borough; rest citywide"
     )
+    data: str | None = Field(
+        default=None,
+        description="a case file in the format of the health department's cases-by-day.csv replacing the "
+        "shipped one (seeding and the real series)",
+    )
     interventions: tuple[Intervention, ...] = Field(
         default=INTERVENTIONS, description="dated changes of contacts per layer (see INTERVENTIONS)"
     )
@@ -353,9 +359,9 @@ class CovidConfig(ScenarioConfig):
     @field_validator("start")
     @classmethod
     def _start(cls, start: dt.date) -> dt.date:
-        if not dt.date(2020, 3, 1) <= start <= dt.date(2021, 12, 31):
+        if start < dt.date(2020, 3, 1):
             raise ValueError(
-                "start must lie in 2020-03-01 .. 2021-12-31: the state on the start date is estimated "
+                "start must be 2020-03-01 or later: the state on the start date is estimated "
                 "from the cases reported before it, and the case data begin on 2020-02-29"
             )
         return start
@@ -443,7 +449,7 @@ def seed_estimate(
     city = wide.sum(axis=1).to_numpy()
     if city[-SEED_WINDOW:].sum() <= 0:
         raise InputError(
-            f"{nyc.data_dir() / 'cases-by-day.csv'}: field 'date_of_interest': no case was reported in the "
+            f"{c.data or nyc.data_dir() / 'cases-by-day.csv'}: field 'date_of_interest': no case was reported in the "
             f"{SEED_WINDOW} days before the start {start.date()}, so the state on the start date cannot be "
             "estimated without reading later data",
             hint="start on 2020-03-01 or later",
@@ -686,7 +692,7 @@ class CovidScenario(Scenario):
         of the 14 days before the start (the decisions' context)."""
         c, w = self.config, world
         start = pd.Timestamp(c.start)
-        cases = _real_cases()
+        cases = _real_cases(self.config.data)
         before = cases[cases["date"] < start]
         occupancy, onsets = seed_estimate(c, params or {}, before, w.boroughs)
         device = w.household.device
@@ -776,7 +782,7 @@ class CovidScenario(Scenario):
     # -- real data -----------------------------------------------------------------------------------
     def real_data(self, world: CovidWorld, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
         """Real daily reported cases per borough (confirmed + probable), × agents / city population."""
-        cases = _real_cases()
+        cases = _real_cases(self.config.data)
         cases = cases[(cases["date"] >= first) & (cases["date"] <= last)]
         return real_frame(
             cases, quantity="reported_cases", value="cases", labels=world.boroughs, scale=world.scale
@@ -798,8 +804,8 @@ def _keep(
     return out.copy_(isolating).mul_(-share).add_(1.0)  # the same numbers, in place
 
 
-def _real_cases() -> pd.DataFrame:
-    frame = nyc.cases_by_day().copy()
+def _real_cases(path: str | None = None) -> pd.DataFrame:
+    frame = nyc.cases_by_day(None if path is None else Path(path)).copy()
     frame["borough"] = frame["borough"].map(nyc.BOROUGH_NAMES)
     return frame
 

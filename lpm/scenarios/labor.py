@@ -57,6 +57,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,6 +154,11 @@ class LaborConfig(ScenarioConfig):
         description="share of U -> E kept by unemployed agents who stay home (recalls; modelling choice)",
     )
 
+    data: str | None = Field(
+        default=None,
+        description="a file in the format of labor-force-by-borough.csv (BLS LAUS) replacing the shipped one",
+    )
+
     @field_validator("start")
     @classmethod
     def _start(cls, start: dt.date) -> dt.date:
@@ -212,6 +218,7 @@ class LaborWorld:
     risk: torch.Tensor
     real: pd.DataFrame
     cases: pd.Series
+    source: str  # the labor-force file read
 
     @property
     def nb(self) -> int:
@@ -222,9 +229,7 @@ class LaborWorld:
         rows = self.real[self.real["date"] == month].set_index("borough")["unemployment_rate"]
         rows = rows.reindex(self.boroughs)
         if rows.isna().any():
-            raise InputError(
-                f"{nyc.data_dir() / 'labor-force-by-borough.csv'}: no unemployment_rate for {month:%Y-%m}"
-            )
+            raise InputError(f"{self.source}: no unemployment_rate for {month:%Y-%m}")
         return torch.tensor(rows.to_numpy(), dtype=torch.float64)
 
     def cases_before(self, date: pd.Timestamp) -> float:
@@ -277,7 +282,8 @@ class LaborScenario(Scenario):
         nb = len(boroughs)
         borough = pop["borough"].to(torch.int32)
         working_age = pop["age"] >= WORKING_AGE
-        lf = nyc.labor_force()
+        source = self.config.data or str(nyc.data_dir() / "labor-force-by-borough.csv")
+        lf = nyc.labor_force(Path(source))
         lf = lf.assign(borough=lf["borough"].map(nyc.BOROUGH_NAMES))
         lf = lf[lf["borough"].isin(boroughs)]
         year = lf[lf["date"].dt.year == 2019]
@@ -285,8 +291,7 @@ class LaborScenario(Scenario):
         weight = year.groupby("borough")["labor_force"].mean().reindex(boroughs)
         if mean.isna().any():
             raise InputError(
-                f"{nyc.data_dir() / 'labor-force-by-borough.csv'}: no 2019 unemployment_rate for borough(s) "
-                f"{list(mean[mean.isna()].index)}"
+                f"{source}: no 2019 unemployment_rate for borough(s) {list(mean[mean.isna()].index)}"
             )
         city = float((mean * weight).sum() / weight.sum())
         cases = nyc.cases_by_day()
@@ -299,6 +304,7 @@ class LaborScenario(Scenario):
             member=pop["labor_force"].bool() & working_age,
             risk=torch.tensor((mean / city).to_numpy(), dtype=torch.float32, device=device),
             real=lf,
+            source=source,
             cases=cases.groupby(cases["date"].dt.to_period("M"))["cases"].sum(),
         )
 
