@@ -1,0 +1,617 @@
+"""Calibration: fit a scenario's learnable parameters (and the alignment offsets of LLM decisions) to a
+real series by gradient descent through the differentiable engine, then forecast a held-out window.
+
+What is fitted: the scenario's ``learnable`` parameters (or the ones named), each mapped to an
+unconstrained variable through its declared range (a logistic map between two finite bounds, ``lo +
+exp(z)`` above one), and, with an LLM policy, each decision's (K, A) alignment offsets (added to the
+log-probabilities; an L2 penalty keeps them small). The loss is the mean over periods × labels of the
+squared difference between simulated and real values of the scenario's real-series quantity: weekly sums
+of a daily count on a log scale (``log(x + 2 % of the label's peak)``: a relative error, so a borough of
+500 cases a week weighs as much as one of 20,000, and weeks of a handful of cases do not dominate) or the per-step value of a rate (percentage points). Adam takes one step per epoch; each epoch
+runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss.
+
+Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 28 days:
+the horizon over which lpm's gradients of the COVID model agree with finite differences; the whole window
+for monthly scenarios); each piece's loss is backpropagated and the state is detached before the next, so
+the graph held is at most one piece (about 130 bytes per agent per simulated day). A longer window costs
+time, not memory.
+
+Decisions: the heuristic policy answers every epoch from the simulated context. An LLM policy is asked
+in the first epoch of each restart (and every ``refresh`` epochs), and its answers are replayed in the
+other epochs (:class:`lpm.gradcheck.ReplayPolicy`), so an epoch costs no model calls; the gradient does not
+follow the path from simulated cases back into decisions (the context is detached).
+
+Windows: the run starts on the first day of the train window and is seeded from the data before it only;
+the test window (later than the train window) is never read while fitting. After fitting, each restart's
+parameters are run in inference mode over train and test with ``eval_seeds`` seeds and the real policy;
+the band of the forecast plot is the range (min .. max) over restarts × seeds: the spread of the fit's
+outcome over optimiser starts and the simulation's own randomness, not a Bayesian posterior.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lpm.engine import SimState, Simulation
+from lpm.errors import InputError
+from lpm.gradcheck import ReplayPolicy
+from lpm.policy import Policy
+from lpm.population import Population
+from lpm.scenarios.base import Quantity, Scenario
+
+__all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "period_values"]
+
+#: Bytes of autograd graph per agent per simulated day of the COVID model (benchmarks/engine.py).
+GRAPH_BYTES_PER_AGENT_STEP = 130
+#: Counts are compared as log(x + LOG_FLOOR × the label's largest real value in the train window).
+LOG_FLOOR = 0.02
+
+
+@dataclass(frozen=True)
+class Window:
+    """A closed date range ``first .. last`` (``START:END`` on the command line)."""
+
+    first: pd.Timestamp
+    last: pd.Timestamp
+
+    @classmethod
+    def parse(cls, text: str, option: str) -> Window:
+        parts = str(text).split(":")
+        if len(parts) != 2:
+            raise InputError(f"{option} must be START:END (dates YYYY-MM-DD), got {text!r}")
+        try:
+            first, last = (pd.Timestamp(dt.date.fromisoformat(p.strip())) for p in parts)
+        except ValueError:
+            raise InputError(f"{option} must be START:END with dates YYYY-MM-DD, got {text!r}") from None
+        if last < first:
+            raise InputError(f"{option}: the end {last.date()} is before the start {first.date()}")
+        return cls(first, last)
+
+    def __str__(self) -> str:
+        return f"{self.first.date()}:{self.last.date()}"
+
+
+def fit_quantity(scenario: Scenario, name: str | None = None) -> Quantity:
+    """The quantity a calibration fits: ``name``, or the scenario's first quantity with a real series."""
+    with_real = [q for q in scenario.quantities if q.real]
+    if name is None:
+        if not with_real:
+            raise InputError(f"the {scenario.name} scenario declares no quantity with a real series to fit")
+        return with_real[0]
+    for q in with_real:
+        if q.name == name:
+            return q
+    raise InputError(
+        f"--quantity {name!r}: not a quantity of {scenario.name} with a real series",
+        hint=f"quantities with one: {', '.join(q.name for q in with_real) or 'none'}",
+    )
+
+
+def _period(scenario: Scenario, q: Quantity) -> int:
+    """Steps per compared period: 7 (weekly sums) for a daily count, else 1."""
+    return 7 if scenario.step_unit == "day" and q.total else 1
+
+
+def period_values(series: torch.Tensor, period: int) -> torch.Tensor:
+    """(P, ...) sums of a (T, ...) series over consecutive periods of ``period`` steps (a trailing part
+    period is dropped)."""
+    t = series.shape[0] // period * period
+    return series[:t].reshape(t // period, period, *series.shape[1:]).sum(1)
+
+
+def _real_table(scenario: Scenario, world: Any, q: Quantity, labels: list[str], steps: int) -> torch.Tensor:
+    """(steps, labels) real values of ``q`` at each step from the scenario's start; NaN where missing."""
+    first = scenario.date(0)
+    last = scenario.date(steps - 1)
+    real = scenario.real_data(world, first, last)
+    real = real[real["quantity"].astype(str) == q.name]
+    dates = [scenario.date(t) for t in range(steps)]
+    if q.by is None:
+        wide = real.groupby("date")["value"].sum().reindex(dates).to_frame()
+    else:
+        wide = real.pivot_table(index="date", columns=q.by, values="value", observed=False, aggfunc="sum")
+        wide = wide.reindex(index=dates, columns=labels)
+    return torch.tensor(wide.to_numpy(dtype=float), dtype=torch.float64)
+
+
+class _Transform:
+    """Maps a parameter with range (lo, hi) to an unconstrained variable and back."""
+
+    def __init__(self, lo: float, hi: float):
+        self.lo, self.hi = lo, hi
+
+    def to_z(self, x: float) -> float:
+        lo, hi = self.lo, self.hi
+        if math.isfinite(lo) and math.isfinite(hi):
+            u = min(max((x - lo) / (hi - lo), 1e-6), 1 - 1e-6)
+            return math.log(u / (1 - u))
+        if math.isfinite(lo):
+            return math.log(max(x - lo, 1e-12))
+        return x
+
+    def to_x(self, z: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo, self.hi
+        if math.isfinite(lo) and math.isfinite(hi):
+            return lo + (hi - lo) * torch.sigmoid(z)
+        if math.isfinite(lo):
+            return lo + torch.exp(z)
+        return z
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` found; :meth:`to_json` is ``calibration.json``."""
+
+    scenario: str
+    policy: str
+    quantity: str
+    agents: int
+    train: Window
+    test: Window | None
+    parameters: dict[str, float]
+    initial: dict[str, float]
+    ranges: dict[str, tuple[float, float]]
+    errors: dict[str, dict[str, float]]
+    restarts: list[dict[str, Any]]
+    losses: list[list[float]]  # per restart, per epoch
+    forecast: pd.DataFrame  # date, label, real, median, low, high, window
+    settings: dict[str, Any]
+    offsets: dict[str, list[list[float]]] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    command: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "policy": self.policy,
+            "quantity": self.quantity,
+            "agents": self.agents,
+            "command": self.command,
+            "parameters": {k: round(v, 6) for k, v in self.parameters.items()},
+            "train": {"window": str(self.train), **self.errors["train"]},
+            "test": None if self.test is None else {"window": str(self.test), **self.errors["test"]},
+            "initial": self.initial,
+            "ranges": {k: list(v) for k, v in self.ranges.items()},
+            "restarts": self.restarts,
+            "band": "min .. max over restarts × evaluation seeds (optimiser starts and simulation noise; "
+            "not a posterior)",
+            "settings": self.settings,
+            "offsets": self.offsets,
+            "model_calls": self.counters,
+            "wall_seconds": round(self.wall_seconds, 1),
+        }
+
+
+ProgressFn = Callable[[str, int, int, float | None], None]
+
+
+def calibrate(
+    make_scenario: Callable[[Mapping[str, Any]], Scenario],
+    pop: Population,
+    policy: Policy,
+    *,
+    train: Window,
+    test: Window | None = None,
+    parameters: Sequence[str] | None = None,
+    fit_offsets: bool | None = None,
+    quantity: str | None = None,
+    epochs: int = 40,
+    lr: float = 0.05,
+    restarts: int = 3,
+    seed: int = 0,
+    eval_seeds: int = 2,
+    truncate: int | None = None,
+    memory_gb: float = 12.0,
+    offset_l2: float = 0.1,
+    refresh: int = 0,
+    jitter: float = 0.25,
+    target: pd.DataFrame | None = None,
+    estimator: str = "expected",
+    progress: ProgressFn | None = None,
+) -> Calibration:
+    """Fit ``parameters`` (default: all of the scenario's learnable ones) on ``train``; forecast ``test``.
+
+    make_scenario: config overrides -> scenario (the start date is set to ``train.first`` here).
+    policy: the decisions' policy (an LLM policy is replayed between refreshes, see the module docstring).
+    fit_offsets: fit the decisions' alignment offsets (default: when the policy is not the heuristic).
+    restarts: fits from the configured values jittered by ``jitter`` (in the unconstrained space; restart
+    0 starts at the configured values), each with its own seeds. truncate: steps per backpropagated piece
+    (default: 28 for a day scenario, capped by ``memory_gb``; whole window otherwise). target: a real
+    series frame (``date``, breakdown, ``quantity``, ``value`` on the population's scale) replacing the
+    scenario's (e.g. data generated by the simulator itself). progress: ``f(phase, done, total, loss)``.
+    """
+    started = time.perf_counter()
+    base = make_scenario({"start": train.first.date()})
+    q = fit_quantity(base, quantity)
+    period = _period(base, q)
+    names = list(base.learnable if parameters is None else parameters)
+    unknown = [p for p in names if p not in base.learnable]
+    if unknown:
+        raise InputError(
+            f"--parameters: {', '.join(map(repr, unknown))} not learnable in {base.name}",
+            hint=f"learnable: {', '.join(base.learnable)}",
+        )
+    if fit_offsets is None:
+        fit_offsets = policy.mode != "heuristic"
+    if not names and not fit_offsets:
+        raise InputError("nothing to fit: give --parameters or fit the offsets of an LLM policy")
+    train_steps, test_steps = _steps(base, train, test, period)
+    ranges = type(base).parameter_ranges()
+    transforms = {p: _Transform(*ranges[p]) for p in names}
+    initial = {p: float(getattr(base.config, p)) for p in names}
+    if truncate is None:
+        if base.step_unit == "day":
+            by_memory = int(memory_gb * 1e9 / (GRAPH_BYTES_PER_AGENT_STEP * len(pop)))
+            truncate = max(period, min(28, by_memory) // period * period)
+        else:
+            truncate = train_steps
+    if truncate < 1 or truncate % period:
+        raise InputError(f"--truncate must be a positive multiple of {period} steps, got {truncate}")
+
+    probe = Simulation(base, pop, policy, seed=seed)
+    labels = pop.labels(q.by) if q.by else ["all"]
+    real_all = _target(base, probe.world, q, labels, train_steps + test_steps, target)
+    real_train = period_values(real_all[:train_steps], period)
+    if torch.isnan(real_train).all():
+        raise InputError(
+            f"no real {q.name} in the train window {train}", hint="choose a window the data cover"
+        )
+    scale = float(getattr(probe.world, "scale", 1.0)) if q.total else 1.0
+
+    losses: list[list[float]] = []
+    fits: list[dict[str, Any]] = []
+    counters: dict[str, int] = {}
+    total = restarts * epochs
+    for r in range(restarts):
+        gen = torch.Generator().manual_seed(seed * 7919 + r)
+        z = {
+            p: torch.tensor(
+                transforms[p].to_z(initial[p])
+                + (jitter * float(torch.randn((), generator=gen)) if r else 0.0),
+                dtype=torch.float64,
+                requires_grad=True,
+            )
+            for p in names
+        }
+        offsets = {
+            f"offsets.{d.name}": torch.zeros_like(probe.params[f"offsets.{d.name}"], requires_grad=True)
+            for d in probe.asked
+        }
+        trained = list(z.values()) + (list(offsets.values()) if fit_offsets else [])
+        opt = torch.optim.Adam(trained, lr=lr)
+        history: list[float] = []
+        replay = None
+        for epoch in range(epochs):
+            if policy.mode != "heuristic" and (replay is None or (refresh and epoch % refresh == 0)):
+                replay = ReplayPolicy(policy)
+            sim = Simulation(
+                base,
+                pop,
+                replay if replay is not None else policy,
+                seed=seed + 1000 * (r + 1) + epoch,
+                differentiable=True,
+                estimator=estimator,
+            )
+
+            def bind(sim: Simulation = sim, z: dict = z, offsets: dict = offsets) -> None:
+                """Fresh graph nodes from the fitted variables, for each backpropagated piece."""
+                for p in names:
+                    sim.params[p] = transforms[p].to_x(z[p]).to(torch.float32)
+                if fit_offsets:
+                    sim.params.update(offsets)
+
+            opt.zero_grad()
+            loss = _train_epoch(sim, bind, q, train_steps, truncate, period, real_train, offsets, offset_l2)
+            opt.step()
+            for name, value in sim.counters.items():
+                counters[name] = counters.get(name, 0) + value
+            history.append(loss)
+            if progress is not None:
+                progress("fit", r * epochs + epoch + 1, total, loss)
+        losses.append(history)
+        fits.append(
+            {
+                "restart": r,
+                "parameters": {p: float(transforms[p].to_x(z[p].detach())) for p in names},
+                "offsets": {k: v.detach().clone() for k, v in offsets.items()} if fit_offsets else {},
+                "train_loss": float(np.mean(history[-max(1, epochs // 5) :])),
+            }
+        )
+
+    # forecast: every restart's parameters, eval_seeds seeds each, the real policy, inference mode; and
+    # the starting values, for comparison
+    steps = train_steps + test_steps
+    done, todo = 0, (len(fits) + 1) * eval_seeds
+
+    def forecast(values: Mapping[str, float], offs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        nonlocal done
+        scenario = make_scenario({"start": train.first.date(), **values})
+        out = []
+        for s in range(eval_seeds):
+            given = {k.removeprefix("offsets."): v for k, v in offs.items()} or None
+            sim = Simulation(scenario, pop, policy, seed=seed + 100_000 + s, offsets=given)
+            with torch.no_grad():
+                result = sim.run(steps)
+            out.append(period_values(result.series[q.name].double().reshape(steps, -1), period))
+            for name, value in sim.counters.items():
+                counters[name] = counters.get(name, 0) + value
+            done += 1
+            if progress is not None:
+                progress("forecast", done, todo, None)
+        return out
+
+    stacked = torch.stack([x for fit in fits for x in forecast(fit["parameters"], fit["offsets"])])
+    before = torch.stack(forecast(initial, {}))  # (S, P, L) at the starting values
+    real_periods = period_values(real_all, period)
+    p_train = train_steps // period
+    errors = {"train": _errors(stacked[:, :p_train], real_periods[:p_train], scale)}
+    errors["train"]["before"] = _errors(before[:, :p_train], real_periods[:p_train], scale)
+    if test_steps:
+        errors["test"] = _errors(stacked[:, p_train:], real_periods[p_train:], scale)
+        errors["test"]["before"] = _errors(before[:, p_train:], real_periods[p_train:], scale)
+    best = min(fits, key=lambda f: f["train_loss"])
+    forecast = _forecast_frame(base, stacked, real_periods, labels, period, p_train, scale)
+    for f in fits:
+        f["offsets"] = {k: v.tolist() for k, v in f["offsets"].items()}
+    return Calibration(
+        scenario=base.name,
+        policy=policy.mode,
+        quantity=q.name,
+        agents=len(pop),
+        train=train,
+        test=test,
+        parameters=best["parameters"],
+        initial=initial,
+        ranges={p: ranges[p] for p in names},
+        errors=errors,
+        restarts=[{k: v for k, v in f.items() if k != "offsets"} for f in fits],
+        losses=losses,
+        forecast=forecast,
+        settings={
+            "epochs": epochs,
+            "lr": lr,
+            "restarts": restarts,
+            "seed": seed,
+            "eval_seeds": eval_seeds,
+            "truncate_steps": truncate,
+            "period_steps": period,
+            "loss": (
+                f"mean squared error of log(weekly sum + {LOG_FLOOR} × the label's train peak)"
+                if period > 1
+                else "mean squared error"
+            ),
+            "offset_l2": offset_l2 if fit_offsets else None,
+            "refresh": refresh,
+            "jitter": jitter,
+            "estimator": estimator,
+            "fit_offsets": bool(fit_offsets),
+        },
+        offsets=best["offsets"],
+        counters=counters,
+        wall_seconds=time.perf_counter() - started,
+    )
+
+
+def _steps(base: Scenario, train: Window, test: Window | None, period: int) -> tuple[int, int]:
+    """Steps of the train window and of the test window after it (0 without one), checked."""
+
+    def steps_until(last: pd.Timestamp) -> int:
+        n = 0
+        while base.date(n) <= last:
+            n += 1
+        return n
+
+    if base.date(0) != train.first:
+        raise InputError(f"--train: {train.first.date()} is not a step date of {base.name}")
+    train_steps = steps_until(train.last)
+    if train_steps < period or train_steps % period:
+        unit = "weeks" if period == 7 else f"{base.step_unit}s"
+        raise InputError(
+            f"--train {train}: {train_steps} steps, not a whole number of {unit} (the loss compares {unit})",
+            hint=f"end the window {period * max(1, train_steps // period) - 1} days after its start",
+        )
+    if test is None:
+        return train_steps, 0
+    if test.first <= train.last:
+        raise InputError(
+            f"--test {test} overlaps --train {train}: the test window must begin after the train window",
+            hint="e.g. --train 2020-03-16:2020-04-12 --test 2020-04-13:2020-05-10",
+        )
+    if test.first != base.date(train_steps):
+        raise InputError(
+            f"--test must begin the step after the train window ends ({base.date(train_steps).date()}), "
+            f"got {test.first.date()}"
+        )
+    total = steps_until(test.last)
+    if (total - train_steps) % period:
+        raise InputError(f"--test {test}: not a whole number of periods of {period} steps")
+    return train_steps, total - train_steps
+
+
+def _target(
+    scenario: Scenario, world: Any, q: Quantity, labels: list[str], steps: int, target: pd.DataFrame | None
+) -> torch.Tensor:
+    if target is None:
+        table = _real_table(scenario, world, q, labels, steps)
+    else:
+        frame = target[target["quantity"].astype(str) == q.name]
+        dates = [scenario.date(t) for t in range(steps)]
+        if q.by is None:
+            wide = frame.groupby("date")["value"].sum().reindex(dates).to_frame()
+        else:
+            wide = frame.pivot_table(
+                index="date", columns=q.by, values="value", observed=False, aggfunc="sum"
+            )
+            wide = wide.reindex(index=dates, columns=labels)
+        table = torch.tensor(wide.to_numpy(dtype=float), dtype=torch.float64)
+    last = scenario.date(steps - 1)
+    missing = torch.isnan(table).all(1)
+    if bool(missing.any()):
+        first_missing = scenario.date(int(missing.nonzero()[0]))
+        raise InputError(
+            f"the real {q.name} series has no value on {first_missing.date()} (windows up to {last.date()})",
+            hint="choose windows the data cover (or give --data with the period)",
+        )
+    return table
+
+
+def _loss(sim_p: torch.Tensor, real_p: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the finite entries of the squared difference; for counts on a log scale,
+    ``log(x + floor)`` with ``floor`` (per label) a small share of the label's peak, so that weeks of a
+    handful of cases (noise at the agents' granularity) do not dominate the fit."""
+    ok = ~torch.isnan(real_p)
+    a, b = sim_p.double(), torch.nan_to_num(real_p)
+    if floor is not None:
+        a, b = torch.log(a.clamp_min(0) + floor), torch.log(b + floor)
+    return (((a - b) ** 2) * ok).sum()
+
+
+def _detached(state: SimState) -> SimState:
+    return SimState(
+        {k: v.detach() for k, v in state.scenario.items()}, {k: v.detach() for k, v in state.actions.items()}
+    )
+
+
+def _train_epoch(
+    sim: Simulation,
+    bind: Callable[[], None],
+    q: Quantity,
+    steps: int,
+    truncate: int,
+    period: int,
+    real: torch.Tensor,
+    offsets: Mapping[str, torch.Tensor],
+    offset_l2: float,
+) -> float:
+    """One pass over the train window, backpropagated piece by piece; returns the epoch's loss."""
+    floor = LOG_FLOOR * torch.nan_to_num(real).amax(0).clamp_min(1.0) if period > 1 else None
+    count = float((~torch.isnan(real)).sum())
+    sim._reset()
+    total = 0.0
+    with torch.enable_grad():
+        bind()
+        state = sim.initial_state()
+        for t0 in range(0, steps, truncate):
+            t1 = min(steps, t0 + truncate)
+            if t0:
+                bind()
+            for t in range(t0, t1):
+                state = sim.step(state, t)
+            series = torch.stack([r[q.name] for r in sim._records[t0:t1]]).reshape(t1 - t0, -1)
+            piece = _loss(period_values(series, period), real[t0 // period : t1 // period], floor) / count
+            if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
+                piece = piece + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())
+            if piece.requires_grad:
+                piece.backward()
+            total += float(piece.detach())
+            state = _detached(state)
+            sim._records[t0:t1] = [{k: v.detach() for k, v in r.items()} for r in sim._records[t0:t1]]
+    return total
+
+
+def _errors(sim: torch.Tensor, real: torch.Tensor, scale: float) -> dict[str, float]:
+    """RMSE (on the city's scale for counts) and MAPE (%) of the median forecast over periods × labels."""
+    median = sim.median(0).values
+    ok = ~torch.isnan(real)
+    diff = (median - real)[ok] / scale
+    positive = ok & (real > 0)
+    mape = ((median - real).abs()[positive] / real[positive]).mean() * 100
+    return {
+        "rmse": round(float((diff**2).mean().sqrt()), 3),
+        "mape": round(float(mape), 1),
+        "periods": int(real.shape[0]),
+    }
+
+
+def _forecast_frame(
+    scenario: Scenario,
+    sim: torch.Tensor,
+    real: torch.Tensor,
+    labels: list[str],
+    period: int,
+    p_train: int,
+    scale: float,
+) -> pd.DataFrame:
+    rows = []
+    for p in range(real.shape[0]):
+        date = scenario.date(p * period + period - 1)
+        for j, label in enumerate(labels):
+            values = sim[:, p, j] / scale
+            rows.append(
+                {
+                    "date": date,
+                    "label": label,
+                    "real": float(real[p, j]) / scale,
+                    "median": float(values.median()),
+                    "low": float(values.min()),
+                    "high": float(values.max()),
+                    "window": "train" if p < p_train else "test",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# -- writing the folder ----------------------------------------------------------------------------------
+
+
+def write(cal: Calibration, folder: Path) -> list[str]:
+    """``calibration.json``, ``forecast.csv``, ``loss.png`` and ``fit.png`` into ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "calibration.json").write_text(json.dumps(cal.to_json(), indent=2) + "\n")
+    cal.forecast.to_csv(folder / "forecast.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r, history in enumerate(cal.losses):
+        ax.plot(range(1, len(history) + 1), history, label=f"restart {r}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax.set_yscale("log")
+    ax.set_title(f"{cal.scenario}: {cal.settings['loss']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(folder / "loss.png", dpi=110)
+    plt.close(fig)
+
+    labels = list(dict.fromkeys(cal.forecast["label"]))
+    cols = min(3, len(labels))
+    rows = math.ceil(len(labels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, label in zip(axes.flat, labels, strict=False):
+        part = cal.forecast[cal.forecast["label"] == label]
+        ax.fill_between(part["date"], part["low"], part["high"], color="C0", alpha=0.25, label="band")
+        ax.plot(part["date"], part["median"], color="C0", label="simulated (median)")
+        ax.plot(part["date"], part["real"], "k--", marker=".", label="real")
+        if cal.test is not None:
+            ax.axvline(cal.test.first, color="grey", lw=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    for ax in list(axes.flat)[len(labels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    test = cal.errors.get("test")
+    fig.suptitle(
+        f"{cal.scenario} {cal.quantity}: fit {cal.train} (MAPE {cal.errors['train']['mape']}%)"
+        + (f", forecast {cal.test} (MAPE {test['mape']}%)" if test else "")
+        + f"; band: min..max over {len(cal.restarts)} restarts × {cal.settings['eval_seeds']} seeds",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(folder / "fit.png", dpi=110)
+    plt.close(fig)
+    return ["calibration.json", "forecast.csv", "loss.png", "fit.png"]

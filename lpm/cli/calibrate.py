@@ -1,0 +1,158 @@
+"""``lpm calibrate SCENARIO --train START:END --test START:END``: fit the learnable parameters to real data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shlex
+from pathlib import Path
+
+import typer
+
+from lpm.cli.display import console
+from lpm.cli.options import parse_pairs
+from lpm.server_kind import SERVER_KINDS
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("calibrate")
+    def calibrate_command(
+        scenario: str = typer.Argument(..., help="covid, labor, or path/to/file.py:ClassName"),
+        train: str = typer.Option(..., "--train", help="fitting window START:END (YYYY-MM-DD)"),
+        test: str = typer.Option(
+            None, "--test", help="held-out window START:END, beginning the day after --train ends"
+        ),
+        policy: str = typer.Option("heuristic", "--policy", help="heuristic or llm"),
+        data: Path = typer.Option(
+            None, "--data", help="your own real series, in the format of the shipped file (replaces it)"
+        ),
+        parameters: str = typer.Option(
+            None, "--parameters", help="comma-separated learnable parameters (default: all)"
+        ),
+        agents: int = typer.Option(None, "--agents", "-n", help="agents (default: the whole city, ≈ 8.34 M)"),
+        epochs: int = typer.Option(40, "--epochs", help="Adam steps per restart (one train-window run each)"),
+        lr: float = typer.Option(0.05, "--lr", help="Adam learning rate (unconstrained parameters)"),
+        restarts: int = typer.Option(3, "--restarts", help="fits from jittered starts (the band's spread)"),
+        eval_seeds: int = typer.Option(2, "--eval-seeds", help="forecast runs per restart"),
+        truncate: int = typer.Option(
+            None, "--truncate", help="steps per backpropagated piece (default: 28 days, or less for memory)"
+        ),
+        memory_gb: float = typer.Option(12.0, "--memory-gb", help="memory the autograd graph may take"),
+        settings: list[str] = typer.Option(
+            [], "--set", metavar="NAME=VALUE", help="a scenario setting (the starting value of a fit)"
+        ),
+        seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
+        llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL (default: local)"),
+        llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
+        server: str = typer.Option("vllm", "--server", help=f"kind of LLM server: {', '.join(SERVER_KINDS)}"),
+        cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="folder (default runs/calibrate-<scenario>-<time>)"
+        ),
+    ) -> None:
+        """Fit a scenario's learnable parameters (and an LLM policy's alignment offsets) to the real series by
+        gradient descent, and forecast the held-out window: calibration.json, loss.png, fit.png."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from lpm.calibration import Window, calibrate, write
+        from lpm.errors import InputError
+        from lpm.population import Population
+        from lpm.run import RunConfig, _policy
+        from lpm.scenarios import make_scenario
+
+        train_w = Window.parse(train, "--train")
+        test_w = Window.parse(test, "--test") if test else None
+        values = parse_pairs(settings, "--set", "beta=0.05")
+        if data is not None:
+            if not data.is_file():
+                raise InputError(f"--data {data}: no such file")
+            values["data"] = str(data)
+        if policy not in ("heuristic", "llm"):
+            raise InputError(f"--policy must be heuristic or llm, got {policy!r}")
+        config = RunConfig.build(
+            scenario=scenario,
+            policy=policy,
+            agents=agents,
+            seed=seed,
+            start=train_w.first.date(),
+            scenario_config=values,
+            llm_url=llm_url,
+            llm_model=llm_model,
+            server=server,
+            cache=cache,
+        )
+        base = config.make_scenario()
+        if data is not None and "data" not in type(base).Config.model_fields:
+            raise InputError(f"--data: the {base.name} scenario reads no data file of yours")
+        names = [p.strip() for p in parameters.split(",") if p.strip()] if parameters else None
+        folder = out or Path("runs") / f"calibrate-{base.name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        if folder.exists() and any(folder.iterdir()):
+            raise InputError(f"{folder}: the folder exists and is not empty; nothing was overwritten")
+        pop = Population.synthesize("nyc", agents=agents, seed=seed)
+        argv = ["lpm", "calibrate", scenario, "--train", train] + (["--test", test] if test else [])
+        argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]
+        argv += ["--restarts", str(restarts), "--eval-seeds", str(eval_seeds), "--seed", str(seed)]
+        argv += ["--parameters", parameters] if parameters else []
+        argv += ["--truncate", str(truncate)] if truncate else []
+        argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
+
+        def make(overrides):
+            return make_scenario(scenario, {**values, **dict(overrides)})
+
+        bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with _policy(
+            config, lambda s: console.print(f"starting the local model server (logs: {s.log_path}) ...")
+        ) as (
+            chosen,
+            _info,
+        ):
+            with bar:
+                tasks: dict[str, int] = {}
+
+                def progress(phase: str, done: int, total: int, loss: float | None) -> None:
+                    if phase not in tasks:
+                        label = f"{base.name} · {policy} · {len(pop):,} agents · {phase}"
+                        tasks[phase] = bar.add_task(label, total=total, loss="")
+                    fields = {} if loss is None else {"loss": f"{loss:.4f}"}
+                    bar.update(tasks[phase], completed=done, **fields)
+
+                cal = calibrate(
+                    make,
+                    pop,
+                    chosen,
+                    train=train_w,
+                    test=test_w,
+                    parameters=names,
+                    epochs=epochs,
+                    lr=lr,
+                    restarts=restarts,
+                    seed=seed,
+                    eval_seeds=eval_seeds,
+                    truncate=truncate,
+                    memory_gb=memory_gb,
+                    progress=progress,
+                )
+        cal.command = shlex.join(argv)
+        files = write(cal, folder)
+        console.print(
+            f"[bold]{cal.scenario}[/] {cal.quantity} · {cal.agents:,} agents · {cal.wall_seconds:.0f} s"
+        )
+        for name, value in cal.parameters.items():
+            console.print(f"  {name:<20} {cal.initial[name]:>10.4g} -> {value:.4g}")
+        for window in ("train", "test"):
+            e = cal.errors.get(window)
+            if e:
+                console.print(
+                    f"{window} {getattr(cal, window)}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
+                    f"RMSE {e['rmse']:,} (before: {e['before']['rmse']:,}) over {e['periods']} periods"
+                )
+        console.print(
+            f"model calls: {cal.counters.get('llm_queries', 0)}, cache hits {cal.counters.get('cache_hits', 0)}"
+        )
+        console.print(f"wrote {', '.join(files)} to {folder}")
