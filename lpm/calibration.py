@@ -8,7 +8,8 @@ log-probabilities; an L2 penalty keeps them small). The loss is the mean over pe
 squared difference between simulated and real values of the scenario's real-series quantity: weekly sums
 of a daily count on a log scale (``log(x + 2 % of the label's peak)``: a relative error, so a borough of
 500 cases a week weighs as much as one of 20,000, and weeks of a handful of cases do not dominate) or the per-step value of a rate (percentage points). Adam takes one step per epoch; each epoch
-runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss.
+runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss;
+the fitted values are the mean of the last fifth of the iterates (Polyak averaging, less seed noise).
 
 Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 28 days:
 the horizon over which lpm's gradients of the COVID model agree with finite differences; the whole window
@@ -292,6 +293,7 @@ def calibrate(
         trained = list(z.values()) + (list(offsets.values()) if fit_offsets else [])
         opt = torch.optim.Adam(trained, lr=lr)
         history: list[float] = []
+        iterates: list[dict[str, float]] = []
         replay = None
         for epoch in range(epochs):
             if policy.mode != "heuristic" and (replay is None or (refresh and epoch % refresh == 0)):
@@ -318,15 +320,17 @@ def calibrate(
             for name, value in sim.counters.items():
                 counters[name] = counters.get(name, 0) + value
             history.append(loss)
+            iterates.append({p: float(transforms[p].to_x(z[p].detach())) for p in names})
             if progress is not None:
                 progress("fit", r * epochs + epoch + 1, total, loss)
         losses.append(history)
+        tail = max(1, epochs // 5)  # the fit: the mean of the last fifth of the iterates (Polyak averaging)
         fits.append(
             {
                 "restart": r,
-                "parameters": {p: float(transforms[p].to_x(z[p].detach())) for p in names},
+                "parameters": {p: float(np.mean([it[p] for it in iterates[-tail:]])) for p in names},
                 "offsets": {k: v.detach().clone() for k, v in offsets.items()} if fit_offsets else {},
-                "train_loss": float(np.mean(history[-max(1, epochs // 5) :])),
+                "train_loss": float(np.mean(history[-tail:])),
             }
         )
 
