@@ -40,6 +40,12 @@ def register(app: typer.Typer) -> None:
         settings: list[str] = typer.Option(
             [], "--set", metavar="NAME=VALUE", help="a scenario setting (the starting value of a fit)"
         ),
+        start_from: str = typer.Option(
+            "defaults",
+            "--from",
+            help="starting values: defaults (the scenario's, calibrated where it has a calibration) or "
+            "literature (the cited values, ignoring its calibration)",
+        ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
         llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL (default: local)"),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
@@ -66,6 +72,8 @@ def register(app: typer.Typer) -> None:
             if not data.is_file():
                 raise InputError(f"--data {data}: no such file")
             values["data"] = str(data)
+        if start_from not in ("defaults", "literature"):
+            raise InputError(f"--from must be defaults or literature, got {start_from!r}")
         if policy not in ("heuristic", "llm"):
             raise InputError(f"--policy must be heuristic or llm, got {policy!r}")
         config = RunConfig.build(
@@ -80,7 +88,9 @@ def register(app: typer.Typer) -> None:
             server=server,
             cache=cache,
         )
-        base = config.make_scenario()
+        base = make_scenario(
+            scenario, {**values, "start": train_w.first.date()}, calibrated=start_from == "defaults"
+        )
         if data is not None and "data" not in type(base).Config.model_fields:
             raise InputError(f"--data: the {base.name} scenario reads no data file of yours")
         names = [p.strip() for p in parameters.split(",") if p.strip()] if parameters else None
@@ -92,11 +102,12 @@ def register(app: typer.Typer) -> None:
         argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]
         argv += ["--restarts", str(restarts), "--eval-seeds", str(eval_seeds), "--seed", str(seed)]
         argv += ["--parameters", parameters] if parameters else []
+        argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
         argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
 
         def make(overrides):
-            return make_scenario(scenario, {**values, **dict(overrides)})
+            return make_scenario(scenario, {**values, **dict(overrides)}, calibrated=start_from == "defaults")
 
         bar = Progress(
             TextColumn("{task.description}"),

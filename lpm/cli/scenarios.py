@@ -47,11 +47,16 @@ def describe(cls) -> None:
         console.print(f"  {cls.description}")
     console.print(f"  steps: one {cls.step_unit} each, {cls.horizon} by default")
     ranges = cls.parameter_ranges()
+    calibrated = cls.calibrated_defaults()
+    if calibrated:
+        console.print(f"  calibrated defaults: {cls.calibration_path()} (the literature value in brackets)")
     params = pd.DataFrame(
         [
             {
                 "parameter": name,
-                "default": str(info.default),
+                "default": f"{calibrated[name]:.4g} ({info.default})"
+                if name in calibrated
+                else str(info.default),
                 "learnable": f"{ranges[name][0]:g} .. {ranges[name][1]:g}" if name in ranges else "",
                 "description": info.description or "",
             }

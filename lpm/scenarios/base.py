@@ -25,6 +25,11 @@ report, the policies and the CLI read only these declarations:
     series when there is one.
 ``differentiable``
     whether :meth:`Scenario.step` supports the differentiable sampler.
+``calibration``
+    optional: a ``calibration.json`` written by ``lpm calibrate`` (a path beside the scenario's file). Its
+    ``parameters`` are the scenario's defaults: a learnable parameter the configuration does not set
+    takes the calibrated value, and the Config field's own default is the value from the literature the
+    calibration started from (``Scenario(..., calibrated=False)`` uses those).
 
 The engine (:mod:`lpm.engine`) calls, once per run, ``setup(pop, device) -> world`` (what the run needs
 that does not change: index tensors and tables; the simulation owns it) and
@@ -168,16 +173,25 @@ class Scenario(ABC):
     decisions: ClassVar[tuple[Decision, ...]] = ()
     plots: ClassVar[tuple[Plot, ...]] = ()
     differentiable: ClassVar[bool] = True
+    calibration: ClassVar[str | None] = None
 
-    def __init__(self, config: Mapping[str, Any] | ScenarioConfig | None = None, /, **overrides: Any):
+    def __init__(
+        self,
+        config: Mapping[str, Any] | ScenarioConfig | None = None,
+        /,
+        *,
+        calibrated: bool = True,
+        **overrides: Any,
+    ):
         cls = type(self)
         check_declarations(cls)
         if isinstance(config, cls.Config) and not overrides:
             valid = config
         else:
             values = config.model_dump() if isinstance(config, BaseModel) else dict(config or {})
+            defaults = cls.calibrated_defaults() if calibrated else {}
             try:
-                valid = cls.Config.model_validate({**values, **overrides})
+                valid = cls.Config.model_validate({**defaults, **values, **overrides})
             except ValidationError as exc:
                 message = validation_message(
                     exc, noun="parameter", unknown="unknown parameter", top="parameters"
@@ -268,6 +282,20 @@ class Scenario(ABC):
         return n
 
     # -- declarations -----------------------------------------------------------------------------------
+    @classmethod
+    def calibration_path(cls) -> Path | None:
+        """The declared ``calibration.json`` (beside the scenario's file), or None."""
+        if cls.calibration is None:
+            return None
+        return Path(inspect.getsourcefile(cls) or ".").parent / cls.calibration
+
+    @classmethod
+    def calibrated_defaults(cls) -> dict[str, float]:
+        """The calibrated default of each learnable parameter the declared calibration fitted (empty
+        without one); a file that is missing or names an unknown parameter is an :class:`InputError`."""
+        path = cls.calibration_path()
+        return {} if path is None else dict(_calibrated(cls, path))
+
     def quantity(self, name: str) -> Quantity:
         """The declared quantity ``name``."""
         for q in self.quantities:
@@ -339,6 +367,31 @@ class Scenario(ABC):
         """The real series (``date``, the breakdown attribute(s), ``quantity``, ``value``) between two
         dates, on the scale of the simulated population; empty when the scenario has none."""
         return pd.DataFrame(columns=["date", "quantity", "value"])
+
+
+@cache
+def _calibrated(cls: type[Scenario], path: Path) -> tuple[tuple[str, float], ...]:
+    import json
+
+    where = f"{path} (the calibration of {cls.where()})"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(
+            f"{where}: no such file", hint="run the command its README gives, or restore it"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}: not a calibration.json ({exc})") from None
+    params = saved.get("parameters") if isinstance(saved, dict) else None
+    if not isinstance(params, dict) or not params:
+        raise InputError(f"{where}: field 'parameters' is missing or empty")
+    bad = [k for k, v in params.items() if k not in cls.learnable or not isinstance(v, int | float)]
+    if bad:
+        raise InputError(
+            f"{where}: field 'parameters': {bad} are not numbers for learnable parameters of {cls.name}",
+            hint=f"learnable: {', '.join(cls.learnable)}",
+        )
+    return tuple((k, float(v)) for k, v in params.items())
 
 
 def parameter(config: ScenarioConfig, params: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -84,9 +84,13 @@ def scenario_class(ref: str | type[Scenario]) -> type[Scenario]:
     return cls
 
 
-def make_scenario(ref: str | type[Scenario], config: Any = None, /, **overrides: Any) -> Scenario:
-    """A scenario object from a reference and its configuration (a mapping or keyword overrides)."""
-    return scenario_class(ref)(config, **overrides)
+def make_scenario(
+    ref: str | type[Scenario], config: Any = None, /, *, calibrated: bool = True, **overrides: Any
+) -> Scenario:
+    """A scenario object from a reference and its configuration (a mapping or keyword overrides);
+    ``calibrated=False``: learnable parameters not set default to the literature values rather than the
+    scenario's calibration."""
+    return scenario_class(ref)(config, calibrated=calibrated, **overrides)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
