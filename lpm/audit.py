@@ -348,7 +348,8 @@ def granularity_sweep(
     ``per_agent``; same population and seed for every point.
 
     make_decider(per_agent) -> a decider. error(result) -> the error against the real series (by quantity).
-    Per point: ``granularity``, ``archetypes`` (K), ``asked`` (archetype answers the run needed: K ×
+    Per point: ``granularity``, ``attributes`` (those the prompt names), ``always`` (attributes a context value
+    depends on, in every point), ``archetypes`` (K), ``asked`` (archetype answers the run needed: K ×
     decision steps, what a cold cache sends), ``sent`` (requests sent now), ``cache_hits``, ``tokens``,
     ``error`` and ``seconds``.
     """
@@ -368,6 +369,9 @@ def granularity_sweep(
         points.append(("per agent", full, AgentLLMPolicy(make_decider(True))))
     out = []
     for label, point_spec, policy in points:
+        attributes = [a for a in point_spec.attribute_names if a in spec.attribute_names]
+        if isinstance(policy, AgentLLMPolicy):
+            attributes += [c for c in policy.extra if c in pop and c not in attributes]
         started = time.perf_counter()
         sim = Simulation(scenario, pop, policy, seed=seed, device=device, specs={decision.name: point_spec})
         result = sim.run(steps)
@@ -375,6 +379,8 @@ def granularity_sweep(
         counters = result.decision_counters[decision.name]
         row = {
             "granularity": label,
+            "attributes": attributes,
+            "always": keep,
             "archetypes": int(sim.asked[0].archetypes.k),
             "asked": int(len(asked.drop_duplicates(["step", "archetype"]))),
             "sent": int(counters["llm_queries"]),

@@ -648,7 +648,12 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{cfg['granularity_agents']:,} agents (seed {cfg['seeds'][0]}). One wording for every point: the "
             "prompt's sentence about the agent lists the kept attributes (per agent: also age and ZIP), so "
             "the full product is not the llm policy's own prompt. Queries (cold): archetype answers the run "
-            "needs (K × decision steps); sent: requests sent now (the rest came from the cache).",
+            "needs (K × decision steps); sent: requests sent now (the rest came from the cache)."
+            + (
+                f" Kept in every point, because a context value depends on it: {', '.join(always)}."
+                if (always := result["granularity"][0]["always"])
+                else ""
+            ),
             "",
             *granularity_table(result["granularity"]),
         ]

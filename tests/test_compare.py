@@ -42,7 +42,7 @@ def check_comparison(folder, policies, seeds):
         assert sub.name == f"{r['policy']}-seed{r['seed']}" and (sub / "report.md").is_file()
         # the test-window error is real_error on the window's weeks, recomputed from the run folder
         traj = pd.read_parquet(sub / "trajectory.parquet")
-        real = scenario.real_data(_world(scenario), pd.Timestamp(START), traj["date"].max())
+        real = scenario.real_data(_world(scenario, result["agents"]), pd.Timestamp(START), traj["date"].max())
         assert r["error"] == window_error(scenario, traj, real, WINDOW)
         assert r["error"]["reported_cases"]["periods"] == 1  # one full week in the window
         summary = json.loads((sub / "summary.json").read_text())
@@ -56,8 +56,8 @@ def check_comparison(folder, policies, seeds):
     return result
 
 
-def _world(scenario):
-    return scenario.setup(Population.synthesize("nyc", agents=3_000, seed=0), torch.device("cpu"))
+def _world(scenario, agents):
+    return scenario.setup(Population.synthesize("nyc", agents=agents, seed=0), torch.device("cpu"))
 
 
 def test_compare_heuristic_and_llm_with_paired_seeds(tmp_path, monkeypatch):
@@ -224,3 +224,45 @@ def test_compare_and_audit_against_the_real_model(vllm_server, tmp_path, monkeyp
     assert sent == sum(
         r["llm_queries"] for r in result["runs"]
     )  # the audit's answers all came from the cache
+
+
+class LocalStandIn:
+    """Stands in for :class:`lpm.server.ModelServer`: a scripted server whose address is fixed at
+    construction and that counts as running only once :meth:`start` is called."""
+
+    instances: list = []
+
+    def __init__(self, kind, served_name=None):
+        from lpm.model import DEFAULT_MODEL_NAME
+
+        self.kind, self.fake = kind, FakeServer(model=served_name or DEFAULT_MODEL_NAME).start()
+        self.url, self.model, self.log_path = self.fake.url, self.fake.model, "-"
+        self.running, self.starts, self.stopped, self.startup_seconds = False, 0, False, None
+        LocalStandIn.instances.append(self)
+
+    def start(self):
+        self.running, self.starts, self.startup_seconds = True, self.starts + 1, 0.1
+
+    def stop(self):
+        self.running, self.stopped = False, True
+        self.fake.stop()
+
+
+def test_one_local_server_started_at_the_first_miss_and_none_when_cached(tmp_path, monkeypatch):
+    import lpm.server
+
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lpm.server, "ModelServer", LocalStandIn)
+    LocalStandIn.instances.clear()
+    config = CompareConfig.build(**base(policies=["heuristic", "llm"], seeds=[0, 1], agents=2_000, audit=10))
+    cold = compare(config, tmp_path / "cold", progress=False)
+    first = LocalStandIn.instances[-1]
+    assert (
+        first.starts == 1 and first.stopped
+    )  # one server for both LLM runs and the audit, stopped at the end
+    assert [r["from_cache_alone"] for r in cold["runs"] if r["policy"] == "llm"] == [False, False]
+    assert cold["server"]["local_server_started"]
+    warm = compare(config, tmp_path / "warm", progress=False)
+    assert LocalStandIn.instances[-1].starts == 0 and not warm["server"]["local_server_started"]
+    assert [r["from_cache_alone"] for r in warm["runs"] if r["policy"] == "llm"] == [True, True]
+    assert [r["error"] for r in warm["runs"]] == [r["error"] for r in cold["runs"]]
