@@ -218,8 +218,9 @@ class SharedModel:
                     hint="run the comparison once with --cache use (and a model server) to fill the cache",
                 ) from None
         if not self.running and self.config.cache == "use":
-            try:  # from the cache alone: no server needed if every answer is there
-                return run(config.model_copy(update={"cache": "replay"}), out, **options), True
+            try:  # from the cache alone (quietly): no server needed if every answer is there
+                quiet = options | {"progress": False}
+                return run(config.model_copy(update={"cache": "replay"}), out, **quiet), True
             except CacheMissError:
                 shutil.rmtree(out, ignore_errors=True)
         self.start()
@@ -523,8 +524,9 @@ def _granularity_plot(folder: Path, rows: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
 
     quantities = sorted({q for r in rows for q in r["error"]})
+    rows = sorted(rows, key=lambda r: r["archetypes"])
     k = [r["archetypes"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for q in quantities:
         left.plot(k, [r["error"].get(q, {}).get("mape_percent") for r in rows], marker="o", label=q)
     left.set_xscale("log")
@@ -537,7 +539,14 @@ def _granularity_plot(folder: Path, rows: list[dict[str, Any]]) -> str:
     right.set_xlabel("archetypes (log)")
     right.set_ylabel("model queries (cold cache)")
     for r in rows:
-        right.annotate(r["granularity"], (r["archetypes"], r["asked"]), fontsize=6, rotation=20)
+        right.annotate(
+            r["granularity"],
+            (r["archetypes"], r["asked"]),
+            xytext=(4, -8),
+            textcoords="offset points",
+            fontsize=6,
+        )
+    right.margins(x=0.25, y=0.15)
     fig.suptitle("granularity sweep: error and model queries against the number of archetypes", fontsize=9)
     fig.tight_layout()
     fig.savefig(folder / "granularity.png", dpi=90)

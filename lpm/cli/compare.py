@@ -118,14 +118,16 @@ def register(app: typer.Typer) -> None:
             errors = ", ".join(f"{q} MAPE {e['mape_percent']}%" for q, e in r["error"].items())
             console.print(
                 f"{r['policy']} · seed {r['seed']}: wall {r['wall_seconds']:.1f} s, LLM queries {r['llm_queries']:,}, "
-                f"cache hits {r['cache_hits']:,}, tokens {r['tokens']:,}; {errors} (test window) -> {r['folder']}"
+                f"cache hits {r['cache_hits']:,}, tokens {r['tokens']:,}; {errors} (test window) -> {r['folder']}",
+                soft_wrap=True,
             )
 
         def on_point(p: dict) -> None:
             errors = ", ".join(f"{q} MAPE {e['mape_percent']}%" for q, e in p["error"].items())
             console.print(
                 f"granularity {p['granularity']}: {p['archetypes']:,} archetypes, queries {p['asked']:,} "
-                f"(sent {p['sent']:,}); {errors}"
+                f"(sent {p['sent']:,}); {errors}",
+                soft_wrap=True,
             )
 
         result = compare(
@@ -140,7 +142,8 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"\n{result['scenario']} · {result['agents']:,} agents · {result['steps']} {result['step_unit']}s "
             f"({result['first_date']} .. {result['last_date']}) · test window {result['test']['first']} .. "
-            f"{result['test']['last']} · mean ± sd over seeds {config.seeds}"
+            f"{result['test']['last']} · mean ± sd over seeds {config.seeds}",
+            soft_wrap=True,
         )
         for line in table(result):
             console.print(line, highlight=False, soft_wrap=True, markup=False)
