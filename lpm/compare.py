@@ -207,6 +207,7 @@ class SharedModel:
     def run(self, config: RunConfig, out: Path, **options: Any) -> tuple[RunOutput, bool]:
         """``lpm.run.run`` of an LLM ``config`` against this model; returns the output and whether every
         answer came from the cache alone (a replay run)."""
+        config = config.model_copy(update={"llm_url": self.url, "llm_model": self.model})
         if self.config.cache == "replay":
             try:
                 return run(config, out, **options), True
@@ -224,8 +225,7 @@ class SharedModel:
             except CacheMissError:
                 shutil.rmtree(out, ignore_errors=True)
         self.start()
-        url = self.url or self.local.url
-        return run(config.model_copy(update={"llm_url": url, "llm_model": self.model}), out, **options), False
+        return run(config.model_copy(update={"llm_url": self.url or self.local.url}), out, **options), False
 
     def close(self) -> None:
         if self.local is not None:
