@@ -9,22 +9,17 @@ import typer
 
 from lpm.cli.display import console
 from lpm.cli.options import parse_pairs
+from lpm.errors import InputError
 from lpm.server_kind import SERVER_KINDS
 
 
 def _list(text: str, option: str, kind: type = str) -> list:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (empty entries dropped); a bad entry names the option."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     try:
         return [kind(t) for t in items]
     except ValueError:
-        raise_input(f"{option} {text!r}: expected a comma-separated list, e.g. {option} 0,1,2")
-    return []
-
-
-def raise_input(message: str) -> None:
-    from lpm.errors import InputError
-
-    raise InputError(message)
+        raise InputError(f"{option} {text!r}: expected a comma-separated list, e.g. {option} 0,1,2") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -80,7 +75,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a scenario under each policy with paired seeds; report error against the real data and cost."""
         from lpm.compare import CompareConfig, audit_lines, compare, granularity_table, parse_window, table
-        from lpm.errors import InputError
 
         try:
             start_date = dt.date.fromisoformat(start) if start else None
