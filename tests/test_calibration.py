@@ -188,4 +188,4 @@ def test_missing_data_file_and_replay_without_answers(tmp_path, capsys, monkeypa
         + ["--agents", "2000", "--epochs", "1", "--restarts", "1", "--out", str(tmp_path / "x")]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "replay" in err, err
+    assert code == 2 and "--cache replay: policy llm needs decisions" in err, err

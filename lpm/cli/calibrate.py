@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from lpm.calibration import Window, calibrate, write
-        from lpm.errors import InputError
+        from lpm.errors import CacheMissError, InputError
         from lpm.population import Population
         from lpm.run import RunConfig, _policy
         from lpm.scenarios import make_scenario
@@ -133,22 +133,28 @@ def register(app: typer.Typer) -> None:
                     fields = {} if loss is None else {"loss": f"{loss:.4f}"}
                     bar.update(tasks[phase], completed=done, **fields)
 
-                cal = calibrate(
-                    make,
-                    pop,
-                    chosen,
-                    train=train_w,
-                    test=test_w,
-                    parameters=names,
-                    epochs=epochs,
-                    lr=lr,
-                    restarts=restarts,
-                    seed=seed,
-                    eval_seeds=eval_seeds,
-                    truncate=truncate,
-                    memory_gb=memory_gb,
-                    progress=progress,
-                )
+                try:
+                    cal = calibrate(
+                        make,
+                        pop,
+                        chosen,
+                        train=train_w,
+                        test=test_w,
+                        parameters=names,
+                        epochs=epochs,
+                        lr=lr,
+                        restarts=restarts,
+                        seed=seed,
+                        eval_seeds=eval_seeds,
+                        truncate=truncate,
+                        memory_gb=memory_gb,
+                        progress=progress,
+                    )
+                except CacheMissError as exc:
+                    raise InputError(
+                        f"--cache replay: policy {policy} needs decisions the cache does not hold: {exc}",
+                        hint="calibrate once with --cache use (and a model server) to fill the cache",
+                    ) from None
         cal.command = shlex.join(argv)
         files = write(cal, folder)
         console.print(

@@ -505,6 +505,8 @@ class CovidScenario(Scenario):
         "community_reopened",
         *BOROUGH_BETA.values(),
     )
+    #: Defaults of the fitted parameters: ``lpm calibrate`` on 2020-03-01 .. 04-11 (its command inside).
+    calibration = "calibration/covid/calibration.json"
     needs = ("borough", "zip", "age_group", "household", "school", "workplace")
     quantities = (
         Quantity("infections", "new infections per day", total=True),
