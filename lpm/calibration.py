@@ -51,7 +51,7 @@ from lpm.policy import Policy
 from lpm.population import Population
 from lpm.scenarios.base import Quantity, Scenario
 
-__all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "period_values"]
+__all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "period_values", "run_loss"]
 
 #: Bytes of autograd graph per agent per simulated day of the COVID model (benchmarks/engine.py).
 GRAPH_BYTES_PER_AGENT_STEP = 130
@@ -166,6 +166,7 @@ class Calibration:
     errors: dict[str, dict[str, float]]
     restarts: list[dict[str, Any]]
     losses: list[list[float]]  # per restart, per epoch
+    iterates: list[list[dict[str, float]]]  # per restart, per epoch: the parameters after its step
     forecast: pd.DataFrame  # date, label, real, median, low, high, window
     settings: dict[str, Any]
     offsets: dict[str, list[list[float]]] = field(default_factory=dict)
@@ -272,6 +273,7 @@ def calibrate(
     scale = float(getattr(probe.world, "scale", 1.0)) if q.total else 1.0
 
     losses: list[list[float]] = []
+    trajectories: list[list[dict[str, float]]] = []
     fits: list[dict[str, Any]] = []
     counters: dict[str, int] = {}
     total = restarts * epochs
@@ -324,6 +326,7 @@ def calibrate(
             if progress is not None:
                 progress("fit", r * epochs + epoch + 1, total, loss)
         losses.append(history)
+        trajectories.append(iterates)
         tail = max(1, epochs // 5)  # the fit: the mean of the last fifth of the iterates (Polyak averaging)
         fits.append(
             {
@@ -382,6 +385,7 @@ def calibrate(
         errors=errors,
         restarts=[{k: v for k, v in f.items() if k != "offsets"} for f in fits],
         losses=losses,
+        iterates=trajectories,
         forecast=forecast,
         settings={
             "epochs": epochs,
@@ -482,6 +486,21 @@ def _loss(sim_p: torch.Tensor, real_p: torch.Tensor, floor: torch.Tensor | None)
     return (((a - b) ** 2) * ok).sum()
 
 
+def _floor_and_count(real: torch.Tensor, period: int) -> tuple[torch.Tensor | None, float]:
+    """The per-label floor of the log scale (counts compared per period; None for rates) and the number
+    of finite real values the loss is the mean over."""
+    floor = LOG_FLOOR * torch.nan_to_num(real).amax(0).clamp_min(1.0) if period > 1 else None
+    return floor, float((~torch.isnan(real)).sum())
+
+
+def run_loss(series: torch.Tensor, real: torch.Tensor, period: int) -> float:
+    """The loss :func:`calibrate` minimises, of one run: ``series`` (steps, labels) simulated per step
+    against ``real`` (steps // period, labels) real values per period (NaN where missing); e.g. to score
+    an inference run at given parameter values, or to compare with another optimiser on the same loss."""
+    floor, count = _floor_and_count(real, period)
+    return float(_loss(period_values(series, period), real, floor) / count)
+
+
 def _detached(state: SimState) -> SimState:
     return SimState(
         {k: v.detach() for k, v in state.scenario.items()}, {k: v.detach() for k, v in state.actions.items()}
@@ -500,8 +519,7 @@ def _train_epoch(
     offset_l2: float,
 ) -> float:
     """One pass over the train window, backpropagated piece by piece; returns the epoch's loss."""
-    floor = LOG_FLOOR * torch.nan_to_num(real).amax(0).clamp_min(1.0) if period > 1 else None
-    count = float((~torch.isnan(real)).sum())
+    floor, count = _floor_and_count(real, period)
     sim._reset()
     total = 0.0
     with torch.enable_grad():
