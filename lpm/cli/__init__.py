@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 #: Modules of lpm.cli that each define ``register(app)``; listed here, imported in this order.
-COMMAND_MODULES = ["population", "archetypes", "scenarios", "serve", "run", "decide", "cache"]
+COMMAND_MODULES = ["population", "archetypes", "scenarios", "serve", "run", "decide", "cache", "sensitivity"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"lpm.cli.{_name}").register(app)
