@@ -27,6 +27,16 @@ from lpm.sensitivity import markdown, outcome, sensitivity
 SEEDS = range(1, 9)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for these runs of many small simulations: on a shared two-core machine two
+    threads oversubscribe it (the covid comparison took 46 s with two under load, 7 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _agree(frame: pd.DataFrame) -> None:
     report = frame[["outcome", "parameter", "ratio", "difference_se"]].round(4).to_string()
     gap = (frame["autograd"] - frame["fd"]).abs()
