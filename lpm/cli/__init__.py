@@ -29,6 +29,7 @@ COMMAND_MODULES = [
     "run",
     "calibrate",
     "compare",
+    "sensitivity",
     "decide",
     "cache",
 ]
