@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The main job (README): the COVID scenario on the full synthetic NYC population (≈ 8.34 M agents),
-# first with the heuristic policy, then with isolation decisions from the local LLM (SmolLM2-135M on
-# the CPU build of vLLM, started and stopped by lpm). Each run writes a folder under runs/.
+# The main job (README): the COVID scenario on the full synthetic NYC population (≈ 8.34 M agents) with its
+# calibrated defaults, under the heuristic policy and under isolation decisions from the local LLM
+# (SmolLM2-135M on the CPU build of vLLM, started and stopped by lpm), with paired seeds, against the real
+# reported cases: one comparison folder with report.md, compare.json and the overlay plot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stamp=$(date +%Y%m%d-%H%M%S)
-.venv/bin/lpm run covid --policy heuristic --out "runs/$stamp-covid-heuristic"
-.venv/bin/lpm run covid --policy llm --out "runs/$stamp-covid-llm"
+out="runs/$(date +%Y%m%d-%H%M%S)-covid-compare"
+.venv/bin/lpm compare covid --policies heuristic,llm --seeds 0 --test 2020-04-12:2020-05-09 --out "$out"
 echo
-echo "reports: runs/$stamp-covid-heuristic/report.md and runs/$stamp-covid-llm/report.md"
+echo "report: $out/report.md"

@@ -25,7 +25,7 @@ def _made_by_the_simulator(pop, name, start, truth, steps, seeds=(11, 12, 13, 14
     """The mean over seeds of the simulator's own series at known parameters, as a real-data frame."""
     frames = []
     for s in seeds:
-        scenario = make_scenario(name, {"start": start, **truth})
+        scenario = make_scenario(name, {"start": start, **truth}, calibrated=False)
         frames.append(Simulation(scenario, pop, HeuristicPolicy(), seed=s).run(steps).trajectory)
     keys = ["date", "borough", "quantity"]
     return pd.concat(frames).groupby(keys, observed=True)["value"].mean().reset_index()
@@ -33,7 +33,7 @@ def _made_by_the_simulator(pop, name, start, truth, steps, seeds=(11, 12, 13, 14
 
 def _fit(pop, name, train, parameters, target=None, **kw):
     return calibrate(
-        lambda o: make_scenario(name, dict(o)),
+        lambda o: make_scenario(name, dict(o), calibrated=False),  # from the literature values
         pop,
         HeuristicPolicy(),
         train=Window.parse(train, "--train"),

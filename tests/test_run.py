@@ -197,9 +197,19 @@ def test_cuda_without_gpu_writes_nothing(tmp_path):
 def test_start_outside_the_data_writes_nothing(tmp_path):
     import datetime as dt
 
-    with pytest.raises(InputError, match="start must lie in"):
+    with pytest.raises(InputError, match="start must be 2020-03-01 or later"):
         run(
             RunConfig.build(scenario="covid", start=dt.date(2019, 5, 1), weeks=1, agents=1000),
+            tmp_path / "r",
+            progress=False,
+        )
+    assert not (tmp_path / "r").exists()
+    # after the shipped data end: nothing to seed from
+    with pytest.raises(
+        InputError, match=r"cases-by-day\.csv: field 'date_of_interest': no case was reported"
+    ):
+        run(
+            RunConfig.build(scenario="covid", start=dt.date(2023, 5, 1), weeks=1, agents=1000),
             tmp_path / "r",
             progress=False,
         )

@@ -197,7 +197,8 @@ def test_cli_writes_the_table_and_the_tornado_plot(tmp_path):
     assert (summer["autograd"] == 0).all() and (summer["fd"] == 0).all() and summer["ratio"].isna().all()
     table = (out / "sensitivity.md").read_text()
     assert "| parameter | value | autograd | finite difference | ratio | elasticity |" in table
-    assert "## peak_week:reported_cases" in table and "| beta | 0.048 |" in table
+    beta = CovidScenario().config.beta  # the calibrated default
+    assert "## peak_week:reported_cases" in table and f"| beta | {beta:.4g} |" in table
     assert "total:reported_cases" in res.stdout and "finite difference" in res.stdout
     assert "detaches the decisions' context" in res.stdout
     assert (out / "tornado.png").read_bytes()[:4] == b"\x89PNG"
