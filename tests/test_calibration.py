@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from lpm.calibration import Window, calibrate
 from lpm.cli import main
@@ -189,3 +190,41 @@ def test_missing_data_file_and_replay_without_answers(tmp_path, capsys, monkeypa
     )
     err = capsys.readouterr().err
     assert code == 2 and "--cache replay: policy llm needs decisions" in err, err
+
+
+@pytest.mark.integration
+def test_llm_policy_is_asked_once_then_replayed_and_its_offsets_fitted(vllm_server, pop, tmp_path):
+    """With the real model: the first epoch asks the server (through the cache), later epochs replay those
+    answers (no request), and the alignment offsets of the isolation decision move from zero."""
+    from lpm.backend import OpenAIBackend
+    from lpm.cache import ResponseCache
+    from lpm.decision import Decider
+    from lpm.policy import ArchetypeLLMPolicy
+    from lpm.server import metrics
+
+    decider = Decider(
+        OpenAIBackend(vllm_server.url, vllm_server.model),
+        ResponseCache(tmp_path),
+        mode="auto",
+        progress=False,
+    )
+    before = float(metrics(vllm_server.url)["completion_requests"])
+    asked: list[float] = []
+    cal = calibrate(
+        lambda o: make_scenario("covid", dict(o)),
+        pop,
+        ArchetypeLLMPolicy(decider),
+        train=Window.parse("2020-03-16:2020-03-29", "--train"),
+        parameters=["beta"],
+        epochs=3,
+        restarts=1,
+        eval_seeds=1,
+        progress=lambda phase, done, total, loss: asked.append(
+            float(metrics(vllm_server.url)["completion_requests"])
+        ),
+    )
+    first, second, third = asked[:3]  # after each epoch
+    assert first > before and second == first and third == first
+    assert cal.settings["fit_offsets"] and cal.policy == "llm-archetype"
+    moved = torch.tensor(cal.offsets["offsets.isolation"])
+    assert moved.shape == (100, 2) and float(moved.abs().max()) > 0
