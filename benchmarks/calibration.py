@@ -45,11 +45,12 @@ import optuna
 import pandas as pd
 import torch
 
-from lpm.calibration import Window, _period, _steps, _target, calibrate, fit_quantity, period_values, run_loss
+from lpm.calibration import Window, _steps, _target, calibrate, fit_quantity, run_loss
 from lpm.engine import Simulation
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
 from lpm.scenarios import make_scenario
+from lpm.scenarios.base import compared_period, period_sums
 
 #: Per scenario: the train window, the fitted parameters and the values that make the simulated data.
 SETUPS = {
@@ -78,14 +79,14 @@ class Problem:
         self.policy = HeuristicPolicy()
         self.base = self.scenario({})
         self.q = fit_quantity(self.base)
-        self.period = _period(self.base, self.q)
+        self.period = compared_period(self.base, self.q)
         self.steps, _ = _steps(self.base, train, None, self.period)
         #: the real-data frame calibrate() is given (None: the scenario's real series)
         self.target = None if truth is None else self._simulated(truth)
         labels = pop.labels(self.q.by) if self.q.by else ["all"]
         world = Simulation(self.base, pop, self.policy, seed=0).world
         real = _target(self.base, world, self.q, labels, self.steps, self.target)
-        self.real = period_values(real, self.period)
+        self.real = period_sums(real, self.period)
         self._scored: dict[tuple, float] = {}
 
     def _simulated(self, truth: Mapping[str, float]) -> pd.DataFrame:

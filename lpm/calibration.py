@@ -49,9 +49,9 @@ from lpm.errors import InputError
 from lpm.gradcheck import ReplayPolicy
 from lpm.policy import Policy
 from lpm.population import Population
-from lpm.scenarios.base import Quantity, Scenario
+from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
-__all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "period_values", "run_loss"]
+__all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
 #: Bytes of autograd graph per agent per simulated day of the COVID model (benchmarks/engine.py).
 GRAPH_BYTES_PER_AGENT_STEP = 130
@@ -97,33 +97,6 @@ def fit_quantity(scenario: Scenario, name: str | None = None) -> Quantity:
         f"--quantity {name!r}: not a quantity of {scenario.name} with a real series",
         hint=f"quantities with one: {', '.join(q.name for q in with_real) or 'none'}",
     )
-
-
-def _period(scenario: Scenario, q: Quantity) -> int:
-    """Steps per compared period: 7 (weekly sums) for a daily count, else 1."""
-    return 7 if scenario.step_unit == "day" and q.total else 1
-
-
-def period_values(series: torch.Tensor, period: int) -> torch.Tensor:
-    """(P, ...) sums of a (T, ...) series over consecutive periods of ``period`` steps (a trailing part
-    period is dropped)."""
-    t = series.shape[0] // period * period
-    return series[:t].reshape(t // period, period, *series.shape[1:]).sum(1)
-
-
-def _real_table(scenario: Scenario, world: Any, q: Quantity, labels: list[str], steps: int) -> torch.Tensor:
-    """(steps, labels) real values of ``q`` at each step from the scenario's start; NaN where missing."""
-    first = scenario.date(0)
-    last = scenario.date(steps - 1)
-    real = scenario.real_data(world, first, last)
-    real = real[real["quantity"].astype(str) == q.name]
-    dates = [scenario.date(t) for t in range(steps)]
-    if q.by is None:
-        wide = real.groupby("date")["value"].sum().reindex(dates).to_frame()
-    else:
-        wide = real.pivot_table(index="date", columns=q.by, values="value", observed=False, aggfunc="sum")
-        wide = wide.reindex(index=dates, columns=labels)
-    return torch.tensor(wide.to_numpy(dtype=float), dtype=torch.float64)
 
 
 class _Transform:
@@ -237,7 +210,7 @@ def calibrate(
     started = time.perf_counter()
     base = make_scenario({"start": train.first.date()})
     q = fit_quantity(base, quantity)
-    period = _period(base, q)
+    period = compared_period(base, q)
     names = list(base.learnable if parameters is None else parameters)
     unknown = [p for p in names if p not in base.learnable]
     if unknown:
@@ -265,7 +238,7 @@ def calibrate(
     probe = Simulation(base, pop, policy, seed=seed)
     labels = pop.labels(q.by) if q.by else ["all"]
     real_all = _target(base, probe.world, q, labels, train_steps + test_steps, target)
-    real_train = period_values(real_all[:train_steps], period)
+    real_train = period_sums(real_all[:train_steps], period)
     if torch.isnan(real_train).all():
         raise InputError(
             f"no real {q.name} in the train window {train}", hint="choose a window the data cover"
@@ -346,12 +319,12 @@ def calibrate(
         nonlocal done
         scenario = make_scenario({"start": train.first.date(), **values})
         out = []
+        given = {k.removeprefix("offsets."): v for k, v in offs.items()} or None
         for s in range(eval_seeds):
-            given = {k.removeprefix("offsets."): v for k, v in offs.items()} or None
             sim = Simulation(scenario, pop, policy, seed=seed + 100_000 + s, offsets=given)
             with torch.no_grad():
                 result = sim.run(steps)
-            out.append(period_values(result.series[q.name].double().reshape(steps, -1), period))
+            out.append(period_sums(result.series[q.name].double().reshape(steps, -1), period))
             for name, value in sim.counters.items():
                 counters[name] = counters.get(name, 0) + value
             done += 1
@@ -361,7 +334,7 @@ def calibrate(
 
     stacked = torch.stack([x for fit in fits for x in forecast(fit["parameters"], fit["offsets"])])
     before = torch.stack(forecast(initial, {}))  # (S, P, L) at the starting values
-    real_periods = period_values(real_all, period)
+    real_periods = period_sums(real_all, period)
     p_train = train_steps // period
     errors = {"train": _errors(stacked[:, :p_train], real_periods[:p_train], scale)}
     errors["train"]["before"] = _errors(before[:, :p_train], real_periods[:p_train], scale)
@@ -451,19 +424,17 @@ def _steps(base: Scenario, train: Window, test: Window | None, period: int) -> t
 def _target(
     scenario: Scenario, world: Any, q: Quantity, labels: list[str], steps: int, target: pd.DataFrame | None
 ) -> torch.Tensor:
-    if target is None:
-        table = _real_table(scenario, world, q, labels, steps)
+    """(steps, labels) real values of ``q`` at each step from the scenario's start (from ``target``, else
+    the scenario's real data); an error naming the first step the data do not cover."""
+    dates = [scenario.date(t) for t in range(steps)]
+    frame = scenario.real_data(world, dates[0], dates[-1]) if target is None else target
+    frame = frame[frame["quantity"].astype(str) == q.name]
+    if q.by is None:
+        wide = frame.groupby("date")["value"].sum().reindex(dates).to_frame()
     else:
-        frame = target[target["quantity"].astype(str) == q.name]
-        dates = [scenario.date(t) for t in range(steps)]
-        if q.by is None:
-            wide = frame.groupby("date")["value"].sum().reindex(dates).to_frame()
-        else:
-            wide = frame.pivot_table(
-                index="date", columns=q.by, values="value", observed=False, aggfunc="sum"
-            )
-            wide = wide.reindex(index=dates, columns=labels)
-        table = torch.tensor(wide.to_numpy(dtype=float), dtype=torch.float64)
+        wide = frame.pivot_table(index="date", columns=q.by, values="value", observed=False, aggfunc="sum")
+        wide = wide.reindex(index=dates, columns=labels)
+    table = torch.tensor(wide.to_numpy(dtype=float), dtype=torch.float64)
     last = scenario.date(steps - 1)
     missing = torch.isnan(table).all(1)
     if bool(missing.any()):
@@ -498,7 +469,7 @@ def run_loss(series: torch.Tensor, real: torch.Tensor, period: int) -> float:
     against ``real`` (steps // period, labels) real values per period (NaN where missing); e.g. to score
     an inference run at given parameter values, or to compare with another optimiser on the same loss."""
     floor, count = _floor_and_count(real, period)
-    return float(_loss(period_values(series, period), real, floor) / count)
+    return float(_loss(period_sums(series, period), real, floor) / count)
 
 
 def _detached(state: SimState) -> SimState:
@@ -532,7 +503,7 @@ def _train_epoch(
             for t in range(t0, t1):
                 state = sim.step(state, t)
             series = torch.stack([r[q.name] for r in sim._records[t0:t1]]).reshape(t1 - t0, -1)
-            piece = _loss(period_values(series, period), real[t0 // period : t1 // period], floor) / count
+            piece = _loss(period_sums(series, period), real[t0 // period : t1 // period], floor) / count
             if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
                 piece = piece + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())
             if piece.requires_grad:

@@ -27,16 +27,14 @@ import torch
 from lpm.engine import Simulation
 from lpm.policy import Archetypes, Policy, PolicyDecision
 from lpm.population import Population
-from lpm.scenarios.base import Scenario
+from lpm.scenarios.base import Scenario, period_sums
 
 __all__ = ["GradCheck", "check", "weekly_totals"]
 
 
 def weekly_totals(series: torch.Tensor, days: int = 7) -> torch.Tensor:
     """(weeks,) sums of a (T, ...) daily series over consecutive weeks and every other dimension."""
-    flat = series.reshape(series.shape[0], -1).sum(1)
-    t = flat.shape[0] // days * days
-    return flat[:t].reshape(-1, days).sum(1)
+    return period_sums(series.reshape(series.shape[0], -1).sum(1), days)
 
 
 @dataclass

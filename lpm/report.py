@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lpm.scenarios.base import compared_period  # noqa: E402
+
 DECISIONS_PLOT = "decisions.png"
 
 
@@ -44,7 +46,7 @@ def real_error(scenario: Any, trajectory: pd.DataFrame, real: pd.DataFrame) -> d
         both = sim.merge(obs, on=keys, suffixes=("_sim", "_real"))
         if both.empty:
             continue
-        weekly = scenario.step_unit == "day" and q.total
+        weekly = compared_period(scenario, q) == 7
         if weekly:
             both = both.assign(period=both["step"] // 7)
             full = both.groupby("period")["step"].nunique()

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_pairs
+from lpm.cli.options import parse_list, parse_pairs
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         )
         if data is not None and "data" not in type(base).Config.model_fields:
             raise InputError(f"--data: the {base.name} scenario reads no data file of yours")
-        names = [p.strip() for p in parameters.split(",") if p.strip()] if parameters else None
+        names = parse_list(parameters, "--parameters") or None
         folder = out or Path("runs") / f"calibrate-{base.name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         if folder.exists() and any(folder.iterdir()):
             raise InputError(f"{folder}: the folder exists and is not empty; nothing was overwritten")

@@ -8,18 +8,8 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_pairs
-from lpm.errors import InputError
+from lpm.cli.options import parse_date, parse_list, parse_pairs
 from lpm.server_kind import SERVER_KINDS
-
-
-def _list(text: str, option: str, kind: type = str) -> list:
-    """``"0,1,2"`` -> ``[0, 1, 2]`` (empty entries dropped); a bad entry names the option."""
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    try:
-        return [kind(t) for t in items]
-    except ValueError:
-        raise InputError(f"{option} {text!r}: expected a comma-separated list, e.g. {option} 0,1,2") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -76,16 +66,12 @@ def register(app: typer.Typer) -> None:
         """Run a scenario under each policy with paired seeds; report error against the real data and cost."""
         from lpm.compare import CompareConfig, audit_lines, compare, granularity_table, parse_window, table
 
-        try:
-            start_date = dt.date.fromisoformat(start) if start else None
-        except ValueError:
-            raise InputError(f"--start must be a date YYYY-MM-DD, got {start!r}") from None
         config = CompareConfig.build(
             scenario=scenario,
-            policies=_list(policies, "--policies"),
-            seeds=_list(seeds, "--seeds", int),
+            policies=parse_list(policies, "--policies"),
+            seeds=parse_list(seeds, "--seeds", int),
             agents=agents,
-            start=start_date,
+            start=parse_date(start, "--start"),
             steps=steps,
             days=days,
             weeks=weeks,
@@ -102,7 +88,7 @@ def register(app: typer.Typer) -> None:
             granularity=granularity,
             granularity_agents=granularity_agents,
             audit=audit,
-            audit_extra=_list(audit_extra, "--audit-extra"),
+            audit_extra=parse_list(audit_extra, "--audit-extra"),
         )
         if out is None:
             name = Path(scenario.split(":")[0]).stem

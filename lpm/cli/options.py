@@ -1,7 +1,9 @@
-"""Parsing of repeated ``NAME=VALUE`` options shared by the commands (``--set``, ``--context``)."""
+"""Parsing of options shared by the commands: repeated ``NAME=VALUE`` (``--set``, ``--context``), comma-separated
+lists (``--seeds``, ``--parameters``) and dates (``--start``)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from typing import Any
 
@@ -31,3 +33,22 @@ def parse_pairs(pairs: list[str], option: str, example: str) -> dict[str, Any]:
             raise InputError(f"{option} {pair!r}: the value must be finite")
         out[name] = value
     return out
+
+
+def parse_list(text: str | None, option: str, kind: type = str) -> list:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (empty entries dropped; None -> []); a bad entry names the option."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise InputError(f"{option} {text!r}: expected a comma-separated list, e.g. {option} 0,1,2") from None
+
+
+def parse_date(text: str | None, option: str) -> dt.date | None:
+    """``"2020-03-16"`` -> the date (None stays None); anything else is an error naming the option."""
+    if not text:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"{option} must be a date YYYY-MM-DD, got {text!r}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_pairs
+from lpm.cli.options import parse_date, parse_pairs
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -66,16 +66,12 @@ def register(app: typer.Typer) -> None:
         from lpm.report import number
         from lpm.run import RunConfig, run
 
-        try:
-            start_date = dt.date.fromisoformat(start) if start else None
-        except ValueError:
-            raise InputError(f"--start must be a date YYYY-MM-DD, got {start!r}") from None
         config = RunConfig.build(
             scenario=scenario,
             policy=policy,
             agents=agents,
             seed=seed,
-            start=start_date,
+            start=parse_date(start, "--start"),
             steps=steps,
             days=days,
             weeks=weeks,

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console, frame_table
-from lpm.cli.options import parse_pairs
+from lpm.cli.options import parse_date, parse_list, parse_pairs
 
 
 def register(app: typer.Typer) -> None:
@@ -77,22 +77,14 @@ def register(app: typer.Typer) -> None:
         from lpm.scenarios import make_scenario
         from lpm.sensitivity import markdown, sensitivity, tornado
 
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise InputError(
-                f"--seeds must be comma-separated whole numbers, e.g. 0,1,2,3; got {seeds!r}"
-            ) from None
+        seed_list = parse_list(seeds, "--seeds", int)
         if agents < 1:
             raise InputError(f"--agents must be >= 1, got {agents}")
         values = parse_pairs(settings, "--set", "beta=0.05")
         if "start" in values:
             raise InputError("give the start date with --start, not --set start=…")
         if start:
-            try:
-                values["start"] = dt.date.fromisoformat(start)
-            except ValueError:
-                raise InputError(f"--start must be a date YYYY-MM-DD, got {start!r}") from None
+            values["start"] = parse_date(start, "--start")
         base = make_scenario(scenario, values)
         horizon = base.steps_for(steps=steps, days=days, weeks=weeks, months=months)
         folder = out or Path("runs") / f"sensitivity-{base.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
@@ -104,10 +96,10 @@ def register(app: typer.Typer) -> None:
         frame = sensitivity(
             lambda kw: make_scenario(scenario, {**values, **kw}),
             pop,
-            outcomes=_split(outcomes),
+            outcomes=parse_list(outcomes, "--outcomes") or None,
             steps=horizon,
             seeds=seed_list,
-            parameters=_split(parameters),
+            parameters=parse_list(parameters, "--parameters") or None,
             rel_step=rel_step,
             offset_step=offset_step,
             estimator=estimator,
@@ -133,10 +125,6 @@ def register(app: typer.Typer) -> None:
                 title += f" (hard peak: period from {first['peak_date']})"
             console.print(frame_table(shown, title=title, floats="{:.4g}"))
         console.print(f"table: {folder / 'sensitivity.md'} · plot: {folder / 'tornado.png'}")
-
-
-def _split(text: str | None) -> list[str] | None:
-    return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
 
 def _shown(rows):

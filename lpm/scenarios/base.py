@@ -62,7 +62,9 @@ from lpm.population import Population
 
 __all__ = [
     "Decision",
+    "compared_period",
     "parameter",
+    "period_sums",
     "real_frame",
     "Plot",
     "Quantity",
@@ -398,6 +400,19 @@ def parameter(config: ScenarioConfig, params: Mapping[str, torch.Tensor], name: 
     """Setting ``name`` as a tensor: the run's learnable tensor when ``params`` has it (gradients reach
     it), else the configuration's value."""
     return params[name] if name in params else torch.tensor(float(getattr(config, name)))
+
+
+def period_sums(series: torch.Tensor, period: int) -> torch.Tensor:
+    """(P, ...) sums of a (T, ...) series over consecutive periods of ``period`` steps (a trailing part
+    period is dropped)."""
+    t = series.shape[0] // period * period
+    return series[:t].reshape(t // period, period, *series.shape[1:]).sum(1)
+
+
+def compared_period(scenario: Scenario, q: Quantity) -> int:
+    """Steps per period a quantity is compared with its real series over: 7 (weekly sums) for a daily
+    count (``total``), else 1 (each step's value)."""
+    return 7 if scenario.step_unit == "day" and q.total else 1
 
 
 def real_frame(

@@ -105,6 +105,7 @@ from lpm.scenarios.base import (
     Scenario,
     ScenarioConfig,
     parameter,
+    period_sums,
     real_frame,
 )
 
@@ -814,8 +815,7 @@ def _real_cases(path: str | None = None) -> pd.DataFrame:
 
 def weekly(series: torch.Tensor, days: int = 7) -> torch.Tensor:
     """Sum a (T, ...) daily series over consecutive weeks: (T // days, ...); a trailing part week is dropped."""
-    t = series.shape[0] // days * days
-    return series[:t].reshape(t // days, days, *series.shape[1:]).sum(1)
+    return period_sums(series, days)
 
 
 def weekly_mse(
