@@ -6,13 +6,17 @@ constraint that only lets the model write one of the actions, in the format of t
 
 ``logprobs``
     One greedy request with ``logprobs=True, top_logprobs=20``; the first generated token's alternatives
-    are summed per action (:func:`lpm.logprobs.choice_distribution`). A token that is a prefix of several
-    actions is *ambiguous*; word actions so their first tokens differ to avoid it.
+    are summed per action (:func:`lpm.logprobs.first_token_reading`). Their *coverage* (the mass on tokens
+    that begin an action, before renormalisation) must reach ``min_coverage``. Where a first token begins
+    several actions (``stay`` of "stay home" and "stay at work"), or with ``scoring="sequence"``, each whole
+    action is scored from the server's prompt log-probabilities instead (:func:`lpm.logprobs.action_logprob`:
+    one request per action and one for the bare prompt); the answer records which (``scoring``).
 ``sample``
     ``n`` samples at temperature 1 under the same constraint; the probability of an action is its share.
 
-``auto`` tries ``logprobs`` and falls back to ``sample`` when the server returns no log-probabilities;
-:class:`Answer` records the mode used. A bad answer (no mass on any action, text that is not an action) is
+``auto`` tries ``logprobs`` for each request and samples that request instead when the server returns no
+log-probabilities or their coverage is too low; :class:`Answer` records the mode used and why it switched
+(``fallback``). Every failure of a request (a bad answer, a malformed response, a client exception) is
 retried, then raised as :class:`LLMError`; an unreachable server raises :class:`ServerError`.
 """
 
@@ -32,7 +36,15 @@ import openai
 
 from lpm.decoding import Decoding
 from lpm.errors import InputError, LLMError, LpmError, ServerError
-from lpm.logprobs import BadAnswer, NoLogprobs, choice_distribution, first_token_candidates, match_action
+from lpm.logprobs import (
+    BadAnswer,
+    NoLogprobs,
+    action_logprob,
+    first_token_candidates,
+    first_token_reading,
+    match_action,
+    normalise_logprobs,
+)
 from lpm.server_kind import ServerKind, server_kind
 
 DEFAULT_DECODING = Decoding()
@@ -47,7 +59,12 @@ class Answer:
     mode: ``logprobs`` or ``sample``, the mode actually used.
     raw: the model's answer text (``logprobs``) or the list of sampled answers (``sample``).
     attempts: requests sent for this answer, retries included.
-    ambiguous: share of the first-token mass that began more than one action (``logprobs`` only).
+    ambiguous: first-token mass on tokens that began more than one action (``logprobs`` only).
+    coverage: first-token mass on tokens that begin an action, before renormalisation (0..1); also kept
+        when a request switched to sampling for low coverage; None when no first token was read.
+    scoring: how ``probs`` were read (:data:`lpm.logprobs.SCORINGS`): ``first-token``, ``sequence``
+        (each whole action) or ``samples``.
+    fallback: why mode ``auto`` sampled this request (``""`` when it did not).
     """
 
     probs: list[float]
@@ -57,6 +74,9 @@ class Answer:
     completion_tokens: int = 0
     attempts: int = 1
     ambiguous: float = 0.0
+    coverage: float | None = None
+    scoring: str = "first-token"
+    fallback: str = ""
 
 
 class Backend(abc.ABC):
@@ -92,6 +112,10 @@ class Backend(abc.ABC):
         requests; a backend that sends something else says what here.
         """
         return decoding.requests(actions)
+
+    def check(self, decoding: Decoding) -> None:
+        """Refuse a decoding this backend cannot honour (:class:`InputError`); called once by the Decider."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections (called at the end of each event loop the backend was used in)."""
@@ -137,11 +161,15 @@ class OpenAIBackend(Backend, _Retrying):
     """Any OpenAI-compatible server (vLLM, llama.cpp's server, a hosted API) through ``openai.AsyncOpenAI``.
 
     base_url: e.g. ``http://127.0.0.1:8000/v1``. model: the served model name.
-    api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect).
+    api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect);
+    api_key: the key itself, which wins over ``api_key_env`` (the random key of a server lpm starts).
     max_concurrency: requests in flight at once. timeout: seconds per request.
     retries: extra attempts after a failed one; backoff: seconds before the first retry, doubled each time.
     server: the server kind (:data:`lpm.server_kind.SERVER_KINDS`), which says how an answer is constrained:
     ``vllm`` (``structured_outputs.choice``) or ``llamacpp`` (GBNF ``grammar``).
+    weights: what identifies the served weights in cache keys: a content fingerprint
+    (:func:`lpm.model.weights_fingerprint`) for a server lpm starts, the revision a user gives for another
+    server; None when unknown (then the served name alone identifies the model).
     """
 
     def __init__(
@@ -150,11 +178,13 @@ class OpenAIBackend(Backend, _Retrying):
         model: str,
         *,
         api_key_env: str = "OPENAI_API_KEY",
+        api_key: str | None = None,
         max_concurrency: int = 16,
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.5,
         server: str | ServerKind = "vllm",
+        weights: str | None = None,
     ):
         self._check_retry_args(retries, backoff, max_concurrency)
         if timeout <= 0:
@@ -167,16 +197,17 @@ class OpenAIBackend(Backend, _Retrying):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
+        self._api_key = api_key
+        self.weights = weights
         self.max_concurrency = max_concurrency
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.stats = BackendStats()
         self._state: _LoopState | None = None
-        self._logprobs_ok: bool | None = None  # learned in auto mode
 
     def identity(self) -> dict[str, Any]:
-        return {"backend": "openai", "model": self.model, "server": self.server.name}
+        return {"backend": "openai", "model": self.model, "server": self.server.name, "weights": self.weights}
 
     def _loop_state(self) -> _LoopState:
         # httpx connections and asyncio semaphores belong to one event loop; make fresh ones per loop.
@@ -184,7 +215,7 @@ class OpenAIBackend(Backend, _Retrying):
         if self._state is None or self._state.loop is not loop:
             client = openai.AsyncOpenAI(
                 base_url=self.base_url,
-                api_key=os.environ.get(self.api_key_env) or "EMPTY",
+                api_key=self._api_key or os.environ.get(self.api_key_env) or "EMPTY",
                 max_retries=0,
                 timeout=self.timeout,
             )
@@ -200,20 +231,27 @@ class OpenAIBackend(Backend, _Retrying):
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
         mode = decoding.mode
-        if mode == "sample" or (mode == "auto" and self._logprobs_ok is False):
+        if mode == "sample":
             return await self._with_retries(self._sample, messages, actions, decoding)
         try:
-            answer = await self._with_retries(self._logprobs, messages, actions, decoding)
-        except NoLogprobs as exc:
+            return await self._with_retries(self._logprobs, messages, actions, decoding)
+        except NoLogprobs as exc:  # LowCoverage included
+            reason = exc
             if mode == "logprobs":
                 raise LLMError(
-                    f"{self.base_url} returned no log-probabilities ({exc})",
-                    hint="use --mode sample (or auto) with this server",
+                    f"{self.base_url}: {exc}",
+                    hint="use --llm-mode sample (or auto) with this server"
+                    + (
+                        "; its log-probabilities did not follow the answer constraint"
+                        if isinstance(exc, LowCoverage)
+                        else ""
+                    ),
                 ) from None
-            self._logprobs_ok = False
-            self.stats.fallbacks += 1
-            return await self._with_retries(self._sample, messages, actions, decoding)
-        self._logprobs_ok = True
+        # auto: this request only is sampled instead, and says why
+        self.stats.fallbacks += 1
+        answer = await self._with_retries(self._sample, messages, actions, decoding)
+        answer.fallback = str(reason)
+        answer.coverage = reason.coverage if isinstance(reason, LowCoverage) else None
         return answer
 
     async def _with_retries(
@@ -228,22 +266,18 @@ class OpenAIBackend(Backend, _Retrying):
                 answer = await call(messages, actions, decoding)
                 answer.attempts = attempt + 1
                 return answer
-            except (
-                BadAnswer,
-                openai.APIConnectionError,
-                openai.InternalServerError,
-                openai.RateLimitError,
-            ) as exc:
+            except (NoLogprobs, LpmError):
+                raise  # not a transient failure: the caller decides
+            except openai.APIStatusError as exc:
+                if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                    raise LLMError(  # 4xx: asking again will not help
+                        f"{self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
+                        f"{_short(exc.message)}",
+                        hint="check --llm-model (the served model name), the API key and the server's log",
+                    ) from None
                 last = exc
-            except openai.APIStatusError as exc:  # 4xx: asking again will not help
-                if exc.status_code == 408 or exc.status_code == 409:
-                    last = exc
-                    continue
-                raise LLMError(
-                    f"{self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
-                    f"{_short(exc.message)}",
-                    hint="check --llm-model (the served model name) and the server's log",
-                ) from None
+            except Exception as exc:  # noqa: BLE001 - bad answers, malformed responses, client exceptions
+                last = exc
             name = type(last).__name__
             self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
         if isinstance(last, openai.APIConnectionError) and _refused(last):
@@ -258,7 +292,8 @@ class OpenAIBackend(Backend, _Retrying):
                 f"{self.base_url} did not answer within {self.timeout:g} s, {self.retries + 1} attempts",
                 hint="raise the timeout or lower max_concurrency",
             )
-        raise LLMError(f"{self.base_url}: {_short(str(last))} (after {self.retries + 1} attempts)")
+        kind = "" if isinstance(last, BadAnswer) else f"{type(last).__name__}: "
+        raise LLMError(f"{self.base_url}: {kind}{_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _create(self, **kwargs: Any) -> dict[str, Any]:
         state = self._loop_state()
@@ -282,19 +317,57 @@ class OpenAIBackend(Backend, _Retrying):
             extra_body=self.server.constraint_payload(actions),
         )
         choice = _first_choice(data)
-        text = (choice.get("message") or {}).get("content")
-        candidates = first_token_candidates(choice, data)  # NoLogprobs propagates to choose()
+        text = _content(choice)
+        reading = first_token_reading(first_token_candidates(choice, data), actions)
+        if reading.coverage < decoding.min_coverage:
+            raise LowCoverage(reading.coverage, decoding.min_coverage)
         match_action(text, actions)  # the constraint held: the greedy answer is an action
-        probs, ambiguous = choice_distribution(candidates, actions)
-        usage = data.get("usage") or {}
+        prompt_tokens, completion_tokens = _usage(data)
+        probs, scoring = reading.probs, "first-token"
+        if probs is None or decoding.scoring == "sequence":
+            probs, used = await self._sequence(messages, actions, decoding)
+            prompt_tokens += used
+            scoring = "sequence"
         return Answer(
             probs,
             "logprobs",
             text or "",
-            usage.get("prompt_tokens") or 0,
-            usage.get("completion_tokens") or 0,
-            ambiguous=ambiguous,
+            prompt_tokens,
+            completion_tokens,
+            ambiguous=reading.ambiguous,
+            coverage=reading.coverage,
+            scoring=scoring,
         )
+
+    async def _sequence(
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
+    ) -> tuple[list[float], int]:
+        """Each whole action's probability (normalised over the actions) and the prompt tokens it took."""
+        if not self.server.prompt_logprobs:
+            raise LLMError(
+                f"scoring whole actions ({', '.join(actions)}) needs prompt log-probabilities, which "
+                f"{self.server.label} does not return",
+                hint="word the actions so that their first tokens differ, or use --llm-mode sample",
+            )
+        payload = self.server.sequence_payload()
+        replies = await asyncio.gather(
+            *(
+                self._create(
+                    messages=[*messages, {"role": "assistant", "content": answer}],
+                    **decoding.sequence_request(),
+                    extra_body=payload,
+                )
+                for answer in ("", *actions)
+            )
+        )
+        lists = [reply.get("prompt_logprobs") for reply in replies]
+        if all(lp is None for lp in lists):
+            raise LLMError(
+                f"{self.base_url} returned no prompt log-probabilities, needed to score whole actions",
+                hint="use a vLLM server, or --llm-mode sample",
+            )
+        logprobs = [action_logprob(lists[0], full) for full in lists[1:]]
+        return normalise_logprobs(logprobs), sum(_usage(reply)[0] for reply in replies)
 
     async def _sample(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
@@ -309,19 +382,29 @@ class OpenAIBackend(Backend, _Retrying):
                 **decoding.sample_request(actions, n=n - len(answers)),
                 extra_body=self.server.constraint_payload(actions),
             )
-            choices = data.get("choices") or []
-            if not choices:
-                raise BadAnswer("the response has no choices")
-            for choice in choices[: n - len(answers)]:
-                text = (choice.get("message") or {}).get("content")
+            for choice in _choices(data)[: n - len(answers)]:
+                text = _content(choice)
                 counts[match_action(text, actions)] += 1
-                answers.append(text)
-            usage = data.get("usage") or {}
-            prompt_tokens += usage.get("prompt_tokens") or 0
-            completion_tokens += usage.get("completion_tokens") or 0
+                answers.append(text or "")
+            used = _usage(data)
+            prompt_tokens += used[0]
+            completion_tokens += used[1]
             if len(answers) >= n:
                 break
-        return Answer([c / n for c in counts], "sample", answers, prompt_tokens, completion_tokens)
+        return Answer(
+            [c / n for c in counts], "sample", answers, prompt_tokens, completion_tokens, scoring="samples"
+        )
+
+
+class LowCoverage(NoLogprobs):
+    """The first token's mass on tokens that begin an action is below the decoding's ``min_coverage``."""
+
+    def __init__(self, coverage: float, least: float):
+        super().__init__(
+            f"only {coverage:.3f} of the first token's probability fell on tokens that begin an action "
+            f"(least accepted: {least:g})"
+        )
+        self.coverage = coverage
 
 
 class LangChainBackend(Backend, _Retrying):
@@ -377,9 +460,15 @@ class LangChainBackend(Backend, _Retrying):
         """The chat model's own request settings (what LangChain sends), the mode, and in modes that
         sample the number of invocations; the decoding's temperature and top_logprobs are not sent."""
         out: dict[str, Any] = {"mode": decoding.mode, "chat_model": chat_settings(self.chat_model)}
+        if decoding.mode in ("auto", "logprobs"):
+            out["min_coverage"] = decoding.min_coverage
         if decoding.mode in ("auto", "sample"):
             out["invocations"] = decoding.n_samples
         return out
+
+    def check(self, decoding: Decoding) -> None:
+        if decoding.mode == "sample":
+            self._check_sampling()
 
     def _bound(self, actions: Sequence[str]) -> Any:
         if self.server is None:
@@ -406,12 +495,12 @@ class LangChainBackend(Backend, _Retrying):
                 self.stats.retries += 1
                 await self._pause(attempt - 1)
             try:
-                answer = await self._once(messages, actions, decoding.mode, decoding.n_samples)
+                answer = await self._once(messages, actions, decoding)
                 answer.attempts = attempt + 1
                 return answer
             except NoLogprobs as exc:
                 raise LLMError(
-                    f"{self.model}: no log-probabilities in response_metadata ({exc})",
+                    f"{self.model}: {exc}",
                     hint="build the chat model with logprobs=True, or use --mode sample",
                 ) from None
             except LpmError:
@@ -423,21 +512,37 @@ class LangChainBackend(Backend, _Retrying):
         raise LLMError(f"{self.model}: {_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _once(
-        self, messages: list[dict[str, str]], actions: Sequence[str], mode: str, n: int
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
     ) -> Answer:
         runnable = self._bound(actions)
-        if mode in ("auto", "logprobs"):
+        if decoding.mode in ("auto", "logprobs"):
             reply = await self._invoke(runnable, messages)
             meta = getattr(reply, "response_metadata", {}) or {}
             if meta.get("logprobs"):
+                reading = first_token_reading(first_token_candidates({"logprobs": meta["logprobs"]}), actions)
+                if reading.coverage < decoding.min_coverage:
+                    raise LowCoverage(reading.coverage, decoding.min_coverage)
                 match_action(reply.content, actions)
-                probs, ambiguous = choice_distribution(
-                    first_token_candidates({"logprobs": meta["logprobs"]}), actions
-                )
+                if reading.probs is None or decoding.scoring == "sequence":
+                    raise LLMError(
+                        f"{self.model}: scoring whole actions ({', '.join(actions)}) is not available through "
+                        "LangChain",
+                        hint="word the actions so that their first tokens differ, or use --llm-mode sample",
+                    )
                 pt, ct = _lc_usage(reply)
-                return Answer(probs, "logprobs", str(reply.content), pt, ct, ambiguous=ambiguous)
-            if mode == "logprobs":
+                return Answer(
+                    reading.probs,
+                    "logprobs",
+                    str(reply.content),
+                    pt,
+                    ct,
+                    ambiguous=reading.ambiguous,
+                    coverage=reading.coverage,
+                )
+            if decoding.mode == "logprobs":
                 raise NoLogprobs("the model returned no logprobs")
+        self._check_sampling()
+        n = decoding.n_samples
         replies = await asyncio.gather(*(self._invoke(runnable, messages) for _ in range(n)))
         counts = [0] * len(actions)
         pt = ct = 0
@@ -445,7 +550,19 @@ class LangChainBackend(Backend, _Retrying):
             counts[match_action(str(reply.content), actions)] += 1
             p, c = _lc_usage(reply)
             pt, ct = pt + p, ct + c
-        return Answer([c / n for c in counts], "sample", [str(r.content) for r in replies], pt, ct)
+        return Answer(
+            [c / n for c in counts], "sample", [str(r.content) for r in replies], pt, ct, scoring="samples"
+        )
+
+    def _check_sampling(self) -> None:
+        """Refuse to count answers of a chat model that decodes greedily (they would all be the same)."""
+        temperature = chat_settings(self.chat_model).get("temperature")
+        if temperature is not None and float(temperature) == 0:
+            raise InputError(
+                f"{self.model}: sample mode counts answers of a chat model at temperature 0, which are all the "
+                "greedy one, so every probability would be 0 or 1",
+                hint="build the chat model with temperature=1 for sample mode, or use logprobs mode",
+            )
 
 
 def chat_settings(chat_model: Any) -> dict[str, Any]:
@@ -475,11 +592,46 @@ def _refused(exc: BaseException) -> bool:
     return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
 
 
+def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The response's choices, each a JSON object; BadAnswer for any other shape."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise BadAnswer(f"the response has no choices: {_short(str(data))}")
+    if not all(isinstance(c, dict) for c in choices):
+        raise BadAnswer(f"a choice of the response is not an object: {_short(str(choices))}")
+    return choices
+
+
 def _first_choice(data: dict[str, Any]) -> dict[str, Any]:
-    choices = data.get("choices") or []
-    if not choices:
-        raise BadAnswer("the response has no choices")
-    return choices[0]
+    return _choices(data)[0]
+
+
+def _content(choice: dict[str, Any]) -> str | None:
+    """The text of a chat choice (``message.content``); BadAnswer when the message is malformed."""
+    message = choice.get("message")
+    if message is None:
+        return None
+    if not isinstance(message, dict):
+        raise BadAnswer(f"the choice's message is not an object: {_short(str(message))}")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise BadAnswer(f"the choice's content is not text: {_short(str(content))}")
+    return content
+
+
+def _usage(data: dict[str, Any]) -> tuple[int, int]:
+    """(prompt, completion) token counts of a response; 0 where it gives none, BadAnswer where one is not a
+    whole number >= 0."""
+    usage = data.get("usage") or {}
+    if not isinstance(usage, dict):
+        raise BadAnswer(f"the response's usage is not an object: {_short(str(usage))}")
+    out = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name) or 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise BadAnswer(f"the response's usage.{name} is not a token count: {value!r}")
+        out.append(value)
+    return out[0], out[1]
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -491,29 +643,48 @@ class LocalServerBackend(Backend):
     """An :class:`OpenAIBackend` for a local :class:`lpm.server.ModelServer` that is started only when
     the first request is sent, so a run answered entirely from the cache starts no server.
 
-    local_server: a ModelServer not yet started (its URL and port are fixed at construction); the caller
-    stops it. Other keyword arguments go to :class:`OpenAIBackend` (its server kind is the ModelServer's).
-    Cache keys are those of OpenAIBackend.
+    local_server: a ModelServer not yet started (its URL, port and API key are fixed at construction); the
+    caller stops it. The server is started at most once: when that start fails, every request of the run
+    gets the same :class:`ServerError` at once, without another attempt. weights: the fingerprint of the
+    served weights (cache keys). Other keyword arguments go to :class:`OpenAIBackend` (its server kind is
+    the ModelServer's). Cache keys are those of OpenAIBackend.
     """
 
-    def __init__(self, local_server: Any, **kwargs: Any):
+    def __init__(self, local_server: Any, *, weights: str | None = None, **kwargs: Any):
         self.local_server = local_server
-        self.inner = OpenAIBackend(local_server.url, local_server.model, server=local_server.kind, **kwargs)
+        self.inner = OpenAIBackend(
+            local_server.url,
+            local_server.model,
+            server=local_server.kind,
+            api_key=local_server.api_key,
+            weights=weights,
+            **kwargs,
+        )
         self.model = self.inner.model
         self._lock = threading.Lock()
+        self._start_error: LpmError | None = None
         self.on_start: Any = None
         """Optional callable run (in a worker thread) right before the server starts."""
 
     def _ensure_started(self) -> None:
         with self._lock:
-            if not self.local_server.running:
+            if self._start_error is not None:
+                raise self._start_error
+            if self.local_server.running:
+                return
+            try:
                 if self.on_start is not None:
                     self.on_start(self.local_server)
                 self.local_server.start()
+            except LpmError as exc:
+                self._start_error = exc
+                raise
 
     async def choose(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
     ) -> Answer:
+        if self._start_error is not None:
+            raise self._start_error
         if not self.local_server.running:
             await asyncio.to_thread(self._ensure_started)
         return await self.inner.choose(messages, actions, decoding)

@@ -16,9 +16,12 @@ Deliberately excluded: the server URL and API key (the same model behind another
 answer), concurrency, timeouts and retry settings (they change when, not what, the model answers), and the
 archetype's name (two specs with the same prompt share an answer).
 
-Value: probabilities, the raw answer, token counts, the mode used, and a checksum over all of them and the
-key. An entry with a bad checksum, a wrong shape or probabilities that do not sum to 1 is deleted and
-counted as ``corrupt``; the caller asks the model again.
+Value: bytes, never a pickle: the SHA-256 (64 hex digits) of the key and the body, a newline, and the body,
+the canonical JSON of the probabilities, the raw answer, token counts, the mode, scoring, first-token
+coverage and ambiguous mass, and why ``auto`` sampled. The checksum is checked before the body is parsed,
+and the store (:class:`SafeDisk`) refuses to decode anything but raw SQLite values, so a cache folder that
+someone else could write cannot make lpm run code. An entry with a bad checksum, a wrong shape or
+probabilities that do not sum to 1 is deleted and counted as ``corrupt``; the caller asks the model again.
 
 Modes: ``use`` reads and writes; ``refresh`` never reads, always writes (overwrites); ``off`` neither reads
 nor writes; ``replay`` reads only, and a miss raises :class:`CacheMissError`.
@@ -36,13 +39,16 @@ import diskcache
 
 from lpm.backend import Answer
 from lpm.errors import CacheMissError, InputError
+from lpm.logprobs import SCORINGS
 from lpm.paths import cache_root
 
 CACHE_MODES = ("use", "refresh", "off", "replay")
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bump when the meaning of a cached answer or the content of its key changes, so old entries stop matching.
 2: the key's decoding is the request arguments as sent (mode inside it) and the identity names the server
-kind (``server``) instead of the ``constraint``."""
+kind (``server``) instead of the ``constraint``. 3: values are checksummed JSON bytes (no pickle); the
+identity holds the weights' fingerprint; the decoding holds the scoring and the least coverage; answers
+record scoring, coverage and fallback."""
 
 _ENTRY = "r:"  # response entries
 _STAT = "s:"  # counters: hits, misses, tokens_saved, corrupt, writes
@@ -76,6 +82,33 @@ def cache_key(
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()
 
 
+class UnsafeEntry(Exception):
+    """A stored key or value that only a pickle could decode (never decoded)."""
+
+
+class SafeDisk(diskcache.Disk):
+    """diskcache's storage with every decoder but raw SQLite values refused: no pickle, no file reads.
+
+    Keys are text and values bytes or integers, which SQLite holds as they are; :meth:`fetch` and
+    :meth:`get` raise :class:`UnsafeEntry` for anything else, which :class:`ResponseCache` deletes as corrupt.
+    """
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise UnsafeEntry("a key stored as a pickle")
+        return super().get(key, raw)
+
+    def fetch(self, mode: int, filename: Any, value: Any, read: bool) -> Any:
+        if mode != diskcache.core.MODE_RAW:
+            raise UnsafeEntry(f"a value stored in mode {mode}, not raw")
+        return super().fetch(mode, filename, value, read)
+
+    def store(self, value: Any, read: bool, key: Any = diskcache.core.UNKNOWN) -> Any:
+        if read or not isinstance(value, bytes | int):
+            raise TypeError(f"the response cache stores bytes and integers, not {type(value).__name__}")
+        return super().store(value, read, key=key)
+
+
 class ResponseCache:
     """Model answers on disk. ``directory`` defaults to :func:`default_directory`; ``mode`` is one of
     ``use``, ``refresh``, ``off``, ``replay``. Safe to share between processes (SQLite underneath).
@@ -93,7 +126,9 @@ class ResponseCache:
         if self._store is None:
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self._store = diskcache.Cache(str(self.directory), timeout=60)
+                self._store = diskcache.Cache(
+                    str(self.directory), timeout=60, disk=SafeDisk, disk_min_file_size=2**31 - 1
+                )
             except OSError as exc:
                 raise InputError(
                     f"{self.directory}: cannot open the response cache ({exc})",
@@ -109,7 +144,10 @@ class ResponseCache:
         """
         if self.mode in ("off", "refresh"):
             return None
-        value = self.store.get(_ENTRY + key)
+        try:
+            value = self.store.get(_ENTRY + key)
+        except UnsafeEntry:
+            value = b"unsafe"
         answer = None
         if value is not None:
             answer = _decode(key, value)
@@ -140,10 +178,16 @@ class ResponseCache:
     def stats(self) -> dict[str, Any]:
         """Entries, counters persisted across runs (hits, misses, tokens_saved, corrupt, writes), bytes."""
         store = self.store
-        entries = sum(1 for k in store.iterkeys() if isinstance(k, str) and k.startswith(_ENTRY))
+        entries = 0
+        for (key,) in store._sql("SELECT key FROM Cache WHERE raw = 1").fetchall():  # no key is unpickled
+            entries += isinstance(key, str) and key.startswith(_ENTRY)
         out: dict[str, Any] = {"directory": str(self.directory), "entries": entries}
         for name in _STATS:
-            out[name] = int(store.get(_STAT + name, 0))
+            try:
+                value = store.get(_STAT + name, 0)
+            except UnsafeEntry:
+                value = 0
+            out[name] = int(value) if isinstance(value, int) else 0
         out["bytes"] = int(store.volume())
         return out
 
@@ -170,48 +214,64 @@ def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def _encode(key: str, answer: Answer) -> dict[str, Any]:
-    body = {
-        "probs": [float(p) for p in answer.probs],
-        "raw": answer.raw,
-        "prompt_tokens": int(answer.prompt_tokens),
-        "completion_tokens": int(answer.completion_tokens),
-        "mode": answer.mode,
-        "ambiguous": float(answer.ambiguous),
-    }
-    return {**body, "checksum": _checksum(key, body)}
+_FIELDS = ("probs", "raw", "prompt_tokens", "completion_tokens", "mode", "ambiguous", "coverage", "scoring",
+           "fallback")  # fmt: skip
 
 
-def _checksum(key: str, body: dict[str, Any]) -> str:
-    return hashlib.sha256((key + _canonical(body)).encode()).hexdigest()
+def _encode(key: str, answer: Answer) -> bytes:
+    body = _canonical(
+        {
+            "probs": [float(p) for p in answer.probs],
+            "raw": answer.raw,
+            "prompt_tokens": int(answer.prompt_tokens),
+            "completion_tokens": int(answer.completion_tokens),
+            "mode": answer.mode,
+            "ambiguous": float(answer.ambiguous),
+            "coverage": None if answer.coverage is None else float(answer.coverage),
+            "scoring": answer.scoring,
+            "fallback": answer.fallback,
+        }
+    ).encode()
+    return _checksum(key, body).encode() + b"\n" + body
+
+
+def _checksum(key: str, body: bytes) -> str:
+    return hashlib.sha256(key.encode() + b"\n" + body).hexdigest()
 
 
 def _decode(key: str, value: Any) -> Answer | None:
-    """The answer in a stored value, or None when the value is corrupt."""
-    fields = ("probs", "raw", "prompt_tokens", "completion_tokens", "mode", "ambiguous", "checksum")
-    if not isinstance(value, dict) or set(value) != set(fields):
+    """The answer in a stored value, or None when the value is corrupt. The checksum is checked first;
+    only a value whose checksum matches is parsed (as JSON)."""
+    if not isinstance(value, bytes) or len(value) < 66 or value[64:65] != b"\n":
         return None
-    body = {k: value[k] for k in fields if k != "checksum"}
+    checksum, body = value[:64], value[65:]
+    if checksum != _checksum(key, body).encode():
+        return None
     try:
-        if value["checksum"] != _checksum(key, body):
-            return None
-    except (TypeError, ValueError):  # values that cannot be serialised
+        data = json.loads(body)
+    except ValueError:
         return None
-    probs = body["probs"]
+    if not isinstance(data, dict) or set(data) != set(_FIELDS):
+        return None
+    probs = data["probs"]
     if (
         not isinstance(probs, list)
         or len(probs) < 2
         or not all(isinstance(p, float) and math.isfinite(p) and 0.0 <= p <= 1.0 for p in probs)
         or abs(sum(probs) - 1.0) > 1e-6
-        or body["mode"] not in ("logprobs", "sample")
+        or data["mode"] not in ("logprobs", "sample")
+        or data["scoring"] not in SCORINGS
     ):
         return None
     return Answer(
         probs,
-        body["mode"],
-        body["raw"],
-        body["prompt_tokens"],
-        body["completion_tokens"],
+        data["mode"],
+        data["raw"],
+        data["prompt_tokens"],
+        data["completion_tokens"],
         attempts=0,
-        ambiguous=body["ambiguous"],
+        ambiguous=data["ambiguous"],
+        coverage=data["coverage"],
+        scoring=data["scoring"],
+        fallback=data["fallback"],
     )

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lpm.archetype import ArchetypeSpec
 from lpm.backend import Answer, Backend
 from lpm.cache import ResponseCache, cache_key
-from lpm.decoding import Decoding
+from lpm.decoding import MIN_COVERAGE, Decoding
 from lpm.errors import CacheMissError, InputError, LLMError, LpmError, ServerError
 from lpm.prompt import PromptTemplate
 
@@ -41,7 +41,9 @@ class Decisions:
     """Distributions over the actions for K archetype rows, in input order.
 
     probs: (K, A) float32, each row sums to 1 (NaN rows for ``failed``). mode: the mode each answer came from.
-    cached: whether each row came from the cache. prompt_tokens / completion_tokens: of the requests sent
+    cached: whether each row came from the cache. coverage: first-token mass on tokens that begin an action,
+    before renormalisation (NaN where no first token was read). scoring: how each row's probabilities were
+    read (:data:`lpm.logprobs.SCORINGS`; ``""`` for failed rows). prompt_tokens / completion_tokens: of the requests sent
     now. requests: model calls sent now (one per distinct missing prompt; retries in ``retries``).
     failed: indices of rows left undecided (only with ``on_failure="return"``).
     """
@@ -51,6 +53,8 @@ class Decisions:
     probs: torch.Tensor
     mode: list[str]
     cached: list[bool]
+    coverage: list[float] = field(default_factory=list)
+    scoring: list[str] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     requests: int = 0
@@ -62,12 +66,15 @@ class Decisions:
         return len(self.rows)
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per archetype: its attributes, ``p_<action>`` per action, ``mode`` and ``cached``."""
+        """One row per archetype: its attributes, ``p_<action>`` per action, ``mode``, ``scoring``,
+        ``coverage`` and ``cached``."""
         frame = pd.DataFrame(self.rows)
         probs = self.probs.double().numpy()
         for j, action in enumerate(self.actions):
             frame[f"p_{action}"] = probs[:, j]
         frame["mode"] = self.mode
+        frame["scoring"] = self.scoring or [""] * len(self.rows)
+        frame["coverage"] = self.coverage or [math.nan] * len(self.rows)
         frame["cached"] = self.cached
         return frame
 
@@ -77,8 +84,10 @@ class Decider:
 
     backend: an :class:`lpm.backend.Backend`. cache: a :class:`ResponseCache`, or None for no caching.
     mode: ``auto`` (logprobs, else sampling), ``logprobs`` or ``sample``. n_samples: answers per
-    request in sample mode. Both are checked once, into :attr:`decoding` (a :class:`lpm.decoding.Decoding`,
-    what every request sends and every cache key hashes).
+    request in sample mode. scoring: ``first-token`` or ``sequence`` (:data:`lpm.decoding.SCORING_CHOICES`).
+    min_coverage: least first-token mass on action tokens (:data:`lpm.decoding.MIN_COVERAGE`). All are
+    checked once, into :attr:`decoding` (a :class:`lpm.decoding.Decoding`, what every request sends and every
+    cache key hashes), and the backend is asked whether it can honour them (:meth:`Backend.check`).
     on_failure: ``error`` (raise) or ``return`` (NaN rows listed in ``failed``).
     progress: show a progress bar (stderr) when more than one request is sent.
     per_agent: render the prompt file's ``agent_user`` message (rows carry each agent's own columns).
@@ -91,6 +100,8 @@ class Decider:
         *,
         mode: str = "auto",
         n_samples: int = 20,
+        scoring: str = "first-token",
+        min_coverage: float = MIN_COVERAGE,
         on_failure: str = "error",
         progress: bool = True,
         per_agent: bool = False,
@@ -99,7 +110,8 @@ class Decider:
             raise InputError(f"backend must be an lpm.backend.Backend, got {type(backend).__name__}")
         if cache is not None and not isinstance(cache, ResponseCache):
             raise InputError(f"cache must be a ResponseCache or None, got {type(cache).__name__}")
-        decoding = Decoding(mode=mode, n_samples=n_samples)
+        decoding = Decoding(mode=mode, n_samples=n_samples, scoring=scoring, min_coverage=min_coverage)
+        backend.check(decoding)
         if on_failure not in FAILURE_POLICIES:
             raise InputError(f"on_failure must be one of {', '.join(FAILURE_POLICIES)}, got {on_failure!r}")
         self.backend = backend
@@ -201,8 +213,10 @@ class Decider:
             try:
                 answer = await self.backend.choose(messages[idx[0]], actions, self.decoding)
                 _check(answer, actions)
-            except (LpmError, ValueError) as exc:
-                errors[idx[0]] = exc
+            except Exception as exc:  # noqa: BLE001 - every failure of a request is reported, none escapes
+                errors[idx[0]] = (
+                    exc if isinstance(exc, LpmError) else LLMError(f"{type(exc).__name__}: {exc}")
+                )
                 return
             finally:
                 if bar is not None and task is not None:
@@ -239,10 +253,13 @@ class Decider:
 
         probs = torch.full((len(rows), len(actions)), math.nan, dtype=torch.float32)
         modes = [""] * len(rows)
+        scoring = [""] * len(rows)
+        coverage = [math.nan] * len(rows)
         for i, answer in enumerate(answers):
             if answer is not None:
                 probs[i] = torch.tensor(answer.probs, dtype=torch.float32)
-                modes[i] = answer.mode
+                modes[i], scoring[i] = answer.mode, answer.scoring
+                coverage[i] = math.nan if answer.coverage is None else float(answer.coverage)
         ok = ~torch.isnan(probs).any(1)
         probs[ok] /= probs[ok].sum(1, keepdim=True)  # exact float32 sums
         return Decisions(
@@ -251,6 +268,8 @@ class Decider:
             probs=probs,
             mode=modes,
             cached=cached,
+            coverage=coverage,
+            scoring=scoring,
             prompt_tokens=totals["prompt"],
             completion_tokens=totals["completion"],
             requests=len(missing),

@@ -25,6 +25,17 @@ MODES: tuple[str, ...] = get_args(Mode)
 LOGPROBS_TEMPERATURE = 0.0
 """Temperature of ``logprobs`` requests: greedy, so the answer text is the most likely action."""
 
+Scoring = Literal["first-token", "sequence"]
+SCORING_CHOICES: tuple[str, ...] = get_args(Scoring)
+"""How a ``logprobs`` answer is read: the first token's alternatives under the constraint (and each whole
+action where a first token begins several actions), or always each whole action (:mod:`lpm.logprobs`)."""
+
+MIN_COVERAGE = 0.9
+"""Least first-token probability mass on tokens that begin an action for a ``logprobs`` answer to count.
+Where the constraint shapes the log-probabilities (vLLM) that mass is 1 less what falls outside the top
+alternatives (measured above 0.9999 with SmolLM2-135M-Instruct on the covid prompts); far less means the
+server took them before its constraint or ignored it, and renormalising would invent the distribution."""
+
 
 class Decoding(BaseModel):
     """How one decision request is decoded. Immutable; unknown settings are refused.
@@ -43,6 +54,16 @@ class Decoding(BaseModel):
     )
     sample_temperature: float = Field(
         default=1.0, gt=0, description="temperature of sample mode; 1: the model's own distribution"
+    )
+    scoring: Scoring = Field(
+        default="first-token",
+        description="first-token (whole actions only where a first token is shared) or sequence (always)",
+    )
+    min_coverage: float = Field(
+        default=MIN_COVERAGE,
+        ge=0,
+        le=1,
+        description="least first-token mass on action tokens; below it logprobs mode fails, auto samples",
     )
 
     def __init__(self, **settings: Any) -> None:
@@ -63,6 +84,11 @@ class Decoding(BaseModel):
             "top_logprobs": self.top_logprobs,
         }
 
+    def sequence_request(self) -> dict[str, Any]:
+        """Keyword arguments of one whole-action scoring request (the conversation ends in the action as the
+        assistant's answer; the server kind adds what makes it return the prompt's log-probabilities)."""
+        return {"temperature": LOGPROBS_TEMPERATURE, "max_tokens": 1}
+
     def sample_request(self, actions: Sequence[str], n: int | None = None) -> dict[str, Any]:
         """Keyword arguments of a ``sample`` chat request for ``n`` answers (default ``n_samples``)."""
         return {
@@ -72,10 +98,14 @@ class Decoding(BaseModel):
         }
 
     def requests(self, actions: Sequence[str]) -> dict[str, Any]:
-        """The mode and the request(s) it may send: ``{"mode", "logprobs"?, "sample"?}`` (``auto``: both)."""
+        """The mode and the request(s) it may send: ``{"mode", "logprobs"?, "scoring"?, "sequence"?,
+        "min_coverage"?, "sample"?}`` (``auto``: all)."""
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode in ("auto", "logprobs"):
             out["logprobs"] = self.logprobs_request(actions)
+            out["scoring"] = self.scoring
+            out["sequence"] = self.sequence_request()
+            out["min_coverage"] = self.min_coverage
         if self.mode in ("auto", "sample"):
             out["sample"] = self.sample_request(actions)
         return out

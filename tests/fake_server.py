@@ -11,6 +11,14 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 ``error500``      HTTP 500;   ``error404``  HTTP 404 (model not found)
 ``drop``          closes the connection without answering
 ``slow``          ``good`` after ``slow_s`` seconds
+``unconstrained`` an action as text, but 90% of the first token's mass on free text (a server that ignores the
+                  constraint, or reads log-probabilities before it)
+``nullchoice``    ``choices: [null]``;   ``wrongshape``  ``choices`` is a string
+``badusage``      ``usage.prompt_tokens`` is text;   ``absurd``  a log-probability of +5
+
+A request with ``prompt_logprobs`` (whole-action scoring) gets vLLM's shape: ``prompt_logprobs`` of the
+conversation, ``None`` first, then one ``{id: {logprob}}`` per token: three fixed tokens for the prompt,
+then one per word of the final (assistant) message, each with :meth:`word_logprob`.
 
 ``GET /v1/models`` lists ``model``. The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
 The server counts requests and the most it had in flight at once.
@@ -119,6 +127,20 @@ class FakeServer:
         rest = (1 - p) / (len(actions) - 1)
         return [p] + [rest] * (len(actions) - 1)
 
+    @staticmethod
+    def word_logprob(word: str) -> float:
+        """The log-probability the fake gives one word token of an answer in whole-action scoring."""
+        return -(1.0 + hashlib.sha256(word.encode()).digest()[0] / 64)
+
+    @classmethod
+    def sequence_expected(cls, actions: list[str]) -> list[float]:
+        """The distribution whole-action scoring must find against the fake (any prompt)."""
+        import re
+
+        lps = [sum(cls.word_logprob(w) for w in re.findall(r"\s*\S+", a)) for a in actions]
+        weights = [math.exp(lp) for lp in lps]
+        return [w / sum(weights) for w in weights]
+
     def _behaviour(self, body: dict[str, Any], index: int) -> str:
         if callable(self.script):
             return self.script(body, index)
@@ -166,7 +188,36 @@ class FakeServer:
         handler.end_headers()
         handler.wfile.write(data)
 
+    def _prompt_logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
+        import re
+
+        words = re.findall(r"\s*\S+", body["messages"][-1].get("content") or "")
+        entries: list[Any] = [None] + [{str(i): {"logprob": -0.1, "rank": 1}} for i in (1, 2, 3)]
+        entries += [
+            {str(1000 + i): {"logprob": self.word_logprob(w), "rank": 5}} for i, w in enumerate(words)
+        ]
+        return {
+            "id": f"chatcmpl-{len(self.bodies)}",
+            "object": "chat.completion",
+            "model": body.get("model", self.model),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "length"}
+            ],
+            "prompt_logprobs": entries,
+            "usage": {
+                "prompt_tokens": len(entries) - 1,
+                "completion_tokens": 1,
+                "total_tokens": len(entries),
+            },
+        }
+
     def _completion(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
+        if body.get("prompt_logprobs") is not None:
+            return self._prompt_logprobs(body)
+        if behaviour == "nullchoice":
+            return {"id": "x", "object": "chat.completion", "choices": [None]}
+        if behaviour == "wrongshape":
+            return {"id": "x", "object": "chat.completion", "choices": "isolate"}
         actions = (body.get("structured_outputs") or {}).get("choice")
         if actions is None and "grammar" in body:  # root ::= "a" | "b"
             actions = [json.loads(part.strip()) for part in body["grammar"].split("::=", 1)[1].split("|")]
@@ -187,6 +238,8 @@ class FakeServer:
         top.append(("<|im_end|>", 1e-9))
         if behaviour in ("offchoice", "zeromass"):
             top = [("I", 0.6), ("This", 0.4)]
+        if behaviour == "unconstrained":
+            top = [("I", 0.6), ("This", 0.3)] + [(a[:1], 0.1 / len(actions)) for a in actions]
         choices = []
         for i, text in enumerate(texts):
             choice: dict[str, Any] = {
@@ -195,7 +248,9 @@ class FakeServer:
                 "finish_reason": "stop",
                 "logprobs": None,
             }
-            if body.get("logprobs") and behaviour in ("good", "offchoice", "zeromass"):
+            if body.get("logprobs") and behaviour in (
+                "good", "offchoice", "zeromass", "unconstrained", "badusage", "absurd"
+            ):  # fmt: skip
                 choice["logprobs"] = {
                     "content": [
                         {
@@ -203,7 +258,12 @@ class FakeServer:
                             "logprob": math.log(top[0][1]),
                             "bytes": None,
                             "top_logprobs": [
-                                {"token": t, "logprob": math.log(p), "bytes": None} for t, p in top
+                                {
+                                    "token": t,
+                                    "logprob": 5.0 if behaviour == "absurd" else math.log(p),
+                                    "bytes": None,
+                                }
+                                for t, p in top
                             ],
                         }
                     ]
@@ -227,7 +287,7 @@ class FakeServer:
             "model": body.get("model", self.model),
             "choices": choices,
             "usage": {
-                "prompt_tokens": 50,
+                "prompt_tokens": "many" if behaviour == "badusage" else 50,
                 "completion_tokens": 3 * len(texts),
                 "total_tokens": 50 + 3 * len(texts),
             },

@@ -68,14 +68,20 @@ def test_sample_mode_counts_answers():
     assert answer.probs[0] == pytest.approx(round(p * 20) / 20)
 
 
-def test_auto_falls_back_to_sampling_and_remembers():
-    with FakeServer(default="nologprobs") as server:
+def test_auto_decides_per_request():
+    """One answer without log-probabilities samples that request only; the next request tries logprobs again."""
+    with FakeServer(["nologprobs", "nologprobs", "good"]) as server:
         b = backend(server)
         first = choose(b, mode="auto", n_samples=10)
         second = choose(b, mode="auto", n_samples=10)
-        assert first.mode == second.mode == "sample"
-        # first call: one logprobs request, then one sampling request; second call samples directly
-        assert [bool(x.get("logprobs")) for x in server.bodies] == [True, False, False]
+        assert (first.mode, first.scoring, second.mode, second.scoring) == (
+            "sample",
+            "samples",
+            "logprobs",
+            "first-token",
+        )
+        assert "no log-probabilities" in first.fallback and second.fallback == ""
+        assert [bool(x.get("logprobs")) for x in server.bodies] == [True, False, True]
         assert b.stats.fallbacks == 1
 
 
@@ -99,6 +105,72 @@ def test_persistent_failures_raise_after_retries(behaviour):
             choose(backend(server, retries=2), mode="logprobs")
         assert server.requests == 3
     assert "after 3 attempts" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "behaviour, says",
+    [
+        ("nullchoice", "not an object"),
+        ("wrongshape", "no choices"),
+        ("badusage", "usage.prompt_tokens is not a token count"),
+        ("absurd", "not in"),
+    ],
+)
+def test_malformed_responses_are_retried_then_reported(behaviour, says):
+    """Responses of the wrong shape go through retry, then one LLMError naming what was wrong (no crash)."""
+    with FakeServer(default=behaviour) as server:
+        with pytest.raises(LLMError, match=says) as info:
+            choose(backend(server, retries=1), mode="auto")
+        assert server.requests == 2
+    assert "after 2 attempts" in str(info.value)
+
+
+def test_low_coverage_is_an_error_in_logprobs_mode_and_a_recorded_switch_in_auto():
+    with FakeServer(default="unconstrained") as server:
+        with pytest.raises(LLMError, match="only 0.100 of the first token") as info:
+            choose(backend(server), mode="logprobs")
+        assert server.requests == 1  # not retried: the same request would read the same
+        assert "sample" in info.value.hint
+        answer = choose(backend(server), mode="auto", n_samples=10)
+    assert (answer.mode, answer.scoring) == ("sample", "samples")
+    assert answer.coverage == pytest.approx(0.1) and "0.100" in answer.fallback
+    # a lower bar accepts the same reading, renormalised over the actions
+    with FakeServer(default="unconstrained") as server:
+        answer = choose(backend(server), mode="logprobs", min_coverage=0.05)
+    assert answer.scoring == "first-token" and answer.probs == pytest.approx([0.5, 0.5])
+
+
+def test_actions_sharing_a_first_token_are_scored_whole():
+    """ "stay home" and "stay at work" begin with the same tokens: each whole action is scored from prompt
+    log-probabilities (one request for the bare prompt, one per action), never split by a rule."""
+    actions = ["stay home", "stay at work"]
+
+    async def go(b, decoding):
+        try:
+            return await b.choose(MESSAGES, actions, decoding)
+        finally:
+            await b.aclose()
+
+    with FakeServer() as server:
+        answer = asyncio.run(go(backend(server), Decoding(mode="logprobs")))
+        bodies = server.bodies
+    assert answer.scoring == "sequence" and answer.ambiguous > 0
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions))
+    assert answer.probs != pytest.approx([0.5, 0.5])
+    assert len(bodies) == 4
+    assert [b["messages"][-1] for b in bodies[1:]] == [
+        {"role": "assistant", "content": c} for c in ("", *actions)
+    ]
+    assert all(b["prompt_logprobs"] == 0 and b["continue_final_message"] for b in bodies[1:])
+    # forced whole-action scoring of actions whose first tokens differ
+    with FakeServer() as server:
+        answer = choose(backend(server), mode="logprobs", scoring="sequence")
+    assert answer.scoring == "sequence" and answer.probs == pytest.approx(
+        FakeServer.sequence_expected(ACTIONS)
+    )
+    # a server kind without prompt log-probabilities says so instead of guessing
+    with FakeServer() as server, pytest.raises(LLMError, match="prompt log-probabilities"):
+        asyncio.run(go(backend(server, server="llamacpp"), Decoding(mode="logprobs")))
 
 
 def test_offchoice_samples_are_rejected():
@@ -202,12 +274,15 @@ def test_openai_request_params_are_the_requests_sent():
     assert params == {
         "mode": "auto",
         "logprobs": {"temperature": 0.0, "max_tokens": 8, "logprobs": True, "top_logprobs": 5},
+        "scoring": "first-token",
+        "sequence": {"temperature": 0.0, "max_tokens": 1},
+        "min_coverage": 0.9,
         "sample": {"temperature": 0.7, "max_tokens": 8, "n": 7},
     }
     for body, sent in ((logprobs_body, params["logprobs"]), (sample_body, params["sample"])):
         assert set(body) == {"model", "messages", "structured_outputs", *sent}
         assert {k: body[k] for k in sent} == sent
-    assert b.identity() == {"backend": "openai", "model": "fake-model", "server": "vllm"}
+    assert b.identity() == {"backend": "openai", "model": "fake-model", "server": "vllm", "weights": None}
 
 
 def test_langchain_request_params_are_the_chat_models_own_settings():

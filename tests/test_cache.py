@@ -83,14 +83,21 @@ def test_modes(tmp_path):
         ResponseCache(tmp_path, mode="sometimes")
 
 
+def _reseal(value: bytes, edit) -> bytes:
+    """A stored value with its JSON body changed by ``edit`` and the old checksum kept."""
+    import json
+
+    return value[:65] + json.dumps(edit(json.loads(value[65:]))).encode()
+
+
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda v: {**v, "checksum": "0" * 64},
-        lambda v: {**v, "probs": [0.9, 0.9]},
-        lambda v: {k: x for k, x in v.items() if k != "mode"},
-        lambda v: "not a dict",
-        lambda v: {**v, "probs": [float("nan"), 1.0]},
+        lambda v: b"0" * 64 + v[64:],  # checksum
+        lambda v: _reseal(v, lambda d: {**d, "probs": [0.9, 0.9]}),
+        lambda v: _reseal(v, lambda d: {k: x for k, x in d.items() if k != "mode"}),
+        lambda v: b"not an entry",
+        lambda v: v[:-5],  # truncated
     ],
 )
 def test_corrupt_entry_is_detected_and_deleted(tmp_path, damage):
@@ -101,6 +108,40 @@ def test_corrupt_entry_is_detected_and_deleted(tmp_path, damage):
     assert cache.get(key()) is None
     assert raw_key not in cache.store
     assert cache.stats()["corrupt"] == 1
+
+
+def test_a_pickled_entry_is_never_unpickled(tmp_path):
+    """Someone who can write the cache folder stores a pickle that would run code when loaded: lpm never
+    loads it (the store refuses every mode but raw values), deletes it and counts it as corrupt."""
+    import pickle
+    import sqlite3
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cache = ResponseCache(tmp_path)
+    cache.put(key(), answer())
+    cache.close()
+    db = sqlite3.connect(tmp_path / "cache.db")
+    payload = pickle.dumps(Exploit())
+    db.execute(
+        "UPDATE Cache SET mode = 4, value = ? WHERE key = ?", (payload, "r:" + key())
+    )  # 4: MODE_PICKLE
+    db.execute(
+        "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, size, mode, "
+        "filename, value) VALUES (?, 0, 0, NULL, 0, 0, NULL, 0, 4, NULL, ?)",
+        (pickle.dumps(Exploit()), payload),
+    )
+    db.commit()
+    db.close()
+    cache = ResponseCache(tmp_path)
+    assert cache.get(key()) is None
+    stats = cache.stats()
+    assert stats["corrupt"] == 1 and stats["entries"] == 0
+    assert not marker.exists()
 
 
 def test_probabilities_not_summing_to_one_are_corrupt_even_with_valid_checksum(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from fake_server import FakeServer
 
 from lpm.archetype import ArchetypeSpec
-from lpm.backend import OpenAIBackend
+from lpm.backend import Backend, LocalServerBackend, OpenAIBackend
 from lpm.cache import ResponseCache
 from lpm.decision import Decider, Decisions
 from lpm.errors import CacheMissError, InputError, LLMError, ServerError
@@ -49,7 +49,10 @@ def test_decide_returns_input_order_and_sums_to_one(spec, rows, tmp_path):
     assert out.mode == ["logprobs"] * 12 and out.cached == [False] * 12
     assert out.requests == 12 and out.prompt_tokens == 12 * 50 and out.failed == []
     frame = out.to_frame()
-    assert list(frame.columns) == ["age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "cached"]
+    assert list(frame.columns) == [
+        "age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "scoring", "coverage", "cached"
+    ]  # fmt: skip
+    assert out.scoring == ["first-token"] * 12 and all(c == pytest.approx(1.0) for c in out.coverage)
     assert frame["age_group"].tolist() == [r["age_group"] for r in few]
 
 
@@ -117,6 +120,48 @@ def test_failures_raise_naming_archetypes_and_never_fill_zeros(spec, rows, tmp_p
     assert all(out.mode[i] == "" for i in bronx)
 
 
+def test_every_client_failure_is_reported_never_raised_raw(spec, rows):
+    """A null choice, a string of choices, a text token count, or an exception of the backend itself: each
+    archetype ends as a failed row (on_failure="return") or one LLMError naming it, never a crash."""
+    few = rows[:4]
+    for behaviour in ("nullchoice", "wrongshape", "badusage", "absurd"):
+        with FakeServer(default=behaviour) as server:
+            out = decider(server, retries=0, on_failure="return").decide(spec, few, CONTEXT)
+        assert out.failed == [0, 1, 2, 3] and torch.isnan(out.probs).all()
+
+    class Broken(Backend):
+        model = "broken"
+
+        async def choose(self, messages, actions, decoding=None):
+            raise KeyError("choices")  # a bug or an exception type no one foresaw
+
+    out = Decider(Broken(), progress=False, on_failure="return").decide(spec, few, CONTEXT)
+    assert out.failed == [0, 1, 2, 3]
+    with pytest.raises(LLMError, match="KeyError"):
+        Decider(Broken(), progress=False).decide(spec, few, CONTEXT)
+
+
+def test_a_failed_local_server_start_is_attempted_once(spec, rows):
+    """One decision step of 20 archetypes against a local server that cannot start: one start attempt, and
+    every request gets its error at once."""
+
+    class Unstartable:
+        url, model, kind, api_key, running = "http://127.0.0.1:9/v1", "m", "vllm", None, False
+        starts = 0
+
+        def start(self):
+            Unstartable.starts += 1
+            raise ServerError("the vllm server exited with status 1 during start-up")
+
+    backend = LocalServerBackend(Unstartable(), retries=3, backoff=0.01)
+    with pytest.raises(ServerError, match="during start-up"):
+        Decider(backend, progress=False).decide(spec, rows[:20], CONTEXT)
+    assert Unstartable.starts == 1
+    with pytest.raises(ServerError):  # a later step of the same run does not try again either
+        Decider(backend, progress=False).decide(spec, rows[:20], CONTEXT)
+    assert Unstartable.starts == 1
+
+
 def test_unreachable_server_raises_server_error(spec, rows):
     with FakeServer() as server:
         url = server.url
@@ -131,7 +176,7 @@ def test_corrupt_cache_entry_is_recomputed(spec, rows, tmp_path):
         store = ResponseCache(tmp_path).store
         entry_keys = [k for k in store.iterkeys() if k.startswith("r:")]
         value = store.get(entry_keys[0])
-        store.set(entry_keys[0], {**value, "probs": [0.5, 0.25]})
+        store.set(entry_keys[0], value.replace(b'"probs":[', b'"probs":[0.5,'))
         again = d.decide(spec, rows[:4], CONTEXT)
         assert server.requests == 5 and sum(again.cached) == 3
     assert torch.allclose(first.probs, again.probs)
@@ -237,7 +282,10 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
     rows = json.loads(res.stdout)
     assert len(rows) == 100 and not any(r["cached"] for r in rows)
     assert all(abs(r["p_isolate"] + r["p_go out"] - 1) < 1e-6 for r in rows)
-    assert set(rows[0]) == {"age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "cached"}
+    assert set(rows[0]) == {
+        "age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "scoring", "coverage", "cached"
+    }  # fmt: skip
+    assert {r["scoring"] for r in rows} == {"first-token"} and min(r["coverage"] for r in rows) > 0.99
 
     # replay: no --llm-url, no server started; the cache key holds the model name, not the URL
     res = lpm_cli(*args, "--cache", "replay", "--llm-model", server.model, env=env)

@@ -19,8 +19,22 @@ def test_defaults_and_requests_per_mode():
     assert d.logprobs_request(ACTIONS) == logprobs
     assert d.sample_request(ACTIONS) == sample
     assert d.sample_request(ACTIONS, n=3) == {**sample, "n": 3}
-    assert d.requests(ACTIONS) == {"mode": "auto", "logprobs": logprobs, "sample": sample}
-    assert Decoding(mode="logprobs").requests(ACTIONS) == {"mode": "logprobs", "logprobs": logprobs}
+    sequence = {"temperature": 0.0, "max_tokens": 1}
+    assert d.requests(ACTIONS) == {
+        "mode": "auto",
+        "logprobs": logprobs,
+        "scoring": "first-token",
+        "sequence": sequence,
+        "min_coverage": 0.9,
+        "sample": sample,
+    }
+    assert Decoding(mode="logprobs", scoring="sequence", min_coverage=0.5).requests(ACTIONS) == {
+        "mode": "logprobs",
+        "logprobs": logprobs,
+        "scoring": "sequence",
+        "sequence": sequence,
+        "min_coverage": 0.5,
+    }
     assert Decoding(mode="sample", n_samples=5).requests(ACTIONS) == {
         "mode": "sample",
         "sample": {**sample, "n": 5},

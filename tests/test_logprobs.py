@@ -6,7 +6,15 @@ import math
 
 import pytest
 
-from lpm.logprobs import BadAnswer, NoLogprobs, choice_distribution, first_token_candidates, match_action
+from lpm.logprobs import (
+    BadAnswer,
+    NoLogprobs,
+    action_logprob,
+    first_token_candidates,
+    first_token_reading,
+    match_action,
+    normalise_logprobs,
+)
 
 ACTIONS = ["isolate", "go out"]
 
@@ -14,28 +22,86 @@ ACTIONS = ["isolate", "go out"]
 def test_distribution_merges_tokens_by_prefix():
     # the shape measured with SmolLM2 under the choice constraint
     cands = [("isol", 0.619), ("i", 0.332), ("is", 0.031), ("g", 0.013), ("go", 0.005), ("<|im_end|>", 1e-6)]
-    probs, ambiguous = choice_distribution(cands, ACTIONS)
-    assert math.isclose(sum(probs), 1.0)
-    assert math.isclose(probs[0], 0.982 / 1.0, rel_tol=1e-3)
-    assert math.isclose(probs[1], 0.018, rel_tol=1e-2)
-    assert ambiguous == 0
+    reading = first_token_reading(cands, ACTIONS)
+    assert math.isclose(sum(reading.probs), 1.0)
+    assert math.isclose(reading.probs[0], 0.982 / 1.0, rel_tol=1e-3)
+    assert math.isclose(reading.probs[1], 0.018, rel_tol=1e-2)
+    assert reading.ambiguous == 0
+    assert reading.coverage == pytest.approx(1.0, abs=1e-5)
 
 
-def test_ambiguous_token_split_in_proportion_to_unambiguous_mass():
+def test_coverage_is_the_mass_on_action_tokens_before_renormalising():
+    # a server that took its log-probabilities before the constraint: most mass on free text
+    cands = [("I", 0.5), ("This", 0.3), ("is", 0.1), ("go", 0.05)]
+    reading = first_token_reading(cands, ACTIONS)
+    assert reading.coverage == pytest.approx(0.15)
+    assert reading.probs == pytest.approx([0.1 / 0.15, 0.05 / 0.15])
+
+
+def test_a_token_that_begins_several_actions_is_never_split_by_rule():
     cands = [("g", 0.4), ("go", 0.3), ("giv", 0.1)]
-    probs, ambiguous = choice_distribution(cands, ["go out", "give up"])
-    # "g" begins both: split 3:1 like the unambiguous masses 0.3 and 0.1
-    assert probs[0] == pytest.approx((0.3 + 0.3) / 0.8)
-    assert probs[1] == pytest.approx((0.1 + 0.1) / 0.8)
-    assert ambiguous == pytest.approx(0.4 / 0.8)
-    # no unambiguous mass at all: equal split
-    probs, _ = choice_distribution([("g", 1.0)], ["go out", "give up"])
-    assert probs == [0.5, 0.5]
+    reading = first_token_reading(cands, ["go out", "give up"])
+    assert reading.probs is None  # the backend must score the whole actions
+    assert reading.ambiguous == pytest.approx(0.4)
+    assert reading.coverage == pytest.approx(0.8)
 
 
 def test_zero_mass_on_actions_is_a_bad_answer():
     with pytest.raises(BadAnswer, match="no first-token alternative"):
-        choice_distribution([("I", 0.9), ("", 0.1)], ACTIONS)
+        first_token_reading([("I", 0.9), ("", 0.1)], ACTIONS)
+
+
+@pytest.mark.parametrize(
+    "alt, message",
+    [
+        ({"token": "i", "logprob": 3.0}, "not in \\[-inf, 0\\]"),
+        ({"token": "i", "logprob": float("nan")}, "not in"),
+        ({"token": "i", "logprob": "-0.1"}, "not a number"),
+        ({"token": "i", "prob": 1.5}, "not in \\[0, 1\\]"),
+    ],
+)
+def test_absurd_log_probabilities_are_bad_answers(alt, message):
+    with pytest.raises(BadAnswer, match=message):
+        first_token_candidates({"logprobs": {"content": [{"top_logprobs": [alt]}]}})
+
+
+def test_alternatives_that_sum_above_one_are_a_bad_answer():
+    alts = [{"token": "i", "logprob": math.log(0.8)}, {"token": "g", "logprob": math.log(0.7)}]
+    with pytest.raises(BadAnswer, match="sum to 1.5"):
+        first_token_candidates({"logprobs": {"content": [{"top_logprobs": alts}]}})
+
+
+def test_malformed_logprob_shapes_are_bad_answers():
+    for lp in (
+        {"content": ["x"]},
+        {"content": [{"top_logprobs": "x"}]},
+        {"content": [{"top_logprobs": [3]}]},
+    ):
+        with pytest.raises(BadAnswer):
+            first_token_candidates({"logprobs": lp})
+
+
+def _prompt(*tokens):
+    return [None] + [{str(t): {"logprob": lp, "rank": 1}} for t, lp in tokens]
+
+
+def test_whole_action_log_probability_from_prompt_logprobs():
+    # measured shape (vLLM 0.32 prompt_logprobs=0): the conversation with an empty answer, then with the action
+    base = _prompt((1, -0.1), (198, -0.0001))
+    stay_home = _prompt((1, -0.1), (198, -0.0001), (36469, -10.28), (1478, -2.25))
+    stay_at_work = _prompt((1, -0.1), (198, -0.0001), (36469, -10.28), (418, -3.25), (746, -6.08))
+    a, b = action_logprob(base, stay_home), action_logprob(base, stay_at_work)
+    assert a == pytest.approx(-12.53) and b == pytest.approx(-19.61)
+    probs = normalise_logprobs([a, b])
+    assert probs[0] == pytest.approx(1 / (1 + math.exp(b - a)))
+    with pytest.raises(BadAnswer, match="merge"):  # the action's first token swallowed the newline
+        action_logprob(base, _prompt((1, -0.1), (2000, -3.0), (1478, -2.0)))
+    with pytest.raises(BadAnswer, match="added no tokens"):
+        action_logprob(base, base)
+    with pytest.raises(BadAnswer, match="one token object"):
+        action_logprob(base, [None, {"1": {"logprob": -0.1}, "5": {"logprob": -1.0}}, {}, {}])
+    with pytest.raises(BadAnswer, match="probability 0"):
+        normalise_logprobs([-math.inf, -math.inf])
 
 
 def test_candidates_in_every_response_shape():
