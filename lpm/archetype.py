@@ -69,6 +69,19 @@ class ContextVar(BaseModel):
     round: RoundRule | None = Field(
         default_factory=lambda: RoundRule(significant=2), description="rounding of numbers; null keeps them"
     )
+    probe: list[float | str] | None = Field(
+        default=None,
+        min_length=1,
+        description="typical values, low to high, that `lpm probe` sweeps (numbers in the variable's unit, or text)",
+    )
+
+    @field_validator("probe")
+    @classmethod
+    def _finite(cls, value: list[float | str] | None) -> list[float | str] | None:
+        bad = [v for v in value or [] if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"probe values must be finite, got {bad}")
+        return value
 
     def render(self, value: float | int | str) -> float | int | str:
         """The value as it enters a prompt: numbers rounded by ``round``, text unchanged."""

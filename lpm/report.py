@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from lpm.probe import decision_spread  # noqa: E402
 from lpm.scenarios.base import compared_period  # noqa: E402
 
 DECISIONS_PLOT = "decisions.png"
@@ -148,6 +149,53 @@ def _decisions_plot(folder: Path, scenario: Any, result: Any) -> str:
     return DECISIONS_PLOT
 
 
+def spread_section(spread: dict[str, Any], policy: str, specs: dict[str, str] | None = None) -> list[str]:
+    """Lines of the report's "How much the decisions vary" section (:func:`lpm.probe.decision_spread`),
+    with a warning for each decision whose probabilities are near-constant; it names the model only for
+    the LLM policies. specs: each decision's archetype spec as ``lpm probe`` takes it (for the hint)."""
+    decisions = spread.get("decisions") or {}
+    if not decisions:
+        return []
+    threshold = spread["threshold"]
+    lines = [
+        "",
+        "## How much the decisions vary",
+        "",
+        "Across archetypes: the mean over decision steps of the largest minus the smallest probability "
+        "among the archetypes at a step. Across steps (the response to the situation): the largest minus the "
+        "smallest archetype mean (unweighted) over the decision steps. Both are probabilities, 0 to 1.",
+        "",
+        "| decision | action | archetypes | decision steps | across archetypes | across steps |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, d in decisions.items():
+        for action, a in d["actions"].items():
+            steps = "-" if a["across_steps"] is None else f"{a['across_steps']:.3f}"
+            lines.append(
+                f"| {name} | {action} | {d['archetypes']:,} | {d['decision_steps']} "
+                f"| {a['across_archetypes']:.3f} | {steps} |"
+            )
+    for name, d in decisions.items():
+        if not d["near_constant"]:
+            continue
+        llm = policy != "heuristic"
+        who = "The model's answers are" if llm else "The decisions are"
+        reading = "the model's reading of the situation" if llm else "the situation"
+        lines += [
+            "",
+            f"**Warning:** {who} near-constant: in {name} no action's probability varies by {threshold} or "
+            f"more across the {d['archetypes']:,} archetypes or over the {d['decision_steps']} decision steps "
+            f"(at most {d['largest']:.3f}); the run's behaviour barely depends on {reading}."
+            + (
+                f" `lpm probe {(specs or {}).get(name, 'SPEC')}` shows how the answers respond to each "
+                "variable of the prompt."
+                if llm
+                else ""
+            ),
+        ]
+    return lines
+
+
 def write_report(
     folder: Path, config: Any, scenario: Any, summary: dict[str, Any], plots: list[str], result: Any
 ) -> Path:
@@ -212,6 +260,9 @@ def write_report(
         )
         lines += ["", "## Decisions", "", "| decision | mode | archetype decisions |", "| --- | --- | --- |"]
         lines += [f"| {d} | {m} | {int(c):,} |" for (d, m), c in modes.items()]
+        specs = {d.name: str(d.spec) for d in scenario.decisions if isinstance(d.spec, str | Path)}
+        spread = summary.get("decision_spread") or decision_spread(decisions)
+        lines += spread_section(spread, summary["policy"], specs)
     lines += [
         "",
         "## Configuration",

@@ -284,6 +284,7 @@ def _progress(enabled: bool) -> Any:
 def _summary(
     config: RunConfig, scenario: Any, result: Any, wall: float, llm: dict[str, Any]
 ) -> dict[str, Any]:
+    from lpm.probe import decision_spread
     from lpm.report import real_error
 
     traj = result.trajectory
@@ -308,6 +309,7 @@ def _summary(
         **{k: int(v) for k, v in result.counters.items()},
         "archetypes": {name: len(table) for name, table in result.archetypes.items()},
         "decisions": result.decision_counters,
+        "decision_spread": decision_spread(result.decisions),
         "llm": llm or None,
         "totals": {q.name: float(totals.get(q.name, 0.0)) for q in scenario.quantities if q.total},
         "real_error": real_error(scenario, traj, result.real),

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "compare",
     "sensitivity",
     "decide",
+    "probe",
     "cache",
 ]
 

@@ -1,0 +1,158 @@
+"""``lpm probe``: how much the model's answers respond to the situation (one variable at a time)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from lpm.archetype import ArchetypeSpec
+from lpm.cache import CACHE_MODES, ResponseCache
+from lpm.cli.display import console, frame_table
+from lpm.cli.options import parse_pairs
+from lpm.decision import Decider
+from lpm.decoding import MODES
+from lpm.endpoint import default_mode, llm_backend
+from lpm.errors import InputError
+from lpm.server_kind import SERVER_KINDS
+
+
+def parse_vary(items: list[str]) -> dict[str, list[Any]]:
+    """``["cases=10,1000", "sex=male"]`` -> ``{"cases": [10, 1000], "sex": ["male"]}`` (numbers as numbers)."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        parts = [t.strip() for t in text.split(",") if t.strip()]
+        if not sep or not name or not parts:
+            raise InputError(f"--vary {item!r}: expected NAME=v1,v2,..., e.g. --vary cases=100,1000,10000")
+        if name in out:
+            raise InputError(f"--vary {item!r}: {name!r} is given twice; list all its values in one --vary")
+        out[name] = [parse_pairs([f"{name}={p}"], "--vary", "cases=100,1000")[name] for p in parts]
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("probe")
+    def probe_command(
+        spec: str = typer.Argument(..., help="archetype spec file, or the name of one in archetypes/"),
+        vary: list[str] = typer.Option(
+            [],
+            "--vary",
+            metavar="NAME=v1,v2,...",
+            help="values to sweep a context variable (or attribute labels) over, replacing the spec's probe "
+            "values; repeat for each variable",
+        ),
+        base: list[str] = typer.Option(
+            [],
+            "--base",
+            metavar="NAME=VALUE",
+            help="the base value of a variable (default: the middle of its sweep); repeat for each",
+        ),
+        out: Path = typer.Option(
+            None, "--out", "-o", help="folder for probe.csv, probe.json, probe.png (default probe-<spec>)"
+        ),
+        population: Path = typer.Option(
+            None,
+            "--population",
+            "-p",
+            help="population Parquet file whose attribute labels are swept (default: synthetic NYC)",
+        ),
+        llm_url: str = typer.Option(
+            None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"
+        ),
+        llm_model: str = typer.Option(
+            None, "--llm-model", help="served model name (default: the server's only model)"
+        ),
+        api_key_env: str = typer.Option(
+            "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
+        ),
+        server: str = typer.Option(
+            "vllm",
+            "--server",
+            help="kind of the local server lpm starts, or of the server at --llm-url (which answer constraint "
+            f"it takes): {'|'.join(SERVER_KINDS)}",
+        ),
+        cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
+        cache_dir: Path = typer.Option(
+            None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"
+        ),
+        mode: str = typer.Option(
+            "auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}"
+        ),
+        n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
+        concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
+    ) -> None:
+        """Sweep each context variable and attribute of a spec around a base situation, one at a time, and
+        show how much the probability of each action moves: are the model's answers informative?"""
+        from lpm import probe as probing
+        from lpm.population import Population
+
+        s = ArchetypeSpec.load(spec)
+        varied = parse_vary(vary)
+        base_values = parse_pairs(base, "--base", "cases=1000")
+        if cache not in CACHE_MODES:
+            raise InputError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        folder = Path(out) if out is not None else Path(f"probe-{s.name}")
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise InputError(
+                f"{folder}: the output folder exists and is not empty; nothing was overwritten",
+                hint="give another --out",
+            )
+        pop = (
+            Population.load(population)
+            if population is not None
+            else Population.synthesize("nyc", agents=probing.PROBE_AGENTS, seed=0)
+        )
+        labels = probing.attribute_labels(s, pop)
+        probing.plan(
+            s, labels, base=base_values, vary=varied
+        )  # bad names and values fail before a server starts
+        response_cache = ResponseCache(cache_dir, mode=cache)
+        err = Console(stderr=True)
+        with llm_backend(
+            llm_url,
+            llm_model,
+            cache_mode=cache,
+            server=server,
+            api_key_env=api_key_env,
+            max_concurrency=concurrency,
+            on_start=lambda local: err.print(
+                f"starting a local {local.kind.label} server (logs: {local.log_path}) ..."
+            ),
+        ) as (backend, info):
+            decider = Decider(backend, response_cache, mode=default_mode(mode, server), n_samples=n_samples)
+            result = probing.probe(s, decider, population=pop, base=base_values, vary=varied)
+        ranges = result.ranges()
+        for sweep in result.sweeps:
+            part = result.table[result.table["variable"] == sweep.name]
+            wide = part.pivot(index="value", columns="action", values="probability")
+            wide = wide.loc[sweep.values, result.actions]
+            shown = wide.rename(columns=lambda a: f"P({a})").reset_index()
+            shown["value"] = [f"{v} (base)" if v == result.base[sweep.name] else str(v) for v in sweep.values]
+            shown["mode"] = (
+                part.drop_duplicates("value").set_index("value").loc[sweep.values, "mode"].tolist()
+            )
+            spread = ranges[ranges["variable"] == sweep.name].set_index("action")["range"]
+            ranges_text = ", ".join(f"P({a}) {spread[a]:.3f}" for a in result.actions)
+            console.print(f"\n[bold]{sweep.name}[/] ({sweep.kind}), range over the sweep: {ranges_text}")
+            console.print(frame_table(shown.rename(columns={"value": sweep.name})))
+        console.print(
+            f"{s.name}, model {info['model']}: {result.requests} requests sent, {result.cached} answers from the "
+            f"cache ({response_cache.directory}), {result.tokens:,} tokens, {result.wall_s:.1f} s"
+        )
+        console.print(f"[bold]verdict:[/] {result.verdict()}")
+        if "sample" in set(result.table["mode"]):
+            console.print(
+                f"(some answers were sampled: their shares carry noise of about 0.5/sqrt({n_samples}) = "
+                f"{0.5 / n_samples**0.5:.2f} at p = 0.5, which the ranges include)"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        result.table.to_csv(folder / "probe.csv", index=False)
+        summary = result.summary() | {"model": info["model"], "url": info.get("url"), "source": str(s.source)}
+        (folder / "probe.json").write_text(json.dumps(summary, indent=2))
+        probing.plot(result, folder / "probe.png")
+        console.print(f"wrote {folder / 'probe.csv'}, {folder / 'probe.json'}, {folder / 'probe.png'}")
