@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from lpm.errors import CacheMissError, InputError, validation_message
 from lpm.run import CacheMode, PolicyName, RunConfig, RunOutput, run
@@ -76,6 +76,8 @@ class CompareConfig(BaseModel):
     device: str = "cpu"
     llm_url: str | None = None
     llm_model: str | None = None
+    llm_weights: str | None = None
+    llm_revision: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     server: str = "vllm"
     llm_mode: str = "auto"
@@ -94,11 +96,18 @@ class CompareConfig(BaseModel):
                 raise ValueError(f"--{name} repeats an entry: {values}")
         if any(s < 0 for s in self.seeds):
             raise ValueError(f"--seeds must be >= 0, got {self.seeds}")
-        if (self.llm_url or self.llm_model) and not self.uses_llm:
+        if (self.llm_url or self.llm_model or self.llm_weights or self.llm_revision) and not self.uses_llm:
             raise ValueError(
-                "--llm-url/--llm-model need an LLM policy (llm, agent-llm), --granularity or --audit"
+                "--llm-url/--llm-model/--model/--model-revision need an LLM policy (llm, agent-llm), "
+                "--granularity or --audit"
             )
         return self
+
+    @field_serializer("llm_url")
+    def _redacted(self, url: str | None) -> str | None:
+        from lpm.endpoint import redact_url
+
+        return redact_url(url)  # a URL's credentials never reach a file
 
     @classmethod
     def build(cls, **values: Any) -> CompareConfig:
@@ -134,33 +143,28 @@ class CompareConfig(BaseModel):
 
 
 class SharedModel:
-    """The one model every LLM run, the sweep and the audit of a comparison ask.
+    """The one model every LLM run, the sweep and the audit of a comparison ask (:class:`lpm.endpoint.Endpoint`).
 
     The server at ``config.llm_url``; with ``cache="replay"`` none (every answer must be cached); else a
     local :class:`lpm.server.ModelServer` started at the first cache miss (``on_start(server)`` just before)
-    and stopped by :meth:`close`.
+    and stopped by :meth:`close`. Every run and request names the model the same way in its cache keys.
     """
 
     def __init__(self, config: CompareConfig, on_start: Callable[[Any], None] | None = None):
-        from lpm.server_kind import server_kind
+        from lpm.endpoint import Endpoint
 
         self.config = config
-        self.kind = server_kind(config.server, field="--server")
         self.on_start = on_start
-        self.url, self.model = config.llm_url, config.llm_model
-        self.local: Any = None
-        if self.url and not self.model:
-            from lpm.server import check_server
-
-            models = check_server(self.url)["models"]
-            if len(models) != 1:
-                raise InputError(f"--llm-model is needed: {self.url} serves {models or 'no models'}")
-            self.model = str(models[0])
-        elif not self.url and config.cache != "replay" and config.uses_llm:
-            from lpm.server import ModelServer
-
-            self.local = ModelServer(self.kind, served_name=config.llm_model)
-            self.model = self.local.model
+        self.endpoint = Endpoint.resolve(
+            config.llm_url,
+            config.llm_model,
+            weights=config.llm_weights,
+            revision=config.llm_revision,
+            cache_mode=config.cache if config.uses_llm else "replay",
+            server=config.server,
+            api_key_env=config.api_key_env,
+        )
+        self.url, self.model, self.local = self.endpoint.url, self.endpoint.model, self.endpoint.local
         self.startup_seconds: float | None = None
 
     @property
@@ -177,19 +181,7 @@ class SharedModel:
 
     def backend(self) -> Any:
         """A backend for the sweep and the audit (a local server starts at its first request)."""
-        from lpm.backend import LocalServerBackend, OpenAIBackend
-
-        options = {"api_key_env": self.config.api_key_env}
-        if self.url:
-            return OpenAIBackend(self.url, self.model, server=self.kind, **options)
-        if self.local is None:  # replay: never contacted
-            from lpm.endpoint import REPLAY_URL
-            from lpm.model import DEFAULT_MODEL_NAME
-
-            return OpenAIBackend(REPLAY_URL, self.model or DEFAULT_MODEL_NAME, server=self.kind, **options)
-        backend = LocalServerBackend(self.local, **options)
-        backend.on_start = self.on_start
-        return backend
+        return self.endpoint.backend(self.on_start)
 
     def decider(self, per_agent: bool) -> Any:
         from lpm.cache import ResponseCache
@@ -207,7 +199,15 @@ class SharedModel:
     def run(self, config: RunConfig, out: Path, **options: Any) -> tuple[RunOutput, bool]:
         """``lpm.run.run`` of an LLM ``config`` against this model; returns the output and whether every
         answer came from the cache alone (a replay run)."""
-        config = config.model_copy(update={"llm_url": self.url, "llm_model": self.model})
+        config = config.model_copy(
+            update={
+                "llm_url": self.url,
+                "llm_model": self.model,
+                "llm_weights": self.config.llm_weights,
+                "llm_revision": self.config.llm_revision,
+            }
+        )
+        options = options | {"endpoint": self.endpoint}
         if self.config.cache == "replay":
             try:
                 return run(config, out, **options), True
@@ -225,11 +225,10 @@ class SharedModel:
             except CacheMissError:
                 shutil.rmtree(out, ignore_errors=True)
         self.start()
-        return run(config.model_copy(update={"llm_url": self.url or self.local.url}), out, **options), False
+        return run(config, out, **options), False
 
     def close(self) -> None:
-        if self.local is not None:
-            self.local.stop()
+        self.endpoint.close()
 
 
 def _within(frame: pd.DataFrame, window: tuple[dt.date, dt.date]) -> pd.DataFrame:
@@ -326,8 +325,7 @@ def compare(
         if config.audit:
             audit = _audit(config, scenario, steps, model)
         server = {
-            "url": model.url or (model.local.url if model.local is not None else None),
-            "model": model.model,
+            **model.endpoint.info(),
             "local_server_started": model.startup_seconds is not None,
             "startup_seconds": model.startup_seconds,
         }

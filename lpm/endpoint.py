@@ -1,18 +1,35 @@
-"""Where model requests go: a server at a given URL, or a local one lpm starts at the first cache miss.
+"""Where model requests go, and which model answers them: a server at a given URL, or a local one lpm starts
+at the first cache miss, serving weights it can name.
 
-Used by ``lpm run`` and ``lpm decide`` alike, so both treat ``--llm-url``, ``--llm-model``, the server kind
-and ``--cache replay`` the same way.
+Used by ``lpm run``, ``lpm decide``, ``lpm calibrate``, ``lpm compare`` and ``lpm probe`` alike, so all treat
+``--llm-url``, ``--llm-model``, ``--model``, ``--model-revision``, the server kind and ``--cache replay`` the
+same way (:class:`Endpoint`):
+
+- ``--llm-url URL``: the server there; ``--llm-model`` names the served model (default: its only one) and
+  ``--model-revision`` says which version of it, for the response cache's key (otherwise the name alone
+  identifies the answers, and a server that serves other weights under the same name would share them).
+- no URL: a local server of the kind ``--server`` serving ``--model PATH`` (a model folder or a .gguf file;
+  default SmolLM2-135M-Instruct), under the name ``--llm-model`` (default: the weights' own name), with a
+  random API key that only this process knows. The cache key holds the SHA-256 fingerprint of those weights
+  (:func:`lpm.model.weights_fingerprint`). A name without weights is refused: lpm would otherwise serve the
+  default weights under a name that says something else.
+- ``--cache replay`` without a URL: no server at all; the key is the one the recorded run used.
+
+URLs are written to run folders without credentials or query (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from lpm.backend import Backend, LocalServerBackend, OpenAIBackend
 from lpm.errors import InputError
-from lpm.server_kind import server_kind
+from lpm.server_kind import ServerKind, server_kind
 
 #: Never contacted: with ``--cache replay`` and no URL every answer must come from the cache.
 REPLAY_URL = "http://replay.invalid/v1"
@@ -25,18 +42,151 @@ def default_mode(mode: str, server: str) -> str:
     return server_kind(server).resolve_mode(mode)
 
 
+def redact_url(url: str | None) -> str | None:
+    """``url`` without user name, password, query or fragment (what may be written to disk)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def served_name(weights: str | Path | None) -> str:
+    """The name a local server serves ``weights`` under by default: the default model's name, else the
+    .gguf file's stem or the folder's name."""
+    if weights is None:
+        from lpm.model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    path = Path(weights)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+@dataclass
+class Endpoint:
+    """The model a command asks, resolved from its options (see the module docstring).
+
+    url: the server's URL (None: local or replay). model: the served name. kind: the server kind.
+    weights: the weights' fingerprint (local, replay of local) or ``revision:REV`` (a server at a URL), None
+    when unknown. local: the :class:`lpm.server.ModelServer` lpm starts at the first cache miss (not yet
+    started), or None.
+    """
+
+    url: str | None
+    model: str
+    kind: ServerKind
+    weights: str | None
+    local: Any = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None,
+        model: str | None,
+        *,
+        weights: str | Path | None = None,
+        revision: str | None = None,
+        cache_mode: str = "use",
+        server: str = "vllm",
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 16,
+    ) -> Endpoint:
+        """Check the options and name the model; starts nothing (a local server is made, not started)."""
+        kind = server_kind(server, field="--server")
+        options = {"api_key_env": api_key_env, "max_concurrency": max_concurrency}
+        if url and weights is not None:
+            raise InputError(
+                f"--model {weights} serves weights on a local server, but --llm-url {redact_url(url)} was given",
+                hint="with --llm-url, name the served model with --llm-model and its version with --model-revision",
+            )
+        if weights is not None and revision:
+            raise InputError(
+                "--model-revision names the version of a model at --llm-url; weights given with --model are "
+                "named by their content",
+                hint="leave --model-revision out",
+            )
+        tag = f"revision:{revision}" if revision else None
+        if url:
+            if not model:
+                import os
+
+                from lpm.server import check_server
+
+                models = check_server(url, api_key=os.environ.get(api_key_env))["models"]
+                if len(models) != 1:
+                    raise InputError(
+                        f"--llm-model is needed: {redact_url(url)} serves {models or 'no models'}"
+                    )
+                model = str(models[0])
+            return cls(url, model, kind, tag, options=options)
+        if model and weights is None and cache_mode != "replay":
+            raise InputError(
+                f"--llm-model {model!r} without --llm-url: lpm would serve its default weights "
+                f"({served_name(None)}) under that name",
+                hint="pass --model PATH (a model folder or .gguf file) to serve those weights, or --llm-url of "
+                "a server that serves the model",
+            )
+        if cache_mode == "replay" and model and weights is None:  # answers recorded from a server at a URL
+            return cls(None, model, kind, tag, options=options)
+        from lpm.model import weights_fingerprint
+
+        if weights is not None and not Path(weights).exists():
+            raise InputError(
+                f"--model {weights}: no such file or folder", hint="pass a model folder or .gguf file"
+            )
+        fingerprint = weights_fingerprint(
+            None if weights is None else Path(weights), served_as=kind.model_format
+        )
+        name = model or served_name(weights)
+        if cache_mode == "replay":
+            return cls(None, name, kind, fingerprint, options=options)
+        from lpm.server import ModelServer, new_api_key
+
+        local = ModelServer(kind, weights, served_name=name, api_key=new_api_key())
+        return cls(None, name, kind, fingerprint, local=local, options=options)
+
+    def backend(self, on_start: Callable[[Any], None] | None = None) -> Backend:
+        """A backend asking this model (a local server starts at its first request, once)."""
+        if self.url:
+            return OpenAIBackend(self.url, self.model, server=self.kind, weights=self.weights, **self.options)
+        if self.local is None:
+            return OpenAIBackend(
+                REPLAY_URL, self.model, server=self.kind, weights=self.weights, **self.options
+            )
+        backend = LocalServerBackend(self.local, weights=self.weights, **self.options)
+        backend.on_start = on_start
+        return backend
+
+    def info(self) -> dict[str, Any]:
+        """What a run folder records of the model (no key, no credentials)."""
+        return {
+            "url": redact_url(self.url or (self.local.url if self.local is not None else None)),
+            "model": self.model,
+            "server": self.kind.name,
+            "weights": self.weights,
+            "local_server": self.local is not None,
+        }
+
+    def close(self) -> None:
+        """Stop the local server if it runs."""
+        if self.local is not None:
+            self.local.stop()
+
+
 @contextmanager
 def running_server(
     url: str | None, model: str | None, *, server: str = "vllm"
 ) -> Iterator[tuple[str, str, float | None]]:
     """``(url, model, startup seconds)`` of the server at ``url``, or of a local server of kind ``server``
-    started now (serving ``model``) and stopped on leaving the block. For a server at ``url`` the startup
-    is None and ``model`` defaults to the default model's name. Used by scripts that need a live server
-    for clients of their own (the benchmarks)."""
+    started now (serving the default model, under ``model`` if given) and stopped on leaving the block. For a
+    server at ``url`` the startup is None and ``model`` defaults to the default model's name. Used by scripts
+    that need a live server for clients of their own (the benchmarks); the local one takes no API key."""
     if url:
-        from lpm.model import DEFAULT_MODEL_NAME
-
-        yield url, model or DEFAULT_MODEL_NAME, None
+        yield url, model or served_name(None), None
         return
     from lpm.server import ModelServer
 
@@ -49,51 +199,39 @@ def llm_backend(
     url: str | None,
     model: str | None,
     *,
+    weights: str | Path | None = None,
+    revision: str | None = None,
     cache_mode: str = "use",
     server: str = "vllm",
     api_key_env: str = "OPENAI_API_KEY",
     max_concurrency: int = 16,
     on_start: Callable[[Any], None] | None = None,
+    endpoint: Endpoint | None = None,
 ) -> Iterator[tuple[Backend, dict[str, Any]]]:
-    """A backend and a record of it (``url``, ``model``, ``server``, ``local_server`` …) for the run folder.
-
-    url: a running OpenAI-compatible server; its only model is used when ``model`` is None.
-    None: a local server of kind ``server`` serving ``model`` (default SmolLM2-135M-Instruct), started at
-    the first request that misses the cache and stopped on leaving the block; with ``cache_mode="replay"``
-    none is ever started. server: the server kind (:data:`lpm.server_kind.SERVER_KINDS`), also the
-    answer-constraint format of a server at ``url``.
+    """A backend and a record of it (:meth:`Endpoint.info` and ``identity``, the cache key's model part) for
+    the run folder. The options are those of :meth:`Endpoint.resolve`; ``endpoint`` instead uses one
+    resolved already (its local server is then stopped by its owner, not here). A local server made here is
+    started at the first request that misses the cache and stopped on leaving the block.
     """
-    kind = server_kind(server, field="--server")
-    kwargs = {"api_key_env": api_key_env, "max_concurrency": max_concurrency}
-    local = None
-    info: dict[str, Any] = {"server": kind.name, "local_server": False}
+    own = endpoint is None
+    if endpoint is None:
+        endpoint = Endpoint.resolve(
+            url,
+            model,
+            weights=weights,
+            revision=revision,
+            cache_mode=cache_mode,
+            server=server,
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
+        )
+    backend = endpoint.backend(on_start)
+    info = endpoint.info() | {"identity": backend.identity()}
     try:
-        if url:
-            if not model:
-                from lpm.server import check_server
-
-                models = check_server(url)["models"]
-                if len(models) != 1:
-                    raise InputError(f"--llm-model is needed: {url} serves {models or 'no models'}")
-                model = str(models[0])
-            backend: Backend = OpenAIBackend(url, model, server=kind, **kwargs)
-        elif cache_mode == "replay":
-            from lpm.model import DEFAULT_MODEL_NAME
-
-            model = model or DEFAULT_MODEL_NAME
-            backend = OpenAIBackend(REPLAY_URL, model, server=kind, **kwargs)
-        else:
-            from lpm.server import ModelServer
-
-            local = ModelServer(kind, served_name=model)
-            backend = LocalServerBackend(local, **kwargs)
-            backend.on_start = on_start
-            url, model = local.url, local.model
-            info["local_server"] = True
-        info |= {"url": url, "model": model}
         yield backend, info
     finally:
-        if local is not None:
-            if local.running:
-                info["server_started_seconds"] = local.startup_seconds
-            local.stop()
+        local = endpoint.local
+        if local is not None and local.running:
+            info["server_started_seconds"] = local.startup_seconds
+        if own:
+            endpoint.close()

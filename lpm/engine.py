@@ -80,7 +80,8 @@ class RunResult:
     trajectory: tidy frame ``step, date, <breakdown attributes>, quantity, value`` (one row per step ×
     quantity × label of its breakdown; categorical columns keep their labels).
     decisions: tidy frame ``step, date, decision, archetype, <attributes…>, action, probability, mode,
-    cached``.
+    scoring, coverage, cached`` (scoring: how the probabilities were read, :data:`lpm.logprobs.SCORINGS` or
+    ``rule``; coverage: first-token mass on action tokens before renormalising, NaN where none was read).
     real: the matching real series for plots (``date, <breakdown>, quantity, value``), on the population's scale.
     archetypes: decision -> its K archetypes (attribute labels and agents).
     series: quantity -> (T, labels) or (T,) tensor of the recorded values (with gradients in
@@ -536,6 +537,8 @@ class Simulation:
             "action",
             "probability",
             "mode",
+            "scoring",
+            "coverage",
             "cached",
         ]
         if not self._decisions:
@@ -569,6 +572,8 @@ class Simulation:
         actions = list(dict.fromkeys(a for d in self.asked for a in d.spec.actions))
         frame["action"] = pd.Categorical(frame["action"], categories=actions)
         frame["mode"] = pd.Categorical(frame["mode"])
+        if "scoring" in frame:
+            frame["scoring"] = pd.Categorical(frame["scoring"])
         order = [c for c in cols if c in frame.columns] + [c for c in frame.columns if c not in cols]
         frame = frame[order].sort_values(["step", "decision", "archetype", "action"], kind="stable")
         return frame.reset_index(drop=True)

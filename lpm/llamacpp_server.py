@@ -71,6 +71,8 @@ def serve(args: argparse.Namespace) -> int:
     params.n_ctx = args.max_model_len * args.parallel  # llama-server splits n_ctx across the slots
     params.cont_batching = True
     params.endpoint_metrics = True
+    if os.environ.get("LPM_SERVER_API_KEY"):  # from the environment, so it shows in no process list
+        params.api_keys = [os.environ["LPM_SERVER_API_KEY"]]
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
 

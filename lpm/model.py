@@ -8,7 +8,13 @@ llama.cpp (``xllamacpp``) serves the GGUF file directly and needs no preparation
 
 Cache key of a prepared folder: the GGUF file's size and the SHA-256 of its first 4 MiB, the target dtype
 and :data:`FORMAT_VERSION`. Excluded on purpose: the file's path and mtime (a reinstall of the same file
-reuses the folder) and the transformers version (recorded in the marker file, not hashed).
+reuses the folder) and the transformers version (recorded in the marker file, not hashed). The marker
+records the SHA-256 of every file of the folder; :func:`prepare_model` checks them each time before the
+folder is served, and converts again when a file was changed or removed.
+
+:func:`weights_fingerprint` names the weights a local server serves, for the response cache's keys: the
+SHA-256 of a GGUF file's whole content (with the dtype and conversion version where vLLM serves it
+converted), or of every file of a model folder.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from pathlib import Path
 from lpm.errors import ModelError
 from lpm.paths import cache_root
 
-__all__ = ["DEFAULT_MODEL_NAME", "cache_root", "default_gguf_path", "is_prepared", "prepare_model"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_root",
+    "default_gguf_path",
+    "is_prepared",
+    "prepare_model",
+    "weights_fingerprint",
+]
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 """Name the default model is served under."""
@@ -35,8 +48,9 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_FILE = "lpm-prepared.json"
 """Written last into a prepared folder; its presence means the folder is complete."""
 
-FORMAT_VERSION = 1
-"""Bump when the conversion changes so that old folders are not reused."""
+FORMAT_VERSION = 2
+"""Bump when the conversion changes so that old folders are not reused. 2: the marker lists every file's
+SHA-256."""
 
 _HASH_HEAD_BYTES = 4 * 1024 * 1024
 _LOCK_TIMEOUT_S = 900.0
@@ -88,6 +102,74 @@ def is_prepared(folder: Path) -> bool:
     return (folder / MARKER_FILE).is_file()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's whole content (hex)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a model folder by relative path (the lpm marker and hidden files left out)."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and name != MARKER_FILE and not any(p.startswith(".") for p in name.split("/")):
+            out[name] = file_sha256(path)
+    return out
+
+
+def verify_prepared(folder: Path) -> str | None:
+    """Why a prepared folder cannot be served as it is (a file changed, missing or added), or None when every
+    file has the SHA-256 its marker recorded."""
+    try:
+        recorded = json.loads((folder / MARKER_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its marker {MARKER_FILE} lists no file checksums"
+    if not isinstance(recorded, dict):
+        return f"its marker {MARKER_FILE} lists no file checksums"
+    found = folder_files(folder)
+    for name in sorted(set(recorded) | set(found)):
+        if name not in found:
+            return f"{name} is missing"
+        if name not in recorded:
+            return f"{name} was added"
+        if found[name] != recorded[name]:
+            return f"{name} changed since it was prepared"
+    return None
+
+
+def weights_fingerprint(model: Path | None = None, *, served_as: str = "safetensors") -> str:
+    """What identifies the weights a local server serves (24 hex digits of a SHA-256), for cache keys.
+
+    model: a .gguf file, a model folder, or None for the default model. served_as: ``safetensors`` when
+    vLLM serves it (a GGUF is converted by :func:`prepare_model` to bfloat16, so the dtype and
+    :data:`FORMAT_VERSION` are part of it) or ``gguf`` when llama.cpp serves the file itself.
+    A folder prepared by lpm is named by its source GGUF; another folder by the content of all its files.
+    """
+    source = default_gguf_path() if model is None else Path(model)
+    if source.is_dir() and is_prepared(source):
+        try:
+            marker = json.loads((source / MARKER_FILE).read_text())
+            source = Path(marker["source"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ModelError(f"{source / MARKER_FILE}: not a marker lpm wrote ({error})") from None
+    if source.is_file():
+        parts = [f"gguf:{file_sha256(source)}"]
+        if served_as == "safetensors":
+            parts.append(f"bfloat16|v{FORMAT_VERSION}")
+    elif source.is_dir():
+        files = folder_files(source)
+        if not files:
+            raise ModelError(f"model folder {source} holds no files")
+        parts = [f"{name}:{digest}" for name, digest in files.items()]
+    else:
+        raise ModelError(f"model {source} does not exist", hint="pass a .gguf file or a model folder")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
 def prepare_model(
     gguf: Path | None = None,
     *,
@@ -117,7 +199,11 @@ def prepare_model(
         )
     target = Path(out_dir) if out_dir is not None else prepared_dir_for(source, dtype=dtype)
     if is_prepared(target):
-        return target
+        problem = verify_prepared(target)
+        if problem is None:
+            return target
+        print(f"lpm: {target} cannot be served as it is ({problem}); preparing it again", file=sys.stderr)
+        _discard(target)
 
     from filelock import FileLock, Timeout
 
@@ -125,7 +211,7 @@ def prepare_model(
     lock = FileLock(str(target.parent / f".{target.name}.lock"))
     try:
         with lock.acquire(timeout=_LOCK_TIMEOUT_S):
-            if is_prepared(target):  # another process finished while we waited
+            if is_prepared(target) and verify_prepared(target) is None:  # another process finished meanwhile
                 return target
             _convert_into(source, target, dtype=dtype, progress=progress)
     except Timeout as error:
@@ -134,6 +220,12 @@ def prepare_model(
             hint=f"If no other lpm process is running, delete {lock.lock_file} and retry.",
         ) from error
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Remove a prepared folder that failed its check (its marker first, so it never counts as complete)."""
+    (folder / MARKER_FILE).unlink(missing_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _convert_into(source: Path, target: Path, *, dtype: str, progress: bool) -> None:
@@ -188,6 +280,7 @@ def _convert_into(source: Path, target: Path, *, dtype: str, progress: bool) -> 
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "add_bos_token": expected_bos,
+            "files": folder_files(staging),
             "seconds": round(time.monotonic() - started, 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -24,6 +24,7 @@ A decider is any object with ``decide(spec, rows, context)`` returning an object
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -153,12 +154,26 @@ class Policy(ABC):
 
     # shared helper
     def _records(
-        self, archetypes: Archetypes, probs: torch.Tensor, modes: list[str], cached: list[bool]
+        self,
+        archetypes: Archetypes,
+        probs: torch.Tensor,
+        modes: list[str],
+        cached: list[bool],
+        scoring: list[str] | None = None,
+        coverage: list[float] | None = None,
     ) -> list[dict[str, Any]]:
+        """The rows of decisions.parquet: archetype, mode, scoring, coverage (NaN where no first token was
+        read), cached and ``p_<action>``."""
         values = probs.detach().cpu().double().numpy()
         out = []
         for k in range(values.shape[0]):
-            rec: dict[str, Any] = {"archetype": k, "mode": modes[k], "cached": bool(cached[k])}
+            rec: dict[str, Any] = {
+                "archetype": k,
+                "mode": modes[k],
+                "scoring": scoring[k] if scoring else "",
+                "coverage": float(coverage[k]) if coverage else math.nan,
+                "cached": bool(cached[k]),
+            }
             for a, action in enumerate(archetypes.spec.actions):
                 rec[f"p_{action}"] = float(values[k, a])
             out.append(rec)
@@ -236,7 +251,9 @@ class HeuristicPolicy(Policy):
         probs /= np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
         table = torch.from_numpy(probs.astype(np.float32))
         k = len(rows)
-        return PolicyDecision(table, self._records(archetypes, table, ["heuristic"] * k, [False] * k))
+        return PolicyDecision(
+            table, self._records(archetypes, table, ["heuristic"] * k, [False] * k, ["rule"] * k)
+        )
 
 
 # -- model-backed ------------------------------------------------------------------------------------
@@ -287,6 +304,8 @@ class ArchetypeLLMPolicy(Policy):
         probs = torch.zeros(len(rows), a, dtype=torch.float32)
         modes: list[str] = [""] * len(rows)
         cached: list[bool] = [False] * len(rows)
+        scoring: list[str] = [""] * len(rows)
+        coverage: list[float] = [math.nan] * len(rows)
         out = PolicyDecision(probs, [])
         fallback_probs: torch.Tensor | None = None
         for idx in groups.values():
@@ -305,16 +324,20 @@ class ArchetypeLLMPolicy(Policy):
             if not torch.isfinite(p).all() or (p < 0).any():
                 raise ValueError(f"decider returned invalid probabilities at step {step}: {p}")
             probs[idx] = p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+            answer_scoring = getattr(answer, "scoring", None) or [""] * len(idx)
+            answer_coverage = getattr(answer, "coverage", None) or [math.nan] * len(idx)
             for j, i in enumerate(idx):
                 modes[i], cached[i] = str(answer.mode[j]), bool(answer.cached[j])
+                scoring[i], coverage[i] = str(answer_scoring[j]), float(answer_coverage[j])
             for j in failed:
                 modes[idx[j]], cached[idx[j]] = f"fallback-{self.fallback.mode}", False
+                scoring[idx[j]], coverage[idx[j]] = "rule", math.nan
             out.llm_queries += int(answer.requests)
             out.prompt_tokens += int(answer.prompt_tokens)
             out.completion_tokens += int(answer.completion_tokens)
         out.cache_hits = sum(cached)
         out.fallbacks = sum(m.startswith("fallback") for m in modes)
-        out.records = self._records(archetypes, probs, modes, cached)
+        out.records = self._records(archetypes, probs, modes, cached, scoring, coverage)
         return out
 
 

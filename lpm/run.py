@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from lpm.errors import InputError, validation_message
 from lpm.population import Population
@@ -71,6 +71,12 @@ class RunConfig(BaseModel):
     llm_model: str | None = Field(
         default=None, description="served model name (default: the local default model)"
     )
+    llm_weights: str | None = Field(
+        default=None, description="model folder or .gguf file the local server serves (--model)"
+    )
+    llm_revision: str | None = Field(
+        default=None, description="version of the model at llm_url, for the cache key (--model-revision)"
+    )
     api_key_env: str = Field(default="OPENAI_API_KEY", description="environment variable holding the API key")
     server: Literal[SERVER_KINDS] = Field(  # type: ignore[valid-type]
         default="vllm", description="kind of the local LLM server lpm starts (or of the one at llm_url)"
@@ -87,11 +93,19 @@ class RunConfig(BaseModel):
         horizons = [k for k in ("steps", "days", "weeks", "months") if getattr(self, k) is not None]
         if len(horizons) > 1:
             raise ValueError(f"give one horizon, not {' and '.join('--' + h for h in horizons)}")
-        if self.policy == "heuristic" and (self.llm_url or self.llm_model):
-            raise ValueError("--llm-url/--llm-model need --policy llm or agent-llm")
+        if self.policy == "heuristic" and (
+            self.llm_url or self.llm_model or self.llm_weights or self.llm_revision
+        ):
+            raise ValueError("--llm-url/--llm-model/--model/--model-revision need --policy llm or agent-llm")
         if "start" in self.scenario_config:
             raise ValueError("give the start date with --start, not --set start=…")
         return self
+
+    @field_serializer("llm_url")
+    def _redacted(self, url: str | None) -> str | None:
+        from lpm.endpoint import redact_url
+
+        return redact_url(url)  # a URL's credentials never reach a file
 
     @classmethod
     def build(cls, **values: Any) -> RunConfig:
@@ -122,7 +136,7 @@ class RunConfig(BaseModel):
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues (the horizon may grow)."""
         data = self.model_dump(mode="json")
-        for key in ("steps", "days", "weeks", "months", "cache", "llm_url"):
+        for key in ("steps", "days", "weeks", "months", "cache", "llm_url", "llm_weights"):
             data.pop(key)
         return data
 
@@ -145,11 +159,14 @@ def run(
     resume: bool = False,
     progress: bool = True,
     on_server_start: Announce | None = None,
+    endpoint: Any = None,
 ) -> RunOutput:
     """Run ``config`` and write its folder ``out``; with ``resume`` continue from its checkpoint.
 
     Without ``config.llm_url`` an LLM policy starts the local model server (at the first cache miss) and
-    stops it at the end; ``on_server_start(server)`` is called just before. ``progress`` shows a progress
+    stops it at the end; ``on_server_start(server)`` is called just before. ``endpoint``: an
+    :class:`lpm.endpoint.Endpoint` resolved by the caller (``lpm compare`` shares one local server between
+    runs) instead of the one the configuration names. ``progress`` shows a progress
     bar on stderr.
     """
     from lpm.engine import CHECKPOINT, Simulation
@@ -165,9 +182,10 @@ def run(
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     resolved = config.model_copy(update={"start": scenario.config.start, "steps": steps})
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
-    with _policy(resolved, on_server_start) as (policy, llm_info):
+    with _policy(resolved, on_server_start, endpoint) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
-        created = _claim_folder(folder, resolved, resume)  # only once every check above has passed
+        # only once every check above has passed
+        created = _claim_folder(folder, resolved, resume, llm_info.get("identity"))
         bar = _progress(progress)
         try:
             with bar if bar is not None else nullcontext():
@@ -189,9 +207,12 @@ def run(
     return RunOutput(folder=folder, summary=summary, result=result)
 
 
-def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> bool:
-    """Refuse to overwrite another run; on resume, insist on the same configuration. Returns whether the
-    folder was created here."""
+def _claim_folder(
+    folder: Path, config: RunConfig, resume: bool, identity: dict[str, Any] | None = None
+) -> bool:
+    """Refuse to overwrite another run; on resume, insist on the same configuration and the same model
+    (``identity``: the backend's, the model part of its cache keys). Returns whether the folder was created
+    here."""
     saved = folder / "config.json"
     if resume:
         if not saved.is_file():
@@ -199,9 +220,17 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> bool:
                 f"{folder}: nothing to resume (no config.json)", hint="run without --resume first"
             )
         try:
-            old = RunConfig.model_validate(json.loads(saved.read_text())["run"])
-        except (ValueError, KeyError, ValidationError) as exc:
+            record = json.loads(saved.read_text())
+            old = RunConfig.model_validate(record["run"])
+        except (ValueError, KeyError, TypeError, ValidationError) as exc:
             raise InputError(f"{saved}: not a run configuration of this lpm ({exc})") from None
+        theirs_model = record.get("identity")
+        if theirs_model != identity:
+            raise InputError(
+                f"{folder}: --resume with another model: the run was decided by {_model_name(theirs_model)}, "
+                f"this command asks {_model_name(identity)}",
+                hint="resume with the same --llm-url/--llm-model/--model (and --model-revision), or use a new --out",
+            )
         mine, theirs = config.fingerprint(), old.fingerprint()
         diff = sorted(k for k in mine if mine[k] != theirs.get(k))
         if diff:
@@ -217,12 +246,22 @@ def _claim_folder(folder: Path, config: RunConfig, resume: bool) -> bool:
         )
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps({"run": config.model_dump(mode="json")}, indent=2))
+    record = {"run": config.model_dump(mode="json"), "identity": identity}
+    (folder / "config.json").write_text(json.dumps(record, indent=2))
     return created
 
 
+def _model_name(identity: dict[str, Any] | None) -> str:
+    if not identity:
+        return "no model (heuristic)"
+    weights = identity.get("weights")
+    return f"{identity.get('model')!r} ({identity.get('server')}, weights {weights or 'unnamed'})"
+
+
 @contextmanager
-def _policy(config: RunConfig, on_server_start: Announce | None) -> Iterator[tuple[Any, dict[str, Any]]]:
+def _policy(
+    config: RunConfig, on_server_start: Announce | None, endpoint: Any = None
+) -> Iterator[tuple[Any, dict[str, Any]]]:
     """The policy of ``config``; for LLM policies also the server (started here if needed) and the decider."""
     from lpm.policy import AgentLLMPolicy, ArchetypeLLMPolicy, HeuristicPolicy
 
@@ -236,10 +275,13 @@ def _policy(config: RunConfig, on_server_start: Announce | None) -> Iterator[tup
     with llm_backend(
         config.llm_url,
         config.llm_model,
+        weights=config.llm_weights,
+        revision=config.llm_revision,
         cache_mode=config.cache,
         server=config.server,
         api_key_env=config.api_key_env,
         on_start=on_server_start,
+        endpoint=endpoint,
     ) as (backend, info):
         mode = default_mode(config.llm_mode, config.server)
         decider = Decider(
@@ -329,6 +371,7 @@ def _write(
                 "run": config.model_dump(mode="json"),
                 "scenario": scenario.config.model_dump(mode="json"),
                 "llm": llm or None,
+                "identity": (llm or {}).get("identity"),
             },
             indent=2,
         )

@@ -34,6 +34,9 @@ from lpm.errors import ServerError
 from lpm.paths import cache_root
 from lpm.server_kind import ServerKind, server_kind
 
+API_KEY_VARIABLES = ("VLLM_API_KEY", "LPM_SERVER_API_KEY")
+"""Environment variables that give a local server its API key: vLLM's own, and lpm's llama.cpp launcher's."""
+
 _START_HINT = "Start one with `lpm serve` (or pass --llm-url of a running OpenAI-compatible server)."
 
 
@@ -54,6 +57,9 @@ class ModelServer:
         log_path: file receiving the server's stdout and stderr; None: ``cache_root()/logs/<kind>-<port>.log``.
         startup_timeout: seconds to wait for the server to answer before giving up.
         extra_args: further command-line arguments for the vLLM server.
+        api_key: the key clients must send (``Authorization: Bearer KEY``); None serves without one. Given to
+            the server through its environment (``VLLM_API_KEY``, ``LPM_SERVER_API_KEY``), never its command
+            line or log. lpm's runs start their server with a random key (:func:`new_api_key`).
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`::
 
@@ -76,6 +82,7 @@ class ModelServer:
         log_path: Path | str | None = None,
         startup_timeout: float = 300.0,
         extra_args: Sequence[str] = (),
+        api_key: str | None = None,
     ) -> None:
         self.kind: ServerKind = server_kind(kind, field="kind", error=ServerError)
         if int(kv_cache_gib) != kv_cache_gib or kv_cache_gib < 1:
@@ -94,6 +101,7 @@ class ModelServer:
         self.max_model_len = max_model_len
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.api_key = api_key
         self.log_path = (
             Path(log_path) if log_path else cache_root() / "logs" / f"{self.kind.name}-{self.port}.log"
         )
@@ -162,6 +170,10 @@ class ModelServer:
         """Environment of the server process: this one plus the CPU build's settings where they apply."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        for name in API_KEY_VARIABLES:
+            env.pop(name, None)
+            if self.api_key:
+                env[name] = self.api_key
         if self.kind.cpu_build and not gpu_available():
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib)
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_list_string(available_cores()[: self.threads])
@@ -232,7 +244,7 @@ class ModelServer:
                     hint="Fix the cause shown in the log; a busy port or too little memory for the KV cache "
                     "(kv_cache_gib) are the usual ones.",
                 )
-            if _answers(self.url):
+            if _answers(self.url, self.api_key):
                 self.startup_seconds = time.monotonic() - started
                 return self
             if time.monotonic() > deadline:
@@ -333,11 +345,19 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, api_key: str | None = None) -> bool:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        return httpx.get(f"{url}/models", timeout=2.0).status_code == 200
+        return httpx.get(f"{url}/models", timeout=2.0, headers=headers).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def new_api_key() -> str:
+    """A random API key for a server only this process talks to (256 bits, URL-safe text)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
 
 
 def _api_base(url: str) -> str:
@@ -353,12 +373,13 @@ def _root(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-def check_server(url: str, timeout: float = 5.0) -> dict[str, object]:
+def check_server(url: str, timeout: float = 5.0, api_key: str | None = None) -> dict[str, object]:
     """Ask an OpenAI-compatible server which models it serves.
 
     Args:
         url: OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1`` (``/v1`` is added to a bare ``http://host:port``).
         timeout: seconds to wait for the answer.
+        api_key: sent as ``Authorization: Bearer KEY`` when given.
 
     Returns:
         ``{"url": base URL, "healthy": True when /models answered 200, "models": [model ids]}``.
@@ -368,7 +389,8 @@ def check_server(url: str, timeout: float = 5.0) -> dict[str, object]:
     """
     base = _api_base(url)
     try:
-        response = httpx.get(f"{base}/models", timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        response = httpx.get(f"{base}/models", timeout=timeout, headers=headers)
     except httpx.HTTPError as error:
         raise ServerError(
             f"No model server answers at {base} ({type(error).__name__}: {error}).", hint=_START_HINT

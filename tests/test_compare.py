@@ -232,10 +232,11 @@ class LocalStandIn:
 
     instances: list = []
 
-    def __init__(self, kind, served_name=None):
+    def __init__(self, kind, model=None, served_name=None, *, api_key=None):
         from lpm.model import DEFAULT_MODEL_NAME
 
         self.kind, self.fake = kind, FakeServer(model=served_name or DEFAULT_MODEL_NAME).start()
+        self.api_key = api_key
         self.url, self.model, self.log_path = self.fake.url, self.fake.model, "-"
         self.running, self.starts, self.stopped, self.startup_seconds = False, 0, False, None
         LocalStandIn.instances.append(self)
@@ -262,6 +263,10 @@ def test_one_local_server_started_at_the_first_miss_and_none_when_cached(tmp_pat
     )  # one server for both LLM runs and the audit, stopped at the end
     assert [r["from_cache_alone"] for r in cold["runs"] if r["policy"] == "llm"] == [False, False]
     assert cold["server"]["local_server_started"]
+    # the server lpm starts gets a random key, which every request of every run and of the audit sends
+    assert len(first.api_key) >= 40
+    assert {h["authorization"] for h in first.fake.headers} == {f"Bearer {first.api_key}"}
+    assert first.api_key not in (tmp_path / "cold").joinpath("compare.json").read_text()
     warm = compare(config, tmp_path / "warm", progress=False)
     assert LocalStandIn.instances[-1].starts == 0 and not warm["server"]["local_server_started"]
     assert [r["from_cache_alone"] for r in warm["runs"] if r["policy"] == "llm"] == [True, True]

@@ -47,13 +47,70 @@ def test_prepared_dir_depends_on_content_not_path(tmp_path: Path) -> None:
     )
 
 
-def test_prepared_folder_is_returned_without_converting(tmp_path: Path) -> None:
+def _prepared(tmp_path: Path) -> tuple[Path, Path]:
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
     out = tmp_path / "out"
     out.mkdir()
-    (out / model.MARKER_FILE).write_text(json.dumps({"source": str(gguf)}))
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "config.json").write_text("{}")
+    files = model.folder_files(out)
+    (out / model.MARKER_FILE).write_text(json.dumps({"source": str(gguf), "files": files}))
+    return gguf, out
+
+
+def test_prepared_folder_is_verified_then_returned_without_converting(tmp_path: Path, monkeypatch) -> None:
+    gguf, out = _prepared(tmp_path)
+    monkeypatch.setattr(model, "_convert_into", lambda *a, **k: pytest.fail("converted again"))
     assert model.prepare_model(gguf, out_dir=out, progress=False) == out
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda out: (out / "model.safetensors").write_bytes(b"evil"), "model.safetensors changed"),
+        (lambda out: (out / "config.json").unlink(), "config.json is missing"),
+        (lambda out: (out / "extra.py").write_text("import os"), "extra.py was added"),
+    ],
+)
+def test_a_changed_prepared_folder_is_never_served_but_prepared_again(
+    tmp_path: Path, monkeypatch, capsys, damage, problem
+) -> None:
+    gguf, out = _prepared(tmp_path)
+    damage(out)
+    assert model.verify_prepared(out) == problem.replace("changed", "changed since it was prepared")
+    converted = []
+
+    def convert(source, target, **kw):
+        converted.append(target)
+        target.mkdir()
+        (target / model.MARKER_FILE).write_text(json.dumps({"source": str(source), "files": {}}))
+
+    monkeypatch.setattr(model, "_convert_into", convert)
+    assert model.prepare_model(gguf, out_dir=out, progress=False) == out
+    assert converted == [out] and model.verify_prepared(out) is None
+    assert problem.split()[0] in capsys.readouterr().err
+
+
+def test_weights_fingerprint_names_the_content(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"GGUF" + b"1" * 100)
+    b.write_bytes(b"GGUF" + b"1" * 100)
+    fa = model.weights_fingerprint(a)
+    assert fa == model.weights_fingerprint(b)  # the path does not matter, the content does
+    b.write_bytes(b"GGUF" + b"1" * 99 + b"2")  # the same head and size, another last byte
+    assert model.weights_fingerprint(b) != fa
+    assert model.weights_fingerprint(a, served_as="gguf") != fa  # served converted by vLLM, or as is
+    gguf, out = _prepared(tmp_path)
+    assert model.weights_fingerprint(out) == model.weights_fingerprint(gguf)  # a prepared folder: its source
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"w")
+    first = model.weights_fingerprint(folder)
+    (folder / "model.safetensors").write_bytes(b"v")
+    assert model.weights_fingerprint(folder) != first
+    with pytest.raises(ModelError, match="does not exist"):
+        model.weights_fingerprint(tmp_path / "nope")
 
 
 def test_missing_gguf_file_is_reported(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from fake_server import FakeServer
 
-from lpm.errors import InputError, LLMError
+from lpm.errors import CacheMissError, InputError, LLMError
 from lpm.population import Population
 from lpm.run import SUMMARY_KEYS, RunConfig, run
 from lpm.scenarios import available_scenarios, scenario_class
@@ -216,6 +216,38 @@ def test_start_outside_the_data_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_with_another_model_is_refused(tmp_path, monkeypatch):
+    """--llm-model omitted twice, but the server at the URL now serves another model: resume refuses."""
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    with FakeServer(model="model-a") as server:
+        config = RunConfig.build(scenario="covid", policy="llm", agents=5_000, weeks=1, llm_url=server.url)
+        run(config, tmp_path / "r", progress=False)
+        url = server.url
+    with FakeServer(model="model-b") as server:
+        longer = config.model_copy(update={"llm_url": server.url, "weeks": 2})
+        with pytest.raises(InputError, match="--resume with another model.*'model-a'.*'model-b'"):
+            run(longer, tmp_path / "r", resume=True, progress=False)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["identity"]["model"] == "model-a" and url.startswith("http://127.0.0.1")
+
+
+def test_a_url_with_credentials_is_never_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    with FakeServer() as server:
+        plain_url = server.url
+        secret_url = plain_url.replace("http://", "http://alice:s3cret@")
+        out = run(
+            RunConfig.build(scenario="covid", policy="llm", agents=5_000, weeks=1, llm_url=secret_url),
+            tmp_path / "r",
+            progress=False,
+        )
+    assert server.requests > 0
+    for path in out.folder.iterdir():
+        if path.suffix in (".json", ".md"):
+            assert "s3cret" not in path.read_text(), path.name
+    assert json.loads((out.folder / "config.json").read_text())["run"]["llm_url"] == plain_url
+
+
 def test_failed_model_calls_stop_the_run_or_fall_back_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
 
@@ -241,35 +273,40 @@ def test_failed_model_calls_stop_the_run_or_fall_back_counted(tmp_path, monkeypa
 
 @pytest.mark.integration
 def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch):
+    """The fixture's server serves the default weights, as the server lpm starts would: runs through it are
+    keyed by those weights' fingerprint, so a later run without --llm-url is answered from the cache and
+    starts no server."""
+    from lpm.endpoint import Endpoint
+    from lpm.model import weights_fingerprint
+    from lpm.server_kind import server_kind
+
     monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
-    config = RunConfig.build(
-        scenario="covid",
-        policy="llm",
-        agents=20_000,
-        weeks=2,
-        llm_url=vllm_server.url,
-        llm_model=vllm_server.model,
-    )
-    first = run(config, tmp_path / "first", progress=False)
+    fixture = Endpoint(None, vllm_server.model, server_kind("vllm"), weights_fingerprint(), local=vllm_server)
+    config = RunConfig.build(scenario="covid", policy="llm", agents=20_000, weeks=2)
+    first = run(config, tmp_path / "first", progress=False, endpoint=fixture)
     summary, traj, decisions = check_folder(first.folder, "covid")
     k = summary["archetypes"]["isolation"]
     assert k == 100
     assert 0 < summary["llm_queries"] <= 2 * k  # two weekly decisions; identical prompts are asked once
     assert summary["tokens"] > 0
-    assert set(decisions["mode"]) == {"logprobs"}
+    assert set(decisions["mode"]) == {"logprobs"} and set(decisions["scoring"]) == {"first-token"}
+    assert decisions["coverage"].min() > 0.99  # vLLM's log-probabilities follow the choice constraint
     before = metrics(vllm_server.url)["completion_requests"]
-    second = run(config, tmp_path / "second", progress=False)
+    second = run(config, tmp_path / "second", progress=False, endpoint=fixture)
     assert second.summary["llm_queries"] == 0 and second.summary["cache_hits"] == 2 * k
     assert metrics(vllm_server.url)["completion_requests"] == before  # nothing reached the server
     pd.testing.assert_frame_equal(first.result.trajectory, second.result.trajectory)
     # without --llm-url lpm would start its own server, but only at the first cache miss: none here
-    local = run(
-        config.model_copy(update={"llm_url": None, "llm_model": None}), tmp_path / "third", progress=False
-    )
+    local = run(config, tmp_path / "third", progress=False)
     assert local.summary["llm_queries"] == 0 and local.summary["cache_hits"] == 2 * k
     llm = json.loads((tmp_path / "third" / "config.json").read_text())["llm"]
     assert llm["local_server"] and "server_started_seconds" not in llm
+    assert llm["weights"] == weights_fingerprint()
     pd.testing.assert_frame_equal(first.result.trajectory, local.result.trajectory)
+    # the same server reached by its URL is another identity (lpm cannot see its weights): not the same keys
+    by_url = config.model_copy(update={"llm_url": vllm_server.url, "cache": "replay"})
+    with pytest.raises(CacheMissError):
+        run(by_url, tmp_path / "fourth", progress=False)
 
 
 @pytest.mark.integration

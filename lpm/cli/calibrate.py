@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_list, parse_pairs
+from lpm.cli.options import parse_list, parse_pairs, revision_option, weights_option
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -49,6 +49,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
         llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL (default: local)"),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
+        weights: Path = weights_option(),
+        revision: str = revision_option(),
         server: str = typer.Option("vllm", "--server", help=f"kind of LLM server: {', '.join(SERVER_KINDS)}"),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
         out: Path = typer.Option(
@@ -85,6 +87,8 @@ def register(app: typer.Typer) -> None:
             scenario_config=values,
             llm_url=llm_url,
             llm_model=llm_model,
+            llm_weights=None if weights is None else str(weights),
+            llm_revision=revision,
             server=server,
             cache=cache,
         )
@@ -105,6 +109,17 @@ def register(app: typer.Typer) -> None:
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
         argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
+        if policy == "llm":  # which model answered (the URL without credentials)
+            from lpm.endpoint import redact_url
+
+            for flag, value in (
+                ("--llm-url", redact_url(llm_url)),
+                ("--llm-model", llm_model),
+                ("--model", weights),
+                ("--model-revision", revision),
+                ("--server", server if server != "vllm" else None),
+            ):
+                argv += [flag, str(value)] if value else []
 
         def make(overrides):
             return make_scenario(scenario, {**values, **dict(overrides)}, calibrated=start_from == "defaults")

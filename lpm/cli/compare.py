@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_date, parse_list, parse_pairs
+from lpm.cli.options import parse_date, parse_list, parse_pairs, revision_option, weights_option
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
             None, "--llm-url", help="OpenAI-compatible base URL (default: a local server)"
         ),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
+        weights: Path = weights_option(),
+        revision: str = revision_option(),
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="variable holding the API key"
         ),
@@ -81,6 +83,8 @@ def register(app: typer.Typer) -> None:
             device=device,
             llm_url=llm_url,
             llm_model=llm_model,
+            llm_weights=None if weights is None else str(weights),
+            llm_revision=revision,
             api_key_env=api_key_env,
             server=server,
             llm_mode=llm_mode,

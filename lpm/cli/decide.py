@@ -11,7 +11,7 @@ from rich.console import Console
 from lpm.archetype import ArchetypeSpec
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
-from lpm.cli.options import parse_pairs
+from lpm.cli.options import parse_pairs, revision_option, weights_option
 from lpm.decision import Decider
 from lpm.decoding import MODES
 from lpm.endpoint import default_mode, llm_backend
@@ -38,6 +38,8 @@ def register(app: typer.Typer) -> None:
         llm_model: str = typer.Option(
             None, "--llm-model", help="served model name (default: the server's only model)"
         ),
+        weights: Path = weights_option(),
+        revision: str = revision_option(),
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
         ),
@@ -72,6 +74,8 @@ def register(app: typer.Typer) -> None:
         with llm_backend(
             llm_url,
             llm_model,
+            weights=weights,
+            revision=revision,
             cache_mode=cache,
             server=server,
             api_key_env=api_key_env,

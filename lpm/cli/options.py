@@ -52,3 +52,26 @@ def parse_date(text: str | None, option: str) -> dt.date | None:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise InputError(f"{option} must be a date YYYY-MM-DD, got {text!r}") from None
+
+
+def weights_option() -> Any:
+    """``--model PATH``: the weights a local server serves (commands that ask a model)."""
+    import typer
+
+    return typer.Option(
+        None,
+        "--model",
+        help="model folder or .gguf file for the local server (default SmolLM2-135M-Instruct); the cache "
+        "names answers by the weights' content",
+    )
+
+
+def revision_option() -> Any:
+    """``--model-revision REV``: the version of the model at ``--llm-url`` (commands that ask a model)."""
+    import typer
+
+    return typer.Option(
+        None,
+        "--model-revision",
+        help="version of the model served at --llm-url (part of the cache key; without it the name alone is)",
+    )

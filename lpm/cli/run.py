@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_date, parse_pairs
+from lpm.cli.options import parse_date, parse_pairs, revision_option, weights_option
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -43,6 +43,8 @@ def register(app: typer.Typer) -> None:
             None, "--llm-url", help="OpenAI-compatible base URL (default: start a local server)"
         ),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
+        weights: Path = weights_option(),
+        revision: str = revision_option(),
         api_key_env: str = typer.Option(
             "OPENAI_API_KEY", "--api-key-env", help="environment variable holding the API key"
         ),
@@ -80,6 +82,8 @@ def register(app: typer.Typer) -> None:
             device=device,
             llm_url=llm_url,
             llm_model=llm_model,
+            llm_weights=None if weights is None else str(weights),
+            llm_revision=revision,
             api_key_env=api_key_env,
             server=server,
             llm_mode=llm_mode,
