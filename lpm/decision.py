@@ -30,6 +30,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.backend import Answer, Backend
 from lpm.cache import ResponseCache, cache_key
 from lpm.decoding import MIN_COVERAGE, Decoding
+from lpm.elicitation import ELICITATIONS, Elicitation
 from lpm.errors import CacheMissError, InputError, LLMError, LpmError, ServerError
 from lpm.prompt import PromptTemplate
 
@@ -88,6 +89,8 @@ class Decider:
     min_coverage: least first-token mass on action tokens (:data:`lpm.decoding.MIN_COVERAGE`). All are
     checked once, into :attr:`decoding` (a :class:`lpm.decoding.Decoding`, what every request sends and every
     cache key hashes), and the backend is asked whether it can honour them (:meth:`Backend.check`).
+    elicitation: how the question is put (:data:`lpm.elicitation.ELICITATIONS`: ``choice``, ``yes-no``,
+    ``scale``); the answers are mapped back to the spec's actions.
     on_failure: ``error`` (raise) or ``return`` (NaN rows listed in ``failed``).
     progress: show a progress bar (stderr) when more than one request is sent.
     per_agent: render the prompt file's ``agent_user`` message (rows carry each agent's own columns).
@@ -102,6 +105,7 @@ class Decider:
         n_samples: int = 20,
         scoring: str = "first-token",
         min_coverage: float = MIN_COVERAGE,
+        elicitation: str = "choice",
         on_failure: str = "error",
         progress: bool = True,
         per_agent: bool = False,
@@ -112,6 +116,9 @@ class Decider:
             raise InputError(f"cache must be a ResponseCache or None, got {type(cache).__name__}")
         decoding = Decoding(mode=mode, n_samples=n_samples, scoring=scoring, min_coverage=min_coverage)
         backend.check(decoding)
+        if elicitation not in ELICITATIONS:
+            raise InputError(f"elicitation must be one of {', '.join(ELICITATIONS)}, got {elicitation!r}")
+        self.elicitation = elicitation
         if on_failure not in FAILURE_POLICIES:
             raise InputError(f"on_failure must be one of {', '.join(FAILURE_POLICIES)}, got {on_failure!r}")
         self.backend = backend
@@ -168,9 +175,10 @@ class Decider:
         """
         start = asyncio.get_running_loop().time()
         rows = [dict(r) for r in rows]
-        actions = list(spec.actions)
+        elicit = Elicitation(self.elicitation, tuple(spec.actions))
+        actions = elicit.asked  # what the model may answer (the spec's actions, unless elicited otherwise)
         template = self.prompt(spec)
-        messages = [template.render(r, context, per_agent=self.per_agent) for r in rows]
+        messages = [elicit.messages(template.render(r, context, per_agent=self.per_agent)) for r in rows]
         identity = self.backend.identity()
         params = self.backend.request_params(actions, self.decoding)
         keys = [cache_key(model=identity, messages=m, actions=actions, decoding=params) for m in messages]
@@ -262,8 +270,9 @@ class Decider:
                 coverage[i] = math.nan if answer.coverage is None else float(answer.coverage)
         ok = ~torch.isnan(probs).any(1)
         probs[ok] /= probs[ok].sum(1, keepdim=True)  # exact float32 sums
+        probs = elicit.to_actions(probs)
         return Decisions(
-            actions=actions,
+            actions=list(spec.actions),
             rows=rows,
             probs=probs,
             mode=modes,

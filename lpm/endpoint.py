@@ -209,7 +209,8 @@ def llm_backend(
     endpoint: Endpoint | None = None,
 ) -> Iterator[tuple[Backend, dict[str, Any]]]:
     """A backend and a record of it (:meth:`Endpoint.info` and ``identity``, the cache key's model part) for
-    the run folder. The options are those of :meth:`Endpoint.resolve`; ``endpoint`` instead uses one
+    the run folder; on leaving the block the record gains ``server_figures`` (:func:`lpm.server.server_figures`:
+    the server's tokens and prefix-cache hit rate while the block ran) where the server exports metrics. The options are those of :meth:`Endpoint.resolve`; ``endpoint`` instead uses one
     resolved already (its local server is then stopped by its owner, not here). A local server made here is
     started at the first request that misses the cache and stopped on leaving the block.
     """
@@ -225,12 +226,19 @@ def llm_backend(
             api_key_env=api_key_env,
             max_concurrency=max_concurrency,
         )
+    from lpm.server import server_figures, token_counters
+
     backend = endpoint.backend(on_start)
     info = endpoint.info() | {"identity": backend.identity()}
+    local = endpoint.local
+    live = endpoint.url or (local.url if local is not None and local.running else None)
+    before = token_counters(live) if live else None  # a server started later starts from zero
     try:
         yield backend, info
     finally:
-        local = endpoint.local
+        live = endpoint.url or (local.url if local is not None and local.running else None)
+        if live:
+            info["server_figures"] = server_figures(before, token_counters(live))
         if local is not None and local.running:
             info["server_started_seconds"] = local.startup_seconds
         if own:

@@ -233,6 +233,18 @@ def write_report(
     if summary.get("llm"):
         llm = summary["llm"]
         lines += ["", f"Model: `{llm.get('model')}` at {llm.get('url')} (mode {llm.get('mode')})."]
+        figures = llm.get("server_figures") or {}
+        if figures:
+            rate, speed = figures.get("prefix_cache_hit_rate"), figures.get("tokens_per_second")
+            lines += [
+                "",
+                "Server, while this run waited for it: "
+                f"{number(figures.get('prompt_tokens') or 0)} prompt and "
+                f"{number(figures.get('generation_tokens') or 0)} generated tokens"
+                + (f", {rate:.1%} of prompt tokens served from its prefix cache" if rate is not None else "")
+                + (f", {speed:,.0f} tokens per second of waiting" if speed else "")
+                + ".",
+            ]
     sources = [(q.name, q.real) for q in scenario.quantities if q.real]
     if sources:
         lines += ["", "Real series: " + "; ".join(f"{name}: {src}" for name, src in sources) + "."]

@@ -331,6 +331,11 @@ def _summary(
 
     traj = result.trajectory
     totals = traj.groupby("quantity", observed=True)["value"].sum()
+    figures = (llm or {}).get("server_figures")
+    if figures:  # the server's tokens per second of the time the run waited for decisions
+        tokens = (figures.get("prompt_tokens") or 0) + (figures.get("generation_tokens") or 0)
+        decide = float(result.decide_seconds)
+        figures["tokens_per_second"] = round(tokens / decide, 1) if tokens and decide > 0 else None
     summary = {
         "scenario": scenario.name,
         "scenario_class": f"{type(scenario).__module__}.{type(scenario).__qualname__}",

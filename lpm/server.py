@@ -478,3 +478,50 @@ def metrics(url: str, timeout: float = 5.0) -> dict[str, object]:
         }
     return {"server": "unknown", "completion_requests": None, "requests_finished": None, "prompt_tokens": None,
             "generation_tokens": None, "samples": samples}  # fmt: skip
+
+
+def token_counters(url: str, timeout: float = 5.0) -> dict[str, float | None] | None:
+    """A server's cumulative token counters now (``prompt_tokens``, ``generation_tokens``, and vLLM's
+    ``prefix_cache_queries`` / ``prefix_cache_hits``, prompt tokens looked up in and found in its prefix
+    cache), or None when it exports no metrics."""
+    try:
+        read = metrics(url, timeout=timeout)
+    except ServerError:
+        return None
+    samples = read["samples"]
+    assert isinstance(samples, dict)
+    return {
+        "prompt_tokens": read["prompt_tokens"],  # type: ignore[dict-item]
+        "generation_tokens": read["generation_tokens"],  # type: ignore[dict-item]
+        "prefix_cache_queries": _sum_metric(samples, "vllm:prefix_cache_queries_total"),
+        "prefix_cache_hits": _sum_metric(samples, "vllm:prefix_cache_hits_total"),
+    }
+
+
+def server_figures(
+    before: dict[str, float | None] | None,
+    after: dict[str, float | None] | None,
+    seconds: float | None = None,
+) -> dict[str, float | None] | None:
+    """What a server did between two :func:`token_counters` readings: prompt and generated tokens, the share
+    of prompt tokens served from its prefix cache, and tokens (prompt + generated) per second of ``seconds``
+    (the time spent waiting for decisions; None leaves it out). ``before`` None means a server started in
+    between (all zero); None when ``after`` is None. On a shared server the figures include everyone's
+    requests."""
+    if after is None:
+        return None
+    before = before or {}
+
+    def delta(name: str) -> float | None:
+        end = after.get(name)
+        return None if end is None else end - (before.get(name) or 0.0)
+
+    prompt, generated = delta("prompt_tokens"), delta("generation_tokens")
+    queries, hits = delta("prefix_cache_queries"), delta("prefix_cache_hits")
+    tokens = (prompt or 0.0) + (generated or 0.0)
+    return {
+        "prompt_tokens": prompt,
+        "generation_tokens": generated,
+        "prefix_cache_hit_rate": round(hits / queries, 4) if queries and hits is not None else None,
+        "tokens_per_second": round(tokens / seconds, 1) if seconds and seconds > 0 and tokens else None,
+    }

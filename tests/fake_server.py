@@ -45,12 +45,14 @@ class FakeServer:
         delay: float = 0.0,
         slow_s: float = 2.0,
         model: str = "fake-model",
+        metrics: bool = False,
     ):
         self.script = list(script) if isinstance(script, list) else script
         self.default = default
         self.delay = delay
         self.slow_s = slow_s
         self.model = model
+        self.metrics = metrics
         self.bodies: list[dict[str, Any]] = []
         self.behaviours: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -71,7 +73,14 @@ class FakeServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
-                if self.path.rstrip("/").endswith("/models"):
+                if self.path == "/metrics" and server.metrics:
+                    data = server.metrics_text().encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                elif self.path.rstrip("/").endswith("/models"):
                     server._send(
                         self, 200, {"object": "list", "data": [{"id": server.model, "object": "model"}]}
                     )
@@ -126,6 +135,22 @@ class FakeServer:
         p = 0.05 + 0.9 * digest[0] / 255
         rest = (1 - p) / (len(actions) - 1)
         return [p] + [rest] * (len(actions) - 1)
+
+    def metrics_text(self) -> str:
+        """vLLM-style Prometheus counters (``metrics=True``): each request so far had 50 prompt tokens, of which
+        40 were found in the prefix cache, and generated 3 tokens."""
+        n = len(self.bodies)
+        label = '{engine="0",model_name="' + self.model + '"}'
+        return "\n".join(
+            [
+                "# HELP vllm:prompt_tokens_total Prompt tokens.",
+                f"vllm:prompt_tokens_total{label} {50.0 * n}",
+                f"vllm:generation_tokens_total{label} {3.0 * n}",
+                f"vllm:prefix_cache_queries_total{label} {50.0 * n}",
+                f"vllm:prefix_cache_hits_total{label} {40.0 * n}",
+                "",
+            ]
+        )
 
     @staticmethod
     def word_logprob(word: str) -> float:

@@ -231,6 +231,24 @@ def test_resume_with_another_model_is_refused(tmp_path, monkeypatch):
     assert saved["identity"]["model"] == "model-a" and url.startswith("http://127.0.0.1")
 
 
+def test_the_servers_own_figures_reach_the_summary_and_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
+    with FakeServer(metrics=True) as server:
+        server.bodies.extend([{}] * 7)  # requests before this run: not counted
+        out = run(
+            RunConfig.build(scenario="covid", policy="llm", agents=5_000, weeks=2, llm_url=server.url),
+            tmp_path / "r",
+            progress=False,
+        )
+        sent = server.requests - 7
+    figures = out.summary["llm"]["server_figures"]
+    assert sent == out.summary["llm_queries"] > 0
+    assert figures["prompt_tokens"] == 50 * sent and figures["generation_tokens"] == 3 * sent
+    assert figures["prefix_cache_hit_rate"] == 0.8
+    assert figures["tokens_per_second"] == pytest.approx(53 * sent / out.summary["decide_seconds"], rel=0.01)
+    assert "80.0% of prompt tokens served from its prefix cache" in (out.folder / "report.md").read_text()
+
+
 def test_a_url_with_credentials_is_never_written(tmp_path, monkeypatch):
     monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
     with FakeServer() as server:
@@ -291,6 +309,9 @@ def test_llm_covid_run_then_rerun_from_cache(vllm_server, tmp_path, monkeypatch)
     assert summary["tokens"] > 0
     assert set(decisions["mode"]) == {"logprobs"} and set(decisions["scoring"]) == {"first-token"}
     assert decisions["coverage"].min() > 0.99  # vLLM's log-probabilities follow the choice constraint
+    figures = summary["llm"]["server_figures"]  # the server's own counters, read before and after
+    assert figures["prompt_tokens"] >= summary["prompt_tokens"] > 0
+    assert 0 <= figures["prefix_cache_hit_rate"] <= 1 and figures["tokens_per_second"] > 0
     before = metrics(vllm_server.url)["completion_requests"]
     second = run(config, tmp_path / "second", progress=False, endpoint=fixture)
     assert second.summary["llm_queries"] == 0 and second.summary["cache_hits"] == 2 * k
