@@ -9,8 +9,8 @@ constraint that only lets the model write one of the actions, in the format of t
     are summed per action (:func:`lpm.logprobs.first_token_reading`). Their *coverage* (the mass on tokens
     that begin an action, before renormalisation) must reach ``min_coverage``. Where a first token begins
     several actions (``stay`` of "stay home" and "stay at work"), or with ``scoring="sequence"``, each whole
-    action is scored from the server's prompt log-probabilities instead (:func:`lpm.logprobs.action_logprob`:
-    one request per action and one for the bare prompt); the answer records which (``scoring``).
+    action is scored from the server's prompt log-probabilities instead (:func:`lpm.logprobs.action_logprobs`:
+    one request per action, the conversation ending in that action as the complete answer); the answer records which (``scoring``).
 ``sample``
     ``n`` samples at temperature 1 under the same constraint; the probability of an action is its share.
 
@@ -39,7 +39,7 @@ from lpm.errors import InputError, LLMError, LpmError, ServerError
 from lpm.logprobs import (
     BadAnswer,
     NoLogprobs,
-    action_logprob,
+    action_logprobs,
     first_token_candidates,
     first_token_reading,
     match_action,
@@ -311,6 +311,8 @@ class OpenAIBackend(Backend, _Retrying):
     async def _logprobs(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
     ) -> Answer:
+        if decoding.scoring == "sequence":
+            return await self._whole(messages, actions, decoding)
         data = await self._create(
             messages=messages,
             **decoding.logprobs_request(actions),
@@ -323,26 +325,27 @@ class OpenAIBackend(Backend, _Retrying):
             raise LowCoverage(reading.coverage, decoding.min_coverage)
         match_action(text, actions)  # the constraint held: the greedy answer is an action
         prompt_tokens, completion_tokens = _usage(data)
-        probs, scoring = reading.probs, "first-token"
-        if probs is None or decoding.scoring == "sequence":
-            probs, used = await self._sequence(messages, actions, decoding)
-            prompt_tokens += used
-            scoring = "sequence"
+        if reading.probs is None:  # a first token shared by several actions: score the whole actions
+            whole = await self._whole(messages, actions, decoding)
+            whole.prompt_tokens += prompt_tokens
+            whole.completion_tokens += completion_tokens
+            whole.ambiguous, whole.coverage = reading.ambiguous, reading.coverage
+            return whole
         return Answer(
-            probs,
+            reading.probs,
             "logprobs",
             text or "",
             prompt_tokens,
             completion_tokens,
             ambiguous=reading.ambiguous,
             coverage=reading.coverage,
-            scoring=scoring,
         )
 
-    async def _sequence(
+    async def _whole(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
-    ) -> tuple[list[float], int]:
-        """Each whole action's probability (normalised over the actions) and the prompt tokens it took."""
+    ) -> Answer:
+        """Each whole action's probability as the complete answer (normalised over the actions): one request
+        per action, the conversation ending in that answer, read from the prompt log-probabilities."""
         if not self.server.prompt_logprobs:
             raise LLMError(
                 f"scoring whole actions ({', '.join(actions)}) needs prompt log-probabilities, which "
@@ -353,21 +356,22 @@ class OpenAIBackend(Backend, _Retrying):
         replies = await asyncio.gather(
             *(
                 self._create(
-                    messages=[*messages, {"role": "assistant", "content": answer}],
+                    messages=[*messages, {"role": "assistant", "content": action}],
                     **decoding.sequence_request(),
                     extra_body=payload,
                 )
-                for answer in ("", *actions)
+                for action in actions
             )
         )
         lists = [reply.get("prompt_logprobs") for reply in replies]
         if all(lp is None for lp in lists):
-            raise LLMError(
-                f"{self.base_url} returned no prompt log-probabilities, needed to score whole actions",
-                hint="use a vLLM server, or --llm-mode sample",
+            raise NoLogprobs(
+                f"{self.base_url} returned no prompt log-probabilities (needed to score whole actions)"
             )
-        logprobs = [action_logprob(lists[0], full) for full in lists[1:]]
-        return normalise_logprobs(logprobs), sum(_usage(reply)[0] for reply in replies)
+        probs = normalise_logprobs(action_logprobs(lists))
+        best = actions[max(range(len(actions)), key=probs.__getitem__)]
+        used = sum(_usage(reply)[0] for reply in replies)
+        return Answer(probs, "logprobs", best, used, 0, scoring="sequence")
 
     async def _sample(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding

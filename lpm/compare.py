@@ -81,6 +81,8 @@ class CompareConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     server: str = "vllm"
     llm_mode: str = "auto"
+    llm_scoring: str = "first-token"
+    llm_elicitation: str = "choice"
     cache: CacheMode = "use"
     granularity: bool = Field(default=False, description="also sweep the archetype granularity")
     granularity_agents: int = Field(default=500, gt=0, le=5000, description="agents of the sweep")
@@ -136,6 +138,8 @@ class CompareConfig(BaseModel):
             device=self.device,
             server=self.server,
             llm_mode=self.llm_mode,
+            llm_scoring=self.llm_scoring,
+            llm_elicitation=self.llm_elicitation,
             cache=self.cache,
             api_key_env=self.api_key_env,
         )
@@ -192,6 +196,8 @@ class SharedModel:
             self.backend(),
             ResponseCache(mode=self.config.cache),
             mode=default_mode(self.config.llm_mode, self.config.server),
+            scoring=self.config.llm_scoring,
+            elicitation=self.config.llm_elicitation,
             progress=False,
             per_agent=per_agent,
         )

@@ -102,10 +102,11 @@ class Decoding(BaseModel):
         "min_coverage"?, "sample"?}`` (``auto``: all)."""
         out: dict[str, Any] = {"mode": self.mode}
         if self.mode in ("auto", "logprobs"):
-            out["logprobs"] = self.logprobs_request(actions)
+            if self.scoring == "first-token":  # whole actions only where a first token is shared
+                out["logprobs"] = self.logprobs_request(actions)
+                out["min_coverage"] = self.min_coverage
             out["scoring"] = self.scoring
             out["sequence"] = self.sequence_request()
-            out["min_coverage"] = self.min_coverage
         if self.mode in ("auto", "sample"):
             out["sample"] = self.sample_request(actions)
         return out

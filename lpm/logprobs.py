@@ -14,8 +14,8 @@ Two readings, recorded as the answer's *scoring*:
     which action the model prefers, and lpm never splits that mass by a rule; the backend scores each
     whole action instead.
 ``sequence``
-    The log-probability of each whole action as the assistant's answer, read from the server's prompt
-    log-probabilities (:func:`action_logprob`), normalised over the actions (:func:`normalise_logprobs`).
+    The log-probability of each whole action as the assistant's complete answer, read from the server's
+    prompt log-probabilities (:func:`action_logprobs`), normalised over the actions (:func:`normalise_logprobs`).
 
 :func:`match_action` checks that an answer text is an action. A response without log-probabilities raises
 :class:`NoLogprobs`; one that cannot be read as a choice raises :class:`BadAnswer` (the backends retry it).
@@ -141,19 +141,16 @@ def first_token_reading(candidates: Sequence[tuple[str, float]], actions: Sequen
     return FirstToken(probs, min(coverage, 1.0), ambiguous)
 
 
-def action_logprob(base: Any, full: Any) -> float:
-    """Log-probability of the tokens ``full`` adds after ``base``, from two ``prompt_logprobs`` lists.
+def action_logprobs(replies: Sequence[Any]) -> list[float]:
+    """Log-probability of each whole answer, from the ``prompt_logprobs`` of one conversation per action.
 
-    base: vLLM's ``prompt_logprobs`` of the conversation ending in an empty assistant answer; full: of the
-    same conversation with the action as the answer. Each is a list with ``None`` first and then one
-    ``{token_id: {"logprob": …}}`` per prompt token. The tokens of ``base`` must be a prefix of those of
-    ``full`` (else the action's first token merged with the text before it: :class:`BadAnswer`).
+    replies: vLLM's ``prompt_logprobs`` of the same conversation ending in each action as the complete
+    assistant message (its end-of-turn token included, so an action that is the start of another, "go" and
+    "go out", is not favoured): a list with ``None`` first and then one ``{token_id: {"logprob": …}}`` per
+    token. Each answer's log-probability is the sum over its tokens after the longest prefix all the
+    conversations share; tokens shared by every action add the same to each and cancel when normalised
+    (:func:`normalise_logprobs`).
     """
-    for name, value in (("base", base), ("full", full)):
-        if not isinstance(value, list) or not value:
-            raise BadAnswer(f"the {name} prompt log-probabilities are missing or not a list")
-    if len(full) <= len(base):
-        raise BadAnswer("the answer added no tokens to the prompt")
 
     def token(entry: Any) -> tuple[str, float]:
         # asked with prompt_logprobs=0, each position holds exactly the prompt's own token
@@ -164,12 +161,17 @@ def action_logprob(base: Any, full: Any) -> float:
             raise BadAnswer(f"a prompt token has no log-probability: {str(entry)[:200]}")
         return str(token_id), float(info["logprob"])
 
-    def ids(entries: list[Any]) -> list[str]:
-        return [token(e)[0] for e in entries[1:]]
-
-    if ids(base) != ids(full[: len(base)]):
-        raise BadAnswer("the action's tokens merge with the prompt before it (tokenisation differs)")
-    return sum(token(e)[1] for e in full[len(base) :])
+    tokens = []
+    for reply in replies:
+        if not isinstance(reply, list) or len(reply) < 2:
+            raise BadAnswer("the prompt log-probabilities are missing or not a list")
+        tokens.append([token(e) for e in reply[1:]])
+    shared = 0
+    while all(len(t) > shared for t in tokens) and len({t[shared][0] for t in tokens}) == 1:
+        shared += 1
+    if any(len(t) == shared for t in tokens):
+        raise BadAnswer("two actions gave the same conversation")
+    return [sum(lp for _, lp in t[shared:]) for t in tokens]
 
 
 def normalise_logprobs(logprobs: Sequence[float]) -> list[float]:

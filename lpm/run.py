@@ -82,6 +82,12 @@ class RunConfig(BaseModel):
         default="vllm", description="kind of the local LLM server lpm starts (or of the one at llm_url)"
     )
     llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
+    llm_scoring: Literal["first-token", "sequence"] = Field(
+        default="first-token", description="how a logprobs answer is read (lpm.decoding.SCORING_CHOICES)"
+    )
+    llm_elicitation: Literal["choice", "yes-no", "scale"] = Field(
+        default="choice", description="how the question is put (lpm.elicitation.ELICITATIONS)"
+    )
     cache: CacheMode = "use"
     on_llm_failure: Literal["error", "heuristic"] = Field(
         default="error",
@@ -288,13 +294,15 @@ def _policy(
             backend,
             ResponseCache(mode=config.cache),
             mode=mode,
+            scoring=config.llm_scoring,
+            elicitation=config.llm_elicitation,
             on_failure="return" if config.on_llm_failure == "heuristic" else "error",
             progress=False,
             per_agent=config.policy == "agent-llm",
         )
         fallback = HeuristicPolicy() if config.on_llm_failure == "heuristic" else None
         cls = AgentLLMPolicy if config.policy == "agent-llm" else ArchetypeLLMPolicy
-        info["mode"] = mode
+        info |= {"mode": mode, "scoring": config.llm_scoring, "elicitation": config.llm_elicitation}
         yield cls(decider, fallback=fallback), info
 
 

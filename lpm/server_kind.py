@@ -63,10 +63,10 @@ class ServerKind:
 
     def sequence_payload(self) -> dict[str, Any]:
         """The ``extra_body`` of a whole-action scoring request: the log-probabilities of the conversation's
-        own tokens, the last message continued rather than answered."""
+        own tokens, which ends in the action as the complete assistant message (no new turn is opened)."""
         if not self.prompt_logprobs:
             raise LpmError(f"{self.label} returns no prompt log-probabilities")
-        return {"prompt_logprobs": 0, "continue_final_message": True, "add_generation_prompt": False}
+        return {"prompt_logprobs": 0, "add_generation_prompt": False, "continue_final_message": False}
 
     def resolve_mode(self, mode: str) -> str:
         """The decision mode to use here: ``auto`` means ``sample`` where log-probabilities come from

@@ -18,7 +18,7 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 
 A request with ``prompt_logprobs`` (whole-action scoring) gets vLLM's shape: ``prompt_logprobs`` of the
 conversation, ``None`` first, then one ``{id: {logprob}}`` per token: three fixed tokens for the prompt,
-then one per word of the final (assistant) message, each with :meth:`word_logprob`.
+one per word of the final (assistant) message, each with :meth:`word_logprob`, and an end-of-turn token.
 
 ``GET /v1/models`` lists ``model``. The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
 The server counts requests and the most it had in flight at once.
@@ -218,9 +218,10 @@ class FakeServer:
 
         words = re.findall(r"\s*\S+", body["messages"][-1].get("content") or "")
         entries: list[Any] = [None] + [{str(i): {"logprob": -0.1, "rank": 1}} for i in (1, 2, 3)]
-        entries += [
-            {str(1000 + i): {"logprob": self.word_logprob(w), "rank": 5}} for i, w in enumerate(words)
-        ]
+        for w in words:  # a word's token id is a hash of it, so the same word is the same token
+            token_id = 1000 + int.from_bytes(hashlib.sha256(w.encode()).digest()[:3], "big")
+            entries.append({str(token_id): {"logprob": self.word_logprob(w), "rank": 5}})
+        entries.append({"2": {"logprob": -0.5, "rank": 1}})  # the end of the turn
         return {
             "id": f"chatcmpl-{len(self.bodies)}",
             "object": "chat.completion",

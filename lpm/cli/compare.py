@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_date, parse_list, parse_pairs, revision_option, weights_option
+from lpm.cli.options import (
+    elicitation_option,
+    parse_date,
+    parse_list,
+    parse_pairs,
+    revision_option,
+    scoring_option,
+    weights_option,
+)
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -54,6 +62,8 @@ def register(app: typer.Typer) -> None:
         ),
         server: str = typer.Option("vllm", "--server", help=f"kind of LLM server: {', '.join(SERVER_KINDS)}"),
         llm_mode: str = typer.Option("auto", "--llm-mode", help="auto, logprobs or sample"),
+        scoring: str = scoring_option(),
+        elicitation: str = elicitation_option(),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
         granularity: bool = typer.Option(
             False, "--granularity", help="also sweep the archetype granularity (LLM policy, small population)"
@@ -88,6 +98,8 @@ def register(app: typer.Typer) -> None:
             api_key_env=api_key_env,
             server=server,
             llm_mode=llm_mode,
+            llm_scoring=scoring,
+            llm_elicitation=elicitation,
             cache=cache,
             granularity=granularity,
             granularity_agents=granularity_agents,

@@ -11,13 +11,26 @@ from rich.console import Console
 from lpm.archetype import ArchetypeSpec
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
-from lpm.cli.options import parse_pairs, revision_option, weights_option
+from lpm.cli.options import (
+    api_key_env_option,
+    cache_dir_option,
+    cache_option,
+    concurrency_option,
+    elicitation_option,
+    llm_model_option,
+    llm_url_option,
+    mode_option,
+    parse_pairs,
+    revision_option,
+    samples_option,
+    scoring_option,
+    server_option,
+    weights_option,
+)
 from lpm.decision import Decider
-from lpm.decoding import MODES
 from lpm.endpoint import default_mode, llm_backend
 from lpm.errors import InputError
 from lpm.population import Population
-from lpm.server_kind import SERVER_KINDS
 
 
 def register(app: typer.Typer) -> None:
@@ -32,32 +45,19 @@ def register(app: typer.Typer) -> None:
             metavar="NAME=VALUE",
             help="a context variable of the spec; repeat for each: --context week=10 --context cases=2300",
         ),
-        llm_url: str = typer.Option(
-            None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"
-        ),
-        llm_model: str = typer.Option(
-            None, "--llm-model", help="served model name (default: the server's only model)"
-        ),
+        llm_url: str = llm_url_option(),
+        llm_model: str = llm_model_option(),
         weights: Path = weights_option(),
         revision: str = revision_option(),
-        api_key_env: str = typer.Option(
-            "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
-        ),
-        server: str = typer.Option(
-            "vllm",
-            "--server",
-            help="kind of the local server lpm starts, or of the server at --llm-url (which answer constraint "
-            f"it takes): {'|'.join(SERVER_KINDS)}",
-        ),
-        cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
-        cache_dir: Path = typer.Option(
-            None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"
-        ),
-        mode: str = typer.Option(
-            "auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}"
-        ),
-        n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
-        concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
+        api_key_env: str = api_key_env_option(),
+        server: str = server_option(),
+        cache: str = cache_option(),
+        cache_dir: Path = cache_dir_option(),
+        mode: str = mode_option(),
+        n_samples: int = samples_option(),
+        scoring: str = scoring_option(),
+        elicitation: str = elicitation_option(),
+        concurrency: int = concurrency_option(),
         as_json: bool = typer.Option(
             False, "--json", help="print the rows as a JSON list instead of a table"
         ),
@@ -89,6 +89,8 @@ def register(app: typer.Typer) -> None:
                 response_cache,
                 mode=default_mode(mode, server),
                 n_samples=n_samples,
+                scoring=scoring,
+                elicitation=elicitation,
                 progress=not as_json,
             )
             out = decider.decide(s, rows, values)

@@ -75,3 +75,95 @@ def revision_option() -> Any:
         "--model-revision",
         help="version of the model served at --llm-url (part of the cache key; without it the name alone is)",
     )
+
+
+# -- the options of commands that ask a model directly (decide, probe) ------------------------------------
+
+
+def llm_url_option() -> Any:
+    import typer
+
+    return typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server")
+
+
+def llm_model_option() -> Any:
+    import typer
+
+    return typer.Option(None, "--llm-model", help="served model name (default: the server's only model)")
+
+
+def api_key_env_option() -> Any:
+    import typer
+
+    return typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key")
+
+
+def server_option() -> Any:
+    import typer
+
+    from lpm.server_kind import SERVER_KINDS
+
+    return typer.Option(
+        "vllm",
+        "--server",
+        help="kind of the local server lpm starts, or of the server at --llm-url (which answer constraint "
+        f"it takes): {'|'.join(SERVER_KINDS)}",
+    )
+
+
+def cache_option() -> Any:
+    import typer
+
+    from lpm.cache import CACHE_MODES
+
+    return typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}")
+
+
+def cache_dir_option() -> Any:
+    import typer
+
+    return typer.Option(None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)")
+
+
+def mode_option() -> Any:
+    import typer
+
+    from lpm.decoding import MODES
+
+    return typer.Option("auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}")
+
+
+def samples_option() -> Any:
+    import typer
+
+    return typer.Option(20, "--samples", help="answers per request in sample mode")
+
+
+def concurrency_option() -> Any:
+    import typer
+
+    return typer.Option(16, "--concurrency", help="requests in flight at once")
+
+
+def elicitation_option() -> Any:
+    import typer
+
+    from lpm.elicitation import ELICITATIONS
+
+    return typer.Option(
+        "choice",
+        "--elicitation",
+        help=f"how the question is put: {'|'.join(ELICITATIONS)} (yes-no and scale: two actions only)",
+    )
+
+
+def scoring_option() -> Any:
+    import typer
+
+    from lpm.decoding import SCORING_CHOICES
+
+    return typer.Option(
+        "first-token",
+        "--scoring",
+        help=f"how a logprobs answer is read: {'|'.join(SCORING_CHOICES)} (sequence: each whole action)",
+    )

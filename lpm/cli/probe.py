@@ -12,12 +12,25 @@ from rich.console import Console
 from lpm.archetype import ArchetypeSpec
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.cli.display import console, frame_table
-from lpm.cli.options import parse_pairs
+from lpm.cli.options import (
+    api_key_env_option,
+    cache_dir_option,
+    cache_option,
+    concurrency_option,
+    elicitation_option,
+    llm_model_option,
+    llm_url_option,
+    mode_option,
+    parse_pairs,
+    revision_option,
+    samples_option,
+    scoring_option,
+    server_option,
+    weights_option,
+)
 from lpm.decision import Decider
-from lpm.decoding import MODES
 from lpm.endpoint import default_mode, llm_backend
 from lpm.errors import InputError
-from lpm.server_kind import SERVER_KINDS
 
 
 def parse_vary(items: list[str]) -> dict[str, list[Any]]:
@@ -61,30 +74,19 @@ def register(app: typer.Typer) -> None:
             "-p",
             help="population Parquet file whose attribute labels are swept (default: synthetic NYC)",
         ),
-        llm_url: str = typer.Option(
-            None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server"
-        ),
-        llm_model: str = typer.Option(
-            None, "--llm-model", help="served model name (default: the server's only model)"
-        ),
-        api_key_env: str = typer.Option(
-            "OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"
-        ),
-        server: str = typer.Option(
-            "vllm",
-            "--server",
-            help="kind of the local server lpm starts, or of the server at --llm-url (which answer constraint "
-            f"it takes): {'|'.join(SERVER_KINDS)}",
-        ),
-        cache: str = typer.Option("use", "--cache", help=f"response cache mode: {'|'.join(CACHE_MODES)}"),
-        cache_dir: Path = typer.Option(
-            None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)"
-        ),
-        mode: str = typer.Option(
-            "auto", "--mode", "--llm-mode", help=f"how a distribution is read: {'|'.join(MODES)}"
-        ),
-        n_samples: int = typer.Option(20, "--samples", help="answers per request in sample mode"),
-        concurrency: int = typer.Option(16, "--concurrency", help="requests in flight at once"),
+        llm_url: str = llm_url_option(),
+        llm_model: str = llm_model_option(),
+        weights: Path = weights_option(),
+        revision: str = revision_option(),
+        api_key_env: str = api_key_env_option(),
+        server: str = server_option(),
+        cache: str = cache_option(),
+        cache_dir: Path = cache_dir_option(),
+        mode: str = mode_option(),
+        n_samples: int = samples_option(),
+        scoring: str = scoring_option(),
+        elicitation: str = elicitation_option(),
+        concurrency: int = concurrency_option(),
     ) -> None:
         """Sweep each context variable and attribute of a spec around a base situation, one at a time, and
         show how much the probability of each action moves: are the model's answers informative?"""
@@ -116,6 +118,8 @@ def register(app: typer.Typer) -> None:
         with llm_backend(
             llm_url,
             llm_model,
+            weights=weights,
+            revision=revision,
             cache_mode=cache,
             server=server,
             api_key_env=api_key_env,
@@ -124,7 +128,14 @@ def register(app: typer.Typer) -> None:
                 f"starting a local {local.kind.label} server (logs: {local.log_path}) ..."
             ),
         ) as (backend, info):
-            decider = Decider(backend, response_cache, mode=default_mode(mode, server), n_samples=n_samples)
+            decider = Decider(
+                backend,
+                response_cache,
+                mode=default_mode(mode, server),
+                n_samples=n_samples,
+                scoring=scoring,
+                elicitation=elicitation,
+            )
             result = probing.probe(s, decider, population=pop, base=base_values, vary=varied)
         ranges = result.ranges()
         for sweep in result.sweeps:
@@ -152,7 +163,14 @@ def register(app: typer.Typer) -> None:
             )
         folder.mkdir(parents=True, exist_ok=True)
         result.table.to_csv(folder / "probe.csv", index=False)
-        summary = result.summary() | {"model": info["model"], "url": info.get("url"), "source": str(s.source)}
+        summary = result.summary() | {
+            "model": info["model"],
+            "url": info.get("url"),
+            "weights": info.get("weights"),
+            "elicitation": elicitation,
+            "scoring": scoring,
+            "source": str(s.source),
+        }
         (folder / "probe.json").write_text(json.dumps(summary, indent=2))
         probing.plot(result, folder / "probe.png")
         console.print(f"wrote {folder / 'probe.csv'}, {folder / 'probe.json'}, {folder / 'probe.png'}")

@@ -8,7 +8,14 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_date, parse_pairs, revision_option, weights_option
+from lpm.cli.options import (
+    elicitation_option,
+    parse_date,
+    parse_pairs,
+    revision_option,
+    scoring_option,
+    weights_option,
+)
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -54,6 +61,8 @@ def register(app: typer.Typer) -> None:
             help=f"kind of LLM server: {', '.join(SERVER_KINDS)} (the one lpm starts, or at --llm-url)",
         ),
         llm_mode: str = typer.Option("auto", "--llm-mode", help="auto, logprobs or sample"),
+        scoring: str = scoring_option(),
+        elicitation: str = elicitation_option(),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
         on_llm_failure: str = typer.Option(
             "error", "--on-llm-failure", help="error or heuristic (counted as fallbacks)"
@@ -87,6 +96,8 @@ def register(app: typer.Typer) -> None:
             api_key_env=api_key_env,
             server=server,
             llm_mode=llm_mode,
+            llm_scoring=scoring,
+            llm_elicitation=elicitation,
             cache=cache,
             on_llm_failure=on_llm_failure,
         )
