@@ -108,6 +108,7 @@ class ModelServer:
         self._model_arg = Path(model) if model is not None else None
         self._served_name = served_name
         self._process: subprocess.Popen[bytes] | None = None
+        self._answered = False  # the launched process has answered /v1/models
         self.startup_seconds: float | None = None
         """Seconds from launch until the server answered (set by :meth:`start`)."""
 
@@ -141,8 +142,12 @@ class ModelServer:
 
     @property
     def running(self) -> bool:
-        """Whether the server process has been started and has not exited."""
-        return self._process is not None and self._process.poll() is None
+        """Whether the server has answered since :meth:`start` launched it and its process has not exited.
+
+        False while it starts up: callers that wait for it (:class:`lpm.backend.LocalServerBackend`) must not
+        send requests to a process that is still loading its model.
+        """
+        return self._answered and self._process is not None and self._process.poll() is None
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -221,6 +226,7 @@ class ModelServer:
         """
         if self.running:
             return self
+        self.stop()  # a process launched by a start that was interrupted, or one that has exited
         cmd = self.command()
         env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,6 +252,7 @@ class ModelServer:
                 )
             if _answers(self.url, self.api_key):
                 self.startup_seconds = time.monotonic() - started
+                self._answered = True
                 return self
             if time.monotonic() > deadline:
                 self.stop()
@@ -275,6 +282,7 @@ class ModelServer:
 
     def _forget(self) -> None:
         self._process = None
+        self._answered = False
         atexit.unregister(self.stop)
 
     def __enter__(self) -> ModelServer:

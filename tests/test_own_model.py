@@ -5,8 +5,10 @@ The module builds a second model with no download: a tiny Llama-architecture cau
 Its answers are near-constant noise (P(isolate) ≈ 0.66 for every archetype), far from SmolLM2's (≈ 0.95),
 so a server that quietly served the default weights under the new name would be caught.
 
-Each test starts its own vLLM server (about 40 s on 2 cores, most of it vLLM's start-up, not the model):
-``lpm serve`` as a user runs it, then ``lpm decide --model DIR``, which starts one of its own.
+Two tests start a vLLM server for it (about 40 s each on 2 cores, most of it vLLM's own start-up): ``lpm
+decide --model DIR`` starts one of its own, then ``lpm serve`` runs as a user runs it; the last compares its
+answers with the default model's from the session's server (:func:`fixtures_server.vllm_server`), started
+only once the tiny one has stopped, so one server runs at a time when this module runs alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ pytestmark = pytest.mark.integration
 
 SERVED_NAME = "tiny-llama"
 CONTEXT = ["--context", "week=10", "--context", "cases=2345", "--context", "cases_change=12"]
+SCORING = ["--scoring", "first-token"]  # one request per archetype, read under vLLM's choice constraint
 ARCHETYPES = 100  # covid_isolation's archetypes; all occur among the 2,000 agents of seed 0
 
 
@@ -96,9 +99,10 @@ def population(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def decide(population: Path, cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``lpm decide covid_isolation`` on ``population`` with a fixed context, JSON rows on stdout."""
+    """``lpm decide covid_isolation`` on ``population`` with a fixed context, first-token scoring, JSON rows
+    on stdout."""
     return lpm(
-        "decide", "covid_isolation", "--population", str(population), *CONTEXT,
+        "decide", "covid_isolation", "--population", str(population), *CONTEXT, *SCORING,
         "--json", "--cache-dir", str(cache), *args,
     )  # fmt: skip
 
@@ -111,7 +115,8 @@ def valid_rows(res: subprocess.CompletedProcess[str]) -> list[dict]:
     assert len(rows) == ARCHETYPES
     for row in rows:
         assert row["p_isolate"] + row["p_go out"] == pytest.approx(1.0, abs=1e-5), row
-        assert row["mode"] == "logprobs" and row["coverage"] >= 0.9, row
+        assert row["mode"] == "logprobs" and row["scoring"] == "first-token", row
+        assert row["coverage"] >= 0.9, row
     return rows
 
 
@@ -170,7 +175,38 @@ def wait_until_serving(process: subprocess.Popen, url: str, log: Path, timeout: 
     pytest.fail(f"lpm serve did not answer at {url} within {timeout:.0f} s:\n{log.read_text()}")
 
 
-def test_lpm_serve_own_model_then_decide(tiny_model: Path, population: Path, tmp_path: Path) -> None:
+def test_served_name_without_weights_or_url_is_refused(population: Path, capsys) -> None:
+    """``--llm-model NAME`` alone would serve the default weights under NAME: refused before any server."""
+    args = ["decide", "covid_isolation", "--population", str(population), *CONTEXT]
+    assert main([*args, "--llm-model", SERVED_NAME, "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "without --llm-url" in err and SERVED_NAME in err
+
+
+def test_decide_serves_own_model_folder(tiny_model: Path, population: Path, tmp_path: Path) -> None:
+    """``lpm decide --model DIR`` starts a local server for DIR and keys its answers by DIR's fingerprint:
+    replay with ``--model DIR`` needs no server; replay of the default model finds none of them."""
+    cache = tmp_path / "responses"
+    first = decide(population, cache, "--model", str(tiny_model))
+    rows = valid_rows(first)
+    assert "starting a local vLLM server" in first.stderr
+    assert not any(row["cached"] for row in rows)
+    assert serving_processes(tiny_model) == []  # lpm stopped the server it started
+    assert weights_fingerprint(tiny_model) != weights_fingerprint()
+
+    replay = decide(population, cache, "--cache", "replay", "--model", str(tiny_model))
+    assert valid_rows(replay) == [row | {"cached": True} for row in rows]
+    assert "starting a local" not in replay.stderr
+
+    miss = decide(population, cache, "--cache", "replay")
+    assert miss.returncode == 2, (miss.stdout, miss.stderr)
+    assert "no cached answer" in miss.stderr and "replay" in miss.stderr
+    assert "Traceback" not in miss.stderr
+
+
+def test_lpm_serve_own_model_then_decide(
+    tiny_model: Path, population: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """``lpm serve --model DIR --name tiny-llama`` serves DIR under that name; ``lpm decide --llm-url`` gets
     valid answers that are the tiny model's, not the default's; Ctrl-C leaves no process behind."""
     port = free_port()
@@ -211,40 +247,14 @@ def test_lpm_serve_own_model_then_decide(tiny_model: Path, population: Path, tmp
     assert leaked == [], f"processes of lpm serve's groups {sorted(groups)} outlived it: {leaked}"
     assert serving_processes(tiny_model) == []
 
-    # The default model (a local server lpm starts now, the tiny one being gone) is not answered from the
-    # tiny model's cache entries, and answers otherwise.
-    default = valid_rows(decide(population, cache))
+    # The default model answers otherwise. Its server is the session's (started now if no test has, once the
+    # tiny one is gone, and kept for later tests); this test runs last here so that only one runs at a time.
+    default_server = request.getfixturevalue("vllm_server")
+    default = valid_rows(
+        decide(population, cache, "--llm-url", default_server.url, "--llm-model", default_server.model)
+    )
     assert not any(row["cached"] for row in default)
     key = ("age_group", "sex", "borough")
     assert [[r[k] for k in key] for r in default] == [[r[k] for k in key] for r in own]
     gap = sum(abs(a["p_isolate"] - b["p_isolate"]) for a, b in zip(own, default, strict=True)) / ARCHETYPES
     assert gap > 0.05, f"the tiny model answers like the default one (mean |ΔP(isolate)| = {gap:.4f})"
-
-
-def test_decide_serves_own_model_folder(tiny_model: Path, population: Path, tmp_path: Path) -> None:
-    """``lpm decide --model DIR`` starts a local server for DIR and keys its answers by DIR's fingerprint:
-    replay with ``--model DIR`` needs no server; replay of the default model finds none of them."""
-    cache = tmp_path / "responses"
-    first = decide(population, cache, "--model", str(tiny_model))
-    rows = valid_rows(first)
-    assert "starting a local vLLM server" in first.stderr
-    assert not any(row["cached"] for row in rows)
-    assert serving_processes(tiny_model) == []  # lpm stopped the server it started
-    assert weights_fingerprint(tiny_model) != weights_fingerprint()
-
-    replay = decide(population, cache, "--cache", "replay", "--model", str(tiny_model))
-    assert valid_rows(replay) == [row | {"cached": True} for row in rows]
-    assert "starting a local" not in replay.stderr
-
-    miss = decide(population, cache, "--cache", "replay")
-    assert miss.returncode == 2, (miss.stdout, miss.stderr)
-    assert "no cached answer" in miss.stderr and "replay" in miss.stderr
-    assert "Traceback" not in miss.stderr
-
-
-def test_served_name_without_weights_or_url_is_refused(population: Path, capsys) -> None:
-    """``--llm-model NAME`` alone would serve the default weights under NAME: refused before any server."""
-    args = ["decide", "covid_isolation", "--population", str(population), *CONTEXT]
-    assert main([*args, "--llm-model", SERVED_NAME, "--json"]) == 2
-    err = capsys.readouterr().err
-    assert "without --llm-url" in err and SERVED_NAME in err

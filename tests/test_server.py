@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import sys
+import threading
+import time
 
 import httpx
 import pytest
@@ -156,6 +159,39 @@ def test_start_failure_shows_log_tail(tmp_path) -> None:
     with pytest.raises(ServerError) as caught:
         server.start()
     assert "exited" in str(caught.value)
+    assert not server.running
+
+
+class SlowStartServer(ModelServer):
+    """A "server" that loads for 1.5 s, then serves its working directory (where ``v1/models`` is a file)."""
+
+    def command(self) -> list[str]:
+        serve = (
+            "import http.server as h, time; time.sleep(1.5); "
+            f"h.ThreadingHTTPServer(({self.host!r}, {self.port}), h.SimpleHTTPRequestHandler).serve_forever()"
+        )
+        return [sys.executable, "-c", serve]
+
+
+def test_running_only_once_the_server_answers(tmp_path, monkeypatch) -> None:
+    """While a launched server still loads, ``running`` is False: a local backend that sees it True sends its
+    requests at once, to a port nothing answers yet (98 of 100 requests failed so, with a tiny model)."""
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "models").write_text('{"data": [{"id": "slow"}]}')
+    monkeypatch.chdir(tmp_path)  # the server's working directory
+    server = SlowStartServer("llamacpp", log_path=tmp_path / "log.txt", startup_timeout=30)
+    seen: list[tuple[bool, bool]] = []  # (launched, running) while start() waits
+    starting = threading.Thread(target=server.start)
+    starting.start()
+    while starting.is_alive():
+        seen.append((server.pid is not None, server.running))
+        time.sleep(0.05)
+    starting.join()
+    try:
+        assert (True, False) in seen and (True, True) not in seen
+        assert server.running and server.startup_seconds is not None and server.startup_seconds >= 1.5
+    finally:
+        server.stop()
     assert not server.running
 
 
