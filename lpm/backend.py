@@ -237,16 +237,27 @@ class OpenAIBackend(Backend, _Retrying):
             return await self._with_retries(self._logprobs, messages, actions, decoding)
         except NoLogprobs as exc:  # LowCoverage included
             reason = exc
-            if mode == "logprobs":
-                raise LLMError(
-                    f"{self.base_url}: {exc}",
-                    hint="use --llm-mode sample (or auto) with this server"
-                    + (
-                        "; its log-probabilities did not follow the answer constraint"
-                        if isinstance(exc, LowCoverage)
-                        else ""
-                    ),
-                ) from None
+        if mode == "auto" and isinstance(reason, NoPromptLogprobs):  # read the first token instead
+            try:
+                answer = await self._with_retries(
+                    self._logprobs, messages, actions, decoding.model_copy(update={"scoring": "first-token"})
+                )
+                answer.fallback = str(reason)
+                return answer
+            except NoLogprobs as exc:
+                reason = exc
+        if mode == "logprobs":
+            raise LLMError(
+                f"{self.base_url}: {reason}",
+                hint="use --llm-mode sample (or auto) with this server"
+                + (
+                    "; its log-probabilities did not follow the answer constraint"
+                    if isinstance(reason, LowCoverage)
+                    else ", or --scoring first-token"
+                    if isinstance(reason, NoPromptLogprobs)
+                    else ""
+                ),
+            ) from None
         # auto: this request only is sampled instead, and says why
         self.stats.fallbacks += 1
         answer = await self._with_retries(self._sample, messages, actions, decoding)
@@ -365,7 +376,7 @@ class OpenAIBackend(Backend, _Retrying):
         )
         lists = [reply.get("prompt_logprobs") for reply in replies]
         if all(lp is None for lp in lists):
-            raise NoLogprobs(
+            raise NoPromptLogprobs(
                 f"{self.base_url} returned no prompt log-probabilities (needed to score whole actions)"
             )
         probs = normalise_logprobs(action_logprobs(lists))
@@ -398,6 +409,10 @@ class OpenAIBackend(Backend, _Retrying):
         return Answer(
             [c / n for c in counts], "sample", answers, prompt_tokens, completion_tokens, scoring="samples"
         )
+
+
+class NoPromptLogprobs(NoLogprobs):
+    """The server returned no prompt log-probabilities, which whole-action scoring needs."""
 
 
 class LowCoverage(NoLogprobs):
@@ -473,6 +488,12 @@ class LangChainBackend(Backend, _Retrying):
     def check(self, decoding: Decoding) -> None:
         if decoding.mode == "sample":
             self._check_sampling()
+        elif decoding.scoring == "sequence":
+            raise InputError(
+                "a LangChain chat model gives no prompt log-probabilities, so it cannot score whole actions "
+                "(the default scoring)",
+                hint="use scoring='first-token' (--scoring first-token) or mode 'sample' with LangChain",
+            )
 
     def _bound(self, actions: Sequence[str]) -> Any:
         if self.server is None:

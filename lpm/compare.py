@@ -81,7 +81,7 @@ class CompareConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     server: str = "vllm"
     llm_mode: str = "auto"
-    llm_scoring: str = "first-token"
+    llm_scoring: str = "sequence"
     llm_elicitation: str = "choice"
     cache: CacheMode = "use"
     granularity: bool = Field(default=False, description="also sweep the archetype granularity")

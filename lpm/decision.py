@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lpm.archetype import ArchetypeSpec
 from lpm.backend import Answer, Backend
 from lpm.cache import ResponseCache, cache_key
-from lpm.decoding import MIN_COVERAGE, Decoding
+from lpm.decoding import DEFAULT_SCORING, MIN_COVERAGE, Decoding
 from lpm.elicitation import ELICITATIONS, Elicitation
 from lpm.errors import CacheMissError, InputError, LLMError, LpmError, ServerError
 from lpm.prompt import PromptTemplate
@@ -85,7 +85,8 @@ class Decider:
 
     backend: an :class:`lpm.backend.Backend`. cache: a :class:`ResponseCache`, or None for no caching.
     mode: ``auto`` (logprobs, else sampling), ``logprobs`` or ``sample``. n_samples: answers per
-    request in sample mode. scoring: ``first-token`` or ``sequence`` (:data:`lpm.decoding.SCORING_CHOICES`).
+    request in sample mode. scoring: ``sequence`` (default, :data:`lpm.decoding.DEFAULT_SCORING`) or
+    ``first-token`` (:data:`lpm.decoding.SCORING_CHOICES`).
     min_coverage: least first-token mass on action tokens (:data:`lpm.decoding.MIN_COVERAGE`). All are
     checked once, into :attr:`decoding` (a :class:`lpm.decoding.Decoding`, what every request sends and every
     cache key hashes), and the backend is asked whether it can honour them (:meth:`Backend.check`).
@@ -103,7 +104,7 @@ class Decider:
         *,
         mode: str = "auto",
         n_samples: int = 20,
-        scoring: str = "first-token",
+        scoring: str = DEFAULT_SCORING,
         min_coverage: float = MIN_COVERAGE,
         elicitation: str = "choice",
         on_failure: str = "error",

@@ -83,7 +83,7 @@ class RunConfig(BaseModel):
     )
     llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
     llm_scoring: Literal["first-token", "sequence"] = Field(
-        default="first-token", description="how a logprobs answer is read (lpm.decoding.SCORING_CHOICES)"
+        default="sequence", description="how a logprobs answer is read (lpm.decoding.SCORING_CHOICES)"
     )
     llm_elicitation: Literal["choice", "yes-no", "scale"] = Field(
         default="choice", description="how the question is put (lpm.elicitation.ELICITATIONS)"

@@ -16,9 +16,11 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 ``nullchoice``    ``choices: [null]``;   ``wrongshape``  ``choices`` is a string
 ``badusage``      ``usage.prompt_tokens`` is text;   ``absurd``  a log-probability of +5
 
-A request with ``prompt_logprobs`` (whole-action scoring) gets vLLM's shape: ``prompt_logprobs`` of the
+A request with ``prompt_logprobs`` (whole-action scoring) gets, under ``good``, ``badusage`` and ``absurd``
+(an end-of-turn log-probability of +5), vLLM's shape: ``prompt_logprobs`` of the
 conversation, ``None`` first, then one ``{id: {logprob}}`` per token: three fixed tokens for the prompt,
-one per word of the final (assistant) message, each with :meth:`word_logprob`, and an end-of-turn token.
+one per word of the final (assistant) message, each with :meth:`word_logprob`, and an end-of-turn token;
+under ``nologprobs``, ``unconstrained`` and ``llamacpp`` no ``prompt_logprobs`` (a server without them).
 
 ``GET /v1/models`` lists ``model``. The probability of the first action for a prompt is fixed by a hash of its messages (:meth:`expected`).
 The server counts requests and the most it had in flight at once.
@@ -213,7 +215,7 @@ class FakeServer:
         handler.end_headers()
         handler.wfile.write(data)
 
-    def _prompt_logprobs(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _prompt_logprobs(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
         import re
 
         words = re.findall(r"\s*\S+", body["messages"][-1].get("content") or "")
@@ -221,8 +223,8 @@ class FakeServer:
         for w in words:  # a word's token id is a hash of it, so the same word is the same token
             token_id = 1000 + int.from_bytes(hashlib.sha256(w.encode()).digest()[:3], "big")
             entries.append({str(token_id): {"logprob": self.word_logprob(w), "rank": 5}})
-        entries.append({"2": {"logprob": -0.5, "rank": 1}})  # the end of the turn
-        return {
+        entries.append({"2": {"logprob": 5.0 if behaviour == "absurd" else -0.5, "rank": 1}})  # end of turn
+        out = {
             "id": f"chatcmpl-{len(self.bodies)}",
             "object": "chat.completion",
             "model": body.get("model", self.model),
@@ -231,19 +233,26 @@ class FakeServer:
             ],
             "prompt_logprobs": entries,
             "usage": {
-                "prompt_tokens": len(entries) - 1,
+                "prompt_tokens": "many" if behaviour == "badusage" else len(entries) - 1,
                 "completion_tokens": 1,
                 "total_tokens": len(entries),
             },
         }
+        if behaviour in (
+            "nologprobs",
+            "unconstrained",
+            "llamacpp",
+        ):  # servers without prompt log-probabilities
+            del out["prompt_logprobs"]
+        return out
 
     def _completion(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
-        if body.get("prompt_logprobs") is not None:
-            return self._prompt_logprobs(body)
         if behaviour == "nullchoice":
             return {"id": "x", "object": "chat.completion", "choices": [None]}
         if behaviour == "wrongshape":
             return {"id": "x", "object": "chat.completion", "choices": "isolate"}
+        if body.get("prompt_logprobs") is not None:
+            return self._prompt_logprobs(body, behaviour)
         actions = (body.get("structured_outputs") or {}).get("choice")
         if actions is None and "grammar" in body:  # root ::= "a" | "b"
             actions = [json.loads(part.strip()) for part in body["grammar"].split("::=", 1)[1].split("|")]

@@ -9,6 +9,7 @@ import pytest
 from fake_server import FakeServer
 
 from lpm.backend import Answer, Backend, LangChainBackend, OpenAIBackend
+from lpm.decision import Decider
 from lpm.decoding import Decoding
 from lpm.errors import InputError, LLMError, ServerError
 
@@ -22,7 +23,9 @@ def backend(fake: FakeServer, **kw) -> OpenAIBackend:
 
 
 def choose(b: Backend, **settings) -> Answer:
-    """One ``choose`` call decoded with ``Decoding(**settings)`` (mode, n_samples …)."""
+    """One ``choose`` call decoded with ``Decoding(**settings)`` (mode, n_samples …); the first-token reading
+    unless ``scoring`` says otherwise (these tests are about one request per answer)."""
+    settings.setdefault("scoring", "first-token")
 
     async def go() -> Answer:
         try:
@@ -152,7 +155,7 @@ def test_actions_sharing_a_first_token_are_scored_whole():
             await b.aclose()
 
     with FakeServer() as server:
-        answer = asyncio.run(go(backend(server), Decoding(mode="logprobs")))
+        answer = asyncio.run(go(backend(server), Decoding(mode="logprobs", scoring="first-token")))
         bodies = server.bodies
     assert answer.scoring == "sequence" and answer.ambiguous > 0 and answer.coverage == pytest.approx(1.0)
     assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions))
@@ -170,7 +173,53 @@ def test_actions_sharing_a_first_token_are_scored_whole():
     assert answer.raw == ACTIONS[max(range(2), key=answer.probs.__getitem__)]
     # a server kind without prompt log-probabilities says so instead of guessing
     with FakeServer() as server, pytest.raises(LLMError, match="prompt log-probabilities"):
-        asyncio.run(go(backend(server, server="llamacpp"), Decoding(mode="logprobs")))
+        asyncio.run(go(backend(server, server="llamacpp"), Decoding(mode="logprobs", scoring="first-token")))
+
+
+def test_default_whole_action_scoring_and_its_fallbacks_in_auto():
+    """The default reading scores each whole action (one request per action, no constraint needed). A server
+    without prompt log-probabilities: auto reads the first token instead, then samples, each recorded;
+    logprobs mode says so."""
+    with FakeServer() as server:
+        answer = choose(backend(server), mode="auto", scoring="sequence")
+        assert server.requests == 2 and all(b["prompt_logprobs"] == 0 for b in server.bodies)
+    assert (answer.mode, answer.scoring, answer.fallback) == ("logprobs", "sequence", "")
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS))
+    with FakeServer(
+        default="llamacpp"
+    ) as server:  # no prompt log-probabilities, first-token ones in its shape
+        answer = choose(backend(server), mode="auto", scoring="sequence")
+    assert (answer.mode, answer.scoring) == ("logprobs", "first-token")
+    assert "no prompt log-probabilities" in answer.fallback
+    with FakeServer(default="nologprobs") as server:  # no log-probabilities of any kind
+        answer = choose(backend(server), mode="auto", scoring="sequence", n_samples=10)
+    assert (answer.mode, answer.scoring) == (
+        "sample",
+        "samples",
+    ) and "no log-probabilities" in answer.fallback
+    with (
+        FakeServer(default="nologprobs") as server,
+        pytest.raises(LLMError, match="prompt log-probabilities") as info,
+    ):
+        choose(backend(server), mode="logprobs", scoring="sequence")
+    assert "--scoring first-token" in info.value.hint
+    for behaviour, says in (
+        ("absurd", "not in"),
+        ("badusage", "token count"),
+        ("nullchoice", "not an object"),
+    ):
+        with FakeServer(default=behaviour) as server, pytest.raises(LLMError, match=says):
+            choose(backend(server, retries=1), mode="auto", scoring="sequence")
+
+
+def test_langchain_refuses_whole_action_scoring():
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", model="m", logprobs=True, max_retries=0)
+    with pytest.raises(InputError, match="cannot score whole actions") as info:
+        Decider(LangChainBackend(chat), progress=False)
+    assert "--scoring first-token" in info.value.hint
+    Decider(LangChainBackend(chat), progress=False, scoring="first-token")  # accepted
 
 
 def test_offchoice_samples_are_rejected():
@@ -265,7 +314,13 @@ def test_langchain_backend_logprobs_and_sampling():
 
 # -- what the cache key records is what is sent ---------------------------------------------------
 def test_openai_request_params_are_the_requests_sent():
-    settings = {"mode": "auto", "n_samples": 7, "top_logprobs": 5, "sample_temperature": 0.7}
+    settings = {
+        "mode": "auto",
+        "n_samples": 7,
+        "top_logprobs": 5,
+        "sample_temperature": 0.7,
+        "scoring": "first-token",
+    }
     with FakeServer(default="nologprobs") as server:  # auto: a logprobs request, then a sample request
         b = backend(server)
         choose(b, **settings)

@@ -221,9 +221,8 @@ def test_compare_and_audit_against_the_real_model(vllm_server, tmp_path, monkeyp
     spread = decisions[decisions["action"] == "isolate"].groupby("step")["probability"].agg(["min", "max"])
     assert (spread["max"] - spread["min"] > 1e-3).all()  # archetypes differ, so a mismatch would show
     sent = metrics(vllm_server.url)["completion_requests"] - before
-    assert sent == sum(
-        r["llm_queries"] for r in result["runs"]
-    )  # the audit's answers all came from the cache
+    # whole-action scoring: one HTTP request per action (2) per query; the audit's answers came from the cache
+    assert sent == 2 * sum(r["llm_queries"] for r in result["runs"])
 
 
 class LocalStandIn:

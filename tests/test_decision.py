@@ -29,6 +29,9 @@ def rows(spec, small_pop) -> list[dict[str, str]]:
 
 
 def decider(server: FakeServer, cache: ResponseCache | None = None, **kw) -> Decider:
+    """A Decider against the fake server reading the first token (one request per archetype) unless ``scoring``
+    says otherwise."""
+    kw.setdefault("scoring", "first-token")
     backend_kw = {k: kw.pop(k) for k in ("retries", "max_concurrency", "timeout") if k in kw}
     backend = OpenAIBackend(server.url, server.model, backoff=0.01, **backend_kw)
     return Decider(backend, cache, progress=False, **kw)
@@ -278,14 +281,16 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
     with FakeServer() as server:
         res = lpm_cli(*args, "--llm-url", server.url, "--llm-model", server.model, env=env)
         assert res.returncode == 0, res.stderr
-        assert server.requests == 100
+        assert server.requests == 200  # the default, whole-action scoring: one request per action
     rows = json.loads(res.stdout)
     assert len(rows) == 100 and not any(r["cached"] for r in rows)
     assert all(abs(r["p_isolate"] + r["p_go out"] - 1) < 1e-6 for r in rows)
     assert set(rows[0]) == {
         "age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "scoring", "coverage", "cached"
     }  # fmt: skip
-    assert {r["scoring"] for r in rows} == {"first-token"} and min(r["coverage"] for r in rows) > 0.99
+    assert {r["scoring"] for r in rows} == {"sequence"} and all(math.isnan(r["coverage"]) for r in rows)
+    want = FakeServer.sequence_expected(["isolate", "go out"])
+    assert all(abs(r["p_isolate"] - want[0]) < 1e-6 for r in rows)
 
     # replay: no --llm-url, no server started; the cache key holds the model name, not the URL
     res = lpm_cli(*args, "--cache", "replay", "--llm-model", server.model, env=env)
@@ -368,4 +373,4 @@ def test_cli_decide_table_and_bad_context(small_pop, tmp_path):
             "ollama",
         )
         assert res.returncode == 2 and "--server must be one of vllm, llamacpp, got 'ollama'" in res.stderr
-        assert server.requests == 100  # nothing sent for the refused calls
+        assert server.requests == 200  # nothing sent for the refused calls

@@ -23,12 +23,12 @@ def test_defaults_and_requests_per_mode():
     assert d.requests(ACTIONS) == {
         "mode": "auto",
         "logprobs": logprobs,
-        "scoring": "first-token",
+        "scoring": "sequence",
         "sequence": sequence,
         "min_coverage": 0.9,
         "sample": sample,
     }
-    assert Decoding(mode="logprobs", min_coverage=0.5).requests(ACTIONS) == {
+    assert Decoding(mode="logprobs", scoring="first-token", min_coverage=0.5).requests(ACTIONS) == {
         "mode": "logprobs",
         "logprobs": logprobs,
         "scoring": "first-token",

@@ -24,9 +24,10 @@ def spec() -> ArchetypeSpec:
 
 def decide(server, spec, rows, elicitation):
     backend = OpenAIBackend(server.url, server.model, backoff=0.01)
-    return Decider(backend, progress=False, mode="logprobs", elicitation=elicitation).decide(
-        spec, rows, CONTEXT
+    decider = Decider(
+        backend, progress=False, mode="logprobs", scoring="first-token", elicitation=elicitation
     )
+    return decider.decide(spec, rows, CONTEXT)
 
 
 def test_yes_no_asks_yes_or_no_and_reads_p_yes(spec, small_pop):

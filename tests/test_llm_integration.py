@@ -31,8 +31,10 @@ def test_archetype_decisions_then_cache_then_replay(vllm_server, small_pop, tmp_
     before = posts(vllm_server.url)
     first = decider.decide(spec, rows, CONTEXT)
     sent = posts(vllm_server.url) - before
-    assert first.requests == len(rows) and sent == len(rows) + first.retries
-    assert set(first.mode) == {"logprobs"}  # vLLM returns the constrained first token's logprobs
+    # the default, whole-action scoring: one request per action, each whole answer read from the prompt's
+    # log-probabilities (2 actions)
+    assert first.requests == len(rows) and sent == 2 * len(rows) + first.retries
+    assert set(first.mode) == {"logprobs"} and set(first.scoring) == {"sequence"}
     assert torch.allclose(first.probs.sum(1), torch.ones(len(rows)), atol=1e-5)
     assert first.failed == [] and not torch.isnan(first.probs).any()
     assert first.prompt_tokens > 50 * len(rows)
@@ -92,7 +94,7 @@ def test_sample_mode_and_langchain_against_vllm(vllm_server, small_pop):
         max_tokens=8,
         max_retries=0,
     )
-    one_at_a_time = {"mode": "logprobs", "progress": False}
+    one_at_a_time = {"mode": "logprobs", "scoring": "first-token", "progress": False}
     via_lc = Decider(LangChainBackend(chat, max_concurrency=1), **one_at_a_time).decide(spec, rows, CONTEXT)
     direct = [
         Decider(OpenAIBackend(vllm_server.url, vllm_server.model, max_concurrency=1), **one_at_a_time).decide(
@@ -122,3 +124,60 @@ def test_llamacpp_server_gives_a_valid_distribution(llamacpp_server, small_pop, 
     assert ((out.probs * 20).round() == out.probs * 20).all()  # counts of 20 samples
     again = decider.decide(spec, rows, CONTEXT)
     assert again.requests == 0 and all(again.cached)
+
+
+def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
+    """vLLM takes its top log-probabilities after the choice constraint: the first token's mass on action
+    tokens is ~1 (measured >= 0.9999). Actions sharing their first token ("stay home", "stay at work") are
+    scored whole, not split by a rule as lpm used to (here the model happens to weigh them almost equally:
+    log-probabilities -6.656 and -6.660 after "stay", measured)."""
+    import asyncio
+
+    from lpm.decoding import Decoding
+
+    messages = [
+        {
+            "role": "system",
+            "content": "You decide for a resident of New York City during the COVID-19 epidemic.",
+        },
+        {"role": "user", "content": "2,000 cases were reported this week. Do you stay home or stay at work?"},
+    ]
+
+    async def ask(actions, **settings):
+        backend = OpenAIBackend(vllm_server.url, vllm_server.model)
+        try:
+            return await backend.choose(messages, actions, Decoding(mode="logprobs", **settings))
+        finally:
+            await backend.aclose()
+
+    plain = asyncio.run(ask(["isolate", "go out"], scoring="first-token"))
+    assert plain.scoring == "first-token" and plain.coverage > 0.999 and plain.ambiguous == 0
+    shared = asyncio.run(ask(["stay home", "stay at work"], scoring="first-token"))
+    assert shared.scoring == "sequence" and shared.ambiguous > 0.5 and shared.coverage > 0.999
+    # the same reading computed here from the raw prompt log-probabilities of each whole answer
+    import math
+
+    import httpx
+
+    totals = []
+    for action in ["stay home", "stay at work"]:
+        body = {
+            "model": vllm_server.model,
+            "messages": [*messages, {"role": "assistant", "content": action}],
+            "add_generation_prompt": False,
+            "max_tokens": 1,
+            "prompt_logprobs": 0,
+            "temperature": 0,
+        }
+        tokens = httpx.post(f"{vllm_server.url}/chat/completions", json=body, timeout=60).json()[
+            "prompt_logprobs"
+        ]
+        totals.append([next(iter(t.values()))["logprob"] for t in tokens[1:]])
+    shared_len = 0  # the longest common prefix: the prompt, and "stay"
+    while totals[0][shared_len] == totals[1][shared_len]:
+        shared_len += 1
+    diff = sum(totals[1][shared_len:]) - sum(totals[0][shared_len:])
+    assert shared.probs[0] == pytest.approx(1 / (1 + math.exp(diff)), abs=1e-6)
+    whole = asyncio.run(ask(["stay home", "stay at work"]))  # the default scoring: the same reading
+    assert whole.scoring == "sequence" and whole.coverage is None
+    assert whole.probs == shared.probs

@@ -163,7 +163,8 @@ def scoring_option() -> Any:
     from lpm.decoding import SCORING_CHOICES
 
     return typer.Option(
-        "first-token",
+        "sequence",
         "--scoring",
-        help=f"how a logprobs answer is read: {'|'.join(SCORING_CHOICES)} (sequence: each whole action)",
+        help=f"how a logprobs answer is read: {'|'.join(SCORING_CHOICES)} (sequence: each whole action, one "
+        "request each; first-token: one request, under the answer constraint)",
     )
