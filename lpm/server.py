@@ -530,6 +530,13 @@ def server_figures(
     return {
         "prompt_tokens": prompt,
         "generation_tokens": generated,
-        "prefix_cache_hit_rate": round(hits / queries, 4) if queries and hits is not None else None,
+        # of prompt tokens; 0 when none was even looked up (vLLM skips the cache for prompt log-probabilities)
+        "prefix_cache_hit_rate": (
+            round(hits / queries, 4)
+            if queries and hits is not None
+            else 0.0
+            if queries == 0 and prompt
+            else None
+        ),
         "tokens_per_second": round(tokens / seconds, 1) if seconds and seconds > 0 and tokens else None,
     }
