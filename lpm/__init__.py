@@ -32,6 +32,8 @@ _LAZY = {
     "compare": "lpm.compare",
     "CompareConfig": "lpm.compare",
     "sensitivity": "lpm.sensitivity",
+    "probe": "lpm.probe",
+    "Endpoint": "lpm.endpoint",
     "PromptTemplate": "lpm.prompt",
     "OpenAIBackend": "lpm.backend",
     "LangChainBackend": "lpm.backend",

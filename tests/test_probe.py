@@ -43,7 +43,9 @@ class Fixed(Backend):
 
 
 def fake_decider(server: FakeServer, cache: ResponseCache | None = None) -> Decider:
-    return Decider(OpenAIBackend(server.url, server.model, backoff=0.01), cache, progress=False)
+    """Reads the first token: one request per distinct prompt, answers that differ by prompt."""
+    backend = OpenAIBackend(server.url, server.model, backoff=0.01)
+    return Decider(backend, cache, progress=False, scoring="first-token")
 
 
 def test_plan_base_is_the_middle_of_each_sweep(spec, labels):
@@ -180,7 +182,8 @@ def test_cli_writes_three_files_and_refuses_a_full_folder(tmp_path, capsys):
         assert len(table) == 2 * (2 + 2 + 1 + 2 + 2 + 5)
         summary = json.loads((out / "probe.json").read_text())
         assert summary["base"]["borough"] == "Bronx" and summary["model"] == server.model
-        assert summary["requests"] == server.requests and "informative" in summary
+        # the default, whole-action scoring: one HTTP request per action for each prompt asked
+        assert 2 * summary["requests"] == server.requests and "informative" in summary
         sent = server.requests
         code = main([*args, "--llm-url", server.url])  # the folder is not empty now
         err = capsys.readouterr().err
