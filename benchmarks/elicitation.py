@@ -10,8 +10,9 @@ Methods (every one in ``logprobs`` mode, so a prompt always gets the same answer
 ``scale``         "How likely ... from 0 (certainly B) to 10 (certainly A)?" appended; P(A) = E[k] / 10.
 
 For each method and spec the script prints the largest range of an action's probability over any probed
-variable (the probe's informativeness: below 0.05 the answers are near-constant), the range per variable,
-the mean probability of the first action, the model requests and the seconds. The last line is every figure
+variable (the probe's informativeness: below 0.05 the answers are near-constant) and over the context
+variables alone (the situation, which drives a scenario's dynamics), the range per variable, the first
+action's probability, the prompts, the HTTP requests they took and the seconds. The last line is every figure
 as one JSON object.
 
 Usage::
@@ -62,8 +63,9 @@ def main() -> None:
             spec = ArchetypeSpec.load(name)
             figures[name] = {}
             for method in args.methods.split(","):
+                backend = OpenAIBackend(url, model)
                 decider = Decider(
-                    OpenAIBackend(url, model),
+                    backend,
                     ResponseCache(tmp),
                     mode="logprobs",
                     progress=False,
@@ -79,21 +81,25 @@ def main() -> None:
                 )
                 p_first = result.table[result.table["action"] == first]["probability"]
                 largest, variable, _ = result.largest
+                context = {k: v for k, v in per_variable.items() if k in spec.context}
                 figures[name][method] = {
                     "largest_range": round(largest, 4),
                     "most_responsive": variable,
+                    "largest_context_range": max(context.values()),
                     "range_by_variable": per_variable,
                     f"mean_p_{first}": round(float(p_first.mean()), 4),
                     f"min_p_{first}": round(float(p_first.min()), 4),
                     f"max_p_{first}": round(float(p_first.max()), 4),
-                    "requests": result.requests,
+                    "prompts": result.requests,
+                    "http_requests": backend.stats.requests,
                     "seconds": round(seconds, 1),
                 }
                 f = figures[name][method]
                 print(
-                    f"{name:16s} {method:13s} largest range {f['largest_range']:.3f} ({variable}); "
-                    f"P({first}) {f[f'min_p_{first}']:.3f}..{f[f'max_p_{first}']:.3f} mean "
-                    f"{f[f'mean_p_{first}']:.3f}; {result.requests} requests, {seconds:.0f} s"
+                    f"{name:16s} {method:13s} largest range {f['largest_range']:.3f} ({variable}), over "
+                    f"context {f['largest_context_range']:.3f}; P({first}) {f[f'min_p_{first}']:.3f}.."
+                    f"{f[f'max_p_{first}']:.3f} mean {f[f'mean_p_{first}']:.3f}; {result.requests} prompts, "
+                    f"{backend.stats.requests} requests, {seconds:.0f} s"
                 )
                 print("    by variable: " + ", ".join(f"{k} {v:.3f}" for k, v in per_variable.items()))
     print(json.dumps({"model": model, "python": platform.python_version(), "figures": figures}))

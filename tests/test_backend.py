@@ -226,7 +226,9 @@ def test_langchain_sample_mode_refuses_a_greedy_chat_model():
     """At temperature 0 every sampled answer is the greedy one: the shares would be 0 or 1."""
     from langchain_openai import ChatOpenAI
 
-    greedy = ChatOpenAI(base_url="http://127.0.0.1:9/v1", api_key="x", model="m", temperature=0, max_retries=0)
+    greedy = ChatOpenAI(
+        base_url="http://127.0.0.1:9/v1", api_key="x", model="m", temperature=0, max_retries=0
+    )
     with pytest.raises(InputError, match="temperature 0") as info:
         Decider(LangChainBackend(greedy), progress=False, mode="sample")
     assert "temperature=1" in info.value.hint
