@@ -7,29 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 
 from lpm.archetype import ArchetypeSpec
-from lpm.cache import CACHE_MODES, ResponseCache
+from lpm.cli import options as o
+from lpm.cli.asking import ModelOptions
 from lpm.cli.display import console, frame_table
-from lpm.cli.options import (
-    api_key_env_option,
-    cache_dir_option,
-    cache_option,
-    concurrency_option,
-    elicitation_option,
-    llm_model_option,
-    llm_url_option,
-    mode_option,
-    parse_pairs,
-    revision_option,
-    samples_option,
-    scoring_option,
-    server_option,
-    weights_option,
-)
-from lpm.decision import Decider
-from lpm.endpoint import default_mode, llm_backend
+from lpm.cli.options import parse_pairs
 from lpm.errors import InputError
 
 
@@ -74,19 +57,19 @@ def register(app: typer.Typer) -> None:
             "-p",
             help="population Parquet file whose attribute labels are swept (default: synthetic NYC)",
         ),
-        llm_url: str = llm_url_option(),
-        llm_model: str = llm_model_option(),
-        weights: Path = weights_option(),
-        revision: str = revision_option(),
-        api_key_env: str = api_key_env_option(),
-        server: str = server_option(),
-        cache: str = cache_option(),
-        cache_dir: Path = cache_dir_option(),
-        mode: str = mode_option(),
-        n_samples: int = samples_option(),
-        scoring: str = scoring_option(),
-        elicitation: str = elicitation_option(),
-        concurrency: int = concurrency_option(),
+        llm_url: str = o.llm_url_option(),
+        llm_model: str = o.llm_model_option(),
+        weights: Path = o.weights_option(),
+        revision: str = o.revision_option(),
+        api_key_env: str = o.api_key_env_option(),
+        server: str = o.server_option(),
+        cache: str = o.cache_option(),
+        cache_dir: Path = o.cache_dir_option(),
+        mode: str = o.mode_option(),
+        n_samples: int = o.samples_option(),
+        scoring: str = o.scoring_option(),
+        elicitation: str = o.elicitation_option(),
+        concurrency: int = o.concurrency_option(),
     ) -> None:
         """Sweep each context variable and attribute of a spec around a base situation, one at a time, and
         show how much the probability of each action moves: are the model's answers informative?"""
@@ -96,8 +79,7 @@ def register(app: typer.Typer) -> None:
         s = ArchetypeSpec.load(spec)
         varied = parse_vary(vary)
         base_values = parse_pairs(base, "--base", "cases=1000")
-        if cache not in CACHE_MODES:
-            raise InputError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        asked = ModelOptions.pick(locals())
         folder = Path(out) if out is not None else Path(f"probe-{s.name}")
         if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
             raise InputError(
@@ -113,29 +95,7 @@ def register(app: typer.Typer) -> None:
         probing.plan(
             s, labels, base=base_values, vary=varied
         )  # bad names and values fail before a server starts
-        response_cache = ResponseCache(cache_dir, mode=cache)
-        err = Console(stderr=True)
-        with llm_backend(
-            llm_url,
-            llm_model,
-            weights=weights,
-            revision=revision,
-            cache_mode=cache,
-            server=server,
-            api_key_env=api_key_env,
-            max_concurrency=concurrency,
-            on_start=lambda local: err.print(
-                f"starting a local {local.kind.label} server (logs: {local.log_path}) ..."
-            ),
-        ) as (backend, info):
-            decider = Decider(
-                backend,
-                response_cache,
-                mode=default_mode(mode, server),
-                n_samples=n_samples,
-                scoring=scoring,
-                elicitation=elicitation,
-            )
+        with asked.decider() as (decider, info, response_cache):
             result = probing.probe(s, decider, population=pop, base=base_values, vary=varied)
         ranges = result.ranges()
         for sweep in result.sweeps:
