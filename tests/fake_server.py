@@ -155,16 +155,18 @@ class FakeServer:
         )
 
     @staticmethod
-    def word_logprob(word: str) -> float:
-        """The log-probability the fake gives one word token of an answer in whole-action scoring."""
-        return -(1.0 + hashlib.sha256(word.encode()).digest()[0] / 64)
+    def word_logprob(word: str, prompt: list[dict[str, str]] | None = None) -> float:
+        """The log-probability the fake gives one word token of an answer to ``prompt`` (the messages before
+        the answer) in whole-action scoring: a hash of both, so answers differ by prompt."""
+        key = json.dumps(prompt or [], sort_keys=True) + "\x00" + word
+        return -(1.0 + hashlib.sha256(key.encode()).digest()[0] / 64)
 
     @classmethod
-    def sequence_expected(cls, actions: list[str]) -> list[float]:
-        """The distribution whole-action scoring must find against the fake (any prompt)."""
+    def sequence_expected(cls, actions: list[str], prompt: list[dict[str, str]] | None = None) -> list[float]:
+        """The distribution whole-action scoring must find against the fake for ``prompt``."""
         import re
 
-        lps = [sum(cls.word_logprob(w) for w in re.findall(r"\s*\S+", a)) for a in actions]
+        lps = [sum(cls.word_logprob(w, prompt) for w in re.findall(r"\s*\S+", a)) for a in actions]
         weights = [math.exp(lp) for lp in lps]
         return [w / sum(weights) for w in weights]
 
@@ -222,7 +224,9 @@ class FakeServer:
         entries: list[Any] = [None] + [{str(i): {"logprob": -0.1, "rank": 1}} for i in (1, 2, 3)]
         for w in words:  # a word's token id is a hash of it, so the same word is the same token
             token_id = 1000 + int.from_bytes(hashlib.sha256(w.encode()).digest()[:3], "big")
-            entries.append({str(token_id): {"logprob": self.word_logprob(w), "rank": 5}})
+            entries.append(
+                {str(token_id): {"logprob": self.word_logprob(w, body["messages"][:-1]), "rank": 5}}
+            )
         entries.append({"2": {"logprob": 5.0 if behaviour == "absurd" else -0.5, "rank": 1}})  # end of turn
         out = {
             "id": f"chatcmpl-{len(self.bodies)}",

@@ -158,7 +158,7 @@ def test_actions_sharing_a_first_token_are_scored_whole():
         answer = asyncio.run(go(backend(server), Decoding(mode="logprobs", scoring="first-token")))
         bodies = server.bodies
     assert answer.scoring == "sequence" and answer.ambiguous > 0 and answer.coverage == pytest.approx(1.0)
-    assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions))
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions, MESSAGES))
     assert answer.probs != pytest.approx([0.5, 0.5])
     assert len(bodies) == 3  # the first-token request, then one per action
     assert sorted(b["messages"][-1]["content"] for b in bodies[1:]) == sorted(actions)
@@ -169,7 +169,7 @@ def test_actions_sharing_a_first_token_are_scored_whole():
         answer = choose(backend(server), mode="logprobs", scoring="sequence")
         assert server.requests == 2
     assert answer.scoring == "sequence" and answer.coverage is None
-    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS))
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS, MESSAGES))
     assert answer.raw == ACTIONS[max(range(2), key=answer.probs.__getitem__)]
     # a server kind without prompt log-probabilities says so instead of guessing
     with FakeServer() as server, pytest.raises(LLMError, match="prompt log-probabilities"):
@@ -184,7 +184,7 @@ def test_default_whole_action_scoring_and_its_fallbacks_in_auto():
         answer = choose(backend(server), mode="auto", scoring="sequence")
         assert server.requests == 2 and all(b["prompt_logprobs"] == 0 for b in server.bodies)
     assert (answer.mode, answer.scoring, answer.fallback) == ("logprobs", "sequence", "")
-    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS))
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS, MESSAGES))
     with FakeServer(
         default="llamacpp"
     ) as server:  # no prompt log-probabilities, first-token ones in its shape

@@ -289,8 +289,12 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
         "age_group", "sex", "borough", "p_isolate", "p_go out", "mode", "scoring", "coverage", "cached"
     }  # fmt: skip
     assert {r["scoring"] for r in rows} == {"sequence"} and all(math.isnan(r["coverage"]) for r in rows)
-    want = FakeServer.sequence_expected(["isolate", "go out"])
-    assert all(abs(r["p_isolate"] - want[0]) < 1e-6 for r in rows)
+    prompt = PromptTemplate.load(ArchetypeSpec.load("covid_isolation"))
+    context = {"week": 10, "cases": 2345, "cases_change": 12}
+    for r in rows[:5]:  # each row's own prompt, read whole
+        messages = prompt.render(r, context)
+        want = FakeServer.sequence_expected(["isolate", "go out"], messages)
+        assert abs(r["p_isolate"] - want[0]) < 1e-6
 
     # replay: no --llm-url, no server started; the cache key holds the model name, not the URL
     res = lpm_cli(*args, "--cache", "replay", "--llm-model", server.model, env=env)

@@ -55,7 +55,7 @@ def test_scale_reads_the_expected_number_scored_whole(spec, small_pop):
         first = server.bodies[0]
     assert first["structured_outputs"]["choice"] == SCALE
     assert 'from 0 (certainly "go out") to 10 (certainly "isolate")' in first["messages"][-1]["content"]
-    weights = FakeServer.sequence_expected(SCALE)
+    weights = FakeServer.sequence_expected(SCALE, first["messages"])
     expected = sum(k / 10 * w for k, w in enumerate(weights))
     assert out.probs[0].tolist() == pytest.approx([expected, 1 - expected], abs=1e-6)
     assert out.scoring == ["sequence"]

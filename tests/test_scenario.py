@@ -184,7 +184,7 @@ def test_two_decisions_send_one_request_per_archetype_per_decision_step(vllm_ser
     result = Simulation(make_scenario(TWO_DECISIONS), pop5k, policy, seed=1).run(10)
     sent = metrics(vllm_server.url)["completion_requests"] - before
     assert result.counters["llm_queries"] == 2 * 10 + 20
-    assert sent == 2 * 10 + 20 + backend.stats.retries
+    assert sent == 2 * (2 * 10 + 20) + backend.stats.retries  # whole-action scoring: a request per action
 
 
 # -- bad input: clear errors naming the file, the class and the field ---------------------------------------
