@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
+from lpm.decoding import DEFAULT_SCORING
 from lpm.errors import CacheMissError, InputError, validation_message
 from lpm.run import CacheMode, PolicyName, RunConfig, RunOutput, run
 
@@ -81,7 +82,7 @@ class CompareConfig(BaseModel):
     api_key_env: str = "OPENAI_API_KEY"
     server: str = "vllm"
     llm_mode: str = "auto"
-    llm_scoring: str = "sequence"
+    llm_scoring: str = DEFAULT_SCORING
     llm_elicitation: str = "choice"
     cache: CacheMode = "use"
     granularity: bool = Field(default=False, description="also sweep the archetype granularity")
@@ -152,6 +153,7 @@ class SharedModel:
     The server at ``config.llm_url``; with ``cache="replay"`` none (every answer must be cached); else a
     local :class:`lpm.server.ModelServer` started at the first cache miss (``on_start(server)`` just before)
     and stopped by :meth:`close`. Every run and request names the model the same way in its cache keys.
+    A comparison that asks no model resolves none (``endpoint`` None).
     """
 
     def __init__(self, config: CompareConfig, on_start: Callable[[Any], None] | None = None):
@@ -159,29 +161,38 @@ class SharedModel:
 
         self.config = config
         self.on_start = on_start
-        self.endpoint = Endpoint.resolve(
-            config.llm_url,
-            config.llm_model,
-            weights=config.llm_weights,
-            revision=config.llm_revision,
-            cache_mode=config.cache if config.uses_llm else "replay",
-            server=config.server,
-            api_key_env=config.api_key_env,
+        self.endpoint = (
+            Endpoint.resolve(
+                config.llm_url,
+                config.llm_model,
+                weights=config.llm_weights,
+                revision=config.llm_revision,
+                cache_mode=config.cache,
+                server=config.server,
+                api_key_env=config.api_key_env,
+            )
+            if config.uses_llm
+            else None
         )
-        self.url, self.model, self.local = self.endpoint.url, self.endpoint.model, self.endpoint.local
         self.startup_seconds: float | None = None
 
     @property
     def running(self) -> bool:
-        return bool(self.url) or (self.local is not None and self.local.running)
+        return self.endpoint is not None and self.endpoint.live_url() is not None
+
+    def info(self) -> dict[str, Any]:
+        """What compare.json records of the model (no key, no credentials)."""
+        record = self.endpoint.info() if self.endpoint is not None else {"url": None, "model": None}
+        return record | {"local_server_started": self.startup_seconds is not None}
 
     def start(self) -> None:
         """Start the local server now (nothing when there is none or it runs)."""
-        if self.local is not None and not self.local.running:
+        local = self.endpoint.local if self.endpoint is not None else None
+        if local is not None and not local.running:
             if self.on_start is not None:
-                self.on_start(self.local)
-            self.local.start()
-            self.startup_seconds = self.local.startup_seconds
+                self.on_start(local)
+            local.start()
+            self.startup_seconds = local.startup_seconds
 
     def backend(self) -> Any:
         """A backend for the sweep and the audit (a local server starts at its first request)."""
@@ -205,10 +216,11 @@ class SharedModel:
     def run(self, config: RunConfig, out: Path, **options: Any) -> tuple[RunOutput, bool]:
         """``lpm.run.run`` of an LLM ``config`` against this model; returns the output and whether every
         answer came from the cache alone (a replay run)."""
+        assert self.endpoint is not None, "a comparison with an LLM policy resolves its model"
         config = config.model_copy(
             update={
-                "llm_url": self.url,
-                "llm_model": self.model,
+                "llm_url": self.endpoint.url,
+                "llm_model": self.endpoint.model,
                 "llm_weights": self.config.llm_weights,
                 "llm_revision": self.config.llm_revision,
             }
@@ -234,7 +246,8 @@ class SharedModel:
         return run(config, out, **options), False
 
     def close(self) -> None:
-        self.endpoint.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
 
 
 def _within(frame: pd.DataFrame, window: tuple[dt.date, dt.date]) -> pd.DataFrame:
@@ -330,11 +343,7 @@ def compare(
             granularity = _granularity(config, scenario, steps, window, model, on_point)
         if config.audit:
             audit = _audit(config, scenario, steps, model)
-        server = {
-            **model.endpoint.info(),
-            "local_server_started": model.startup_seconds is not None,
-            "startup_seconds": model.startup_seconds,
-        }
+        server = model.info() | {"startup_seconds": model.startup_seconds}
     result = {
         "config": config.model_dump(mode="json"),
         "scenario": scenario.name,

@@ -30,7 +30,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.backend import Answer, Backend
 from lpm.cache import ResponseCache, cache_key
 from lpm.decoding import DEFAULT_SCORING, MIN_COVERAGE, Decoding
-from lpm.elicitation import ELICITATIONS, Elicitation
+from lpm.elicitation import Elicitation
 from lpm.errors import CacheMissError, InputError, LLMError, LpmError, ServerError
 from lpm.prompt import PromptTemplate
 
@@ -117,9 +117,7 @@ class Decider:
             raise InputError(f"cache must be a ResponseCache or None, got {type(cache).__name__}")
         decoding = Decoding(mode=mode, n_samples=n_samples, scoring=scoring, min_coverage=min_coverage)
         backend.check(decoding)
-        if elicitation not in ELICITATIONS:
-            raise InputError(f"elicitation must be one of {', '.join(ELICITATIONS)}, got {elicitation!r}")
-        self.elicitation = elicitation
+        self.elicitation = Elicitation.check_name(elicitation)
         if on_failure not in FAILURE_POLICIES:
             raise InputError(f"on_failure must be one of {', '.join(FAILURE_POLICIES)}, got {on_failure!r}")
         self.backend = backend

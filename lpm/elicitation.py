@@ -21,12 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
 from lpm.errors import InputError
 
-ELICITATIONS = ("choice", "yes-no", "scale")
+ElicitationName = Literal["choice", "yes-no", "scale"]
+ELICITATIONS: tuple[str, ...] = get_args(ElicitationName)
 """The elicitation methods (see the module docstring)."""
 
 SCALE = [str(k) for k in range(11)]
@@ -39,9 +41,15 @@ class Elicitation:
     name: str
     actions: tuple[str, ...]
 
+    @staticmethod
+    def check_name(name: str) -> str:
+        """``name`` if it is an elicitation method, else an :class:`InputError` listing them."""
+        if name not in ELICITATIONS:
+            raise InputError(f"elicitation must be one of {', '.join(ELICITATIONS)}, got {name!r}")
+        return name
+
     def __post_init__(self) -> None:
-        if self.name not in ELICITATIONS:
-            raise InputError(f"elicitation must be one of {', '.join(ELICITATIONS)}, got {self.name!r}")
+        self.check_name(self.name)
         if self.name != "choice" and len(self.actions) != 2:
             raise InputError(
                 f"elicitation {self.name!r} asks about one action against another; the action set "

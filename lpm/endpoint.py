@@ -171,6 +171,10 @@ class Endpoint:
             "local_server": self.local is not None,
         }
 
+    def live_url(self) -> str | None:
+        """The URL of a server that answers now: the one at ``url``, or the local one once it runs."""
+        return self.url or (self.local.url if self.local is not None and self.local.running else None)
+
     def close(self) -> None:
         """Stop the local server if it runs."""
         if self.local is not None:
@@ -196,50 +200,28 @@ def running_server(
 
 @contextmanager
 def llm_backend(
-    url: str | None,
-    model: str | None,
-    *,
-    weights: str | Path | None = None,
-    revision: str | None = None,
-    cache_mode: str = "use",
-    server: str = "vllm",
-    api_key_env: str = "OPENAI_API_KEY",
-    max_concurrency: int = 16,
-    on_start: Callable[[Any], None] | None = None,
-    endpoint: Endpoint | None = None,
+    endpoint: Endpoint, *, on_start: Callable[[Any], None] | None = None, own: bool = True
 ) -> Iterator[tuple[Backend, dict[str, Any]]]:
-    """A backend and a record of it (:meth:`Endpoint.info` and ``identity``, the cache key's model part) for
-    the run folder; on leaving the block the record gains ``server_figures`` (:func:`lpm.server.server_figures`:
-    the server's tokens and prefix-cache hit rate while the block ran) where the server exports metrics. The options are those of :meth:`Endpoint.resolve`; ``endpoint`` instead uses one
-    resolved already (its local server is then stopped by its owner, not here). A local server made here is
-    started at the first request that misses the cache and stopped on leaving the block.
+    """A backend asking ``endpoint`` (:meth:`Endpoint.resolve`) and a record of it (:meth:`Endpoint.info` and
+    ``identity``, the cache key's model part) for the run folder. On leaving the block the record gains
+    ``server_figures`` (:func:`lpm.server.server_figures`: the server's tokens and prefix-cache hit rate
+    while the block ran) where the server exports metrics. A local server starts at the first request that
+    misses the cache (``on_start(server)`` just before); with ``own`` it is stopped on leaving the block,
+    else its owner stops it (``lpm compare`` shares one between runs).
     """
-    own = endpoint is None
-    if endpoint is None:
-        endpoint = Endpoint.resolve(
-            url,
-            model,
-            weights=weights,
-            revision=revision,
-            cache_mode=cache_mode,
-            server=server,
-            api_key_env=api_key_env,
-            max_concurrency=max_concurrency,
-        )
     from lpm.server import server_figures, token_counters
 
     backend = endpoint.backend(on_start)
     info = endpoint.info() | {"identity": backend.identity()}
-    local = endpoint.local
-    live = endpoint.url or (local.url if local is not None and local.running else None)
+    live = endpoint.live_url()
     before = token_counters(live) if live else None  # a server started later starts from zero
     try:
         yield backend, info
     finally:
-        live = endpoint.url or (local.url if local is not None and local.running else None)
+        live = endpoint.live_url()
         if live:
             info["server_figures"] = server_figures(before, token_counters(live))
-        if local is not None and local.running:
-            info["server_started_seconds"] = local.startup_seconds
+        if endpoint.local is not None and endpoint.local.running:
+            info["server_started_seconds"] = endpoint.local.startup_seconds
         if own:
             endpoint.close()

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
+from lpm.decoding import DEFAULT_SCORING, Scoring
+from lpm.elicitation import ElicitationName
 from lpm.errors import InputError, validation_message
 from lpm.population import Population
 from lpm.server_kind import SERVER_KINDS
@@ -82,10 +84,10 @@ class RunConfig(BaseModel):
         default="vllm", description="kind of the local LLM server lpm starts (or of the one at llm_url)"
     )
     llm_mode: Literal["auto", "logprobs", "sample"] = "auto"
-    llm_scoring: Literal["first-token", "sequence"] = Field(
-        default="sequence", description="how a logprobs answer is read (lpm.decoding.SCORING_CHOICES)"
+    llm_scoring: Scoring = Field(
+        default=DEFAULT_SCORING, description="how a logprobs answer is read (lpm.decoding.SCORING_CHOICES)"
     )
-    llm_elicitation: Literal["choice", "yes-no", "scale"] = Field(
+    llm_elicitation: ElicitationName = Field(
         default="choice", description="how the question is put (lpm.elicitation.ELICITATIONS)"
     )
     cache: CacheMode = "use"
@@ -276,19 +278,20 @@ def _policy(
         return
     from lpm.cache import ResponseCache
     from lpm.decision import Decider
-    from lpm.endpoint import default_mode, llm_backend
+    from lpm.endpoint import Endpoint, default_mode, llm_backend
 
-    with llm_backend(
-        config.llm_url,
-        config.llm_model,
-        weights=config.llm_weights,
-        revision=config.llm_revision,
-        cache_mode=config.cache,
-        server=config.server,
-        api_key_env=config.api_key_env,
-        on_start=on_server_start,
-        endpoint=endpoint,
-    ) as (backend, info):
+    own = endpoint is None
+    if own:
+        endpoint = Endpoint.resolve(
+            config.llm_url,
+            config.llm_model,
+            weights=config.llm_weights,
+            revision=config.llm_revision,
+            cache_mode=config.cache,
+            server=config.server,
+            api_key_env=config.api_key_env,
+        )
+    with llm_backend(endpoint, on_start=on_server_start, own=own) as (backend, info):
         mode = default_mode(config.llm_mode, config.server)
         decider = Decider(
             backend,

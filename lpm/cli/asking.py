@@ -13,7 +13,7 @@ from rich.console import Console
 
 from lpm.cache import CACHE_MODES, ResponseCache
 from lpm.decision import Decider
-from lpm.endpoint import default_mode, llm_backend
+from lpm.endpoint import Endpoint, default_mode, llm_backend
 from lpm.errors import InputError
 
 
@@ -51,7 +51,7 @@ class ModelOptions:
         stderr and stopped on leaving the block."""
         cache = ResponseCache(self.cache_dir, mode=self.cache)
         err = Console(stderr=True)
-        with llm_backend(
+        endpoint = Endpoint.resolve(
             self.llm_url,
             self.llm_model,
             weights=self.weights,
@@ -60,10 +60,12 @@ class ModelOptions:
             server=self.server,
             api_key_env=self.api_key_env,
             max_concurrency=self.concurrency,
-            on_start=lambda local: err.print(
-                f"starting a local {local.kind.label} server (logs: {local.log_path}) ..."
-            ),
-        ) as (backend, info):
+        )
+
+        def announce(local: Any) -> None:
+            err.print(f"starting a local {local.kind.label} server (logs: {local.log_path}) ...")
+
+        with llm_backend(endpoint, on_start=announce) as (backend, info):
             decider = Decider(
                 backend,
                 cache,

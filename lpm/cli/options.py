@@ -160,10 +160,10 @@ def elicitation_option() -> Any:
 def scoring_option() -> Any:
     import typer
 
-    from lpm.decoding import SCORING_CHOICES
+    from lpm.decoding import DEFAULT_SCORING, SCORING_CHOICES
 
     return typer.Option(
-        "sequence",
+        DEFAULT_SCORING,
         "--scoring",
         help=f"how a logprobs answer is read: {'|'.join(SCORING_CHOICES)} (sequence: each whole action, one "
         "request each; first-token: one request, under the answer constraint)",
