@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -22,6 +24,18 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _distinct_labels(name: str, labels: list[str]) -> list[str]:
+    """``labels`` of column ``name``, refused if one repeats (a code would then have no single meaning)."""
+    repeated = [label for label, n in Counter(labels).items() if n > 1]
+    if repeated:
+        raise InputError(
+            f"labels of column {name!r} repeat {', '.join(map(repr, repeated[:5]))}: each code needs its own "
+            f"label ({len(labels)} labels, {len(set(labels))} distinct)",
+            hint="list every label once",
+        )
+    return labels
 
 
 def smallest_int_dtype(low: int, high: int) -> torch.dtype:
@@ -61,16 +75,26 @@ class Population:
             if col.ndim != 1:
                 raise InputError(f"population column {name!r} must be 1-D, got shape {tuple(col.shape)}")
             self._columns[name] = col
-        self._labels: dict[str, list[str]] = {k: [str(x) for x in v] for k, v in (labels or {}).items()}
+        self._labels: dict[str, list[str]] = {}
+        for name, labs in (labels or {}).items():
+            if isinstance(labs, str | bytes) or not isinstance(labs, Iterable):
+                raise InputError(f"labels of column {name!r} must be a list of text, got {labs!r}")
+            self._labels[name] = _distinct_labels(name, [str(x) for x in labs])
         for name, labs in self._labels.items():
             if name not in self._columns:
                 raise InputError(f"labels given for {name!r}, which is not a column")
             col = self._columns[name]
             if col.dtype not in _INT_DTYPES:
                 raise InputError(f"categorical column {name!r} must hold integer codes, got {col.dtype}")
-            if len(col) and (int(col.min()) < 0 or int(col.max()) >= len(labs)):
-                raise InputError(
-                    f"categorical column {name!r} has codes outside 0..{len(labs) - 1} ({len(labs)} labels)"
+            outside = (col < 0) | (col >= len(labs))
+            if bool(outside.any()):
+                raise _bad_values(
+                    None,
+                    name,
+                    None,
+                    outside.cpu().numpy(),
+                    col.cpu().numpy(),
+                    f"hold codes outside 0..{len(labs) - 1} ({len(labs)} labels)",
                 )
         self.meta: dict[str, Any] = dict(meta or {})
 
@@ -192,6 +216,20 @@ class Population:
                 f"{path}: field 'format_version' is {header.get('format_version')!r}; this lpm reads "
                 f"{', '.join(map(str, READABLE_VERSIONS))}"
             )
+        if not isinstance(labels, dict) or not isinstance(dtypes, dict):
+            raise InputError(
+                f"{path}: field {PARQUET_KEY.decode()!r} of the Parquet metadata is corrupt "
+                "('labels' and 'dtypes' must be mappings)"
+            )
+        for name, labs in labels.items():
+            if not isinstance(labs, list):
+                raise InputError(
+                    f"{path}: field 'labels.{name}' of the Parquet metadata must be a list, got {labs!r}"
+                )
+            try:
+                _distinct_labels(name, [str(x) for x in labs])
+            except InputError as exc:
+                raise InputError(f"{path}: field 'labels.{name}': {exc}", hint=exc.hint) from None
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as exc:
@@ -202,15 +240,15 @@ class Population:
                 raise InputError(
                     f"{path}: column {name!r} is listed in the metadata but missing from the data"
                 )
-            values = _codes(path, name, table.column(name), labels.get(name))
-            dtype = getattr(torch, dtype_name, None)
+            dtype = getattr(torch, str(dtype_name), None)
             if not isinstance(dtype, torch.dtype):
                 raise InputError(f"{path}: column {name!r} has unknown dtype {dtype_name!r}")
+            values = _codes(path, name, table.column(name), labels.get(name), dtype)
             columns[name] = torch.from_numpy(np.require(values, requirements=["C", "W"])).to(dtype)
         try:
             return cls(columns, labels, meta=header.get("meta") or {})
         except InputError as exc:
-            raise InputError(f"{path}: {exc}") from None
+            raise InputError(f"{path}: {exc}", hint=exc.hint) from None
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -225,24 +263,129 @@ class Population:
         return synthesize(recipe, agents=agents, seed=seed)
 
 
-def _codes(path: Path, name: str, column: pa.ChunkedArray, labels: list[str] | None) -> np.ndarray:
-    """The values of a stored column; a dictionary-encoded one as codes into ``labels`` (the order kept in
-    the metadata), whatever order the file's dictionary has."""
+def _codes(
+    path: Path, name: str, column: pa.ChunkedArray, labels: list[str] | None, dtype: torch.dtype
+) -> np.ndarray:
+    """The values of a stored column, checked to fit ``dtype`` (the dtype the metadata declares); a
+    dictionary-encoded (or text) column with labels as codes into ``labels`` (the order kept in the
+    metadata), whatever order the file's dictionary has. O(N), vectorised."""
+    rows = len(column)
+    if column.null_count:
+        missing = pc.is_null(column).to_numpy(zero_copy_only=False)
+        raise _bad_values(path, name, dtype, missing, None, "are missing (null)")
+    if labels is not None and (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.dictionary_encode()  # labels written out as text: read them as labels
     if not pa.types.is_dictionary(column.type):
-        return column.to_numpy()
+        return _checked_values(path, name, column, dtype)
     if labels is None:
         raise InputError(
             f"{path}: column {name!r} is dictionary-encoded but the metadata lists no labels for it"
         )
-    if column.null_count:
-        raise InputError(f"{path}: column {name!r} has {column.null_count} missing values")
     column = column.unify_dictionaries() if column.num_chunks > 1 else column
-    if column.num_chunks == 0:
+    if column.num_chunks == 0 or rows == 0:
         return np.zeros(0, dtype=np.int64)
     dictionary = column.chunk(0).dictionary.to_pylist()
-    unknown = sorted(set(dictionary) - set(labels))
-    if unknown:
-        raise InputError(f"{path}: column {name!r} holds values {unknown[:5]} that are not among its labels")
-    lookup = np.array([labels.index(v) for v in dictionary], dtype=np.int64)
+    position = {label: i for i, label in enumerate(labels)}
+    lookup = np.array([position.get(v, -1) for v in dictionary], dtype=np.int64)
     indices = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
-    return lookup[indices.astype(np.int64)]
+    codes = lookup[indices.astype(np.int64)]
+    if (lookup < 0).any():
+        shown = ", ".join(labels[:10]) + (" …" if len(labels) > 10 else "")
+        error = _bad_values(
+            path,
+            name,
+            None,
+            codes < 0,
+            np.asarray(dictionary, dtype=object)[indices],
+            "are not among its labels",
+        )
+        raise InputError(str(error), hint=f"its labels (metadata field 'labels.{name}'): {shown}")
+    return codes
+
+
+def _checked_values(path: Path, name: str, column: pa.ChunkedArray, dtype: torch.dtype) -> np.ndarray:
+    """The values of a plain (not dictionary-encoded) column with no nulls, refused unless every value
+    fits ``dtype``: numbers (or flags) only, whole numbers within range for an integer dtype, 0/1 or
+    true/false for ``bool``, finite-or-NaN within range for a float dtype."""
+    kind = column.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        values = column.to_numpy(zero_copy_only=False)
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            text = pd.to_numeric(pd.Series(values), errors="coerce").isna().to_numpy()
+            bad = text if text.any() else np.ones(len(values), dtype=bool)
+            wanted = "flags (true/false)" if dtype == torch.bool else "numbers"
+            raise _bad_values(path, name, dtype, bad, values, f"are text, not {wanted}")
+        raise InputError(
+            f"{path}: column {name!r} has Parquet type {kind}, not numbers that fit its dtype "
+            f"{_dtype_name(dtype)} ({len(column):,} rows)",
+            hint=f"store numbers of dtype {_dtype_name(dtype)} in it (e.g. with Population.save)",
+        )
+    values = column.to_numpy()
+    if dtype == torch.bool:
+        if pa.types.is_boolean(kind):
+            return values
+        bad = (values != 0) & (values != 1)
+        if bad.any():
+            raise _bad_values(path, name, dtype, bad, values, "are not flags (true/false or 1/0)")
+        return values.astype(bool)
+    if dtype.is_floating_point:
+        limit = torch.finfo(dtype).max
+        with np.errstate(invalid="ignore"):
+            bad = np.abs(values.astype(np.float64)) > limit  # NaN stays allowed: a number, not a null
+        if bad.any():
+            raise _bad_values(path, name, dtype, bad, values, f"are outside ±{limit:g}")
+        return values
+    try:
+        info = torch.iinfo(dtype)
+    except TypeError:
+        raise InputError(
+            f"{path}: column {name!r} has dtype {_dtype_name(dtype)}, which lpm does not read",
+            hint="use an integer, float or bool dtype",
+        ) from None
+    if pa.types.is_floating(kind):
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values != np.floor(values))
+        if bad.any():
+            raise _bad_values(path, name, dtype, bad, values, "are not whole numbers")
+    if not pa.types.is_boolean(kind):
+        bad = (values < info.min) | (values > info.max)
+        if bad.any():
+            raise _bad_values(path, name, dtype, bad, values, f"are outside {info.min}..{info.max}")
+    return values
+
+
+def _bad_values(
+    path: Path | None,
+    name: str,
+    dtype: torch.dtype | None,
+    bad: np.ndarray,
+    values: np.ndarray | None,
+    what: str,
+) -> InputError:
+    """An error naming the file, the column, how many of its rows are bad and the first few (rows and values).
+
+    path: the file (None: a population built in memory). dtype: the column's declared dtype (None: not
+    named). bad: (N,) bool, the bad rows. values: (N,) the column's values, or None where none are to show.
+    """
+    rows = np.flatnonzero(bad)
+    first = rows[:5]
+    if values is None:
+        shown = f"at rows {', '.join(map(str, first.tolist()))}"
+    else:
+        shown = ", ".join(
+            f"{v!r} (row {r})" for r, v in zip(first.tolist(), values[first].tolist(), strict=True)
+        )
+    more = " …" if len(rows) > len(first) else ""
+    where = f"{path}: " if path is not None else ""
+    kind = f" (dtype {_dtype_name(dtype)})" if dtype is not None else ""
+    return InputError(
+        f"{where}column {name!r}{kind}: {len(rows):,} of {len(bad):,} rows {what}: {shown}{more}",
+        hint=None
+        if dtype is None
+        else f"rewrite the column with values that fit {_dtype_name(dtype)} (or change its dtype in the "
+        f"metadata field {PARQUET_KEY.decode()!r}), or rebuild the population with `lpm population synth`",
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

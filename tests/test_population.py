@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -279,3 +280,132 @@ def test_bad_household_file_is_refused_naming_the_file_and_field(tmp_path, edit,
     edit(frame).to_csv(path, index=False)
     with pytest.raises(InputError, match=f"{path}: {message}"):
         nyc.households_by_area(path)
+
+
+# -- bad values in a population file ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def good_file(tmp_path_factory):
+    return Population.synthesize("nyc", agents=500, seed=0).save(
+        tmp_path_factory.mktemp("good") / "pop.parquet"
+    )
+
+
+def _rewritten(good: Path, out: Path, name: str, values: pa.Array, **header_changes) -> Path:
+    """``good`` with column ``name`` replaced by ``values``, the lpm schema metadata kept (and changed)."""
+    table = pq.read_table(good)
+    header = json.loads(table.schema.metadata[PARQUET_KEY])
+    for key, change in header_changes.items():
+        header[key].update(change)
+    table = table.set_column(table.column_names.index(name), name, values)
+    pq.write_table(table.replace_schema_metadata({PARQUET_KEY: json.dumps(header).encode()}), out)
+    return out
+
+
+def _with(values: np.ndarray, rows: dict[int, object]) -> list:
+    out = values.tolist()
+    for row, value in rows.items():
+        out[row] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "message"),
+    [
+        # a negative age used to read back as 251, a null one as 0
+        (
+            "age",
+            lambda v: pa.array(_with(v, {3: -3, 9: 300})),
+            r"2 of 500 rows are outside 0\.\.255: -3 \(row 3\), 300 \(row 9\)",
+        ),
+        (
+            "age",
+            lambda v: pa.array(_with(v, {4: None, 7: None}), pa.uint8()),
+            r"2 of 500 rows are missing \(null\): at rows 4, 7",
+        ),
+        (
+            "age",
+            lambda v: pa.array([str(x) for x in _with(v, {5: "abc"})]),
+            r"1 of 500 rows are text, not numbers: 'abc' \(row 5\)",
+        ),
+        (
+            "age",
+            lambda v: pa.array(_with(v.astype(float), {2: 20.5, 8: float("nan")})),
+            r"2 of 500 rows are not whole numbers: 20\.5 \(row 2\), nan \(row 8\)",
+        ),
+        (
+            "labor_force",
+            lambda v: pa.array(_with(v.astype(np.int64), {1: 2})),
+            r"1 of 500 rows are not flags .*: 2 \(row 1\)",
+        ),
+        (
+            "labor_force",
+            lambda v: pa.array(["yes"] * len(v)),
+            r"500 of 500 rows are text, not flags .*'yes' \(row 0\)",
+        ),
+        (
+            "household",
+            lambda v: pa.array(_with(v.astype(np.int64), {0: -1})),
+            r"1 of 500 rows are outside 0\.\.255: -1 \(row 0\)",
+        ),
+        (
+            "sex",
+            lambda v: pa.array(_with(np.array(["female"] * len(v)), {6: "other"})),
+            r"1 of 500 rows are not among its labels: 'other' \(row 6\)",
+        ),
+        (
+            "sex",
+            lambda v: pa.array(_with(v.astype(np.int64), {6: None}), pa.uint8()),
+            r"1 of 500 rows are missing \(null\): at rows 6",
+        ),
+    ],
+)
+def test_bad_values_in_a_population_file_are_refused(tmp_path, good_file, name, make, message):
+    values = Population.load(good_file)[name].numpy()  # codes of a categorical column
+    path = _rewritten(good_file, tmp_path / "bad.parquet", name, make(values))
+    with pytest.raises(InputError, match=rf"bad\.parquet: column '{name}'.*{message}") as err:
+        Population.load(path)
+    assert err.value.hint
+
+
+def test_values_that_fit_load_whatever_their_parquet_type(tmp_path, good_file):
+    """Whole floats in an integer column, 0/1 in a flag column, labels written as text: read as they mean."""
+    good = Population.load(good_file)
+    for name, values in [
+        ("age", pa.array(good["age"].numpy().astype(float))),
+        ("labor_force", pa.array(good["labor_force"].numpy().astype(np.int64))),
+        ("sex", pa.array([good.labels("sex")[c] for c in good["sex"].tolist()])),
+    ]:
+        back = Population.load(_rewritten(good_file, tmp_path / f"{name}.parquet", name, values))
+        assert back[name].dtype == good[name].dtype and torch.equal(back[name], good[name]), name
+
+
+def test_a_dtype_too_small_for_the_values_is_refused(tmp_path, good_file):
+    ages = pa.array(np.arange(500) * 1000)
+    path = _rewritten(good_file, tmp_path / "f16.parquet", "age", ages, dtypes={"age": "float16"})
+    with pytest.raises(
+        InputError, match=r"f16\.parquet: column 'age' \(dtype float16\): \d+ of 500 rows are outside"
+    ):
+        Population.load(path)
+
+
+def test_duplicate_labels_are_refused(tmp_path, good_file):
+    stored = pq.read_table(good_file).column("borough")
+    labels = ["Bronx", "Bronx", "Manhattan", "Queens", "Staten Island"]
+    path = _rewritten(good_file, tmp_path / "dup.parquet", "borough", stored, labels={"borough": labels})
+    with pytest.raises(
+        InputError, match=r"dup\.parquet: field 'labels\.borough': .*column 'borough' repeat 'Bronx'"
+    ):
+        Population.load(path)
+    with pytest.raises(InputError, match=r"labels of column 'sex' repeat 'male'"):
+        Population({"sex": torch.tensor([0, 1], dtype=torch.uint8)}, {"sex": ["male", "male"]})
+
+
+def test_constructor_names_codes_outside_the_labels():
+    codes = torch.tensor([0, 1, 2, 1, 7], dtype=torch.uint8)
+    with pytest.raises(
+        InputError,
+        match=r"column 'sex': 2 of 5 rows hold codes outside 0\.\.1 \(2 labels\): 2 \(row 2\), 7 \(row 4\)",
+    ):
+        Population({"sex": codes}, {"sex": ["female", "male"]})
