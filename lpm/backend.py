@@ -17,7 +17,11 @@ constraint that only lets the model write one of the actions, in the format of t
 ``auto`` tries ``logprobs`` for each request and samples that request instead when the server returns no
 log-probabilities or their coverage is too low; :class:`Answer` records the mode used and why it switched
 (``fallback``). Every failure of a request (a bad answer, a malformed response, a client exception) is
-retried, then raised as :class:`LLMError`; an unreachable server raises :class:`ServerError`.
+retried, then raised as :class:`LLMError`; an unreachable server raises :class:`ServerError`. A request the
+server does not answer within ``timeout`` seconds (``--llm-timeout``) is not retried: the server is taken as
+stalled, and every request of the same event loop (one decision step), sent or waiting, fails at once with a
+:class:`ServerError` naming the URL and the timeout, so a silent server costs a step about ``timeout``
+seconds, not retries × batches × ``timeout``.
 """
 
 from __future__ import annotations
@@ -145,6 +149,19 @@ class _LoopState:
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
     client: Any = None
+    stall: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a request got no answer in time: the requests of this loop stop (:attr:`stalled` says why)."""
+    stalled: ServerError | None = None
+
+    def error(self) -> ServerError:
+        """A fresh copy of the stalled server's error (each request raises its own)."""
+        assert self.stalled is not None
+        return ServerError(str(self.stalled), hint=self.stalled.hint)
+
+    def check(self) -> None:
+        """Raise the stalled server's error, if a request of this loop got no answer in time."""
+        if self.stalled is not None:
+            raise self.error()
 
 
 @dataclass
@@ -163,7 +180,8 @@ class OpenAIBackend(Backend, _Retrying):
     base_url: e.g. ``http://127.0.0.1:8000/v1``. model: the served model name.
     api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect);
     api_key: the key itself, which wins over ``api_key_env`` (the random key of a server lpm starts).
-    max_concurrency: requests in flight at once. timeout: seconds per request.
+    max_concurrency: requests in flight at once. timeout: seconds to wait for the answer to one request
+    (``--llm-timeout``); none in time stops every request of the event loop (see the module docstring).
     retries: extra attempts after a failed one; backoff: seconds before the first retry, doubled each time.
     server: the server kind (:data:`lpm.server_kind.SERVER_KINDS`), which says how an answer is constrained:
     ``vllm`` (``structured_outputs.choice``) or ``llamacpp`` (GBNF ``grammar``).
@@ -187,8 +205,8 @@ class OpenAIBackend(Backend, _Retrying):
         weights: str | None = None,
     ):
         self._check_retry_args(retries, backoff, max_concurrency)
-        if timeout <= 0:
-            raise InputError(f"timeout must be > 0 seconds, got {timeout}")
+        if not timeout > 0:
+            raise InputError(f"--llm-timeout must be > 0 seconds, got {timeout:g}")
         self.server: ServerKind = server_kind(server)
         if not base_url.startswith(("http://", "https://")):
             raise InputError(
@@ -278,7 +296,7 @@ class OpenAIBackend(Backend, _Retrying):
                 answer.attempts = attempt + 1
                 return answer
             except (NoLogprobs, LpmError):
-                raise  # not a transient failure: the caller decides
+                raise  # not a transient failure (a stalled server included): the caller decides
             except openai.APIStatusError as exc:
                 if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
                     raise LLMError(  # 4xx: asking again will not help
@@ -298,19 +316,17 @@ class OpenAIBackend(Backend, _Retrying):
                 hint="start one with `lpm serve` and pass its URL with --llm-url, or leave --llm-url out to "
                 "let lpm start a local server",
             )
-        if isinstance(last, openai.APITimeoutError):
-            raise LLMError(
-                f"{self.base_url} did not answer within {self.timeout:g} s, {self.retries + 1} attempts",
-                hint="raise the timeout or lower max_concurrency",
-            )
         kind = "" if isinstance(last, BadAnswer) else f"{type(last).__name__}: "
         raise LLMError(f"{self.base_url}: {kind}{_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _create(self, **kwargs: Any) -> dict[str, Any]:
         state = self._loop_state()
         async with state.semaphore:
+            state.check()  # a request that waited for its turn while another got no answer is not sent
             self.stats.requests += 1
-            raw = await state.client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+            raw = await self._in_time(
+                state, state.client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+            )
         try:  # the JSON as sent: llama.cpp's own fields survive, whatever the openai client's models say
             data = json.loads(raw.text)
         except ValueError as exc:
@@ -318,6 +334,33 @@ class OpenAIBackend(Backend, _Retrying):
         if not isinstance(data, dict):
             raise BadAnswer(f"the response is not a JSON object: {_short(str(data))}")
         return data
+
+    async def _in_time(self, state: _LoopState, request: Any) -> Any:
+        """The result of ``request`` (a coroutine sending one request) if the server answers within
+        ``timeout`` seconds. Otherwise the server is stalled for this event loop: ``request`` is cancelled, and
+        so is every other request in flight; each raises a :class:`ServerError` naming the URL and the timeout.
+        """
+        sent = asyncio.ensure_future(request)
+        stall = asyncio.ensure_future(state.stall.wait())
+        try:
+            done, _ = await asyncio.wait(
+                (sent, stall), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            sent.cancel()  # no-op when done
+            stall.cancel()
+        if sent in done and not isinstance(sent.exception(), openai.APITimeoutError):
+            return sent.result()
+        if state.stalled is None:  # this request is the one that got no answer in time
+            self.stats.errors["timeout"] = self.stats.errors.get("timeout", 0) + 1
+            state.stalled = ServerError(
+                f"the model server at {self.base_url} did not answer a request within {self.timeout:g} s "
+                "(--llm-timeout); the other requests of this step were stopped",
+                hint=f"check that it works (`lpm serve --check {self.base_url}`, its log); give a slow server "
+                "a longer --llm-timeout SECONDS",
+            )
+            state.stall.set()
+        raise state.error()
 
     async def _logprobs(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding

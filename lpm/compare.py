@@ -85,6 +85,9 @@ class CompareConfig(BaseModel):
     llm_scoring: str = DEFAULT_SCORING
     llm_elicitation: str = "choice"
     cache: CacheMode = "use"
+    llm_timeout: float = Field(
+        default=60.0, gt=0, description="seconds to wait for one model request's answer"
+    )
     granularity: bool = Field(default=False, description="also sweep the archetype granularity")
     granularity_agents: int = Field(default=500, gt=0, le=5000, description="agents of the sweep")
     audit: int = Field(default=0, ge=0, description="agents of the shadow audit (0: no audit)")
@@ -143,6 +146,7 @@ class CompareConfig(BaseModel):
             llm_elicitation=self.llm_elicitation,
             cache=self.cache,
             api_key_env=self.api_key_env,
+            llm_timeout=self.llm_timeout,
         )
         return RunConfig.build(**(values | update))
 
@@ -170,6 +174,7 @@ class SharedModel:
                 cache_mode=config.cache,
                 server=config.server,
                 api_key_env=config.api_key_env,
+                timeout=config.llm_timeout,
             )
             if config.uses_llm
             else None

@@ -94,10 +94,16 @@ class Endpoint:
         server: str = "vllm",
         api_key_env: str = "OPENAI_API_KEY",
         max_concurrency: int = 16,
+        timeout: float = 60.0,
     ) -> Endpoint:
-        """Check the options and name the model; starts nothing (a local server is made, not started)."""
+        """Check the options and name the model; starts nothing (a local server is made, not started).
+
+        timeout: seconds to wait for the answer to one request (``--llm-timeout``), for the backends made.
+        """
         kind = server_kind(server, field="--server")
-        options = {"api_key_env": api_key_env, "max_concurrency": max_concurrency}
+        if not timeout > 0:
+            raise InputError(f"--llm-timeout must be > 0 seconds, got {timeout:g}")
+        options = {"api_key_env": api_key_env, "max_concurrency": max_concurrency, "timeout": timeout}
         if url and weights is not None:
             raise InputError(
                 f"--model {weights} serves weights on a local server, but --llm-url {redact_url(url)} was given",

@@ -95,6 +95,9 @@ class RunConfig(BaseModel):
         default="error",
         description="stop on a failed model call, or use the heuristic for that archetype (counted)",
     )
+    llm_timeout: float = Field(
+        default=60.0, gt=0, description="seconds to wait for the answer to one model request (--llm-timeout)"
+    )
 
     @model_validator(mode="after")
     def _options(self) -> RunConfig:
@@ -142,9 +145,10 @@ class RunConfig(BaseModel):
         return scenario.steps_for(steps=self.steps, days=self.days, weeks=self.weeks, months=self.months)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What a resumed run must share with the run it continues (the horizon may grow)."""
+        """What a resumed run must share with the run it continues (the horizon may grow; the cache mode, where
+        the model is and how long a request may wait change no answer)."""
         data = self.model_dump(mode="json")
-        for key in ("steps", "days", "weeks", "months", "cache", "llm_url", "llm_weights"):
+        for key in ("steps", "days", "weeks", "months", "cache", "llm_url", "llm_weights", "llm_timeout"):
             data.pop(key)
         return data
 
@@ -290,6 +294,7 @@ def _policy(
             cache_mode=config.cache,
             server=config.server,
             api_key_env=config.api_key_env,
+            timeout=config.llm_timeout,
         )
     with llm_backend(endpoint, on_start=on_server_start, own=own) as (backend, info):
         mode = default_mode(config.llm_mode, config.server)

@@ -10,6 +10,7 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 ``zeromass``      an action as text, but no top token begins any action
 ``error500``      HTTP 500;   ``error404``  HTTP 404 (model not found)
 ``drop``          closes the connection without answering
+``hang``          reads the request and never answers (until the server stops)
 ``slow``          ``good`` after ``slow_s`` seconds
 ``unconstrained`` an action as text, but 90% of the first token's mass on free text (a server that ignores the
                   constraint, or reads log-probabilities before it)
@@ -61,6 +62,8 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._url: str | None = None
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -106,9 +109,11 @@ class FakeServer:
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
+        self._url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
         return self
 
     def stop(self) -> None:
+        self._stopped.set()  # releases hanging requests
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -122,8 +127,9 @@ class FakeServer:
 
     @property
     def url(self) -> str:
-        assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        """The base URL (kept after :meth:`stop`, for checking messages that name it)."""
+        assert self._url is not None, "the server was never started"
+        return self._url
 
     @property
     def requests(self) -> int:
@@ -191,6 +197,10 @@ class FakeServer:
             if behaviour == "slow":
                 time.sleep(self.slow_s)
                 behaviour = "good"
+            if behaviour == "hang":
+                self._stopped.wait()
+                handler.close_connection = True
+                return
             if behaviour == "drop":
                 handler.close_connection = True
                 handler.connection.shutdown(2)

@@ -249,9 +249,54 @@ def test_client_error_is_not_retried():
     assert "--llm-model" in info.value.hint
 
 
-def test_timeout_is_an_llm_error():
-    with FakeServer(default="slow", slow_s=1.0) as server, pytest.raises(LLMError, match="did not answer"):
-        choose(backend(server, timeout=0.2, retries=1), mode="logprobs")
+def test_a_late_answer_is_a_server_error_naming_the_timeout():
+    with FakeServer(default="slow", slow_s=1.0) as server:
+        with pytest.raises(
+            ServerError, match=r"did not answer a request within 0.2 s \(--llm-timeout\)"
+        ) as info:
+            choose(backend(server, timeout=0.2, retries=1), mode="logprobs")
+        assert server.requests == 1  # not retried
+        assert server.url in str(info.value) and "--llm-timeout SECONDS" in info.value.hint
+
+
+def test_a_silent_server_stops_every_request_of_the_loop_at_once():
+    """A server that takes requests and never answers costs about one timeout, not retries x batches of it:
+    the requests waiting for their turn are never sent, and those in flight stop with the first."""
+    import time
+
+    async def many(b: OpenAIBackend) -> list:
+        try:
+            return await asyncio.gather(
+                *(b.choose(MESSAGES, ACTIONS, Decoding(mode="auto")) for _ in range(10)),
+                return_exceptions=True,
+            )
+        finally:
+            await b.aclose()
+
+    with FakeServer(default="hang") as server:
+        b = backend(server, timeout=0.5, retries=3, max_concurrency=3)
+        began = time.monotonic()
+        out = asyncio.run(many(b))
+        took = time.monotonic() - began
+        assert server.requests <= 3 + 2  # the first turn (whole-action scoring: one request per action)
+    assert took < 2.0, took
+    assert all(isinstance(e, ServerError) and "within 0.5 s" in str(e) for e in out)
+    assert b.stats.errors == {"timeout": 1}
+
+
+def test_a_stall_ends_with_its_event_loop():
+    """The next decision step (a new event loop) asks the server again."""
+    with FakeServer(["hang"]) as server:
+        b = backend(server, timeout=0.3)
+        with pytest.raises(ServerError):
+            choose(b, mode="logprobs")
+        assert choose(b, mode="logprobs").mode == "logprobs"
+        assert server.requests == 2
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(InputError, match="--llm-timeout must be > 0 seconds, got 0"):
+        OpenAIBackend("http://127.0.0.1:1/v1", "m", timeout=0)
 
 
 def test_unreachable_server_names_url_and_fix():

@@ -34,6 +34,7 @@ class ModelOptions:
     scoring: str
     elicitation: str
     concurrency: int
+    llm_timeout: float
 
     @classmethod
     def pick(cls, values: dict[str, Any]) -> ModelOptions:
@@ -60,6 +61,7 @@ class ModelOptions:
             server=self.server,
             api_key_env=self.api_key_env,
             max_concurrency=self.concurrency,
+            timeout=self.llm_timeout,
         )
 
         def announce(local: Any) -> None:

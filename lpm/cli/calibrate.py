@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from lpm.cli.display import console
-from lpm.cli.options import parse_list, parse_pairs, revision_option, weights_option
+from lpm.cli.options import llm_timeout_option, parse_list, parse_pairs, revision_option, weights_option
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
         revision: str = revision_option(),
         server: str = typer.Option("vllm", "--server", help=f"kind of LLM server: {', '.join(SERVER_KINDS)}"),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
+        llm_timeout: float = llm_timeout_option(),
         out: Path = typer.Option(
             None, "--out", "-o", help="folder (default runs/calibrate-<scenario>-<time>)"
         ),
@@ -91,6 +92,7 @@ def register(app: typer.Typer) -> None:
             llm_revision=revision,
             server=server,
             cache=cache,
+            llm_timeout=llm_timeout,
         )
         base = make_scenario(
             scenario, {**values, "start": train_w.first.date()}, calibrated=start_from == "defaults"

@@ -10,6 +10,7 @@ import typer
 from lpm.cli.display import console
 from lpm.cli.options import (
     elicitation_option,
+    llm_timeout_option,
     parse_date,
     parse_list,
     parse_pairs,
@@ -65,6 +66,7 @@ def register(app: typer.Typer) -> None:
         scoring: str = scoring_option(),
         elicitation: str = elicitation_option(),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
+        llm_timeout: float = llm_timeout_option(),
         granularity: bool = typer.Option(
             False, "--granularity", help="also sweep the archetype granularity (LLM policy, small population)"
         ),
@@ -101,6 +103,7 @@ def register(app: typer.Typer) -> None:
             llm_scoring=scoring,
             llm_elicitation=elicitation,
             cache=cache,
+            llm_timeout=llm_timeout,
             granularity=granularity,
             granularity_agents=granularity_agents,
             audit=audit,

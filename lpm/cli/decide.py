@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         scoring: str = o.scoring_option(),
         elicitation: str = o.elicitation_option(),
         concurrency: int = o.concurrency_option(),
+        llm_timeout: float = o.llm_timeout_option(),
         as_json: bool = typer.Option(
             False, "--json", help="print the rows as a JSON list instead of a table"
         ),

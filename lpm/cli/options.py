@@ -125,6 +125,20 @@ def cache_dir_option() -> Any:
     return typer.Option(None, "--cache-dir", help="response cache folder (default: $LPM_CACHE_DIR/responses)")
 
 
+def llm_timeout_option() -> Any:
+    """``--llm-timeout SECONDS``: how long to wait for the answer to one model request (every command that
+    asks a model)."""
+    import typer
+
+    return typer.Option(
+        60.0,
+        "--llm-timeout",
+        metavar="SECONDS",
+        help="seconds to wait for the model's answer to one request; a server that gives none in time stops "
+        "the step with an error",
+    )
+
+
 def mode_option() -> Any:
     import typer
 

@@ -70,6 +70,7 @@ def register(app: typer.Typer) -> None:
         scoring: str = o.scoring_option(),
         elicitation: str = o.elicitation_option(),
         concurrency: int = o.concurrency_option(),
+        llm_timeout: float = o.llm_timeout_option(),
     ) -> None:
         """Sweep each context variable and attribute of a spec around a base situation, one at a time, and
         show how much the probability of each action moves: are the model's answers informative?"""

@@ -10,6 +10,7 @@ import typer
 from lpm.cli.display import console
 from lpm.cli.options import (
     elicitation_option,
+    llm_timeout_option,
     parse_date,
     parse_pairs,
     revision_option,
@@ -64,6 +65,7 @@ def register(app: typer.Typer) -> None:
         scoring: str = scoring_option(),
         elicitation: str = elicitation_option(),
         cache: str = typer.Option("use", "--cache", help="response cache: use, refresh, off or replay"),
+        llm_timeout: float = llm_timeout_option(),
         on_llm_failure: str = typer.Option(
             "error", "--on-llm-failure", help="error or heuristic (counted as fallbacks)"
         ),
@@ -100,6 +102,7 @@ def register(app: typer.Typer) -> None:
             llm_elicitation=elicitation,
             cache=cache,
             on_llm_failure=on_llm_failure,
+            llm_timeout=llm_timeout,
         )
         if out is None:
             if resume:
