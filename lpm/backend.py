@@ -298,6 +298,14 @@ class OpenAIBackend(Backend, _Retrying):
             except (NoLogprobs, LpmError):
                 raise  # not a transient failure (a stalled server included): the caller decides
             except openai.APIStatusError as exc:
+                if not _is_json(
+                    exc.response
+                ):  # a plain web server, or a wrong path: asking again will not help
+                    from lpm.server import not_openai_compatible
+
+                    raise not_openai_compatible(
+                        self.base_url, f"POST {self.base_url}/chat/completions", exc.response
+                    ) from None
                 if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
                     raise LLMError(  # 4xx: asking again will not help
                         f"{self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
@@ -326,6 +334,12 @@ class OpenAIBackend(Backend, _Retrying):
             self.stats.requests += 1
             raw = await self._in_time(
                 state, state.client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+            )
+        if not _is_json(raw.http_response):
+            from lpm.server import not_openai_compatible
+
+            raise not_openai_compatible(
+                self.base_url, f"POST {self.base_url}/chat/completions", raw.http_response
             )
         try:  # the JSON as sent: llama.cpp's own fields survive, whatever the openai client's models say
             data = json.loads(raw.text)
@@ -658,6 +672,11 @@ def _refused(exc: BaseException) -> bool:
     """
     cause = exc.__cause__
     return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
+
+
+def _is_json(response: Any) -> bool:
+    """Whether an HTTP response says its body is JSON (what every answer of an OpenAI-compatible server is)."""
+    return "json" in response.headers.get("content-type", "")
 
 
 def _choices(data: dict[str, Any]) -> list[dict[str, Any]]:

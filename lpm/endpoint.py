@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from lpm.backend import Backend, LocalServerBackend, OpenAIBackend
-from lpm.errors import InputError
+from lpm.errors import InputError, ServerError
 from lpm.server_kind import ServerKind, server_kind
 
 #: Never contacted: with ``--cache replay`` and no URL every answer must come from the cache.
@@ -123,9 +123,15 @@ class Endpoint:
                 from lpm.server import check_server
 
                 models = check_server(url, api_key=os.environ.get(api_key_env))["models"]
-                if len(models) != 1:
+                if not models:  # an OpenAI-compatible server (check_server refuses anything else) with none
+                    raise ServerError(
+                        f"{redact_url(url)} serves no models (its /models list is empty)",
+                        hint="load a model on that server, or pass the URL of one that serves it",
+                    )
+                if len(models) > 1:
                     raise InputError(
-                        f"--llm-model is needed: {redact_url(url)} serves {models or 'no models'}"
+                        f"--llm-model is needed: {redact_url(url)} serves {', '.join(models)}",
+                        hint="name one of them with --llm-model",
                     )
                 model = str(models[0])
             return cls(url, model, kind, tag, options=options)

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -354,11 +355,62 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def _answers(url: str, api_key: str | None = None) -> bool:
+    """Whether an OpenAI-compatible server answers at ``url`` now (its ``/models`` lists models)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        return httpx.get(f"{url}/models", timeout=2.0, headers=headers).status_code == 200
+        return _model_ids(httpx.get(f"{url}/models", timeout=2.0, headers=headers)) is not None
     except httpx.HTTPError:
         return False
+
+
+def _model_ids(response: httpx.Response) -> list[str] | None:
+    """The model ids of an OpenAI ``GET /models`` answer: HTTP 200 with a JSON object whose ``data`` is a
+    list of ``{"id": ...}`` objects. None for any other answer (a plain web server, an error)."""
+    if response.status_code != 200:
+        return None
+    try:
+        data = response.json().get("data")
+        if isinstance(data, list) and all(isinstance(entry["id"], str) for entry in data):
+            return [entry["id"] for entry in data]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
+
+
+def not_openai_compatible(base: str, request: str, response: Any) -> ServerError:
+    """The error for a server at ``base`` whose answer to ``request`` (e.g. ``GET URL/models``; ``response``,
+    an httpx or httpx2 response) is not what an OpenAI-compatible server answers: an API key refused, a server
+    error, or something that is no model server at all (a plain web server). Names the URL, the status and
+    the content type."""
+    status = response.status_code
+    kind = response.headers.get("content-type", "").split(";")[0].strip() or "none"
+    detail = ""
+    if "json" in kind:
+        try:
+            error = response.json().get("error")
+            detail = _one_line(error.get("message") if isinstance(error, dict) else error)
+        except (ValueError, AttributeError):
+            pass
+    answered = f"{request} answered {status}, content-type {kind}" + (f": {detail}" if detail else "")
+    if status in (401, 403):
+        return ServerError(
+            f"the server at {base} refused lpm's API key ({answered})",
+            hint="put the server's key in the environment variable --api-key-env names (default OPENAI_API_KEY)",
+        )
+    if status >= 500 and "json" in kind:
+        return ServerError(
+            f"the server at {base} failed ({answered})", hint="read the server's log for the cause"
+        )
+    return ServerError(
+        f"{base} is not an OpenAI-compatible server ({answered})",
+        hint="give the base URL of an OpenAI-compatible server such as vLLM or llama.cpp's server, "
+        "usually ending in /v1 (http://127.0.0.1:8000/v1); `lpm serve` starts one",
+    )
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    text = " ".join(str(text or "").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def new_api_key() -> str:
@@ -390,10 +442,12 @@ def check_server(url: str, timeout: float = 5.0, api_key: str | None = None) -> 
         api_key: sent as ``Authorization: Bearer KEY`` when given.
 
     Returns:
-        ``{"url": base URL, "healthy": True when /models answered 200, "models": [model ids]}``.
+        ``{"url": base URL, "healthy": True, "models": [model ids]}`` (``models`` may be empty).
 
     Raises:
-        ServerError: nothing answers at ``url`` (connection refused, timeout, bad address).
+        ServerError: nothing answers at ``url`` (connection refused, timeout, bad address), or what answers is
+            not an OpenAI-compatible server (``/models`` is not JSON with a ``data`` list: a plain web server,
+            a wrong path), or it refused the API key, or it failed.
     """
     base = _api_base(url)
     try:
@@ -403,13 +457,10 @@ def check_server(url: str, timeout: float = 5.0, api_key: str | None = None) -> 
         raise ServerError(
             f"No model server answers at {base} ({type(error).__name__}: {error}).", hint=_START_HINT
         ) from error
-    models: list[str] = []
-    if response.status_code == 200:
-        try:
-            models = [entry["id"] for entry in response.json().get("data", [])]
-        except (ValueError, KeyError, TypeError, AttributeError):
-            models = []
-    return {"url": base, "healthy": response.status_code == 200, "models": models}
+    models = _model_ids(response)
+    if models is None:
+        raise not_openai_compatible(base, f"GET {base}/models", response)
+    return {"url": base, "healthy": True, "models": models}
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

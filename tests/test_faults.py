@@ -3,10 +3,15 @@ plain web server where a model server should be, and lpm dying while its own ser
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fake_server import FakeServer
@@ -16,6 +21,7 @@ from lpm.decision import Decider
 from lpm.endpoint import Endpoint
 from lpm.errors import InputError, ServerError
 from lpm.population import Population
+from lpm.server import check_server
 
 CONTEXT = ["--context", "week=10", "--context", "cases=2345", "--context", "cases_change=12"]
 
@@ -86,3 +92,73 @@ def test_every_command_that_asks_a_model_takes_llm_timeout():
     for command in ("decide", "probe", "run", "compare", "calibrate"):
         res = lpm_cli(command, "--help", timeout=120)
         assert "--llm-timeout" in res.stdout, command
+
+
+# -- a plain web server where a model server should be ----------------------------------------------------
+
+
+@contextmanager
+def web_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real ``http.server`` on 127.0.0.1 in a thread; yields its ``/v1`` base URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class Quiet:
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Files(Quiet, SimpleHTTPRequestHandler):
+    """``python -m http.server`` in the current folder: 404 (HTML) for /v1/models, 501 for POST."""
+
+
+class HtmlEverywhere(Quiet, BaseHTTPRequestHandler):
+    """A web application that answers an HTML page, 200, on every path and method."""
+
+    def _page(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = b"<html><body>Welcome</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _page  # noqa: N815
+
+
+@pytest.mark.parametrize(
+    ("handler", "answered"), [(Files, "404, content-type text/html"), (HtmlEverywhere, "200")]
+)
+def test_a_plain_web_server_is_not_an_openai_compatible_server(handler, answered, tmp_path, monkeypatch):
+    """Before: "serves no models" (Endpoint.resolve), and `lpm serve --check` called it healthy."""
+    monkeypatch.chdir(tmp_path)
+    with web_server(handler) as url:
+        says = f"{url} is not an OpenAI-compatible server (GET {url}/models answered {answered}"
+        with pytest.raises(ServerError) as info:
+            check_server(url)
+        assert says in str(info.value) and "/v1" in info.value.hint
+        with pytest.raises(ServerError, match="is not an OpenAI-compatible server"):
+            Endpoint.resolve(url, None)
+        res = lpm_cli("serve", "--check", url, timeout=120)
+        assert res.returncode == 2 and says in res.stderr and "healthy" not in res.stdout, res.stdout
+        # with a model named, nothing asks /models first: the first request says it instead of retrying
+        backend = Endpoint.resolve(url, "m").backend()
+        with pytest.raises(
+            ServerError, match=f"not an OpenAI-compatible server \\(POST {url}/chat/completions"
+        ):
+            asyncio.run(backend.choose([{"role": "user", "content": "x?"}], ["a", "b"]))
+
+
+def test_serve_check_names_what_a_real_server_serves():
+    with FakeServer() as server:
+        assert check_server(server.url) == {"url": server.url, "healthy": True, "models": [server.model]}
+        res = lpm_cli("serve", "--check", server.url, timeout=120)
+    assert res.returncode == 0 and f"healthy, serving {server.model}" in res.stdout

@@ -33,10 +33,19 @@ def register(app: typer.Typer) -> None:
         """Start a local model server on 127.0.0.1, print its URL and model, serve until Ctrl-C."""
         from lpm.server import ModelServer, check_server
 
-        if check:
-            info = check_server(check)
-            models = ", ".join(info.get("models") or []) or "-"
-            console.print(f"{info['url']}: healthy, serving {models}")
+        if check:  # anything but an OpenAI-compatible server that answers is an error (exit 2)
+            import os
+
+            info = check_server(check, api_key=os.environ.get("OPENAI_API_KEY"))
+            if not info["models"]:
+                from lpm.errors import ServerError
+
+                raise ServerError(
+                    f"{info['url']} is an OpenAI-compatible server, but it serves no models (its /models list is "
+                    "empty)",
+                    hint="load a model on it, or check the URL",
+                )
+            console.print(f"{info['url']}: healthy, serving {', '.join(info['models'])}")
             return
         server = ModelServer(
             server_kind(kind, field="--server"), model, name, port=port, kv_cache_gib=kv_cache_gib
