@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -83,10 +84,27 @@ class ContextVar(BaseModel):
             raise ValueError(f"probe values must be finite, got {bad}")
         return value
 
-    def render(self, value: float | int | str) -> float | int | str:
-        """The value as it enters a prompt: numbers rounded by ``round``, text unchanged."""
-        if isinstance(value, str) or self.round is None:
+    @model_validator(mode="after")
+    def _text_needs_no_rounding(self) -> ContextVar:
+        text = [v for v in self.probe or [] if isinstance(v, str)]
+        if text and self.round is not None:
+            raise ValueError(
+                f"probe values {text[:3]} are text, but the variable rounds numbers; "
+                "give numbers, or round: null for a text variable"
+            )
+        return self
+
+    def render(self, value: Any) -> float | int | str:
+        """The value as it enters a prompt: numbers rounded by ``round``; text only where ``round`` is null.
+
+        Raises ValueError for text (or a flag) given to a variable that rounds numbers."""
+        if self.round is None:
             return value
+        if isinstance(value, str | bool):
+            raise ValueError(
+                f"{value!r} is not a number, and the variable rounds numbers (round: "
+                f"{self.round.model_dump(exclude_none=True)}); give a number, or declare round: null for text"
+            )
         return self.round.apply(value)
 
 
@@ -97,6 +115,16 @@ class Attribute(BaseModel):
     name: str
     bins: list[float] | None = Field(default=None, description="edges: value v falls in [edge_i, edge_i+1)")
     labels: list[str] | None = Field(default=None, description="one label per bin (default 'lo-hi')")
+
+    @field_validator("bins")
+    @classmethod
+    def _numbers(cls, value: list[float] | None) -> list[float] | None:
+        bad = [i for i, edge in enumerate(value or []) if math.isnan(edge)]
+        if bad:
+            raise ValueError(
+                f"bin edge {bad[0]} is not a number (nan); edges are numbers, or .inf / -.inf for an open end"
+            )
+        return value
 
     @model_validator(mode="after")
     def _bins(self) -> Attribute:
@@ -168,6 +196,12 @@ class ArchetypeSpec(BaseModel):
     def _actions(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value) or any(not a.strip() for a in value):
             raise ValueError(f"actions must be distinct, non-empty strings, got {value}")
+        padded = [a for a in value if a != a.strip()]
+        if padded:
+            raise ValueError(
+                f"action {padded[0]!r} begins or ends with a space, so no answer would ever match it; "
+                f"write {padded[0].strip()!r}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -176,6 +210,20 @@ class ArchetypeSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"attributes repeat a name: {names}")
         return self
+
+    @field_validator("context")
+    @classmethod
+    def _context_apart_from_attributes(
+        cls, value: dict[str, ContextVar], info: ValidationInfo
+    ) -> dict[str, ContextVar]:
+        attributes = [a.name for a in info.data.get("attributes", [])]
+        both = [name for name in value if name in attributes]
+        if both:
+            raise ValueError(
+                f"context variable {both[0]!r} has the name of attribute {both[0]!r}: in the prompt "
+                f"{{{both[0]}}} would show the context value instead of the archetype's; rename the context variable"
+            )
+        return value
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import yaml
@@ -134,3 +136,53 @@ def test_round_rules():
     assert RoundRule(decimals=0).apply(10.2) == 10
     with pytest.raises(ValueError, match="exactly one"):
         RoundRule(significant=2, decimals=1)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # "nan" used to make an archetype labelled "nan-119"
+        (
+            {"attributes": [{"name": "age", "bins": [0, "nan", 120]}]},
+            r"field 'attributes\.0\.bins': bin edge 1 is not a number \(nan\).*\.inf",
+        ),
+        (
+            {"attributes": [{"name": "age", "bins": [0, "abc", 120]}]},
+            r"field 'attributes\.0\.bins\.1': .*valid number.*'abc'",
+        ),
+        # context `sex` used to replace the archetype's sex in the prompt
+        (
+            {"context": {"sex": {"description": "the sex everyone is told"}}},
+            r"field 'context': context variable 'sex' has the name of attribute 'sex'",
+        ),
+        # " isolate" used to be accepted and never match an answer
+        (
+            {"actions": [" isolate", "go out"]},
+            r"field 'actions': action ' isolate' begins or ends with a space.*'isolate'",
+        ),
+        (
+            {"context": {"week": {"description": "week", "probe": ["early", "late"]}}},
+            r"field 'context\.week': probe values \['early', 'late'\] are text.*round: null",
+        ),
+    ],
+)
+def test_bad_spec_values_name_the_field_and_value(tmp_path, changes, message):
+    path = _write_spec(tmp_path, **changes)
+    with pytest.raises(InputError, match=rf"spec\.yaml: {message}"):
+        ArchetypeSpec.load(path)
+
+
+def test_open_ended_bins_are_allowed(tmp_path, small_pop):
+    spec = ArchetypeSpec.load(
+        _write_spec(tmp_path, attributes=[{"name": "age", "bins": [-math.inf, 18, math.inf]}])
+    )
+    assert spec.group(small_pop).k == 2
+
+
+def test_text_context_values_only_where_nothing_is_rounded():
+    spec = ArchetypeSpec.load("labor_work")
+    assert spec.context["month"].render("April 2020") == "April 2020"
+    assert spec.context["cases"].render(12345) == 12000
+    for value in ("lots", True):
+        with pytest.raises(ValueError, match=rf"{value!r} is not a number.*round: null"):
+            spec.context["cases"].render(value)
