@@ -674,6 +674,36 @@ def _refused(exc: BaseException) -> bool:
     return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
 
 
+async def _in_own_thread(work: Any) -> None:
+    """Await ``work()`` run in a daemon thread of its own. Not the event loop's executor, which the loop
+    joins when it closes: an interrupted step (Ctrl-C, SIGTERM) would wait there for a server start to end,
+    before anything could stop the server. Abandoned so, ``work`` ends when the server is stopped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():  # the step was cancelled meanwhile
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=run, name="lpm-server-start", daemon=True).start()
+    await done
+
+
 def _is_json(response: Any) -> bool:
     """Whether an HTTP response says its body is JSON (what every answer of an OpenAI-compatible server is)."""
     return "json" in response.headers.get("content-type", "")
@@ -773,7 +803,7 @@ class LocalServerBackend(Backend):
         if self._start_error is not None:
             raise self._start_error
         if not self.local_server.running:
-            await asyncio.to_thread(self._ensure_started)
+            await _in_own_thread(self._ensure_started)
         return await self.inner.choose(messages, actions, decoding)
 
     def identity(self) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 :class:`ModelServer` runs the server as a subprocess in its own process group, waits until ``/v1/models``
 answers, and stops the whole group (vLLM's engine-core children included) on :meth:`ModelServer.stop`, on
-leaving a ``with`` block, or at interpreter exit.
+leaving a ``with`` block, at interpreter exit, or when start-up is interrupted (Ctrl-C, SIGTERM under the
+CLI). The group's leader is a small guard process (:data:`_GUARD`) whose child is the server: when lpm dies
+however it dies (SIGKILL included) the guard stops the group, so no server outlives lpm.
 
 Server kinds (the table is :data:`lpm.server_kind.SERVERS`):
 
@@ -138,7 +140,8 @@ class ModelServer:
 
     @property
     def pid(self) -> int | None:
-        """Process id of the server (the leader of its process group), or None when not started."""
+        """Process id of the leader of the server's process group (the guard whose child the server is,
+        :func:`guarded`), or None when not started."""
         return self._process.pid if self._process is not None else None
 
     @property
@@ -236,15 +239,24 @@ class ModelServer:
             log.write(f"\n$ {' '.join(cmd)}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                guarded(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,  # own process group: stop() reaches vLLM's children too
             )  # fmt: skip
         atexit.register(self.stop)
+        try:
+            return self._wait_until_answering(started)
+        except BaseException:  # Ctrl-C, SIGTERM under the CLI, a failed start: leave nothing running
+            self.stop()
+            raise
+
+    def _wait_until_answering(self, started: float) -> ModelServer:
+        process = self._process
         deadline = started + self.startup_timeout
         while True:
-            code = self._process.poll()
+            if self._process is not process:  # stop() from another thread (lpm is being interrupted)
+                raise ServerError(f"The {self.kind.name} server was stopped while it started.")
+            code = process.poll() if process is not None else None
             if code is not None:
-                self._forget()
                 raise ServerError(
                     f"The {self.kind.name} server exited with status {code} during start-up "
                     f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
@@ -256,7 +268,6 @@ class ModelServer:
                 self._answered = True
                 return self
             if time.monotonic() > deadline:
-                self.stop()
                 raise ServerError(
                     f"The {self.kind.name} server at {self.url} did not answer within {self.startup_timeout:.0f} s "
                     f"(log: {self.log_path}). Last lines:\n{log_tail(self.log_path)}",
@@ -345,6 +356,48 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+_GUARD = r"""
+# lpm's server guard: runs the server command as its child, in its own process group (the guard leads it);
+# when lpm (the process that started the guard) is gone, it stops the whole group, however lpm died.
+import os, signal, subprocess, sys, time
+
+parent, grace, command = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+server = None
+
+
+def stop_group(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's signal reaches this guard too
+    os.killpg(0, signal.SIGTERM)
+    try:
+        if server is not None:
+            server.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    os.killpg(0, signal.SIGKILL)  # the server's children too, and this guard last
+
+
+signal.signal(signal.SIGTERM, stop_group)  # ModelServer.stop()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+server = subprocess.Popen(command)
+while server.poll() is None:
+    if os.getppid() != parent:  # lpm is gone: this guard now belongs to init or a subreaper
+        stop_group()
+    time.sleep(0.2)
+code = server.returncode
+sys.exit(code if code >= 0 else 128 - code)
+"""
+"""Source of the guard that leads a server's process group (run with ``python -c``; needs nothing of lpm, so
+it starts in milliseconds). It watches lpm's pid rather than setting the parent-death signal
+(``PR_SET_PDEATHSIG``), which fires when the *thread* that started the process ends: lpm starts its server from
+a worker thread of an event loop, which ends with the decision step."""
+
+
+def guarded(command: Sequence[str], grace: float = 10.0) -> list[str]:
+    """``command`` run under the server guard (:data:`_GUARD`), which stops the process group this process
+    leaves behind, giving its members ``grace`` seconds after SIGTERM."""
+    return [sys.executable, "-c", _GUARD, str(os.getpid()), str(grace), *command]
 
 
 def _signal_group(pid: int, signum: int) -> None:

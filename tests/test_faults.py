@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -12,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from fake_server import FakeServer
@@ -162,3 +164,102 @@ def test_serve_check_names_what_a_real_server_serves():
         assert check_server(server.url) == {"url": server.url, "healthy": True, "models": [server.model]}
         res = lpm_cli("serve", "--check", server.url, timeout=120)
     assert res.returncode == 0 and f"healthy, serving {server.model}" in res.stdout
+
+
+# -- lpm dies while its own server starts ------------------------------------------------------------------
+
+STARTER = """
+import asyncio, signal, sys, threading, time
+
+from lpm.backend import LocalServerBackend
+from lpm.server import ModelServer
+
+
+class Sleeper(ModelServer):
+    '''A "server" that never answers: a long sleep.'''
+
+    def command(self):
+        return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+log, how = sys.argv[1], sys.argv[2]
+if how != "sigterm":  # as the CLI does: SIGTERM unwinds like Ctrl-C
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+server = Sleeper("llamacpp", log_path=log, startup_timeout=300)
+
+
+def report():
+    while server.pid is None:
+        time.sleep(0.05)
+    print(server.pid, flush=True)
+
+
+threading.Thread(target=report, daemon=True).start()
+try:
+    if how == "deciding":  # started by a backend's first request, in a thread of its own
+        backend = LocalServerBackend(server)
+        try:
+            asyncio.run(backend.choose([{"role": "user", "content": "a or b?"}], ["a", "b"]))
+        finally:
+            server.stop()
+    else:
+        server.start()
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc, None when there is none."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    state, ppid = text.rsplit(")", 1)[1].split()[:2]
+    return state, int(ppid)
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")  # a zombie is dead, only not yet reaped
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None and stat[1] == pid:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+@pytest.mark.parametrize("how", ["interrupt", "deciding", "sigterm", "sigkill"])
+def test_no_server_process_outlives_lpm(how, tmp_path):
+    """Before: SIGTERM while lpm's server started left the server running. Now: interrupted (the CLI turns
+    SIGTERM into KeyboardInterrupt), start() stops the process group, also when a backend started it in a
+    thread; killed outright (SIGTERM without a handler, SIGKILL), the group's guard stops it."""
+    script = tmp_path / "starter.py"
+    script.write_text(STARTER)
+    lpm = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "server.log"), how], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        guard = int(lpm.stdout.readline())
+        deadline = time.monotonic() + 20
+        while not (server := _children(guard)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server, "the guard started no server"
+        lpm.send_signal(signal.SIGKILL if how == "sigkill" else signal.SIGTERM)
+        code = lpm.wait(timeout=30)
+        assert code == (130 if how in ("interrupt", "deciding") else -signal.SIGKILL if how == "sigkill" else
+                        -signal.SIGTERM)  # fmt: skip
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in (guard, *server)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in (guard, *server)), (how, guard, server)
+    finally:
+        if lpm.poll() is None:
+            lpm.kill()
+            lpm.wait()
