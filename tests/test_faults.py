@@ -263,3 +263,18 @@ def test_no_server_process_outlives_lpm(how, tmp_path):
         if lpm.poll() is None:
             lpm.kill()
             lpm.wait()
+
+
+def test_check_server_names_a_server_that_takes_the_connection_and_says_nothing():
+    import socket
+
+    with socket.socket() as listener:  # the kernel completes the handshake; nothing ever reads or answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        began = time.monotonic()
+        with pytest.raises(
+            ServerError, match=f"The server at {url} did not answer GET {url}/models within 0.5 s"
+        ):
+            check_server(url, timeout=0.5)
+        assert time.monotonic() - began < 3
