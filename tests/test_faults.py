@@ -19,6 +19,7 @@ import pytest
 from fake_server import FakeServer
 
 from lpm.archetype import ArchetypeSpec
+from lpm.cli import app, main
 from lpm.decision import Decider
 from lpm.endpoint import Endpoint
 from lpm.errors import InputError, ServerError
@@ -91,9 +92,11 @@ def test_llm_timeout_is_checked_and_leaves_the_resume_fingerprint_alone():
 
 
 def test_every_command_that_asks_a_model_takes_llm_timeout():
+    from typer.testing import CliRunner
+
     for command in ("decide", "probe", "run", "compare", "calibrate"):
-        res = lpm_cli(command, "--help", timeout=120)
-        assert "--llm-timeout" in res.stdout, command
+        res = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+        assert "--llm-timeout" in res.output, command
 
 
 # -- a plain web server where a model server should be ----------------------------------------------------
@@ -139,7 +142,9 @@ class HtmlEverywhere(Quiet, BaseHTTPRequestHandler):
 @pytest.mark.parametrize(
     ("handler", "answered"), [(Files, "404, content-type text/html"), (HtmlEverywhere, "200")]
 )
-def test_a_plain_web_server_is_not_an_openai_compatible_server(handler, answered, tmp_path, monkeypatch):
+def test_a_plain_web_server_is_not_an_openai_compatible_server(
+    handler, answered, tmp_path, monkeypatch, capsys
+):
     """Before: "serves no models" (Endpoint.resolve), and `lpm serve --check` called it healthy."""
     monkeypatch.chdir(tmp_path)
     with web_server(handler) as url:
@@ -149,8 +154,9 @@ def test_a_plain_web_server_is_not_an_openai_compatible_server(handler, answered
         assert says in str(info.value) and "/v1" in info.value.hint
         with pytest.raises(ServerError, match="is not an OpenAI-compatible server"):
             Endpoint.resolve(url, None)
-        res = lpm_cli("serve", "--check", url, timeout=120)
-        assert res.returncode == 2 and says in res.stderr and "healthy" not in res.stdout, res.stdout
+        assert main(["serve", "--check", url]) == 2
+        printed = capsys.readouterr()
+        assert f"error: {says}" in printed.err and "healthy" not in printed.out
         # with a model named, nothing asks /models first: the first request says it instead of retrying
         backend = Endpoint.resolve(url, "m").backend()
         with pytest.raises(
@@ -159,11 +165,11 @@ def test_a_plain_web_server_is_not_an_openai_compatible_server(handler, answered
             asyncio.run(backend.choose([{"role": "user", "content": "x?"}], ["a", "b"]))
 
 
-def test_serve_check_names_what_a_real_server_serves():
+def test_serve_check_names_what_a_real_server_serves(capsys):
     with FakeServer() as server:
         assert check_server(server.url) == {"url": server.url, "healthy": True, "models": [server.model]}
-        res = lpm_cli("serve", "--check", server.url, timeout=120)
-    assert res.returncode == 0 and f"healthy, serving {server.model}" in res.stdout
+        assert main(["serve", "--check", server.url]) == 0
+    assert f"healthy, serving {server.model}" in capsys.readouterr().out
 
 
 # -- lpm dies while its own server starts ------------------------------------------------------------------
