@@ -274,20 +274,20 @@ def test_a_silent_server_stops_every_request_of_the_loop_at_once():
             await b.aclose()
 
     with FakeServer(default="hang") as server:
-        b = backend(server, timeout=0.5, retries=3, max_concurrency=3)
+        b = backend(server, timeout=1.0, retries=3, max_concurrency=3)
         began = time.monotonic()
         out = asyncio.run(many(b))
         took = time.monotonic() - began
         assert server.requests <= 3 + 2  # the first turn (whole-action scoring: one request per action)
-    assert took < 2.0, took
-    assert all(isinstance(e, ServerError) and "within 0.5 s" in str(e) for e in out)
+    assert took < 4.0, took  # before: 4 attempts x every turn of 3 requests x 1 s
+    assert all(isinstance(e, ServerError) and "within 1 s" in str(e) for e in out)
     assert b.stats.errors == {"timeout": 1}
 
 
 def test_a_stall_ends_with_its_event_loop():
     """The next decision step (a new event loop) asks the server again."""
     with FakeServer(["hang"]) as server:
-        b = backend(server, timeout=0.3)
+        b = backend(server, timeout=2.0)
         with pytest.raises(ServerError):
             choose(b, mode="logprobs")
         assert choose(b, mode="logprobs").mode == "logprobs"

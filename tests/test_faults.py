@@ -55,7 +55,7 @@ def test_a_decision_step_against_a_silent_server_takes_one_timeout():
             decider.decide(spec, rows, {"week": 10, "cases": 2345, "cases_change": 12})
         took = time.monotonic() - began
         assert server.requests <= 4  # the first turn only: the others were never sent
-    assert took < 4, took
+    assert took < 8, took  # before: 4 attempts x every turn of 4 requests x 1 s
     assert f"the model server at {server.url} did not answer a request within 1 s (--llm-timeout)" in str(
         info.value
     )
