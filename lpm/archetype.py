@@ -6,7 +6,9 @@ one archetype; the model is asked once per archetype that actually occurs in the
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -102,7 +104,7 @@ class ContextVar(BaseModel):
             return value
         if isinstance(value, str | bool):
             raise ValueError(
-                f"{value!r} is not a number, and the variable rounds numbers (round: "
+                f"{value!r} is not a number, but the variable rounds numbers (round: "
                 f"{self.round.model_dump(exclude_none=True)}); give a number, or declare round: null for text"
             )
         return self.round.apply(value)
@@ -274,6 +276,34 @@ class ArchetypeSpec(BaseModel):
     @property
     def attribute_names(self) -> list[str]:
         return [a.name for a in self.attributes]
+
+    # -- context --------------------------------------------------------------------------------
+    def context_value(self, name: str, value: Any, *, given: str = "context") -> float | int | str:
+        """Context variable ``name`` at ``value`` as it enters a prompt (:meth:`ContextVar.render`).
+
+        A name the spec does not declare, or a value its variable refuses (text where it rounds numbers, a
+        non-finite number), is an :class:`InputError` naming the variable, the value, the spec and its
+        declared names. given: where the value came from, as errors name it (``--context``, ``context``).
+        """
+        if name not in self.context:
+            close = difflib.get_close_matches(name, list(self.context), n=1)
+            raise InputError(
+                f"{given} {name}={value}: {self.where} declares no context variable {name!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""),
+                hint=f"its context variables: {', '.join(self.context) or 'none'}",
+            )
+        try:
+            return self.context[name].render(value)
+        except (TypeError, ValueError) as exc:
+            problem = str(exc) if isinstance(exc, ValueError) else f"{value!r} is not a number ({exc})"
+            raise InputError(
+                f"{given} {name}={value}: context variable {name!r} of {self.where}: {problem}",
+                hint=f"{name}: {self.context[name].description}",
+            ) from None
+
+    def check_context(self, context: Mapping[str, Any], *, given: str = "context") -> dict[str, Any]:
+        """Every value of ``context`` as it enters a prompt, each checked by :meth:`context_value`."""
+        return {name: self.context_value(name, value, given=given) for name, value in context.items()}
 
     # -- grouping -------------------------------------------------------------------------------
     def check(self, pop: Population) -> None:

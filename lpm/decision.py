@@ -170,9 +170,11 @@ class Decider:
         """Distributions over ``spec.actions`` for each row of attribute labels (see the module docstring).
 
         rows: K dicts of attribute labels, e.g. ``Grouping.rows()``. context: values of the spec's context
-        variables this step (rounded by the spec before they enter the prompt).
+        variables this step (rounded by the spec before they enter the prompt); a name the spec does not
+        declare, or text where the variable rounds numbers, is an :class:`InputError`.
         """
         start = asyncio.get_running_loop().time()
+        spec.check_context(context)
         rows = [dict(r) for r in rows]
         elicit = Elicitation(self.elicitation, tuple(spec.actions))
         actions = elicit.asked  # what the model may answer (the spec's actions, unless elicited otherwise)

@@ -115,12 +115,7 @@ class PromptTemplate:
                         f"{self.path}: context variable {name!r} has no value",
                         hint=f"give it, e.g. --context {name}=… ({self.spec.context[name].description})",
                     )
-                try:
-                    out[name] = self.spec.context[name].render(context[name])
-                except (TypeError, ValueError) as exc:
-                    raise InputError(
-                        f"{self.path}: context variable {name!r}: bad value {context[name]!r} ({exc})"
-                    ) from None
+                out[name] = self.spec.context_value(name, context[name])
             else:
                 if name not in attributes:
                     raise InputError(

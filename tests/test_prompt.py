@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from lpm.archetype import ArchetypeSpec
+from lpm.backend import Backend
+from lpm.decision import Decider
 from lpm.errors import InputError
 from lpm.prompt import PromptTemplate
 
@@ -99,3 +104,74 @@ def test_missing_attribute_is_named():
     prompt = PromptTemplate.load(ArchetypeSpec.load("covid_isolation"))
     with pytest.raises(InputError, match="attribute 'borough'"):
         prompt.render({"age_group": "20-29", "sex": "female"}, CONTEXT)
+
+
+# -- context values: declared names only, numbers where the variable rounds ---------------------------
+
+
+def test_an_undeclared_context_name_is_named_with_the_declared_ones():
+    spec = ArchetypeSpec.load("covid_isolation")
+    with pytest.raises(InputError) as info:
+        spec.check_context({**CONTEXT, "casess": 10}, given="--context")
+    message = str(info.value)
+    assert message.startswith("--context casess=10: ") and "covid_isolation.yaml" in message
+    assert "no context variable 'casess' (did you mean 'cases'?)" in message
+    assert info.value.hint == "its context variables: week, cases, cases_change"
+
+
+def test_text_where_the_variable_rounds_numbers_is_refused():
+    spec = ArchetypeSpec.load("covid_isolation")
+    with pytest.raises(InputError) as info:
+        PromptTemplate.load(spec).render(ROW, {**CONTEXT, "cases": "lots"})
+    message = str(info.value)
+    assert message.startswith("context cases=lots: context variable 'cases' of ")
+    assert "'lots' is not a number, but the variable rounds numbers (round: {'significant': 2})" in message
+    assert "round: null" in message and "reported COVID-19 cases" in info.value.hint
+    with pytest.raises(InputError, match=r"cases=\[1, 2\]: .*\[1, 2\] is not a number"):
+        spec.check_context({"cases": [1, 2]})
+    # text stays allowed where nothing is rounded
+    labor = ArchetypeSpec.load("labor_work")
+    assert labor.check_context({"month": "April 2020", "cases": 12345}) == {
+        "month": "April 2020",
+        "cases": 12000,
+    }
+
+
+def test_the_decider_refuses_bad_context_before_asking():
+    class Counting(Backend):
+        model = "counting"
+        calls = 0
+
+        async def choose(self, messages, actions, decoding=None):
+            Counting.calls += 1
+            raise AssertionError("no request should be sent")
+
+    spec = ArchetypeSpec.load("covid_isolation")
+    decider = Decider(Counting(), progress=False)
+    for context, needle in (({**CONTEXT, "casess": 10}, "casess"), ({**CONTEXT, "cases": "lots"}, "'lots'")):
+        with pytest.raises(InputError, match=needle):
+            decider.decide(spec, [ROW], context)
+    assert Counting.calls == 0
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lpm", *args], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+
+
+def test_cli_refuses_bad_context_before_a_server_starts(tmp_path):
+    """No server is reachable at the URL: the errors come before anything is asked."""
+    url = ["--llm-url", "http://127.0.0.1:9/v1", "--llm-model", "m", "--cache", "off"]
+    decide = ["decide", "covid_isolation", "-p", str(tmp_path / "none.parquet"), *url]
+    good = ["--context", "week=10", "--context", "cases_change=5"]
+    for extra, needle in [
+        (["--context", "casess=10"], "--context casess=10: "),
+        (["--context", "cases=lots"], "--context cases=lots: context variable 'cases' of "),
+        ([], "--context: the prompt of "),
+    ]:
+        res = _cli(tmp_path, *decide, *good, *extra)
+        assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr
+    res = _cli(tmp_path, "probe", "covid_isolation", "--vary", "cases=10,lots", *url)
+    assert res.returncode == 2 and "--vary cases=lots: context variable 'cases'" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and not (tmp_path / "probe-covid_isolation").exists()

@@ -12,7 +12,9 @@ from lpm.cli import options as o
 from lpm.cli.asking import ModelOptions
 from lpm.cli.display import console, frame_table
 from lpm.cli.options import parse_pairs
+from lpm.errors import InputError
 from lpm.population import Population
+from lpm.prompt import PromptTemplate
 
 
 def register(app: typer.Typer) -> None:
@@ -48,6 +50,16 @@ def register(app: typer.Typer) -> None:
         """Print each archetype's probability of every action, the mode used and whether it was cached."""
         s = ArchetypeSpec.load(spec)
         values = parse_pairs(context, "--context", "week=10")
+        # before a server starts: undeclared names, text for numbers, values the prompt needs
+        s.check_context(values, given="--context")
+        missing = sorted(PromptTemplate.load(s).variables & set(s.context) - set(values))
+        if missing:
+            raise InputError(
+                f"--context: the prompt of {s.where} uses context variable(s) "
+                f"{', '.join(map(repr, missing))}, given no value",
+                hint="give each, e.g. "
+                + " ".join(f"--context {name}=… ({s.context[name].description})" for name in missing),
+            )
         asked = ModelOptions.pick(locals())
         pop = Population.load(population)
         rows = s.group(pop).rows()

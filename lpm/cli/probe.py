@@ -93,9 +93,13 @@ def register(app: typer.Typer) -> None:
             else Population.synthesize("nyc", agents=probing.PROBE_AGENTS, seed=0)
         )
         labels = probing.attribute_labels(s, pop)
-        probing.plan(
-            s, labels, base=base_values, vary=varied
-        )  # bad names and values fail before a server starts
+        # bad names and values fail before a server starts
+        probing.plan(s, labels, base=base_values, vary=varied)
+        for name in s.context:
+            for value in varied.get(name, []):
+                s.context_value(name, value, given="--vary")
+            if name in base_values:
+                s.context_value(name, base_values[name], given="--base")
         with asked.decider() as (decider, info, response_cache):
             result = probing.probe(s, decider, population=pop, base=base_values, vary=varied)
         ranges = result.ranges()
