@@ -32,17 +32,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
 from lpm.backend import Answer
-from lpm.errors import CacheMissError, InputError
+from lpm.errors import CacheError, CacheMissError, InputError
 from lpm.logprobs import SCORINGS
 from lpm.paths import cache_root
 
 CACHE_MODES = ("use", "refresh", "off", "replay")
+DATABASE = diskcache.core.DBNAME  # the SQLite file in the cache folder
 FORMAT_VERSION = 3
 """Bump when the meaning of a cached answer or the content of its key changes, so old entries stop matching.
 2: the key's decoding is the request arguments as sent (mode inside it) and the identity names the server
@@ -124,17 +128,42 @@ class ResponseCache:
     @property
     def store(self) -> diskcache.Cache:
         if self._store is None:
+            if self.directory.exists() and not self.directory.is_dir():
+                raise CacheError(
+                    f"{self.directory}: the response cache folder is a file",
+                    hint="set LPM_CACHE_DIR or --cache-dir to a folder (or move that file)",
+                )
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                self._store = diskcache.Cache(
-                    str(self.directory), timeout=60, disk=SafeDisk, disk_min_file_size=2**31 - 1
-                )
+                with self._guard():
+                    self._store = diskcache.Cache(
+                        str(self.directory), timeout=60, disk=SafeDisk, disk_min_file_size=2**31 - 1
+                    )
             except OSError as exc:
-                raise InputError(
+                raise CacheError(
                     f"{self.directory}: cannot open the response cache ({exc})",
                     hint="set LPM_CACHE_DIR or --cache-dir to a writable folder",
                 ) from None
         return self._store
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A damaged or unusable database becomes a :class:`CacheError` that says how to recover."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            db = self.directory / DATABASE
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise CacheError(
+                    f"{db}: the response cache stayed locked by another process for 60 s ({exc})",
+                    hint="wait for the other lpm to finish, or give this one its own --cache-dir",
+                ) from None
+            raise CacheError(
+                f"{db}: the response cache database is damaged ({exc})",
+                hint=f"`lpm cache clear --cache-dir {self.directory}` deletes it (its answers are asked again), "
+                "or use another --cache-dir / LPM_CACHE_DIR",
+            ) from None
 
     # -- entries --------------------------------------------------------------------------------
     def get(self, key: str, *, label: str = "") -> Answer | None:
@@ -144,6 +173,10 @@ class ResponseCache:
         """
         if self.mode in ("off", "refresh"):
             return None
+        with self._guard():
+            return self._get(key, label)
+
+    def _get(self, key: str, label: str) -> Answer | None:
         try:
             value = self.store.get(_ENTRY + key)
         except UnsafeEntry:
@@ -171,12 +204,17 @@ class ResponseCache:
         """Store ``answer`` under ``key`` (modes ``use`` and ``refresh``; a no-op otherwise)."""
         if self.mode not in ("use", "refresh"):
             return
-        self.store.set(_ENTRY + key, _encode(key, answer))
-        self.store.incr(_STAT + "writes")
+        with self._guard():
+            self.store.set(_ENTRY + key, _encode(key, answer))
+            self.store.incr(_STAT + "writes")
 
     # -- housekeeping ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Entries, counters persisted across runs (hits, misses, tokens_saved, corrupt, writes), bytes."""
+        with self._guard():
+            return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         store = self.store
         entries = 0
         for (key,) in store._sql("SELECT key FROM Cache WHERE raw = 1").fetchall():  # no key is unpickled
@@ -191,9 +229,19 @@ class ResponseCache:
         out["bytes"] = int(store.volume())
         return out
 
-    def clear(self) -> int:
-        """Delete every entry and reset the counters; returns the number of items removed."""
-        return int(self.store.clear())
+    def clear(self) -> int | None:
+        """Delete every entry and reset the counters; returns the number of items removed, or None when
+        the database was damaged and its files were deleted instead."""
+        try:
+            with self._guard():
+                return int(self.store.clear())
+        except CacheError:
+            if not self.directory.is_dir():
+                raise
+        self.close()
+        for name in (DATABASE, DATABASE + "-wal", DATABASE + "-shm"):
+            (self.directory / name).unlink(missing_ok=True)
+        return None
 
     def close(self) -> None:
         if self._store is not None:

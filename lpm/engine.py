@@ -29,15 +29,18 @@ A simulation owns everything a run changes or precomputes: the scenario's *world
 each decision's :class:`~lpm.policy.Archetypes` (``policy.setup``), the sampler and the records; scenario
 and policy objects are immutable configuration that many simulations may share.
 
-A run with ``out_dir`` writes ``checkpoint.pt`` atomically after every completed step (state, records,
-decisions, counters, timing; no generator state exists to save), and ``run(resume=True)`` continues from
-it; the resumed result equals the uninterrupted one bit for bit (inference mode; differentiable runs are
-not checkpointed).
+A run with ``out_dir`` checkpoints after every completed step: it appends that step's records and
+decisions to ``checkpoint-steps.jsonl`` (one JSON line per step) and atomically rewrites ``checkpoint.pt``
+(state, counters, timing, and how many bytes of the journal belong to it; no generator state exists to
+save), so a step costs the same to checkpoint at any point of a long run. ``run(resume=True)`` continues
+from it; the resumed result equals the uninterrupted one bit for bit (inference mode; differentiable runs
+are not checkpointed).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -60,7 +63,9 @@ from lpm.scenarios.base import check_cadence, load_spec
 __all__ = ["RunResult", "SimState", "Simulation"]
 
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_VERSION = 2
+#: Journal of a checkpointed run: one JSON line per completed step (its records and decisions).
+JOURNAL = "checkpoint-steps.jsonl"
+CHECKPOINT_VERSION = 3
 
 
 @dataclass
@@ -88,7 +93,9 @@ class RunResult:
     differentiable mode).
     counters: llm_queries, cache_hits, prompt_tokens, completion_tokens, tokens, fallbacks (the run's);
     decision_counters: the same per decision.
-    step_seconds: wall time inside simulation steps (decisions included); decide_seconds: inside policies.
+    step_seconds: wall time inside simulation steps (decisions included); decide_seconds: inside policies
+    (both summed over every part of a resumed run); resumed_from: the step this part began at;
+    prior_wall_seconds: wall time of the parts before it.
     """
 
     trajectory: pd.DataFrame
@@ -103,6 +110,7 @@ class RunResult:
     steps: int
     agents: int
     resumed_from: int = 0
+    prior_wall_seconds: float = 0.0
     state: SimState | None = field(default=None, repr=False)
 
 
@@ -210,6 +218,7 @@ class Simulation:
         if self.differentiable:
             for value in self.params.values():
                 value.requires_grad_(True)
+        self.wall_origin: float | None = None  # perf_counter() at which this part began (default: run())
         self._reset()
 
     # -- construction ------------------------------------------------------------------------------
@@ -278,6 +287,8 @@ class Simulation:
         self.decision_counters = {d.name: dict.fromkeys(COUNTERS, 0) for d in self.asked}
         self.step_seconds = 0.0
         self.decide_seconds = 0.0
+        self.prior_wall_seconds = 0.0  # wall time of the earlier parts of a resumed run
+        self._journal_bytes = 0
 
     @property
     def counters(self) -> dict[str, int]:
@@ -413,39 +424,94 @@ class Simulation:
         path = Path(out_dir) / CHECKPOINT if out_dir is not None else None
         self._reset()
         start, state = 0, None
+        began = self.wall_origin if self.wall_origin is not None else time.perf_counter()
         if resume and path is not None and path.is_file():
             start, state = self._load(path, steps)
+        elif path is not None:
+            (path.parent / JOURNAL).unlink(missing_ok=True)  # a fresh run: no steps of another one
         if state is None:
             state = self.initial_state()
+        self.done = start
         with torch.set_grad_enabled(self.differentiable):
             for t in range(start, steps):
                 t0 = time.perf_counter()
+                decided = len(self._decisions)
                 state = self.step(state, t)
                 self.step_seconds += time.perf_counter() - t0
                 if path is not None and not self.differentiable:
-                    self._save(path, state, t + 1)
+                    self._save(path, state, t, decided, time.perf_counter() - began)
+                self.done = t + 1
                 if self.callback is not None:
                     self.callback(t, self)
         return self._result(state, steps, start)
 
-    def _save(self, path: Path, state: SimState, done: int) -> None:
+    def _save(self, path: Path, state: SimState, t: int, decided: int, wall: float) -> None:
+        """Checkpoint after step ``t``: append its records and decisions (``self._decisions[decided:]``) to
+        the journal, then rewrite ``checkpoint.pt`` (state, counters, timing, the journal's length)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         detach = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        records = {
+            k: {
+                "dtype": str(v.dtype).removeprefix("torch."),
+                "shape": list(v.shape),
+                "values": v.reshape(-1).tolist(),
+            }
+            for k, v in detach(self._records[t]).items()
+        }
+        line = json.dumps(
+            {"step": t, "records": records, "decisions": self._decisions[decided:]}, default=_plain
+        )
+        with open(path.parent / JOURNAL, "r+b" if t else "wb") as journal:
+            journal.truncate(self._journal_bytes)  # drops a line of a step whose checkpoint was never written
+            journal.seek(self._journal_bytes)
+            journal.write(line.encode() + b"\n")
+            journal.flush()
+            os.fsync(journal.fileno())
+            self._journal_bytes = journal.tell()
         blob = {
             "version": CHECKPOINT_VERSION,
             "fingerprint": self.fingerprint(),
-            "done": done,
+            "done": t + 1,
+            "journal_bytes": self._journal_bytes,
             "state": detach(state.scenario),
             "actions": detach(state.actions),
-            "records": [detach(r) for r in self._records],
-            "decisions": self._decisions,
             "counters": self.decision_counters,
             "step_seconds": self.step_seconds,
             "decide_seconds": self.decide_seconds,
+            "wall_seconds": self.prior_wall_seconds + wall,
         }
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read_journal(self, path: Path, done: int, length: int) -> None:
+        """Records and decisions of steps ``0..done-1`` from the journal's first ``length`` bytes."""
+        journal = path.parent / JOURNAL
+        try:
+            with open(journal, "rb") as f:
+                lines = f.read(length).splitlines()
+            steps = [json.loads(line) for line in lines]
+            if [s["step"] for s in steps] != list(range(done)):
+                raise ValueError(f"it holds steps {[s['step'] for s in steps][:5]}…, not 0..{done - 1}")
+            for s in steps:
+                self._records.append(
+                    {
+                        k: torch.tensor(
+                            r["values"], dtype=getattr(torch, r["dtype"]), device=self.device
+                        ).reshape(r["shape"])
+                        for k, r in s["records"].items()
+                    }
+                )
+                self._decisions.extend(s["decisions"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+            raise InputError(
+                f"{journal}: unreadable journal of the checkpoint ({exc})",
+                hint="delete the run folder to start over",
+            ) from None
+        self._journal_bytes = length
 
     def _load(self, path: Path, steps: int) -> tuple[int, SimState]:
         try:
@@ -471,11 +537,11 @@ class Simulation:
         if done > steps:
             raise InputError(f"{path}: the checkpoint has {done} steps done, more than the {steps} asked for")
         to_device = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
-        self._records = [to_device(r) for r in blob["records"]]
-        self._decisions = list(blob["decisions"])
+        self._read_journal(path, done, int(blob["journal_bytes"]))
         self.decision_counters = {k: dict(v) for k, v in blob["counters"].items()}
         self.step_seconds = float(blob["step_seconds"])
         self.decide_seconds = float(blob["decide_seconds"])
+        self.prior_wall_seconds = float(blob["wall_seconds"])
         return done, SimState(to_device(blob["state"]), to_device(blob["actions"]))
 
     # -- frames -------------------------------------------------------------------------------------
@@ -497,6 +563,7 @@ class Simulation:
             steps=steps,
             agents=self.n,
             resumed_from=start,
+            prior_wall_seconds=self.prior_wall_seconds,
             state=state,
         )
 
@@ -577,3 +644,10 @@ class Simulation:
         order = [c for c in cols if c in frame.columns] + [c for c in frame.columns if c not in cols]
         frame = frame[order].sort_values(["step", "decision", "archetype", "action"], kind="stable")
         return frame.reset_index(drop=True)
+
+
+def _plain(value: Any) -> Any:
+    """JSON form of the numpy and torch scalars a decision record may hold."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

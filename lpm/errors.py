@@ -30,6 +30,14 @@ class LLMError(LpmError):
     """A model call failed after its retries."""
 
 
+class Interrupted(LpmError):
+    """A run was stopped (Ctrl-C, SIGTERM) after it had checkpointed; the message says how to resume."""
+
+
+class CacheError(LpmError):
+    """The response cache cannot be read or written (a damaged database, a folder that is a file)."""
+
+
 class CacheMissError(LpmError):
     """A response was not in the cache while the cache mode was ``replay``."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -30,3 +31,53 @@ def cache_root() -> Path:
         return Path(env)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "lpm"
+
+
+def os_error(path: Path | str, exc: OSError, what: str) -> InputError:
+    """An :class:`InputError` for an ``OSError`` met while writing ``what`` at ``path`` (full disk, no
+    permission, a file where a folder belongs), naming the path and what to do."""
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system is read-only",
+        errno.ENOTDIR: "a part of the path is a file, not a folder",
+        errno.EEXIST: "a part of the path is a file, not a folder",
+        errno.EISDIR: "it is a folder",
+    }.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return InputError(
+        f"{path}: cannot write {what}: {reason}", hint="choose another path (--out) or free the space"
+    )
+
+
+def file_parent(path: Path | str, *, field: str) -> Path:
+    """Check that a file can be created at ``path`` (its folder can be made, no file stands in the way,
+    the path is not a folder) and make its folder; ``field`` names the option in errors."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(
+            f"{field} {path}: is a folder; give a file path", hint=f"e.g. {path / 'population.parquet'}"
+        )
+    make_folder(path.parent, field=field, shown=path)
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{field} {path}: cannot write in {path.parent} (permission denied)")
+    return path
+
+
+def make_folder(path: Path | str, *, field: str, shown: Path | str | None = None) -> bool:
+    """Make folder ``path`` (and its parents); returns whether it was created here. A file in the way or an
+    unwritable place is an :class:`InputError` naming ``field`` and ``shown`` (default ``path``)."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise InputError(
+                f"{field} {shown or path}: {part} is a file, not a folder",
+                hint=f"choose another {field} or move {part}",
+            )
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(path, exc, "the folder") from None
+    return created

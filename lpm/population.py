@@ -165,8 +165,9 @@ class Population:
         """Write the population as one Parquet file: categorical columns dictionary-encoded (their codes
         index the labels, so ``pandas.read_parquet`` shows ``Bronx``, ``10001``), flags and values as they
         are; labels, dtypes and ``meta`` also in the schema metadata."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from lpm.paths import file_parent, os_error
+
+        path = file_parent(path, field="population file")
         arrays = {}
         for name, col in self._columns.items():
             values = pa.array(col.cpu().numpy())
@@ -181,8 +182,13 @@ class Population:
         }
         table = pa.table(arrays).replace_schema_metadata({PARQUET_KEY: json.dumps(header).encode()})
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp, compression="zstd")
-        tmp.replace(path)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            tmp.replace(path)
+        except OSError as exc:
+            raise os_error(path, exc, "the population") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -20,14 +20,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from lpm.decoding import DEFAULT_SCORING, Scoring
 from lpm.elicitation import ElicitationName
-from lpm.errors import InputError, validation_message
+from lpm.errors import InputError, Interrupted, validation_message
+from lpm.paths import make_folder, os_error
 from lpm.population import Population
 from lpm.server_kind import SERVER_KINDS
+from lpm.synthesis import MAX_AGENTS, MAX_SEED
 
 PolicyName = Literal["heuristic", "llm", "agent-llm"]
 CacheMode = Literal["use", "refresh", "off", "replay"]
@@ -54,8 +57,12 @@ class RunConfig(BaseModel):
     policy: PolicyName = Field(
         default="heuristic", description="heuristic rules, one LLM query per archetype, or per agent"
     )
-    agents: int | None = Field(default=None, gt=0, description="agents (default: the whole city, ≈ 8.34 M)")
-    seed: int = Field(default=0, ge=0, description="seed of the population and of every random draw")
+    agents: int | None = Field(
+        default=None, gt=0, le=MAX_AGENTS, description="agents (default: the whole city, ≈ 8.34 M)"
+    )
+    seed: int = Field(
+        default=0, ge=0, le=MAX_SEED, description="seed of the population and of every random draw"
+    )
     start: dt.date | None = Field(
         default=None, description="date of the first step (default: the scenario's)"
     )
@@ -187,6 +194,7 @@ def run(
     folder = Path(out)
     scenario = config.make_scenario()  # validates before anything is written
     steps = config.steps_for(scenario)
+    _check_horizon(scenario, steps)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise InputError(
             "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
@@ -196,6 +204,7 @@ def run(
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
     with _policy(resolved, on_server_start, endpoint) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
+        note = _data_note(scenario, sim.world, steps)
         # only once every check above has passed
         created = _claim_folder(folder, resolved, resume, llm_info.get("identity"))
         bar = _progress(progress)
@@ -208,15 +217,68 @@ def run(
                         unit=f"{scenario.step_unit}s",
                     )
                     sim.callback = lambda t, _sim: bar.update(task, completed=t + 1)
+                sim.wall_origin = started
                 result = sim.run(steps, out_dir=folder, resume=resume)
-        except BaseException:
-            if created and not (folder / CHECKPOINT).exists():  # nothing to resume: leave nothing behind
-                shutil.rmtree(folder, ignore_errors=True)
+        except BaseException as exc:
+            if not resume and not (folder / CHECKPOINT).exists():  # failed before its first step
+                _unclaim(folder, created)  # leave nothing behind
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM under the CLI
+                if (folder / CHECKPOINT).exists():
+                    raise Interrupted(
+                        f"{folder}: interrupted after step {sim.done} of {steps}; the run folder keeps its checkpoint",
+                        hint=f"continue it with the same command and --resume --out {folder}",
+                    ) from None
+                raise Interrupted(
+                    "interrupted before the first step completed; nothing was written"
+                ) from None
             raise
-    wall = time.perf_counter() - started
+    wall = result.prior_wall_seconds + time.perf_counter() - started
     summary = _summary(resolved, scenario, result, wall, llm_info)
-    _write(folder, resolved, scenario, llm_info, result, summary)
+    summary["notes"] = [note] if note else []
+    try:
+        _write(folder, resolved, scenario, llm_info, result, summary)
+    except OSError as exc:
+        error = os_error(folder, exc, "the run's results")
+        error.hint = f"the checkpoint is kept: make room, then the same command with --resume --out {folder} writes them"
+        raise error from None
     return RunOutput(folder=folder, summary=summary, result=result)
+
+
+#: Longest horizon a run may have, in years from its start.
+MAX_YEARS = 10
+
+
+def _check_horizon(scenario: Any, steps: int) -> None:
+    """Refuse a horizon that ends more than MAX_YEARS after the start, giving the range."""
+    start = pd.Timestamp(scenario.config.start)
+    limit = start + pd.DateOffset(years=MAX_YEARS)
+    try:
+        last = scenario.date(steps - 1)
+    except (OverflowError, ValueError, pd.errors.OutOfBoundsDatetime):
+        last = None
+    if last is None or last > limit:
+        unit = scenario.step_unit
+        most = 12 * MAX_YEARS if unit == "month" else (limit - start).days // (7 if unit == "week" else 1)
+        ends = "beyond the calendar" if last is None else f"on {last.date()}"
+        raise InputError(
+            f"horizon: {steps:,} {scenario.step_unit}s from {start.date()} would end {ends}; runs are at most "
+            f"{MAX_YEARS} years long (1 to {most:,} {scenario.step_unit}s here)"
+        )
+
+
+def _data_note(scenario: Any, world: Any, steps: int) -> str | None:
+    """A note when the run goes on past its real data (those steps are compared with nothing)."""
+    first, last = scenario.date(0), scenario.date(steps - 1)
+    real = scenario.real_data(world, first, last)
+    if real.empty:
+        known = scenario.real_data(world, pd.Timestamp("1900-01-01"), pd.Timestamp("2200-01-01"))
+        if known.empty:
+            return None  # a scenario without real data
+        return f"the real data cover {known['date'].min().date()} .. {known['date'].max().date()}; this run ({first.date()} .. {last.date()}) is compared with nothing"
+    end = real["date"].max()
+    if end < last:
+        return f"the real data end on {end.date()}; the steps after it (to {last.date()}) are compared with nothing"
+    return None
 
 
 def _claim_folder(
@@ -251,16 +313,30 @@ def _claim_folder(
                 f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out"
             )
         return False
-    if folder.exists() and any(folder.iterdir()):
+    if folder.is_dir() and any(folder.iterdir()):
         raise InputError(
             f"{folder}: the run folder exists and is not empty; nothing was overwritten",
             hint="pass --resume to continue that run, or another --out",
         )
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    created = make_folder(folder, field="run folder")
     record = {"run": config.model_dump(mode="json"), "identity": identity}
-    (folder / "config.json").write_text(json.dumps(record, indent=2))
+    try:
+        (folder / "config.json").write_text(json.dumps(record, indent=2))
+    except OSError as exc:
+        _unclaim(folder, created)
+        raise os_error(folder / "config.json", exc, "the run configuration") from None
     return created
+
+
+def _unclaim(folder: Path, created: bool) -> None:
+    """Undo :func:`_claim_folder` for a run that never completed a step."""
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    from lpm.engine import JOURNAL
+
+    for name in ("config.json", JOURNAL):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _model_name(identity: dict[str, Any] | None) -> str:

@@ -9,6 +9,7 @@ an age profile scaled to each borough's labor force in the recipe's month. O(N) 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,14 +257,44 @@ def deal_clusters(member: torch.Tensor, size: int, first: int, gen: torch.Genera
     return out
 
 
+#: Most agents a population may hold: agent indices are int32.
+MAX_AGENTS = 2**31 - 1
+#: Bytes per agent a COVID run holds at full city (population, state, index tensors, buffers; README's
+#: benchmark: 18 + 75), for the memory check before a population is built.
+BYTES_PER_AGENT = 100
+#: Seeds are torch generator seeds (int64).
+MAX_SEED = 2**63 - 1
+
+
+def check_agents(n: int) -> None:
+    """Refuse an agent count outside 1..MAX_AGENTS or one this machine's memory cannot hold (at
+    ``BYTES_PER_AGENT``), giving the range."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    most = min(MAX_AGENTS, memory // BYTES_PER_AGENT)
+    if not 1 <= n <= most:
+        why = (
+            f"at about {BYTES_PER_AGENT} bytes per agent a run needs {n * BYTES_PER_AGENT / 2**30:,.0f} GiB "
+            f"and this machine has {memory / 2**30:,.0f} GiB"
+            if n > most and most < MAX_AGENTS
+            else "agent indices are 32-bit"
+        )
+        raise InputError(f"agents: {n:,} is out of range; this machine runs 1 to {most:,} agents ({why})")
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a seed that torch's generator cannot take (0..2**63-1)."""
+    if not 0 <= int(seed) <= MAX_SEED:
+        raise InputError(f"seed: {seed} is out of range; seeds are 0 to {MAX_SEED} (2**63 - 1)")
+
+
 def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -> Population:
     """See :meth:`Population.synthesize`."""
     recipe = Recipe.load(recipe_path(name))
     cells = cell_sizes(recipe)
     city = float(cells.sum())
     n = round(city) if agents is None else int(agents)
-    if n <= 0:
-        raise InputError(f"agents must be positive, got {agents}")
+    check_agents(n)
+    check_seed(seed)
     boroughs, ages = list(recipe.boroughs), list(recipe.age_groups)
     B, A, S = cells.shape
     gen = torch.Generator().manual_seed(int(seed))

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from lpm.errors import LpmError
+from lpm.errors import Interrupted, LpmError
 
 app = typer.Typer(
     name="lpm",
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     Set ``LPM_DEBUG=1`` to see tracebacks.
     """
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # SIGTERM unwinds like Ctrl-C: child servers are stopped
     try:
         app(args=argv, prog_name="lpm")  # standalone: usage errors print and exit 2 themselves
     except SystemExit as exc:
@@ -56,11 +60,15 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         if exc.hint:
             err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
-        return 2
+        return 130 if isinstance(exc, Interrupted) else 2
     except KeyboardInterrupt:
         err_console.print("aborted")
         return 130
     return 0
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -31,4 +31,7 @@ def register(app: typer.Typer) -> None:
         """Delete every cached response and reset the counters."""
         with ResponseCache(cache_dir) as cache:
             removed = cache.clear()
-        console.print(f"cleared {cache.directory} ({removed:,} items)")
+        if removed is None:
+            console.print(f"cleared {cache.directory} (its database was damaged and was deleted)")
+        else:
+            console.print(f"cleared {cache.directory} ({removed:,} items)")

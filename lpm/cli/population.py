@@ -50,8 +50,17 @@ def register(app: typer.Typer) -> None:
         agents: int = typer.Option(None, "--agents", "-n", help="number of agents (default: the whole city)"),
         seed: int = typer.Option(0, "--seed", help="random seed; the same seed gives the same population"),
         out: Path = typer.Option(..., "--out", "-o", help="Parquet file to write"),
+        force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
     ) -> None:
         """Synthesize a population from real marginals and write it as Parquet."""
+        from lpm.errors import InputError
+        from lpm.paths import file_parent
+
+        file_parent(out, field="--out")  # before the work: a folder, a file in the way, no permission
+        if out.exists() and not force:
+            raise InputError(
+                f"--out {out}: the file exists; nothing was overwritten", hint="pass --force to replace it"
+            )
         start = time.perf_counter()
         with console.status(f"synthesizing {recipe} population"):
             pop = Population.synthesize(recipe, agents=agents, seed=seed)

@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from lpm.cli.display import console
 from lpm.cli.options import (
@@ -135,4 +136,6 @@ def register(app: typer.Typer) -> None:
                 f"{key} against the real series ({e['compared']}, {e['periods']} periods): mean abs. error "
                 f"{e['mape_percent']}%, simulated {number(e['simulated'])} vs real {number(e['real'])} ({e['over']})"
             )
+        for note in s.get("notes") or []:
+            console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
         console.print(f"report: {result.folder / 'report.md'}")

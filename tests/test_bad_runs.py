@@ -1,0 +1,239 @@
+"""Issue 11's run-side classes: numbers beyond what can run, paths that cannot be written, a damaged
+cache, failures at the first step, signals to a real `lpm run`, and checkpoints whose cost does not grow."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_decision import lpm_cli as lpm
+
+from lpm.cache import ResponseCache
+from lpm.engine import CHECKPOINT, JOURNAL, Simulation
+from lpm.errors import CacheError, InputError
+from lpm.policy import HeuristicPolicy
+from lpm.population import Population
+from lpm.run import RunConfig, run
+from lpm.scenarios.covid import CovidScenario
+
+
+def no_traceback(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.splitlines()
+    assert "Traceback" not in res.stderr and any(line.startswith("error: ") for line in lines), res.stderr
+
+
+# -- numbers ------------------------------------------------------------------------------------------
+def test_numbers_beyond_what_can_run_give_the_range(tmp_path):
+    res = lpm("run", "covid", "--agents", "1000000000000", "--weeks", "1", "-o", str(tmp_path / "a"))
+    no_traceback(res)
+    assert "'agents'" in res.stderr and "2147483647" in res.stderr
+    res = lpm("run", "covid", "-n", "1000", "--seed", str(2**64), "-o", str(tmp_path / "s"))
+    no_traceback(res)
+    assert "'seed'" in res.stderr and str(2**63 - 1) in res.stderr
+    res = lpm("population", "synth", "--agents", "2000000000", "--out", str(tmp_path / "big.parquet"))
+    no_traceback(res)  # under the int32 bound but beyond this machine's memory at ~100 B/agent
+    assert "agents: 2,000,000,000 is out of range" in res.stderr and "GiB" in res.stderr
+    res = lpm("run", "covid", "-n", "1000", "--weeks", "10000", "-o", str(tmp_path / "w"))
+    no_traceback(res)
+    assert "70,000 days from 2020-03-01 would end on 2211-10-26" in res.stderr
+    assert "1 to 3,652 days" in res.stderr
+    with pytest.raises(InputError, match=r"200 months .*\(1 to 120 months"):
+        run(RunConfig(scenario="labor", agents=1000, months=200), tmp_path / "m", progress=False)
+    with pytest.raises(InputError, match="beyond the calendar"):
+        run(RunConfig(scenario="labor", agents=1000, steps=100_000), tmp_path / "m", progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_horizon_past_the_data_is_noted(tmp_path):
+    out = run(
+        RunConfig(scenario="covid", agents=2000, start="2021-12-28", days=7), tmp_path / "r", progress=False
+    )
+    assert out.summary["notes"] == [
+        "the real data end on 2021-12-31; the steps after it (to 2022-01-03) are compared with nothing"
+    ]
+    inside = run(RunConfig(scenario="covid", agents=2000, days=7), tmp_path / "i", progress=False)
+    assert inside.summary["notes"] == []
+
+
+# -- paths --------------------------------------------------------------------------------------------
+def test_population_synth_paths(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    res = lpm("population", "synth", "-n", "100", "--out", str(folder))
+    no_traceback(res)
+    assert f"--out {folder}: is a folder" in res.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("my notes")
+    res = lpm("population", "synth", "-n", "100", "--out", str(text))
+    no_traceback(res)
+    assert "the file exists; nothing was overwritten" in res.stderr and "--force" in res.stderr
+    assert text.read_text() == "my notes"
+    res = lpm("population", "synth", "-n", "100", "--out", str(text / "x.parquet"))
+    no_traceback(res)
+    assert f"{text} is a file, not a folder" in res.stderr
+    res = lpm("population", "synth", "-n", "100", "--out", str(text), "--force")
+    assert res.returncode == 0, res.stderr
+    assert len(Population.load(text)) == 100
+
+
+def test_population_save_on_a_full_disk_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def full(table, where, **kw):
+        Path(where).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(InputError, match=r"pop.parquet: cannot write the population: the disk is full"):
+        Population.synthesize("nyc", agents=100).save(tmp_path / "pop.parquet")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_place(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(InputError, match="permission denied"):
+        Population.synthesize("nyc", agents=100).save(ro / "x.parquet")
+    with pytest.raises(InputError, match="permission denied"):
+        run(RunConfig(scenario="covid", agents=1000, days=7), ro / "run", progress=False)
+
+
+def test_run_folder_paths(tmp_path):
+    text = tmp_path / "file"
+    text.write_text("x")
+    for out in (text, text / "run"):
+        with pytest.raises(InputError, match=f"run folder {out}: {text} is a file, not a folder"):
+            run(RunConfig(scenario="covid", agents=1000, days=7), out, progress=False)
+    assert text.read_text() == "x"
+
+
+def test_results_on_a_full_disk_keep_the_checkpoint(tmp_path, monkeypatch):
+    from lpm import report
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full)
+    config = RunConfig(scenario="covid", agents=1000, days=7)
+    with pytest.raises(InputError, match="cannot write the run's results: the disk is full") as err:
+        run(config, tmp_path / "r", progress=False)
+    assert "--resume" in err.value.hint and (tmp_path / "r" / CHECKPOINT).is_file()
+    monkeypatch.undo()
+    done = run(config, tmp_path / "r", resume=True, progress=False)
+    assert (done.folder / "report.md").is_file() and done.summary["resumed_from_step"] == 7
+
+
+# -- a damaged cache ----------------------------------------------------------------------------------
+def test_a_damaged_cache_is_reported_and_cleared(tmp_path):
+    folder = tmp_path / "cache" / "responses"
+    with ResponseCache(folder) as cache:
+        cache.stats()
+    (folder / "cache.db").write_bytes(os.urandom(20_000))
+    with pytest.raises(CacheError, match=r"cache.db: the response cache database is damaged") as err:
+        ResponseCache(folder).get("k")
+    assert "lpm cache clear --cache-dir" in err.value.hint
+    res = lpm("cache", "stats", "--cache-dir", str(folder))
+    no_traceback(res)
+    assert "damaged" in res.stderr
+    # a run fails at its first step, before any server starts, and leaves no folder
+    res = lpm(
+        "run", "covid", "-n", "1000", "--weeks", "1", "--policy", "llm", "-o", str(tmp_path / "run"),
+        env={"LPM_CACHE_DIR": str(tmp_path / "cache")},
+    )  # fmt: skip
+    no_traceback(res)
+    assert "damaged" in res.stderr and not (tmp_path / "run").exists()
+    res = lpm("cache", "clear", "--cache-dir", str(folder))
+    assert res.returncode == 0 and "was damaged and was deleted" in " ".join(res.stdout.split()), res.stderr
+    assert ResponseCache(folder).stats()["entries"] == 0  # usable again
+
+
+def test_a_cache_folder_that_is_a_file(tmp_path):
+    (tmp_path / "responses").write_text("x")
+    with pytest.raises(CacheError, match="the response cache folder is a file"):
+        ResponseCache(tmp_path / "responses").stats()
+
+
+# -- failures at the first step ------------------------------------------------------------------------
+def test_a_failure_at_the_first_step_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    given = tmp_path / "given"
+    given.mkdir()  # an empty folder the user made stays, empty
+    for out in (tmp_path / "new", given):
+        config = RunConfig(scenario="covid", agents=1000, days=7, policy="llm", cache="replay")
+        with pytest.raises(Exception, match="no cached answer"):
+            run(config, out, progress=False)
+        unreachable = RunConfig(
+            scenario="covid",
+            agents=1000,
+            days=7,
+            policy="llm",
+            llm_url="http://127.0.0.1:9/v1",
+            llm_model="m",
+        )
+        with pytest.raises(Exception, match="unreachable"):
+            run(unreachable, out, progress=False)
+    assert not (tmp_path / "new").exists() and list(given.iterdir()) == []
+    run(RunConfig(scenario="covid", agents=1000, days=7), given, progress=False)  # the same folder now runs
+    assert (given / "report.md").is_file()
+
+
+# -- signals ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_run_and_says_how_to_resume(tmp_path, sig):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "lpm", "run", "covid", "-n", "200000", "--days", "90", "-o", str(out)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    done = int(err.split("interrupted after step ")[1].split(" ")[0])
+    assert 1 <= done < 90 and f"--resume --out {out}" in err
+    first = json.loads((out / "config.json").read_text())["run"]
+    assert first["agents"] == 200_000 and not (out / (CHECKPOINT + ".tmp")).exists()
+    res = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_step"] == done and summary["steps"] == 90
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def test_checkpoint_cost_does_not_grow_with_the_run(tmp_path):
+    pop = Population.synthesize("nyc", agents=5000, seed=1)
+    sizes, journal = [], []
+
+    def measure(t, sim):
+        sizes.append((tmp_path / CHECKPOINT).stat().st_size)
+        journal.append((tmp_path / JOURNAL).stat().st_size)
+
+    Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1, callback=measure).run(60, out_dir=tmp_path)
+    # the rewritten part stays the same size; the journal grows by about one step's records each step
+    assert max(sizes[10:]) - min(sizes[10:]) <= 0.01 * sizes[10], sizes[:3]
+    steps = torch.tensor(journal).diff().float()
+    daily = steps[steps < steps.median() * 3]  # weekly decision steps also journal their decisions
+    assert daily.max() <= 1.5 * daily.min()
+
+
+def test_wall_seconds_count_every_part_of_a_resumed_run(tmp_path):
+    config = RunConfig(scenario="covid", agents=2000, days=7)
+    first = run(config, tmp_path / "r", progress=False)
+    longer = config.model_copy(update={"days": 14})
+    second = run(longer, tmp_path / "r", resume=True, progress=False)
+    # the first part's wall time up to its last checkpoint (before its plots and report)
+    assert 0 < second.result.prior_wall_seconds <= first.summary["wall_seconds"]
+    assert second.summary["wall_seconds"] > second.result.prior_wall_seconds
