@@ -135,9 +135,7 @@ class Attribute(BaseModel):
                 raise ValueError("bins must be at least two strictly increasing edges")
             n = len(self.bins) - 1
             if self.labels is None:
-                self.labels = [
-                    f"{_num(lo)}-{_num(hi - 1)}" for lo, hi in zip(self.bins, self.bins[1:], strict=False)
-                ]
+                self.labels = [_bin_label(lo, hi) for lo, hi in zip(self.bins, self.bins[1:], strict=False)]
             elif len(self.labels) != n:
                 raise ValueError(f"{n} bins need {n} labels, got {len(self.labels)}")
         elif self.labels is not None:
@@ -147,6 +145,15 @@ class Attribute(BaseModel):
 
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _bin_label(lo: float, hi: float) -> str:
+    """Default label of the bin [lo, hi): ``18-64``, ``65+`` (open above), ``under 18`` (open below)."""
+    if math.isinf(hi):
+        return "any" if math.isinf(lo) else f"{_num(lo)}+"
+    if math.isinf(lo):
+        return f"under {_num(hi)}"
+    return f"{_num(lo)}-{_num(hi - 1)}"
 
 
 class Cadence(StrEnum):

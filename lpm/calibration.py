@@ -47,6 +47,7 @@ import torch
 from lpm.engine import SimState, Simulation
 from lpm.errors import InputError
 from lpm.gradcheck import ReplayPolicy
+from lpm.paths import make_folder
 from lpm.policy import Policy
 from lpm.population import Population
 from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
@@ -566,7 +567,7 @@ def write(cal: Calibration, folder: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder, field="--out")
     (folder / "calibration.json").write_text(json.dumps(cal.to_json(), indent=2) + "\n")
     cal.forecast.to_csv(folder / "forecast.csv", index=False)
     fig, ax = plt.subplots(figsize=(6, 3.5))

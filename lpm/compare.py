@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 from lpm.decoding import DEFAULT_SCORING
 from lpm.errors import CacheMissError, InputError, validation_message
+from lpm.paths import check_new_folder, make_folder
 from lpm.run import CacheMode, PolicyName, RunConfig, RunOutput, run
 
 __all__ = ["CompareConfig", "SharedModel", "compare", "parse_window", "window_error"]
@@ -312,9 +313,8 @@ def compare(
             f"{type(scenario).where()}: no quantity has a real series to compare policies against"
         )
     _check_agent_llm(config, scenario)
-    if folder.exists() and any(folder.iterdir()):
-        raise InputError(f"{folder}: the comparison folder exists and is not empty; nothing was overwritten")
-    folder.mkdir(parents=True, exist_ok=True)
+    check_new_folder(folder, what="the comparison folder")
+    make_folder(folder, field="--out")
 
     runs: list[dict[str, Any]] = []
     outputs: dict[tuple[str, int], RunOutput] = {}

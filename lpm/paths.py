@@ -65,6 +65,28 @@ def file_parent(path: Path | str, *, field: str) -> Path:
     return path
 
 
+def check_new_folder(path: Path | str, *, field: str = "--out", what: str = "the output folder") -> Path:
+    """Check, writing nothing, that ``path`` can become a new output folder: no file stands in the way, it
+    is absent or an empty folder, and the nearest existing folder above it is writable."""
+    path = Path(path)
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise InputError(
+                f"{field} {path}: {part} is a file, not a folder",
+                hint=f"choose another {field} or move {part}",
+            )
+    if path.is_dir() and any(path.iterdir()):
+        raise InputError(
+            f"{path}: {what} exists and is not empty; nothing was overwritten",
+            hint=f"give another {field}"
+            + (" (or --resume to continue that run)" if what == "the run folder" else ""),
+        )
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK):
+        raise InputError(f"{field} {path}: cannot write in {existing} (permission denied)")
+    return path
+
+
 def make_folder(path: Path | str, *, field: str, shown: Path | str | None = None) -> bool:
     """Make folder ``path`` (and its parents); returns whether it was created here. A file in the way or an
     unwritable place is an :class:`InputError` naming ``field`` and ``shown`` (default ``path``)."""

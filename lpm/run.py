@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from lpm.decoding import DEFAULT_SCORING, Scoring
 from lpm.elicitation import ElicitationName
 from lpm.errors import InputError, Interrupted, validation_message
-from lpm.paths import make_folder, os_error
+from lpm.paths import check_new_folder, make_folder, os_error
 from lpm.population import Population
 from lpm.server_kind import SERVER_KINDS
 from lpm.synthesis import MAX_AGENTS, MAX_SEED
@@ -313,12 +313,8 @@ def _claim_folder(
                 f"{folder}: --resume of a run with another configuration ({shown})", hint="use a new --out"
             )
         return False
-    if folder.is_dir() and any(folder.iterdir()):
-        raise InputError(
-            f"{folder}: the run folder exists and is not empty; nothing was overwritten",
-            hint="pass --resume to continue that run, or another --out",
-        )
-    created = make_folder(folder, field="run folder")
+    check_new_folder(folder, what="the run folder")
+    created = make_folder(folder, field="--out")
     record = {"run": config.model_dump(mode="json"), "identity": identity}
     try:
         (folder / "config.json").write_text(json.dumps(record, indent=2))

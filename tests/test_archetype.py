@@ -177,6 +177,7 @@ def test_open_ended_bins_are_allowed(tmp_path, small_pop):
         _write_spec(tmp_path, attributes=[{"name": "age", "bins": [-math.inf, 18, math.inf]}])
     )
     assert spec.group(small_pop).k == 2
+    assert spec.attributes[0].labels == ["under 18", "18+"]
 
 
 def test_text_context_values_only_where_nothing_is_rounded():

@@ -117,6 +117,41 @@ def test_run_folder_paths(tmp_path):
     assert text.read_text() == "x"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["compare", "covid", "-n", "1000", "--policies", "heuristic"],
+        ["sensitivity", "covid", "-n", "1000"],
+        ["calibrate", "covid", "-n", "1000", "--train", "2020-03-01:2020-03-14"],
+        ["probe", "covid_isolation"],
+        ["run", "covid", "-n", "1000"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_every_output_folder_under_a_file_is_refused_first(tmp_path, capsys, command):
+    from lpm.cli import main
+
+    text = tmp_path / "file"
+    text.write_text("x")
+    for out in (text, text / "out"):
+        assert main([*command, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out}: {text} is a file, not a folder" in " ".join(err.split()), err
+    assert text.read_text() == "x"
+
+
+def test_a_write_no_command_checked_is_an_error_naming_the_file(tmp_path, capsys, monkeypatch):
+    from lpm.cli import main
+    from lpm.cli import population as cli_population
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.png"))
+
+    monkeypatch.setattr(cli_population, "show_population", full)
+    assert main(["population", "synth", "-n", "100", "--out", str(tmp_path / "p.parquet")]) == 2
+    assert f"error: {tmp_path / 'x.png'}: cannot write a file: the disk is full" in capsys.readouterr().err
+
+
 def test_results_on_a_full_disk_keep_the_checkpoint(tmp_path, monkeypatch):
     from lpm import report
 

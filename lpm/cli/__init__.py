@@ -61,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         return 130 if isinstance(exc, Interrupted) else 2
+    except OSError as exc:  # a write that failed where no command checked (full disk, permissions)
+        if os.environ.get("LPM_DEBUG") or exc.filename is None:
+            raise
+        from lpm.paths import os_error
+
+        error = os_error(exc.filename, exc, "a file")
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         err_console.print("aborted")
         return 130

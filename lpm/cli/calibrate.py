@@ -10,6 +10,7 @@ import typer
 
 from lpm.cli.display import console
 from lpm.cli.options import llm_timeout_option, parse_list, parse_pairs, revision_option, weights_option
+from lpm.paths import check_new_folder
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -101,8 +102,7 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--data: the {base.name} scenario reads no data file of yours")
         names = parse_list(parameters, "--parameters") or None
         folder = out or Path("runs") / f"calibrate-{base.name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        if folder.exists() and any(folder.iterdir()):
-            raise InputError(f"{folder}: the folder exists and is not empty; nothing was overwritten")
+        check_new_folder(folder)
         pop = Population.synthesize("nyc", agents=agents, seed=seed)
         argv = ["lpm", "calibrate", scenario, "--train", train] + (["--test", test] if test else [])
         argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]

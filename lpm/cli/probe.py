@@ -14,6 +14,7 @@ from lpm.cli.asking import ModelOptions
 from lpm.cli.display import console, frame_table
 from lpm.cli.options import parse_pairs
 from lpm.errors import InputError
+from lpm.paths import check_new_folder, make_folder
 
 
 def parse_vary(items: list[str]) -> dict[str, list[Any]]:
@@ -82,11 +83,7 @@ def register(app: typer.Typer) -> None:
         base_values = parse_pairs(base, "--base", "cases=1000")
         asked = ModelOptions.pick(locals())
         folder = Path(out) if out is not None else Path(f"probe-{s.name}")
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise InputError(
-                f"{folder}: the output folder exists and is not empty; nothing was overwritten",
-                hint="give another --out",
-            )
+        check_new_folder(folder)
         pop = (
             Population.load(population)
             if population is not None
@@ -126,7 +123,7 @@ def register(app: typer.Typer) -> None:
                 f"(some answers were sampled: their shares carry noise of about 0.5/sqrt({n_samples}) = "
                 f"{0.5 / n_samples**0.5:.2f} at p = 0.5, which the ranges include)"
             )
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, field="--out")
         result.table.to_csv(folder / "probe.csv", index=False)
         summary = result.summary() | {
             "model": info["model"],

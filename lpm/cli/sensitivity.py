@@ -10,6 +10,7 @@ import typer
 
 from lpm.cli.display import console, frame_table
 from lpm.cli.options import parse_date, parse_list, parse_pairs
+from lpm.paths import check_new_folder, make_folder
 
 
 def register(app: typer.Typer) -> None:
@@ -88,10 +89,7 @@ def register(app: typer.Typer) -> None:
         base = make_scenario(scenario, values)
         horizon = base.steps_for(steps=steps, days=days, weeks=weeks, months=months)
         folder = out or Path("runs") / f"sensitivity-{base.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        if folder.exists() and any(folder.iterdir()):
-            raise InputError(
-                f"{folder}: the folder exists and is not empty; nothing was overwritten", hint="another --out"
-            )
+        check_new_folder(folder)
         pop = Population.synthesize("nyc", agents=agents, seed=population_seed)
         frame = sensitivity(
             lambda kw: make_scenario(scenario, {**values, **kw}),
@@ -107,7 +105,7 @@ def register(app: typer.Typer) -> None:
             temperature=temperature,
             device=device,
         )
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder, field="--out")
         frame.to_csv(folder / "sensitivity.csv", index=False)
         (folder / "sensitivity.md").write_text(markdown(frame))
         tornado(frame, folder / "tornado.png")
