@@ -69,12 +69,7 @@ def check_new_folder(path: Path | str, *, field: str = "--out", what: str = "the
     """Check, writing nothing, that ``path`` can become a new output folder: no file stands in the way, it
     is absent or an empty folder, and the nearest existing folder above it is writable."""
     path = Path(path)
-    for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
-            raise InputError(
-                f"{field} {path}: {part} is a file, not a folder",
-                hint=f"choose another {field} or move {part}",
-            )
+    _no_file_in_the_way(path, field, path)
     if path.is_dir() and any(path.iterdir()):
         raise InputError(
             f"{path}: {what} exists and is not empty; nothing was overwritten",
@@ -91,15 +86,19 @@ def make_folder(path: Path | str, *, field: str, shown: Path | str | None = None
     """Make folder ``path`` (and its parents); returns whether it was created here. A file in the way or an
     unwritable place is an :class:`InputError` naming ``field`` and ``shown`` (default ``path``)."""
     path = Path(path)
-    for part in (path, *path.parents):
-        if part.exists() and not part.is_dir():
-            raise InputError(
-                f"{field} {shown or path}: {part} is a file, not a folder",
-                hint=f"choose another {field} or move {part}",
-            )
+    _no_file_in_the_way(path, field, shown or path)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise os_error(path, exc, "the folder") from None
     return created
+
+
+def _no_file_in_the_way(path: Path, field: str, shown: Path | str) -> None:
+    for part in (path, *path.parents):
+        if part.exists() and not part.is_dir():
+            raise InputError(
+                f"{field} {shown}: {part} is a file, not a folder",
+                hint=f"choose another {field} or move {part}",
+            )

@@ -112,7 +112,7 @@ def test_run_folder_paths(tmp_path):
     text = tmp_path / "file"
     text.write_text("x")
     for out in (text, text / "run"):
-        with pytest.raises(InputError, match=f"run folder {out}: {text} is a file, not a folder"):
+        with pytest.raises(InputError, match=f"--out {out}: {text} is a file, not a folder"):
             run(RunConfig(scenario="covid", agents=1000, days=7), out, progress=False)
     assert text.read_text() == "x"
 
