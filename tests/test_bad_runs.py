@@ -272,3 +272,21 @@ def test_wall_seconds_count_every_part_of_a_resumed_run(tmp_path):
     # the first part's wall time up to its last checkpoint (before its plots and report)
     assert 0 < second.result.prior_wall_seconds <= first.summary["wall_seconds"]
     assert second.summary["wall_seconds"] > second.result.prior_wall_seconds
+
+
+def test_messages_keep_their_brackets(capsys, monkeypatch):
+    """Archetype labels such as ``[sex=female]`` are printed as written, not read as terminal markup."""
+    from lpm.cli import main
+    from lpm.errors import LLMError
+
+    label = "covid_isolation[age_group=0-4, sex=female, borough=Bronx]"
+
+    def fails(path):
+        raise LLMError(
+            f"covid_isolation: 1 of 100 archetypes left undecided ({label})", hint=f"[bold]{label}"
+        )
+
+    monkeypatch.setattr(Population, "load", fails)
+    assert main(["population", "show", "x.parquet"]) == 2
+    err = capsys.readouterr().err
+    assert f"left undecided ({label})" in err and f"hint: [bold]{label}" in err
