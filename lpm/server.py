@@ -97,6 +97,10 @@ class ModelServer:
             raise ServerError(f"max_model_len must be at least 16 tokens, got {max_model_len}.")
         if startup_timeout <= 0:
             raise ServerError(f"startup_timeout must be positive seconds, got {startup_timeout}.")
+        if port is not None and not 1 <= port <= 65535:
+            raise ServerError(
+                f"port must be in 1..65535, got {port}.", hint="or leave --port out for a free one"
+            )
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.kv_cache_gib = int(kv_cache_gib)

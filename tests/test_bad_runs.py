@@ -290,3 +290,22 @@ def test_messages_keep_their_brackets(capsys, monkeypatch):
     assert main(["population", "show", "x.parquet"]) == 2
     err = capsys.readouterr().err
     assert f"left undecided ({label})" in err and f"hint: [bold]{label}" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["calibrate", "covid", "-n", "1000", "--train", "2020-03-01:2020-03-14", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["calibrate", "covid", "-n", "1000", "--train", "2020-03-01:2020-03-14", "--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["calibrate", "covid", "-n", "1000", "--train", "2020-03-01:2020-03-14", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["sensitivity", "covid", "-n", "1000", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["serve", "--port", "99999"], "port must be in 1..65535, got 99999"),
+    ],
+    ids=["lr-nan", "lr-negative", "epochs-0", "steps-0", "port"],
+)  # fmt: skip
+def test_numeric_options_are_checked_before_work(tmp_path, capsys, args, message):
+    from lpm.cli import main
+
+    assert main([*args, *(["--out", str(tmp_path / "o")] if args[0] != "serve" else [])]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -261,9 +261,14 @@ class Scenario(ABC):
     ) -> int:
         """Steps of a horizon given in steps or in calendar days, weeks or months from the start (at most
         one; none: the declared ``horizon``). A horizon that is not a whole number of steps is an error."""
-        given = {k: v for k, v in dict(steps=steps, days=days, weeks=weeks, months=months).items() if v}
+        given = {
+            k: v for k, v in dict(steps=steps, days=days, weeks=weeks, months=months).items() if v is not None
+        }
         if len(given) > 1:
             raise InputError(f"give one horizon, not {' and '.join(given)}")
+        bad = [f"--{k} must be >= 1, got {v}" for k, v in given.items() if v < 1]
+        if bad:
+            raise InputError(bad[0])
         if not given:
             return int(self.horizon)
         unit, amount = next(iter(given.items()))
