@@ -42,7 +42,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import pickle  # only for its error type: checkpoints load with weights_only=True
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -515,11 +517,18 @@ class Simulation:
 
     def _load(self, path: Path, steps: int) -> tuple[int, SimState]:
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError) as exc:
+            with warnings.catch_warnings():  # a foreign file's pickle protocol warning says nothing useful
+                warnings.simplefilter("ignore")
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ...)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if isinstance(exc, pickle.UnpicklingError):  # torch's text suggests weights_only=False: never
+                first = "it holds more than tensors and plain values, or is not a torch file"
             raise InputError(
-                f"{path}: unreadable checkpoint ({exc})", hint="delete it to start over"
+                f"{path}: unreadable checkpoint ({first})", hint="delete the run folder to start over"
             ) from None
+        if not isinstance(blob, dict):
+            raise InputError(f"{path}: not an lpm checkpoint (it holds a {type(blob).__name__})")
         if blob.get("version") != CHECKPOINT_VERSION:
             raise InputError(
                 f"{path}: field 'version' is {blob.get('version')!r}; this lpm reads {CHECKPOINT_VERSION}",
@@ -533,16 +542,23 @@ class Simulation:
                 f"{path}: the checkpoint belongs to a different run (field(s) {', '.join(diff)} differ)",
                 hint="resume with the same scenario, parameters, population, seed and policy, or use a new folder",
             )
-        done = int(blob["done"])
-        if done > steps:
-            raise InputError(f"{path}: the checkpoint has {done} steps done, more than the {steps} asked for")
-        to_device = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
-        self._read_journal(path, done, int(blob["journal_bytes"]))
-        self.decision_counters = {k: dict(v) for k, v in blob["counters"].items()}
-        self.step_seconds = float(blob["step_seconds"])
-        self.decide_seconds = float(blob["decide_seconds"])
-        self.prior_wall_seconds = float(blob["wall_seconds"])
-        return done, SimState(to_device(blob["state"]), to_device(blob["actions"]))
+        try:
+            done = int(blob["done"])
+            if done > steps:
+                raise InputError(
+                    f"{path}: the checkpoint has {done} steps done, more than the {steps} asked for"
+                )
+            to_device = lambda d: {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
+            self._read_journal(path, done, int(blob["journal_bytes"]))
+            self.decision_counters = {k: dict(v) for k, v in blob["counters"].items()}
+            self.step_seconds = float(blob["step_seconds"])
+            self.decide_seconds = float(blob["decide_seconds"])
+            self.prior_wall_seconds = float(blob["wall_seconds"])
+            return done, SimState(to_device(blob["state"]), to_device(blob["actions"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise InputError(
+                f"{path}: damaged checkpoint (field {exc})", hint="delete the run folder to start over"
+            ) from None
 
     # -- frames -------------------------------------------------------------------------------------
     def _result(self, state: SimState, steps: int, start: int) -> RunResult:

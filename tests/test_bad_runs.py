@@ -309,3 +309,22 @@ def test_numeric_options_are_checked_before_work(tmp_path, capsys, args, message
     assert main([*args, *(["--out", str(tmp_path / "o")] if args[0] != "serve" else [])]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "tensor", "truncated-journal", "no-journal"])
+def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, damage):
+    pop = Population.synthesize("nyc", agents=2000, seed=1)
+    Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1).run(10, out_dir=tmp_path)
+    journal = tmp_path / JOURNAL
+    if damage == "garbage":
+        (tmp_path / CHECKPOINT).write_bytes(b"\x80\x04garbage")
+    elif damage == "tensor":
+        torch.save(torch.zeros(3), tmp_path / CHECKPOINT)
+    elif damage == "truncated-journal":
+        journal.write_bytes(journal.read_bytes()[:5000])
+    else:
+        journal.unlink()
+    where = JOURNAL if "journal" in damage else CHECKPOINT
+    with pytest.raises(InputError, match=rf"{where}: (unreadable|not an lpm)") as err:
+        Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1).run(12, out_dir=tmp_path, resume=True)
+    assert "weights_only" not in str(err.value)
