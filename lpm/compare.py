@@ -41,21 +41,14 @@ LLM_POLICIES = ("llm", "agent-llm")
 
 
 def parse_window(text: str | None) -> tuple[dt.date, dt.date] | None:
-    """``"2020-04-01:2020-04-30"`` -> the two dates (both included); None stays None."""
+    """``"2020-04-01:2020-04-30"`` -> the two dates (both included); None stays None (the parser of
+    ``lpm calibrate``'s windows, :meth:`lpm.calibration.Window.parse`)."""
     if text is None:
         return None
-    first, sep, last = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        window = dt.date.fromisoformat(first.strip()), dt.date.fromisoformat(last.strip())
-    except ValueError:
-        raise InputError(
-            f"--test {text!r}: expected START:END dates, e.g. --test 2020-04-01:2020-04-30"
-        ) from None
-    if window[0] > window[1]:
-        raise InputError(f"--test {text!r}: the start {window[0]} is after the end {window[1]}")
-    return window
+    from lpm.calibration import Window
+
+    window = Window.parse(text, "--test")
+    return window.first.date(), window.last.date()
 
 
 class CompareConfig(BaseModel):

@@ -97,9 +97,9 @@ def test_replay_with_decisions_missing_from_the_cache_names_the_option(tmp_path,
 
 
 def test_bad_options_are_refused_before_anything_runs(tmp_path):
-    with pytest.raises(InputError, match="--test '2020-04-01'"):
+    with pytest.raises(InputError, match="--test must be START:END .*got '2020-04-01'"):
         parse_window("2020-04-01")
-    with pytest.raises(InputError, match="is after the end"):
+    with pytest.raises(InputError, match="--test: the end 2020-04-01 is before the start 2020-04-02"):
         parse_window("2020-04-02:2020-04-01")
     with pytest.raises(InputError, match="compare option 'policies.1'"):
         CompareConfig.build(**base(policies=["heuristic", "oracle"]))

@@ -816,19 +816,3 @@ def _real_cases(path: str | None = None) -> pd.DataFrame:
 def weekly(series: torch.Tensor, days: int = 7) -> torch.Tensor:
     """Sum a (T, ...) daily series over consecutive weeks: (T // days, ...); a trailing part week is dropped."""
     return period_sums(series, days)
-
-
-def weekly_mse(
-    result_series: torch.Tensor, real: pd.DataFrame, boroughs: list[str], first: pd.Timestamp
-) -> torch.Tensor:
-    """Mean squared error of simulated vs real weekly reported cases per borough (a calibration loss).
-
-    result_series: (T, B) simulated daily reported cases; real: :meth:`CovidScenario.real_data` frame.
-    """
-    t = result_series.shape[0]
-    wide = real.pivot_table(index="date", columns="borough", values="value", observed=False).reindex(
-        columns=boroughs
-    )
-    wide = wide.reindex(pd.date_range(first, periods=t)).fillna(0.0)
-    target = torch.tensor(wide.to_numpy(), dtype=result_series.dtype, device=result_series.device)
-    return torch.mean((weekly(result_series) - weekly(target)) ** 2)
