@@ -45,7 +45,7 @@ import optuna
 import pandas as pd
 import torch
 
-from lpm.calibration import Window, _steps, _target, calibrate, fit_quantity, run_loss
+from lpm.calibration import Window, calibrate, fit_quantity, real_target, run_loss, window_steps
 from lpm.engine import Simulation
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
@@ -80,12 +80,12 @@ class Problem:
         self.base = self.scenario({})
         self.q = fit_quantity(self.base)
         self.period = compared_period(self.base, self.q)
-        self.steps, _ = _steps(self.base, train, None, self.period)
+        self.steps, _ = window_steps(self.base, train, None, self.period)
         #: the real-data frame calibrate() is given (None: the scenario's real series)
         self.target = None if truth is None else self._simulated(truth)
         labels = pop.labels(self.q.by) if self.q.by else ["all"]
         world = Simulation(self.base, pop, self.policy, seed=0).world
-        real = _target(self.base, world, self.q, labels, self.steps, self.target)
+        real = real_target(self.base, world, self.q, labels, self.steps, self.target)
         self.real = period_sums(real, self.period)
         self._scored: dict[tuple, float] = {}
 
@@ -109,7 +109,7 @@ class Problem:
             state = sim.initial_state()
             for t in range(self.steps):
                 state = sim.step(state, t)
-        series = torch.stack([r[self.q.name] for r in sim._records]).double().reshape(self.steps, -1)
+        series = sim.recorded(self.q.name).double().reshape(self.steps, -1)
         return run_loss(series, self.real, self.period)
 
     def score(self, values: Mapping[str, float], seeds: int) -> float:

@@ -239,7 +239,7 @@ def calibrate(
         fit_offsets = policy.mode != "heuristic"
     if not names and not fit_offsets:
         raise InputError("nothing to fit: give --parameters or fit the offsets of an LLM policy")
-    train_steps, test_steps = _steps(base, train, test, period)
+    train_steps, test_steps = window_steps(base, train, test, period)
     ranges = type(base).parameter_ranges()
     transforms = {p: _Transform(*ranges[p]) for p in names}
     initial = {p: float(getattr(base.config, p)) for p in names}
@@ -254,7 +254,7 @@ def calibrate(
 
     probe = Simulation(base, pop, policy, seed=seed)
     labels = pop.labels(q.by) if q.by else ["all"]
-    real_all = _target(base, probe.world, q, labels, train_steps + test_steps, target)
+    real_all = real_target(base, probe.world, q, labels, train_steps + test_steps, target)
     real_train = period_sums(real_all[:train_steps], period)
     if torch.isnan(real_train).all():
         raise InputError(
@@ -402,7 +402,7 @@ def calibrate(
     )
 
 
-def _steps(base: Scenario, train: Window, test: Window | None, period: int) -> tuple[int, int]:
+def window_steps(base: Scenario, train: Window, test: Window | None, period: int) -> tuple[int, int]:
     """Steps of the train window and of the test window after it (0 without one), checked."""
 
     def steps_until(last: pd.Timestamp) -> int:
@@ -438,7 +438,7 @@ def _steps(base: Scenario, train: Window, test: Window | None, period: int) -> t
     return train_steps, total - train_steps
 
 
-def _target(
+def real_target(
     scenario: Scenario, world: Any, q: Quantity, labels: list[str], steps: int, target: pd.DataFrame | None
 ) -> torch.Tensor:
     """(steps, labels) real values of ``q`` at each step from the scenario's start (from ``target``, else
@@ -519,7 +519,7 @@ def _train_epoch(
                 bind()
             for t in range(t0, t1):
                 state = sim.step(state, t)
-            series = torch.stack([r[q.name] for r in sim._records[t0:t1]]).reshape(t1 - t0, -1)
+            series = sim.recorded(q.name, t0, t1).reshape(t1 - t0, -1)
             piece = _loss(period_sums(series, period), real[t0 // period : t1 // period], floor) / count
             if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
                 piece = piece + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())
@@ -527,7 +527,7 @@ def _train_epoch(
                 piece.backward()
             total += float(piece.detach())
             state = _detached(state)
-            sim._records[t0:t1] = [{k: v.detach() for k, v in r.items()} for r in sim._records[t0:t1]]
+            sim.detach_records(t0, t1)
     return total
 
 

@@ -418,6 +418,16 @@ class Simulation:
                 )
         return {name: records[name] for name in declared}
 
+    # -- records so far ------------------------------------------------------------------------------
+    def recorded(self, name: str, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Quantity ``name`` recorded at steps ``first .. last-1`` so far, stacked: (steps, *its shape)
+        (with gradients in differentiable mode); for callers that drive :meth:`step` themselves."""
+        return torch.stack([r[name] for r in self._records[first:last]])
+
+    def detach_records(self, first: int = 0, last: int | None = None) -> None:
+        """Cut the records of steps ``first .. last-1`` from the autograd graph (truncated backpropagation)."""
+        self._records[first:last] = [{k: v.detach() for k, v in r.items()} for r in self._records[first:last]]
+
     # -- a run ------------------------------------------------------------------------------------
     def run(self, steps: int, *, out_dir: str | Path | None = None, resume: bool = False) -> RunResult:
         """Simulate ``steps`` steps from the start (or from ``out_dir``'s checkpoint with ``resume``)."""
