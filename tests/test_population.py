@@ -177,8 +177,10 @@ def test_allocate_is_exact_and_proportional():
 def test_unknown_recipe_and_bad_size():
     with pytest.raises(InputError, match="unknown population recipe 'mars'"):
         Population.synthesize("mars")
-    with pytest.raises(InputError, match="agents must be positive"):
+    with pytest.raises(InputError, match=r"agents: 0 is out of range; this machine runs 1 to [\d,]+ agents"):
         Population.synthesize("nyc", agents=0)
+    with pytest.raises(InputError, match=r"seed: -1 is out of range; seeds are 0 to"):
+        Population.synthesize("nyc", agents=10, seed=-1)
 
 
 def test_population_api(small_pop):
