@@ -219,7 +219,9 @@ def llm_backend(
     ``server_figures`` (:func:`lpm.server.server_figures`: the server's tokens and prefix-cache hit rate
     while the block ran) where the server exports metrics. A local server starts at the first request that
     misses the cache (``on_start(server)`` just before); with ``own`` it is stopped on leaving the block,
-    else its owner stops it (``lpm compare`` shares one between runs).
+    else its owner stops it (``lpm compare`` shares one between runs). The record also gains ``requests``
+    and ``retries``: the HTTP requests the backend sent (retries included; whole-action scoring sends one
+    per action, where ``llm_queries`` counts prompts) and how many were retries.
     """
     from lpm.server import server_figures, token_counters
 
@@ -235,5 +237,8 @@ def llm_backend(
             info["server_figures"] = server_figures(before, token_counters(live))
         if endpoint.local is not None and endpoint.local.running:
             info["server_started_seconds"] = endpoint.local.startup_seconds
+        stats = getattr(getattr(backend, "inner", backend), "stats", None)
+        if stats is not None:  # HTTP requests, retries included (llm_queries counts prompts)
+            info["requests"], info["retries"] = stats.requests, stats.retries
         if own:
             endpoint.close()

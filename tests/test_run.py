@@ -243,6 +243,7 @@ def test_the_servers_own_figures_reach_the_summary_and_report(tmp_path, monkeypa
         sent = server.requests - 7
     figures = out.summary["llm"]["server_figures"]
     assert sent == 2 * out.summary["llm_queries"] > 0  # whole-action scoring: a request per action
+    assert out.summary["llm"]["requests"] == sent and out.summary["llm"]["retries"] == 0
     assert figures["prompt_tokens"] == 50 * sent and figures["generation_tokens"] == 3 * sent
     assert figures["prefix_cache_hit_rate"] == 0.8
     assert figures["tokens_per_second"] == pytest.approx(53 * sent / out.summary["decide_seconds"], rel=0.01)
