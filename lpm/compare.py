@@ -159,20 +159,7 @@ class SharedModel:
 
         self.config = config
         self.on_start = on_start
-        self.endpoint = (
-            Endpoint.resolve(
-                config.llm_url,
-                config.llm_model,
-                weights=config.llm_weights,
-                revision=config.llm_revision,
-                cache_mode=config.cache,
-                server=config.server,
-                api_key_env=config.api_key_env,
-                timeout=config.llm_timeout,
-            )
-            if config.uses_llm
-            else None
-        )
+        self.endpoint = Endpoint.for_config(config) if config.uses_llm else None
         self.startup_seconds: float | None = None
 
     @property

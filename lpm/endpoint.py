@@ -83,6 +83,24 @@ class Endpoint:
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def for_config(cls, config: Any, **options: Any) -> Endpoint:
+        """:meth:`resolve` with the LLM fields of a :class:`lpm.run.RunConfig`, a
+        :class:`lpm.compare.CompareConfig` or a command's :class:`lpm.cli.asking.ModelOptions` (``llm_url``,
+        ``llm_model``, ``llm_weights``, ``llm_revision``, ``cache``, ``server``, ``api_key_env``,
+        ``llm_timeout``); ``options``: more of :meth:`resolve`'s (``max_concurrency``)."""
+        return cls.resolve(
+            config.llm_url,
+            config.llm_model,
+            weights=config.llm_weights,
+            revision=config.llm_revision,
+            cache_mode=config.cache,
+            server=config.server,
+            api_key_env=config.api_key_env,
+            timeout=config.llm_timeout,
+            **options,
+        )
+
+    @classmethod
     def resolve(
         cls,
         url: str | None,

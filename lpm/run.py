@@ -358,16 +358,7 @@ def _policy(
 
     own = endpoint is None
     if own:
-        endpoint = Endpoint.resolve(
-            config.llm_url,
-            config.llm_model,
-            weights=config.llm_weights,
-            revision=config.llm_revision,
-            cache_mode=config.cache,
-            server=config.server,
-            api_key_env=config.api_key_env,
-            timeout=config.llm_timeout,
-        )
+        endpoint = Endpoint.for_config(config)
     with llm_backend(endpoint, on_start=on_server_start, own=own) as (backend, info):
         mode = default_mode(config.llm_mode, config.server)
         decider = Decider(

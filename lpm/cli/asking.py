@@ -36,6 +36,14 @@ class ModelOptions:
     concurrency: int
     llm_timeout: float
 
+    @property
+    def llm_weights(self) -> str | None:  # the names Endpoint.for_config reads
+        return None if self.weights is None else str(self.weights)
+
+    @property
+    def llm_revision(self) -> str | None:
+        return self.revision
+
     @classmethod
     def pick(cls, values: dict[str, Any]) -> ModelOptions:
         """The options among a command's parameters (``locals()``), checked: a bad cache mode is an error
@@ -52,17 +60,7 @@ class ModelOptions:
         stderr and stopped on leaving the block."""
         cache = ResponseCache(self.cache_dir, mode=self.cache)
         err = Console(stderr=True)
-        endpoint = Endpoint.resolve(
-            self.llm_url,
-            self.llm_model,
-            weights=self.weights,
-            revision=self.revision,
-            cache_mode=self.cache,
-            server=self.server,
-            api_key_env=self.api_key_env,
-            max_concurrency=self.concurrency,
-            timeout=self.llm_timeout,
-        )
+        endpoint = Endpoint.for_config(self, max_concurrency=self.concurrency)
 
         def announce(local: Any) -> None:
             err.print(f"starting a local {local.kind.label} server (logs: {local.log_path}) ...")
