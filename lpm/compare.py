@@ -29,7 +29,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from lpm.decoding import DEFAULT_SCORING
-from lpm.errors import CacheMissError, InputError, validation_message
+from lpm.errors import CacheMissError, InputError, LpmError, validation_message
 from lpm.paths import check_new_folder, make_folder
 from lpm.run import CacheMode, PolicyName, RunConfig, RunOutput, run
 
@@ -304,10 +304,19 @@ def compare(
                 rc = configs[(policy, seed)]
                 sub = folder / f"{policy}-seed{seed}"
                 options = {"progress": progress, "on_server_start": on_server_start}
-                if policy in LLM_POLICIES:
-                    output, replayed = model.run(rc, sub, **options)
-                else:
-                    output, replayed = run(rc, sub, **options), False
+                try:
+                    if policy in LLM_POLICIES:
+                        output, replayed = model.run(rc, sub, **options)
+                    else:
+                        output, replayed = run(rc, sub, **options), False
+                except LpmError as exc:
+                    if outputs:  # say what the stopped comparison leaves, and why the folder is not reused
+                        kept = ", ".join(f"{p}-seed{s}" for p, s in outputs)
+                        exc.hint = (exc.hint + "; " if exc.hint else "") + (
+                            f"the comparison stopped: {folder} keeps the finished runs ({kept}) and no "
+                            "compare.json; start it again with another --out"
+                        )
+                    raise
                 outputs[(policy, seed)] = output
                 s = output.summary
                 figures = {

@@ -90,8 +90,11 @@ def test_compare_heuristic_and_llm_with_paired_seeds(tmp_path, monkeypatch):
 def test_replay_with_decisions_missing_from_the_cache_names_the_option(tmp_path, monkeypatch):
     monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "empty-cache"))
     config = CompareConfig.build(**base(policies=["heuristic", "llm"], cache="replay"))
-    with pytest.raises(InputError, match=r"--cache replay: policy llm \(seed 0\) needs decisions the cache"):
+    with pytest.raises(
+        InputError, match=r"--cache replay: policy llm \(seed 0\) needs decisions the cache"
+    ) as err:
         compare(config, tmp_path / "c", progress=False)
+    assert "keeps the finished runs (heuristic-seed0) and no compare.json" in err.value.hint
     assert (tmp_path / "c" / "heuristic-seed0" / "report.md").is_file()
     assert not (tmp_path / "c" / "llm-seed0").exists()
 
