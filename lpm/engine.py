@@ -291,6 +291,7 @@ class Simulation:
         self.decide_seconds = 0.0
         self.prior_wall_seconds = 0.0  # wall time of the earlier parts of a resumed run
         self._journal_bytes = 0
+        self.done = 0  # steps completed (and checkpointed) so far
 
     @property
     def counters(self) -> dict[str, int]:

@@ -510,17 +510,13 @@ def check_server(url: str, timeout: float = 5.0, api_key: str | None = None) -> 
     try:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         response = httpx.get(f"{base}/models", timeout=timeout, headers=headers)
-    except httpx.ConnectError as error:
-        raise ServerError(
-            f"No model server answers at {base} ({type(error).__name__}: {error}).", hint=_START_HINT
-        ) from error
-    except httpx.TimeoutException as error:  # it took the connection, but says nothing
-        raise ServerError(
-            f"The server at {base} did not answer GET {base}/models within {timeout:g} s "
-            f"({type(error).__name__}).",
-            hint="Check that it works (its log, its load); a stuck server needs a restart.",
-        ) from error
     except httpx.HTTPError as error:
+        if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
+            raise ServerError(  # it took the connection, but says nothing
+                f"The server at {base} did not answer GET {base}/models within {timeout:g} s "
+                f"({type(error).__name__}).",
+                hint="Check that it works (its log, its load); a stuck server needs a restart.",
+            ) from error
         raise ServerError(
             f"No model server answers at {base} ({type(error).__name__}: {error}).", hint=_START_HINT
         ) from error
