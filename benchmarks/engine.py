@@ -3,7 +3,7 @@
 Prints, in inference mode, agent-steps per second at 1 M agents and at the full city (≈ 8.34 M) (the best of
 ``--repeats`` timings), bytes per agent of the state, of the population, of what the run holds besides (index
 tensors, broadcast indices, sampler buffers) and of a step's temporaries (measured in a child process, see
-:func:`step_temporaries`); in differentiable mode (estimator "expected") at ``--diff-agents``, agent-steps per
+:func:`step_temporaries`); in differentiable mode (each of ``--diff-estimators``) at ``--diff-agents``, agent-steps per
 second of the forward and backward pass together and the bytes per agent the autograd graph holds per
 simulated day (what bounds the horizon a calibration can backpropagate through); and covasim's people-days per
 second with its household, school, work and community layers (``cv.Sim(pop_type="hybrid", …)``, timed from
@@ -11,7 +11,7 @@ second with its household, school, work and community layers (``cv.Sim(pop_type=
 JSON object.
 
     .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817]
-        [--diff-agents 1000000] [--threads N] [--repeats 3]
+        [--diff-agents 1000000] [--diff-estimators households expected] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -126,22 +126,25 @@ def _measure_temporaries(agents: int | None, days: int) -> None:
     print(round(((_status_kib("VmHWM") or held) - held) * 1024 / len(pop), 1))
 
 
-def bench_differentiable(agents: int, days: int) -> dict:
+def bench_differentiable(agents: int, days: int, estimator: str) -> dict:
     """Forward and backward of ``days`` COVID days in differentiable mode, and the bytes the autograd graph
     holds per agent per simulated day. Two child processes: the times come from one with the default
     allocator; the memory from one whose allocator maps every large array on its own
     (``MALLOC_MMAP_THRESHOLD_``), so that resident memory follows the graph but every array costs fresh
     page faults (about twice the time)."""
     cmd = [sys.executable, __file__, "--differentiable-of", str(agents), "--days", str(days)]
+    cmd += ["--diff-estimators", estimator]
     timed = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     sized = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
     return {**timed, "graph_bytes_per_agent_day": sized["graph_bytes_per_agent_day"]}
 
 
-def _measure_differentiable(agents: int, days: int) -> None:
+def _measure_differentiable(agents: int, days: int, estimator: str) -> None:
     pop = Population.synthesize("nyc", agents=agents, seed=7)
-    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1, differentiable=True)
+    sim = Simulation(
+        make_scenario("covid"), pop, HeuristicPolicy(), seed=1, differentiable=True, estimator=estimator
+    )
     state = sim.initial_state()
     state = sim.step(state, 0)  # warm-up day (first decision); its graph is part of the run's
     held = _status_kib("VmRSS") or 0
@@ -158,6 +161,7 @@ def _measure_differentiable(agents: int, days: int) -> None:
     print(
         json.dumps(
             {
+                "estimator": estimator,
                 "agents": agents,
                 "days": days,
                 "forward_seconds": round(forward, 3),
@@ -210,13 +214,19 @@ def main() -> None:
         "--diff-agents", type=int, default=1_000_000, help="agents of the differentiable run (0: skip)"
     )
     ap.add_argument("--diff-days", type=int, default=7, help="days of the differentiable run (default 7)")
+    ap.add_argument(
+        "--diff-estimators",
+        nargs="+",
+        default=["households", "expected"],
+        help="gradient estimators of the differentiable run (default: households expected)",
+    )
     ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--differentiable-of", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.temporaries_of is not None:
         return _measure_temporaries(args.temporaries_of or None, args.days)
     if args.differentiable_of is not None:
-        return _measure_differentiable(args.differentiable_of, args.days)
+        return _measure_differentiable(args.differentiable_of, args.days, args.diff_estimators[0])
     if args.threads:
         torch.set_num_threads(args.threads)
     figures: dict = {
@@ -224,7 +234,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "lpm": [],
         "covasim": [],
-        "differentiable": None,
+        "differentiable": [],
     }
     for size in args.sizes:
         res = bench_lpm(None if size == "full" else int(size), args.days, args.repeats)
@@ -237,10 +247,11 @@ def main() -> None:
             f"temporaries of a step {res['step_temporaries_bytes_per_agent']} B/agent",
             flush=True,
         )
-    if args.diff_agents:
-        res = figures["differentiable"] = bench_differentiable(args.diff_agents, args.diff_days)
+    for estimator in args.diff_estimators if args.diff_agents else []:
+        res = bench_differentiable(args.diff_agents, args.diff_days, estimator)
+        figures["differentiable"].append(res)
         print(
-            f"lpm covid step, differentiable (estimator 'expected'), {res['agents']:,} agents x {res['days']} "
+            f"lpm covid step, differentiable (estimator '{estimator}'), {res['agents']:,} agents x {res['days']} "
             f"days: forward {res['forward_seconds']:.2f} s + backward {res['backward_seconds']:.2f} s, "
             f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s with gradients; the graph holds "
             f"{res['graph_bytes_per_agent_day']} B per agent per simulated day",

@@ -50,6 +50,7 @@ from lpm.gradcheck import ReplayPolicy
 from lpm.paths import make_folder
 from lpm.policy import Policy
 from lpm.population import Population
+from lpm.sampling import DEFAULT_ESTIMATOR
 from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
@@ -209,7 +210,7 @@ def calibrate(
     refresh: int = 0,
     jitter: float = 0.25,
     target: pd.DataFrame | None = None,
-    estimator: str = "expected",
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: ProgressFn | None = None,
 ) -> Calibration:
     """Fit ``parameters`` (default: all of the scenario's learnable ones) on ``train``; forecast ``test``.

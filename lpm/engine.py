@@ -20,10 +20,12 @@ Two modes, one code path: the scenario's step calls only the operations of a sam
 (:mod:`lpm.sampling`). *Inference* (default): :class:`~lpm.sampling.HardSampler` under ``torch.no_grad``,
 states in the smallest dtypes. *Differentiable*: float one-hot states and actions, so a loss of the recorded series has
 gradients with respect to ``Simulation.params`` (the scenario's learnable parameters and each decision's
-alignment offsets), by one of the estimators of :data:`lpm.sampling.ESTIMATORS`: ``"expected"`` (default:
-the forward values equal inference mode's for the same seed; the backward pass is the Jacobian of each
-step's expected transition), ``"bernoulli"`` (per-agent straight-through, biased low over weeks, kept for
-comparison) or ``"mean-field"`` (deterministic expected occupancies).
+alignment offsets), by one of the estimators of :data:`lpm.sampling.ESTIMATORS`: ``"households"`` (default:
+``"expected"``, with household transmission carried by generation so that the backward pass follows the
+paths a household outbreak can take), ``"expected"`` (the forward values equal inference mode's for the
+same seed; the backward pass is the Jacobian of each step's expected transition), ``"bernoulli"``
+(per-agent straight-through, biased low over weeks, kept for comparison) or ``"mean-field"``
+(deterministic expected occupancies).
 
 A simulation owns everything a run changes or precomputes: the scenario's *world* (``scenario.setup``),
 each decision's :class:`~lpm.policy.Archetypes` (``policy.setup``), the sampler and the records; scenario
@@ -58,7 +60,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.errors import InputError
 from lpm.policy import COUNTERS, Archetypes, Policy
 from lpm.population import Population
-from lpm.sampling import ESTIMATORS, Sampler, sampler_class
+from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS, Sampler, sampler_class
 from lpm.scenarios import Scenario
 from lpm.scenarios.base import check_cadence, load_spec
 
@@ -166,7 +168,7 @@ class Simulation:
         seed: int = 0,
         device: str | torch.device = "cpu",
         differentiable: bool = False,
-        estimator: str = "expected",
+        estimator: str = DEFAULT_ESTIMATOR,
         offsets: torch.Tensor | Mapping[str, torch.Tensor] | None = None,
         specs: Mapping[str, ArchetypeSpec | str] | None = None,
         callback: Callable[[int, Simulation], None] | None = None,

@@ -27,6 +27,7 @@ import torch
 from lpm.engine import Simulation
 from lpm.policy import Archetypes, Policy, PolicyDecision
 from lpm.population import Population
+from lpm.sampling import DEFAULT_ESTIMATOR
 from lpm.scenarios.base import Scenario, period_sums
 
 __all__ = ["GradCheck", "check", "weekly_totals"]
@@ -97,7 +98,7 @@ def check(
     quantity: str,
     steps: int,
     seeds: Sequence[int],
-    estimator: str = "expected",
+    estimator: str = DEFAULT_ESTIMATOR,
     rel_step: float = 0.05,
     offset_step: float = 0.2,
     decision: str | None = None,

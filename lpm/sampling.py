@@ -33,8 +33,10 @@ import torch
 
 __all__ = [
     "ESTIMATORS",
+    "DEFAULT_ESTIMATOR",
     "BernoulliSTSampler",
     "HardSampler",
+    "HouseholdSampler",
     "MeanFieldSampler",
     "Moves",
     "Sampler",
@@ -233,6 +235,8 @@ class Sampler:
     """
 
     differentiable: bool = False
+    #: extra copies of the agents' states a step with households carries (see :class:`HouseholdSampler`)
+    household_generations: int = 0
 
     def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0):
         self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
@@ -493,6 +497,16 @@ class SoftSampler(Sampler):
         following = _ChainStep.apply(states, p_first, hazard, code + leave)
         return following, Moves(code, leave, None, (states, p_first, hazard))
 
+    def follow(
+        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, moves: Moves
+    ) -> tuple[torch.Tensor, Moves]:
+        """The step :meth:`transition` took (``moves``), for another copy of the same states: the same
+        hard next states (forward), the expected transition of ``states`` and ``p_first`` (backward). A
+        step that carries one state along several gradient paths (:class:`HouseholdSampler`) moves each
+        copy with it."""
+        following = _ChainStep.apply(states, p_first, hazard, moves.code + moves.leave)
+        return following, Moves(moves.code, moves.leave, None, (states, p_first, hazard))
+
     def markov(
         self, states: torch.Tensor, table: torch.Tensor, stream: int, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, Moves]:
@@ -507,6 +521,19 @@ class SoftSampler(Sampler):
         )
         flow = states * (1.0 - stay)
         return hard + (expected - expected.detach()), Moves(code, nxt.long() != code, flow)
+
+
+class HouseholdSampler(SoftSampler):
+    """Differentiable mode, estimator ``"households"``: :class:`SoftSampler`'s expected transitions, and a
+    scenario with households (the COVID step) carries household transmission along
+    ``household_generations`` extra copies of the agents' states, one per number of consecutive
+    household hops a perturbation has taken, each hop weighted by the share of it the real household
+    outbreak can take (:func:`lpm.scenarios.covid.household_path_factors`). The linearised backward pass
+    of :class:`SoftSampler` lets housemates who escaped infection keep "infecting" each other (B → C →
+    B) and counts a housemate reached along two paths twice; in households of four or more its gradient
+    grows without bound after three weeks. Forward values are the same stochastic run."""
+
+    household_generations = 3
 
 
 class BernoulliSTSampler(SoftSampler):
@@ -572,13 +599,18 @@ class MeanFieldSampler(SoftSampler):
 
 #: Gradient estimators of differentiable mode, by name (see the module docstring).
 ESTIMATORS: dict[str, type[SoftSampler]] = {
+    "households": HouseholdSampler,
     "expected": SoftSampler,
     "bernoulli": BernoulliSTSampler,
     "mean-field": MeanFieldSampler,
 }
 
 
-def sampler_class(differentiable: bool, estimator: str = "expected") -> type[Sampler]:
+#: The estimator of differentiable runs unless one is named.
+DEFAULT_ESTIMATOR = "households"
+
+
+def sampler_class(differentiable: bool, estimator: str = DEFAULT_ESTIMATOR) -> type[Sampler]:
     """The sampler of a run: :class:`HardSampler` in inference mode, else the named estimator's."""
     if not differentiable:
         return HardSampler

@@ -54,6 +54,7 @@ from lpm.errors import InputError
 from lpm.gradcheck import ReplayPolicy, _offset_shift, weekly_totals
 from lpm.policy import HeuristicPolicy, Policy
 from lpm.population import Population
+from lpm.sampling import DEFAULT_ESTIMATOR
 from lpm.scenarios.base import Quantity, Scenario
 
 __all__ = [
@@ -247,7 +248,7 @@ def sensitivity(
     parameters: Sequence[str] | None = None,
     rel_step: float = 0.05,
     offset_step: float = 0.2,
-    estimator: str = "expected",
+    estimator: str = DEFAULT_ESTIMATOR,
     replay: bool = False,
     temperature: float = TEMPERATURE,
     device: str | torch.device = "cpu",

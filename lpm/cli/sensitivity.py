@@ -11,6 +11,7 @@ import typer
 from lpm.cli.display import console, frame_table
 from lpm.cli.options import parse_date, parse_list, parse_pairs
 from lpm.paths import check_new_folder, make_folder
+from lpm.sampling import DEFAULT_ESTIMATOR
 
 
 def register(app: typer.Typer) -> None:
@@ -56,7 +57,9 @@ def register(app: typer.Typer) -> None:
             0.05, "--rel-step", help="finite difference step, a share of each parameter's value"
         ),
         offset_step: float = typer.Option(0.2, "--offset-step", help="finite difference step of an offset"),
-        estimator: str = typer.Option("expected", "--estimator", help="expected, bernoulli or mean-field"),
+        estimator: str = typer.Option(
+            DEFAULT_ESTIMATOR, "--estimator", help="households, expected, bernoulli or mean-field"
+        ),
         replay: bool = typer.Option(
             False,
             "--replay",

@@ -83,6 +83,8 @@ along the chain; (4) reporting; (5) records.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +238,63 @@ def chain_hazard(c: CovidConfig) -> torch.Tensor:
         h[list(stages)] = min(1.0, 2.0 / mean)
     h[[I1, I2]] = min(1.0, 2.0 / c.symptomatic_days)
     return h
+
+
+def household_attack(c: CovidConfig, beta: float) -> tuple[float, float]:
+    """``(q, l)`` for one infectious agent and a given susceptible housemate at the daily household hazard
+    ``beta`` (no isolation), averaged over symptomatic and asymptomatic infectors: ``q`` the probability
+    of infecting it over the whole infectious period (one minus the chance of escaping every day of P1 ..
+    I2, each stage a geometric number of days), ``l`` the expected hazard summed over those days (what a
+    linearised backward pass passes on per housemate; ``l > q``)."""
+    h = chain_hazard(c).tolist()
+    days = sum(1.0 / h[j] for j in range(P1, I2 + 1))
+
+    def escape(x: float) -> float:
+        e = float(np.exp(-beta * x))
+        out = 1.0
+        for j in range(P1, I2 + 1):
+            out *= h[j] * e / (1.0 - (1.0 - h[j]) * e)
+        return out
+
+    a = c.asymptomatic
+    q = 1.0 - ((1.0 - a) * escape(1.0) + a * escape(c.asymptomatic_rel))
+    return q, beta * days * (1.0 - a + a * c.asymptomatic_rel)
+
+
+def household_path_factors(q: float, ell: float, housemates: int, generations: int) -> torch.Tensor:
+    """(housemates + 1, generations + 1) weight of the ``g``-th consecutive household hop of a perturbation
+    (``[s, g]``, sent by an agent with ``s`` susceptible housemates) in :class:`~lpm.sampling.HouseholdSampler`'s
+    backward pass.
+
+    A perturbation that adds one infection B in a household of ``s`` other susceptible members reaches,
+    in the real outbreak, ``E_g`` further members at the ``g``-th generation: the Reed–Frost chain
+    binomial (each generation's infected each infect each remaining susceptible member with probability
+    ``q``), computed exactly over the ``(susceptible, infected)`` states. The linearised backward pass
+    passes on the expected hazard ``ell`` (> ``q``: it linearises the finite jump of one more infectious
+    housemate, ``1 - exp(-hazard)``) to all ``s`` housemates, B included, and counts a member reached
+    along two paths twice: ``(s ell)^g``. The weight of hop ``g`` is the ratio of the two growths,
+    ``E_g / E_{g-1} / (s ell)`` (``q / ell`` at the first hop; 0 where no susceptible member is left)."""
+    f = torch.zeros(housemates + 1, generations + 1, dtype=torch.float64)
+    for s in range(1, housemates + 1):
+        dist = {(s, 1): 1.0}  # (susceptible left, infected in this generation): probability
+        expected = [1.0]
+        for _ in range(generations):
+            nxt: dict[tuple[int, int], float] = {}
+            for (left, infected), pr in dist.items():
+                reach = 1.0 - (1.0 - q) ** infected
+                for k in range(left + 1):
+                    pk = pr * math.comb(left, k) * reach**k * (1.0 - reach) ** (left - k)
+                    if k > 0 and pk > 0:
+                        nxt[(left - k, k)] = nxt.get((left - k, k), 0.0) + pk
+            dist = nxt
+            expected.append(sum(pr * k for (_, k), pr in dist.items()))
+        for g in range(1, generations + 1):
+            if expected[g - 1] > 0 and ell > 0:
+                f[s, g] = expected[g] / expected[g - 1] / (s * ell)
+    return f
+
+
+_path_factors_cached = functools.lru_cache(maxsize=512)(household_path_factors)
 
 
 def report_delay(mean: float, shape: float = 2.0, lags: int = REPORT_LAGS) -> torch.Tensor:
@@ -624,20 +683,23 @@ class CovidScenario(Scenario):
         isolating: torch.Tensor,
         infectious: tuple[torch.Tensor | None, torch.Tensor],
         sampler: Sampler,
+        home_x: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
 
         infectious: ``(who, x)``, the indices (M,) of the infectious agents and their infectiousness
         (M,), or None and every agent's (N,). With indices (inference mode) only those agents are
         scattered and the per-agent arithmetic runs in place in the sampler's work buffers; without
-        (differentiable mode) it runs out of place, as autograd needs.
+        (differentiable mode) it runs out of place, as autograd needs. home_x: the infectiousness the
+        household layer reads, if not ``x`` (the same values; :meth:`_household_paths` passes them
+        without the senders' gradient).
         """
         c = self.config
         who, x = infectious
         dtype = x.dtype
         keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,) or (N,)
         keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
-        x_h, x_o = x * keep_h, x * keep_o
+        x_h, x_o = (x if home_x is None else home_x) * keep_h, x * keep_o
         house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
         places = torch.zeros(len(w.place_school), device=x.device, dtype=dtype).index_add(
             0, _at(w.place, who), x_o
@@ -716,12 +778,16 @@ class CovidScenario(Scenario):
             .reindex(pd.date_range(start - pd.Timedelta(days=14), periods=14))
         )
         recent = torch.tensor(daily.fillna(0.0).to_numpy() * w.scale, dtype=torch.float64, device=device)
-        return {
+        state = {
             "stage": stage,
             "asymptomatic": asymptomatic,
             "onsets": (onsets * w.scale).to(torch.float32).to(device),
             "recent": recent,
         }
+        if sampler.differentiable and sampler.household_generations > 0:
+            # the copies of the household hops start with the stages and no gradient of their own
+            state["stage_paths"] = stage.detach().expand(sampler.household_generations, -1, -1).clone()
+        return state
 
     def observe(self, world: CovidWorld, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
         """``week`` since 2020-02-29, ``cases`` citywide in the simulated past 7 days (on the city's scale),
@@ -749,12 +815,18 @@ class CovidScenario(Scenario):
         infectious_stage[P1 : I2 + 1] = 1.0
         who, x = sampler.support(stage, infectious_stage)
         x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
-        # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
-        p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
-        # 3. one step along the chain
-        following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
-        infected = moves.out(S)
-        onset = moves.out(P2)
+        paths = state.get("stage_paths")
+        if paths is not None:  # differentiable, estimator "households": one copy per household hop
+            following, paths, infected, onset, counts = self._household_paths(
+                w, state, params, level, isolating, infectious_stage, sampler
+            )
+        else:
+            # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
+            p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
+            # 3. one step along the chain
+            following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
+            infected, onset = moves.out(S), moves.out(P2)
+            counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
         onset = onset * (1.0 - asym.to(onset.dtype)) if sampler.differentiable else onset & ~asym
         infections = sampler.count(w.borough, w.nb, infected)
         onsets_today = sampler.count(w.borough, w.nb, onset)
@@ -763,7 +835,6 @@ class CovidScenario(Scenario):
         delay = w.delay.to(onsets.dtype).flip(0)
         reported = detection(c, params, self.date(t)).to(onsets.dtype) * (delay[:, None] * onsets).sum(0)
         # 5. records
-        counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
         records = {
             "infections": infections,
             "reported_cases": reported,
@@ -780,7 +851,78 @@ class CovidScenario(Scenario):
             "onsets": onsets,
             "recent": torch.cat([state["recent"][1:], reported.detach().sum().to(torch.float64)[None]]),
         }
+        if paths is not None:
+            following["stage_paths"] = paths
         return following, records
+
+    def _household_paths(
+        self,
+        w: CovidWorld,
+        state: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor],
+        level: Mapping[str, torch.Tensor | float],
+        isolating: torch.Tensor,
+        infectious_stage: torch.Tensor,
+        sampler: Sampler,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 2 and 3 in differentiable mode with :class:`~lpm.sampling.HouseholdSampler`: the same
+        forward values as :meth:`infection` and one transition, with the gradient carried by generation.
+
+        ``stage`` (copy 0) holds the perturbations that have not just crossed a household: those of
+        the parameters themselves and those arriving through school, work and community. Copy ``g``
+        (``stage_paths[g - 1]``) holds those that have taken ``g`` consecutive household hops; a hop from
+        copy ``g - 1`` into copy ``g`` is weighted by :func:`household_path_factors` (the share of it the
+        real household outbreak can take, given the sender's susceptible housemates); copy ``G`` sends
+        no further household hop. School, work and community pressure read every copy's perturbation.
+        Returns the next stage, the next copies, the infections and onsets (moves out of S and P2) and
+        the (K, B) counts per stage and borough, each with every copy's gradient."""
+        c = self.config
+        stage, paths, asym = state["stage"], state["stage_paths"], state["asymptomatic"]
+        factor_x = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(stage.dtype)
+        copies = [stage, *paths.unbind(0)]
+        xs = [sampler.value(s_, infectious_stage) * factor_x for s_ in copies]
+        x_hard = xs[0].detach()
+        x_all = xs[0] + sum(xg - x_hard for xg in xs[1:])  # every copy's perturbation, copy 0's value
+        p = self.infection(w, params, level, isolating, (None, x_all), sampler, home_x=x_hard)
+        following, moves = sampler.transition(stage, p, w.hazard, STREAM_TRANSITION)
+        # the household hops: the same pressure, its gradient only through the senders of copy g - 1
+        susceptible = stage.detach()[:, S]
+        housemates = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, susceptible)
+        housemates = (housemates.index_select(0, w.household) - susceptible).round().long()
+        factors = self._path_factors(params, w, len(paths), int(housemates.max()) if w.n else 0)
+        hop_factor = factors.view(-1, factors.shape[-1])  # (B * (s + 1), G + 1)
+        row = w.borough.long() * factors.shape[1] + housemates
+        keep_h = _keep(isolating.detach(), c.household_isolation, stage.dtype)
+        home_weight = LAYER_WEIGHT["household"] * level["household"]
+        home_weight = home_weight.detach() if isinstance(home_weight, torch.Tensor) else home_weight
+        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
+        reach = (1.0 - p.detach()) * keep_h * home_weight  # d p / d (household pressure) ÷ beta
+        beta = borough_beta.detach().to(stage.dtype).index_select(0, w.borough_of_cell)
+        reach = reach * beta.index_select(0, w.cell)  # as infection() reads it
+        nxt, infected, onset = [], moves.out(S), moves.out(P2)
+        counts = sampler.tally(stage, K, w.borough, w.nb)
+        for g, copy in enumerate(copies[1:], start=1):
+            sent = (xs[g - 1] - x_hard) * hop_factor.index_select(0, row)[:, g].to(stage.dtype) * keep_h
+            house = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, sent)
+            p_g = p.detach() + reach * (house.index_select(0, w.household) - sent)
+            following_g, moves_g = sampler.follow(copy, p_g, w.hazard, moves)
+            nxt.append(following_g)
+            infected = infected + _gradient(moves_g.out(S))
+            onset = onset + _gradient(moves_g.out(P2))
+            counts = counts + _gradient(sampler.tally(copy, K, w.borough, w.nb))
+        return following, torch.stack(nxt), infected, onset, counts
+
+    def _path_factors(
+        self, params: Mapping[str, torch.Tensor], w: CovidWorld, generations: int, housemates: int
+    ) -> torch.Tensor:
+        """(B, housemates + 1, G + 1) :func:`household_path_factors` of each borough's household attack
+        rate at today's parameters (cached by rounded rate)."""
+        base = float(params["beta"].detach())
+        tables = []
+        for b in w.boroughs:
+            q, ell = household_attack(self.config, base * float(params[BOROUGH_BETA[b]].detach()))
+            tables.append(_path_factors_cached(round(q, 4), round(ell, 4), housemates, generations))
+        return torch.stack(tables).to(torch.float32).to(w.household.device)
 
     # -- real data -----------------------------------------------------------------------------------
     def real_data(self, world: CovidWorld, first: pd.Timestamp, last: pd.Timestamp) -> pd.DataFrame:
@@ -790,6 +932,11 @@ class CovidScenario(Scenario):
         return real_frame(
             cases, quantity="reported_cases", value="cases", labels=world.boroughs, scale=world.scale
         )
+
+
+def _gradient(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s gradient with a forward value of zero: what a copy adds to the sums of copy 0."""
+    return x - x.detach()
 
 
 def _at(per_agent: torch.Tensor, who: torch.Tensor | None) -> torch.Tensor:
