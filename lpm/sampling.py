@@ -165,7 +165,10 @@ class _ChainStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, p_first, hazard, following):
         ctx.save_for_backward(states, p_first, hazard)
-        return torch.nn.functional.one_hot(following, hazard.shape[0]).to(states.dtype)
+        if following.ndim == 2:  # the one-hot rows themselves (another copy of the same step)
+            return following.clone()
+        out = torch.zeros(following.shape[0], hazard.shape[0], dtype=states.dtype, device=states.device)
+        return out.scatter_(1, following.long().view(-1, 1), 1.0)
 
     @staticmethod
     def backward(ctx, g):
@@ -498,13 +501,19 @@ class SoftSampler(Sampler):
         return following, Moves(code, leave, None, (states, p_first, hazard))
 
     def follow(
-        self, states: torch.Tensor, p_first: torch.Tensor, hazard: torch.Tensor, moves: Moves
+        self,
+        states: torch.Tensor,
+        p_first: torch.Tensor,
+        hazard: torch.Tensor,
+        moves: Moves,
+        hard: torch.Tensor,
     ) -> tuple[torch.Tensor, Moves]:
-        """The step :meth:`transition` took (``moves``), for another copy of the same states: the same
-        hard next states (forward), the expected transition of ``states`` and ``p_first`` (backward). A
+        """The step :meth:`transition` took (``moves``, whose next states are ``hard``), for another copy of
+        the same states: the same next states (forward), the expected transition of ``states`` and
+        ``p_first`` (backward). A
         step that carries one state along several gradient paths (:class:`HouseholdSampler`) moves each
         copy with it."""
-        following = _ChainStep.apply(states, p_first, hazard, moves.code + moves.leave)
+        following = _ChainStep.apply(states, p_first, hazard, hard.detach())
         return following, Moves(moves.code, moves.leave, None, (states, p_first, hazard))
 
     def markov(

@@ -786,7 +786,8 @@ class CovidScenario(Scenario):
         }
         if sampler.differentiable and sampler.household_generations > 0:
             # the copies of the household hops start with the stages and no gradient of their own
-            state["stage_paths"] = stage.detach().expand(sampler.household_generations, -1, -1).clone()
+            for g in range(1, sampler.household_generations + 1):
+                state[f"stage_hop{g}"] = stage.detach()
         return state
 
     def observe(self, world: CovidWorld, state: Mapping[str, torch.Tensor], t: int) -> dict[str, Any]:
@@ -815,8 +816,8 @@ class CovidScenario(Scenario):
         infectious_stage[P1 : I2 + 1] = 1.0
         who, x = sampler.support(stage, infectious_stage)
         x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
-        paths = state.get("stage_paths")
-        if paths is not None:  # differentiable, estimator "households": one copy per household hop
+        paths = [state[f"stage_hop{g}"] for g in range(1, sampler.household_generations + 1)]
+        if paths and sampler.differentiable:  # estimator "households": one copy per household hop
             following, paths, infected, onset, counts = self._household_paths(
                 w, state, params, level, isolating, infectious_stage, sampler
             )
@@ -851,8 +852,8 @@ class CovidScenario(Scenario):
             "onsets": onsets,
             "recent": torch.cat([state["recent"][1:], reported.detach().sum().to(torch.float64)[None]]),
         }
-        if paths is not None:
-            following["stage_paths"] = paths
+        for g, copy in enumerate(paths, start=1):
+            following[f"stage_hop{g}"] = copy
         return following, records
 
     def _household_paths(
@@ -864,22 +865,23 @@ class CovidScenario(Scenario):
         isolating: torch.Tensor,
         infectious_stage: torch.Tensor,
         sampler: Sampler,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 2 and 3 in differentiable mode with :class:`~lpm.sampling.HouseholdSampler`: the same
         forward values as :meth:`infection` and one transition, with the gradient carried by generation.
 
         ``stage`` (copy 0) holds the perturbations that have not just crossed a household: those of
         the parameters themselves and those arriving through school, work and community. Copy ``g``
-        (``stage_paths[g - 1]``) holds those that have taken ``g`` consecutive household hops; a hop from
+        (``stage_hop{g}``) holds those that have taken ``g`` consecutive household hops; a hop from
         copy ``g - 1`` into copy ``g`` is weighted by :func:`household_path_factors` (the share of it the
         real household outbreak can take, given the sender's susceptible housemates); copy ``G`` sends
         no further household hop. School, work and community pressure read every copy's perturbation.
         Returns the next stage, the next copies, the infections and onsets (moves out of S and P2) and
         the (K, B) counts per stage and borough, each with every copy's gradient."""
         c = self.config
-        stage, paths, asym = state["stage"], state["stage_paths"], state["asymptomatic"]
+        stage, asym = state["stage"], state["asymptomatic"]
+        paths = [state[f"stage_hop{g}"] for g in range(1, sampler.household_generations + 1)]
         factor_x = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(stage.dtype)
-        copies = [stage, *paths.unbind(0)]
+        copies = [stage, *paths]
         xs = [sampler.value(s_, infectious_stage) * factor_x for s_ in copies]
         x_hard = xs[0].detach()
         x_all = xs[0] + sum(xg - x_hard for xg in xs[1:])  # every copy's perturbation, copy 0's value
@@ -890,8 +892,8 @@ class CovidScenario(Scenario):
         housemates = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, susceptible)
         housemates = (housemates.index_select(0, w.household) - susceptible).round().long()
         factors = self._path_factors(params, w, len(paths), int(housemates.max()) if w.n else 0)
-        hop_factor = factors.view(-1, factors.shape[-1])  # (B * (s + 1), G + 1)
         row = w.borough.long() * factors.shape[1] + housemates
+        hop_factor = factors.view(-1, factors.shape[-1]).index_select(0, row)  # (N, G + 1)
         keep_h = _keep(isolating.detach(), c.household_isolation, stage.dtype)
         home_weight = LAYER_WEIGHT["household"] * level["household"]
         home_weight = home_weight.detach() if isinstance(home_weight, torch.Tensor) else home_weight
@@ -902,15 +904,15 @@ class CovidScenario(Scenario):
         nxt, infected, onset = [], moves.out(S), moves.out(P2)
         counts = sampler.tally(stage, K, w.borough, w.nb)
         for g, copy in enumerate(copies[1:], start=1):
-            sent = (xs[g - 1] - x_hard) * hop_factor.index_select(0, row)[:, g].to(stage.dtype) * keep_h
+            sent = (xs[g - 1] - x_hard) * (hop_factor[:, g] * keep_h)
             house = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, sent)
             p_g = p.detach() + reach * (house.index_select(0, w.household) - sent)
-            following_g, moves_g = sampler.follow(copy, p_g, w.hazard, moves)
+            following_g, moves_g = sampler.follow(copy, p_g, w.hazard, moves, following)
             nxt.append(following_g)
             infected = infected + _gradient(moves_g.out(S))
             onset = onset + _gradient(moves_g.out(P2))
             counts = counts + _gradient(sampler.tally(copy, K, w.borough, w.nb))
-        return following, torch.stack(nxt), infected, onset, counts
+        return following, nxt, infected, onset, counts
 
     def _path_factors(
         self, params: Mapping[str, torch.Tensor], w: CovidWorld, generations: int, housemates: int
