@@ -1,13 +1,13 @@
 """Gradient estimators against finite differences of the stochastic COVID model, per week.
 
-For each estimator (``expected``, ``bernoulli``, ``mean-field``) and parameter, prints the ratio of the
+For each estimator (``households``, ``expected``, ``bernoulli``, ``mean-field``) and parameter, prints the ratio of the
 gradient of each week's citywide reported cases to central finite differences of the inference run (common
 random numbers, the same seeds; both averaged over the seeds), and the finite differences' standard error
 (their noise). Decisions come from a rule that does not read the simulated cases (isolation by age only),
 so the numbers isolate the estimator. The last line is all figures as one JSON object.
 
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
-        [--start 2020-04-01] [--estimators expected bernoulli mean-field] [--parameters beta offsets ...]
+        [--start 2020-04-01] [--estimators households expected bernoulli mean-field] [--parameters beta ...]
         [--policy fixed|heuristic] [--replay]
 """
 
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--weeks", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--start", default="2020-04-01")
-    ap.add_argument("--estimators", nargs="+", default=["expected", "bernoulli", "mean-field"])
+    ap.add_argument("--estimators", nargs="+", default=["households", "expected", "bernoulli", "mean-field"])
     ap.add_argument("--parameters", nargs="+", default=["beta", "community_pause", "detected", "offsets"])
     ap.add_argument(
         "--policy",

@@ -1,4 +1,5 @@
-"""Why the COVID gradients drift after 3-4 weeks: the estimators on households alone.
+"""Why linearised COVID gradients drift after 3-4 weeks, and what the "households" estimator does about it:
+the estimators on households alone.
 
 A closed test bed, not the COVID scenario: ``--households`` households of ``n`` members, one infectious
 index case each (pre-symptomatic), the COVID model's stage chain and household transmission
@@ -6,10 +7,13 @@ index case each (pre-symptomatic), the COVID model's stage chain and household t
 gradient of the week's new infections with respect to ``beta`` over central finite differences of the
 inference run (±5 %, common random numbers, averaged over the seeds). The true derivative dies out with
 the household outbreaks (every household is done within about three weeks); the linearised estimators'
-does not: in the backward pass, housemates who escaped infection keep "infecting" each other
-(B → C → B), a loop the real outbreak cannot take since C's infection in the perturbed run already
-needed B's. With ``n - 1`` housemates each passing on a share ``q = 1 - exp(-beta × 5.8 days)``, the loop
-gain is about ``(n - 1) q``: above 1 the backward pass grows without bound.
+("expected", "mean-field") does not: in the backward pass, housemates who escaped infection keep
+"infecting" each other (B → C → B), a loop the real outbreak cannot take since C's infection in the
+perturbed run already needed B's. With ``n - 1`` housemates each passing on a share
+``q = 1 - exp(-beta × 5.8 days)``, the loop gain is about ``(n - 1) q``: above 1 the backward pass grows
+without bound. "households" carries each consecutive household hop in its own copy of the states and
+weights hop ``g`` by what the real outbreak can take (:func:`lpm.scenarios.covid.household_path_factors`),
+as the COVID step does.
 
     .venv/bin/python benchmarks/gradients_households.py [--sizes 2 4 6] [--beta 0.048] [--seeds 1 2 3 4]
 """
@@ -24,7 +28,7 @@ import torch
 
 from lpm.gradcheck import GradCheck
 from lpm.sampling import sampler_class
-from lpm.scenarios.covid import P1, CovidConfig, S, chain_hazard
+from lpm.scenarios.covid import P1, CovidConfig, S, chain_hazard, household_attack, household_path_factors
 
 WEEKS = 5
 
@@ -43,13 +47,35 @@ def weekly_infections(beta, n: int, households: int, seed: int, estimator: str |
     states = sampler.states(codes, k)
     everyone = torch.zeros(agents, dtype=torch.long)
     daily = []
+    generations = sampler.household_generations if estimator else 0
+    copies = [states.detach()] * generations  # "households": one copy per household hop
+    q, ell = household_attack(CovidConfig(asymptomatic=0.0), float(torch.as_tensor(beta).detach()))
+    factors = household_path_factors(q, ell, n - 1, generations).to(torch.float32)
     for t in range(7 * WEEKS):
         sampler.at(t)
         x = sampler.value(states, infectious)
         house = torch.zeros(households, dtype=x.dtype).index_add(0, household, x)
-        p = -torch.expm1(-beta * (house.index_select(0, household) - x))
-        states, moves = sampler.transition(states, p, hazard, 16)
-        daily.append(sampler.count(everyone, 1, moves.out(S)).sum())
+        home = house.index_select(0, household) - x
+        p = -torch.expm1(-beta * (home if not generations else home.detach()))
+        following, moves = sampler.transition(states, p, hazard, 16)
+        new = moves.out(S)
+        if generations:  # as CovidScenario._household_paths, on households alone
+            susceptible = states.detach()[:, S]
+            left = torch.zeros(households).index_add(0, household, susceptible)
+            housemates = (left.index_select(0, household) - susceptible).round().long()
+            reach = (1.0 - p.detach()) * float(beta)
+            senders, nxt = [x, *(sampler.value(c, infectious) for c in copies)], []
+            for g, copy in enumerate(copies, start=1):
+                sent = (senders[g - 1] - x.detach()) * factors[housemates, g]
+                pressure = torch.zeros(households).index_add(0, household, sent)
+                p_g = p.detach() + reach * (pressure.index_select(0, household) - sent)
+                following_g, moves_g = sampler.follow(copy, p_g, hazard, moves, following)
+                nxt.append(following_g)
+                out = moves_g.out(S)
+                new = new + (out - out.detach())
+            copies = nxt
+        states = following
+        daily.append(sampler.count(everyone, 1, new).sum())
     return torch.stack(daily).reshape(WEEKS, 7).sum(1)
 
 
@@ -59,7 +85,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.048)
     ap.add_argument("--households", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--estimators", nargs="+", default=["expected", "mean-field"])
+    ap.add_argument("--estimators", nargs="+", default=["households", "expected", "mean-field"])
     args = ap.parse_args()
     figures = {"beta": args.beta, "households": args.households, "seeds": args.seeds, "results": []}
     h = 0.05 * args.beta

@@ -11,11 +11,13 @@ of a daily count on a log scale (``log(x + 2 % of the label's peak)``: a relativ
 runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss;
 the fitted values are the mean of the last fifth of the iterates (Polyak averaging, less seed noise).
 
-Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 28 days:
-the horizon over which lpm's gradients of the COVID model agree with finite differences; the whole window
-for monthly scenarios); each piece's loss is backpropagated and the state is detached before the next, so
-the graph held is at most one piece (about 130 bytes per agent per simulated day). A longer window costs
-time, not memory.
+Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 28 days,
+fewer where ``memory_gb`` needs it; the whole window for monthly scenarios); each piece's loss is
+backpropagated and the state is detached before the next, so the graph held is at most one piece (about
+290 bytes per agent per simulated day with the default "households" estimator, 130 with "expected":
+:data:`GRAPH_BYTES_PER_AGENT_STEP`). A longer window costs time, not memory. The gradients of the COVID
+model agree with finite differences over 8 weeks (``tests/test_gradients.py``), so the default piece is
+set by memory, not by the estimator.
 
 Decisions: the heuristic policy answers every epoch from the simulated context. An LLM policy is asked
 in the first epoch of each restart (and every ``refresh`` epochs), and its answers are replayed in the
@@ -55,8 +57,9 @@ from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
-#: Bytes of autograd graph per agent per simulated day of the COVID model (benchmarks/engine.py).
-GRAPH_BYTES_PER_AGENT_STEP = 130
+#: Bytes the autograd graph of a COVID day holds per agent, by estimator (``benchmarks/engine.py``, 1 M
+#: agents: 284 and 129; rounded up); an estimator not measured is counted as the largest.
+GRAPH_BYTES_PER_AGENT_STEP = {"households": 290, "expected": 130}
 #: Counts are compared as log(x + LOG_FLOOR × the label's largest real value in the train window).
 LOG_FLOOR = 0.02
 
@@ -246,7 +249,8 @@ def calibrate(
     initial = {p: float(getattr(base.config, p)) for p in names}
     if truncate is None:
         if base.step_unit == "day":
-            by_memory = int(memory_gb * 1e9 / (GRAPH_BYTES_PER_AGENT_STEP * len(pop)))
+            per_step = GRAPH_BYTES_PER_AGENT_STEP.get(estimator, max(GRAPH_BYTES_PER_AGENT_STEP.values()))
+            by_memory = int(memory_gb * 1e9 / (per_step * len(pop)))
             truncate = max(period, min(28, by_memory) // period * period)
         else:
             truncate = train_steps
