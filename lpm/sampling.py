@@ -46,6 +46,7 @@ __all__ = [
     "Sampler",
     "SoftSampler",
     "sampler_class",
+    "shared_gradient",
     "UniformStream",
     "bernoulli_st",
     "categorical_st",
@@ -169,8 +170,8 @@ class _ChainStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, states, p_first, hazard, following):
         ctx.save_for_backward(states, p_first, hazard)
-        if following.ndim == 2:  # the one-hot rows themselves (another copy of the same step)
-            return following.clone()
+        if following.ndim == 2:  # the one-hot rows themselves (another copy of the same step): shared
+            return following.view_as(following)
         out = torch.zeros(following.shape[0], hazard.shape[0], dtype=states.dtype, device=states.device)
         return out.scatter_(1, following.long().view(-1, 1), 1.0)
 
@@ -189,6 +190,26 @@ class _ChainStep(torch.autograd.Function):
             d_hazard = (states * d).sum(0).to(hazard.dtype)
             d_hazard[0] = 0.0
         return d_states, d_p, d_hazard, None
+
+
+class _Shared(torch.autograd.Function):
+    """Forward ``value``; backward the same gradient to ``value`` and to each of ``others``."""
+
+    @staticmethod
+    def forward(ctx, value, *others):
+        ctx.others = len(others)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g,) * (ctx.others + 1)
+
+
+def shared_gradient(value: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``value``, whose gradient also reaches every one of ``others`` (tensors of its shape): what
+    ``value + sum(o - o.detach() for o in others)`` computes, without the arithmetic. For several copies
+    of one quantity that carry different gradient paths (:class:`HouseholdSampler`)."""
+    return _Shared.apply(value, *others) if others else value
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,37 @@ def test_chain_step_backward_is_the_expected_transitions_jacobian():
     assert torch.equal(out, reference.detach())
     for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_gradient_and_follow():
+    """``shared_gradient(v, *others)`` is ``v`` forward and passes the same gradient to each of ``others``
+    (what ``v + sum(o - o.detach())`` does); ``follow`` moves another copy of the states along the same hard
+    step as ``transition`` (the same one-hot rows) with its own expected-transition gradient."""
+    from lpm.sampling import HouseholdSampler, shared_gradient
+
+    gen = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(6, 3, generator=gen).requires_grad_(True) for _ in range(3))
+    weights = torch.randn(6, 3, generator=gen)
+    out = shared_gradient(a * 2, b * 3, c * 4)
+    assert torch.equal(out, a * 2)
+    mine = torch.autograd.grad((out * weights).sum(), [a, b, c])
+    ref = a * 2 + (b * 3 - (b * 3).detach()) + (c * 4 - (c * 4).detach())
+    theirs = torch.autograd.grad((ref * weights).sum(), [a, b, c])
+    for x, y in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(x, y)
+
+    n, k = 500, 5
+    sampler = HouseholdSampler(n, seed=3).at(2)
+    codes = torch.randint(0, k, (n,), generator=gen)
+    w = torch.zeros(n, k, requires_grad=True)
+    states = sampler.states(codes, k)
+    copy = states + (w - w.detach())
+    p = torch.rand(n, generator=gen)
+    q = torch.rand(n, generator=gen).requires_grad_(True)
+    hazard = torch.tensor([0.0, 0.3, 0.5, 0.2, 0.0])
+    following, moves = sampler.transition(states, p, hazard, 16)
+    followed, _ = sampler.follow(copy, q, hazard, moves, following)
+    assert torch.equal(followed, following)
+    g_w, g_q = torch.autograd.grad((followed * weights[:1, :1]).sum() + followed[:, 1].sum(), [w, q])
+    assert float(g_q.abs().sum()) > 0 and float(g_w.abs().sum()) > 0
+    assert torch.all(g_q[codes != 0] == 0)  # only agents in the first state leave by p_first

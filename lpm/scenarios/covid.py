@@ -99,7 +99,7 @@ from lpm import nyc
 from lpm.errors import InputError
 from lpm.policy import age_of, sigmoid
 from lpm.population import Population
-from lpm.sampling import Sampler
+from lpm.sampling import Sampler, shared_gradient
 from lpm.scenarios.base import (
     Decision,
     Plot,
@@ -884,7 +884,7 @@ class CovidScenario(Scenario):
         copies = [stage, *paths]
         xs = [sampler.value(s_, infectious_stage) * factor_x for s_ in copies]
         x_hard = xs[0].detach()
-        x_all = xs[0] + sum(xg - x_hard for xg in xs[1:])  # every copy's perturbation, copy 0's value
+        x_all = shared_gradient(xs[0], *xs[1:])  # copy 0's value, every copy's perturbation
         p = self.infection(w, params, level, isolating, (None, x_all), sampler, home_x=x_hard)
         following, moves = sampler.transition(stage, p, w.hazard, STREAM_TRANSITION)
         # the household hops: the same pressure, its gradient only through the senders of copy g - 1
@@ -901,17 +901,19 @@ class CovidScenario(Scenario):
         reach = (1.0 - p.detach()) * keep_h * home_weight  # d p / d (household pressure) ÷ beta
         beta = borough_beta.detach().to(stage.dtype).index_select(0, w.borough_of_cell)
         reach = reach * beta.index_select(0, w.cell)  # as infection() reads it
-        nxt, infected, onset = [], moves.out(S), moves.out(P2)
-        counts = sampler.tally(stage, K, w.borough, w.nb)
+        # the sums read copy 0's values and every copy's gradient: the states, the expected flows out of S
+        # and out of P2 (the P2 column × its hazard)
+        nxt, flows = [], []
         for g, copy in enumerate(copies[1:], start=1):
             sent = (xs[g - 1] - x_hard) * (hop_factor[:, g] * keep_h)
             house = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, sent)
             p_g = p.detach() + reach * (house.index_select(0, w.household) - sent)
-            following_g, moves_g = sampler.follow(copy, p_g, w.hazard, moves, following)
-            nxt.append(following_g)
-            infected = infected + _gradient(moves_g.out(S))
-            onset = onset + _gradient(moves_g.out(P2))
-            counts = counts + _gradient(sampler.tally(copy, K, w.borough, w.nb))
+            nxt.append(sampler.follow(copy, p_g, w.hazard, moves, following)[0])
+            flows.append(copy[:, S] * p_g)
+        h_onset = w.hazard[P2].to(stage.dtype)
+        infected = shared_gradient(moves.out(S), *flows)
+        onset = shared_gradient(moves.out(P2), *(copy[:, P2] * h_onset for copy in copies[1:]))
+        counts = sampler.tally(shared_gradient(stage, *copies[1:]), K, w.borough, w.nb)
         return following, nxt, infected, onset, counts
 
     def _path_factors(
@@ -934,11 +936,6 @@ class CovidScenario(Scenario):
         return real_frame(
             cases, quantity="reported_cases", value="cases", labels=world.boroughs, scale=world.scale
         )
-
-
-def _gradient(x: torch.Tensor) -> torch.Tensor:
-    """``x``'s gradient with a forward value of zero: what a copy adds to the sums of copy 0."""
-    return x - x.detach()
 
 
 def _at(per_agent: torch.Tensor, who: torch.Tensor | None) -> torch.Tensor:
