@@ -891,12 +891,14 @@ class CovidScenario(Scenario):
         susceptible = stage.detach()[:, S]
         housemates = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, susceptible)
         housemates = (housemates.index_select(0, w.household) - susceptible).round().long()
-        factors = self._path_factors(params, w, len(paths), int(housemates.max()) if w.n else 0)
-        row = w.borough.long() * factors.shape[1] + housemates
-        hop_factor = factors.view(-1, factors.shape[-1]).index_select(0, row)  # (N, G + 1)
         keep_h = _keep(isolating.detach(), c.household_isolation, stage.dtype)
         home_weight = LAYER_WEIGHT["household"] * level["household"]
         home_weight = home_weight.detach() if isinstance(home_weight, torch.Tensor) else home_weight
+        isolating_share = sampler.count(w.borough, w.nb, isolating.detach()) / w.residents.clamp_min(1.0)
+        most = int(housemates.max()) if w.n else 0
+        factors = self._path_factors(params, w, len(paths), most, isolating_share, float(home_weight))
+        row = w.borough.long() * factors.shape[1] + housemates
+        hop_factor = factors.view(-1, factors.shape[-1]).index_select(0, row)  # (N, G + 1)
         borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
         reach = (1.0 - p.detach()) * keep_h * home_weight  # d p / d (household pressure) ÷ beta
         beta = borough_beta.detach().to(stage.dtype).index_select(0, w.borough_of_cell)
@@ -917,15 +919,25 @@ class CovidScenario(Scenario):
         return following, nxt, infected, onset, counts
 
     def _path_factors(
-        self, params: Mapping[str, torch.Tensor], w: CovidWorld, generations: int, housemates: int
+        self,
+        params: Mapping[str, torch.Tensor],
+        w: CovidWorld,
+        generations: int,
+        housemates: int,
+        isolating: torch.Tensor,
+        home_weight: float,
     ) -> torch.Tensor:
         """(B, housemates + 1, G + 1) :func:`household_path_factors` of each borough's household attack
-        rate at today's parameters (cached by rounded rate)."""
+        rate at today's parameters, household weight and (B,) share of residents isolating (a pair of
+        housemates keeps ``(1 - household_isolation × share)^2`` of its contact on average; cached by
+        rounded rate)."""
         base = float(params["beta"].detach())
         tables = []
-        for b in w.boroughs:
-            q, ell = household_attack(self.config, base * float(params[BOROUGH_BETA[b]].detach()))
-            tables.append(_path_factors_cached(round(q, 4), round(ell, 4), housemates, generations))
+        for i, b in enumerate(w.boroughs):
+            keep = (1.0 - self.config.household_isolation * float(isolating[i])) ** 2
+            hazard = base * float(params[BOROUGH_BETA[b]].detach()) * keep * home_weight
+            q, ell = household_attack(self.config, hazard)
+            tables.append(_path_factors_cached(round(q, 3), round(ell, 3), housemates, generations))
         return torch.stack(tables).to(torch.float32).to(w.household.device)
 
     # -- real data -----------------------------------------------------------------------------------
