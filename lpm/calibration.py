@@ -52,7 +52,7 @@ from lpm.gradcheck import ReplayPolicy
 from lpm.paths import make_folder
 from lpm.policy import Policy
 from lpm.population import Population
-from lpm.sampling import DEFAULT_ESTIMATOR
+from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS
 from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
@@ -229,6 +229,8 @@ def calibrate(
     """
     started = time.perf_counter()
     _check_settings(epochs=epochs, lr=lr, restarts=restarts, eval_seeds=eval_seeds, memory_gb=memory_gb)
+    if estimator not in ESTIMATORS:
+        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     base = make_scenario({"start": train.first.date()})
     q = fit_quantity(base, quantity)
     period = compared_period(base, q)

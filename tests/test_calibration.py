@@ -99,6 +99,7 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
     for window in ("train", "test"):
         assert {"rmse", "mape", "periods", "before"} <= set(saved[window])
     assert saved["command"].startswith("lpm calibrate covid --train 2020-03-16:2020-03-29")
+    assert "--estimator households" in saved["command"]  # the default, recorded: the command reproduces
     assert "band" in saved and saved["settings"]["truncate_steps"] == 28
     for name in ("loss.png", "fit.png", "forecast.csv"):
         assert (out / name).stat().st_size > 0
@@ -114,6 +115,7 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
         (["--train", "2021-12-01:2021-12-28", "--test", "2021-12-29:2022-01-25"], "no value on 2022-01-01"),
         (["--train", "2020-03-16:2020-04-12", "--parameters", "beta,betta"], "'betta' not learnable"),
         (["--train", "2020-03-16:2020-04-12", "--policy", "random"], "--policy"),
+        (["--train", "2020-03-16:2020-04-12", "--estimator", "exact"], "--estimator must be one of"),
     ],
 )
 def test_bad_windows_and_parameters_are_clear_errors(args, message, tmp_path, capsys):

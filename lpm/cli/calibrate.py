@@ -11,6 +11,7 @@ import typer
 from lpm.cli.display import console
 from lpm.cli.options import llm_timeout_option, parse_list, parse_pairs, revision_option, weights_option
 from lpm.paths import check_new_folder
+from lpm.sampling import DEFAULT_ESTIMATOR
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -38,6 +39,11 @@ def register(app: typer.Typer) -> None:
             None, "--truncate", help="steps per backpropagated piece (default: 28 days, or less for memory)"
         ),
         memory_gb: float = typer.Option(12.0, "--memory-gb", help="memory the autograd graph may take"),
+        estimator: str = typer.Option(
+            DEFAULT_ESTIMATOR,
+            "--estimator",
+            help="gradient estimator: households, expected, bernoulli or mean-field",
+        ),
         settings: list[str] = typer.Option(
             [], "--set", metavar="NAME=VALUE", help="a scenario setting (the starting value of a fit)"
         ),
@@ -107,6 +113,7 @@ def register(app: typer.Typer) -> None:
         argv = ["lpm", "calibrate", scenario, "--train", train] + (["--test", test] if test else [])
         argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]
         argv += ["--restarts", str(restarts), "--eval-seeds", str(eval_seeds), "--seed", str(seed)]
+        argv += ["--estimator", estimator]
         argv += ["--parameters", parameters] if parameters else []
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
@@ -165,6 +172,7 @@ def register(app: typer.Typer) -> None:
                         eval_seeds=eval_seeds,
                         truncate=truncate,
                         memory_gb=memory_gb,
+                        estimator=estimator,
                         progress=progress,
                     )
                 except CacheMissError as exc:
