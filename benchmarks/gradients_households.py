@@ -63,7 +63,7 @@ def weekly_infections(beta, n: int, households: int, seed: int, estimator: str |
             susceptible = states.detach()[:, S]
             left = torch.zeros(households).index_add(0, household, susceptible)
             housemates = (left.index_select(0, household) - susceptible).round().long()
-            reach = (1.0 - p.detach()) * float(beta)
+            reach = (1.0 - p.detach()) * float(torch.as_tensor(beta).detach())
             senders, nxt = [x, *(sampler.value(c, infectious) for c in copies)], []
             for g, copy in enumerate(copies, start=1):
                 sent = (senders[g - 1] - x.detach()) * factors[housemates, g]
