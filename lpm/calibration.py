@@ -11,13 +11,12 @@ of a daily count on a log scale (``log(x + 2 % of the label's peak)``: a relativ
 runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss;
 the fitted values are the mean of the last fifth of the iterates (Polyak averaging, less seed noise).
 
-Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 28 days,
+Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 56 days,
 fewer where ``memory_gb`` needs it; the whole window for monthly scenarios); each piece's loss is
 backpropagated and the state is detached before the next, so the graph held is at most one piece (about
 170 bytes per agent per simulated day with the default "households" estimator, 130 with "expected":
 :data:`GRAPH_BYTES_PER_AGENT_STEP`). A longer window costs time, not memory. The gradients of the COVID
-model agree with finite differences over 8 weeks (``tests/test_gradients.py``), so the default piece is
-set by memory, not by the estimator.
+model agree with finite differences over 8 weeks (``tests/test_gradients.py``), the default piece's length.
 
 Decisions: the heuristic policy answers every epoch from the simulated context. An LLM policy is asked
 in the first epoch of each restart (and every ``refresh`` epochs), and its answers are replayed in the
@@ -60,6 +59,9 @@ __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 #: Bytes the autograd graph of a COVID day holds per agent, by estimator (``benchmarks/engine.py``, 1 M
 #: agents: 168 and 129; rounded up); an estimator not measured is counted as the largest.
 GRAPH_BYTES_PER_AGENT_STEP = {"households": 170, "expected": 130}
+#: Days per backpropagated piece of a daily scenario unless memory needs fewer: the horizon over which the
+#: COVID gradients are checked against finite differences (8 weeks, ``tests/test_gradients.py``).
+TRUNCATE_DAYS = 56
 #: Counts are compared as log(x + LOG_FLOOR × the label's largest real value in the train window).
 LOG_FLOOR = 0.02
 
@@ -253,7 +255,7 @@ def calibrate(
         if base.step_unit == "day":
             per_step = GRAPH_BYTES_PER_AGENT_STEP.get(estimator, max(GRAPH_BYTES_PER_AGENT_STEP.values()))
             by_memory = int(memory_gb * 1e9 / (per_step * len(pop)))
-            truncate = max(period, min(28, by_memory) // period * period)
+            truncate = max(period, min(TRUNCATE_DAYS, by_memory) // period * period)
         else:
             truncate = train_steps
     if truncate < 1 or truncate % period:

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         restarts: int = typer.Option(3, "--restarts", help="fits from jittered starts (the band's spread)"),
         eval_seeds: int = typer.Option(2, "--eval-seeds", help="forecast runs per restart"),
         truncate: int = typer.Option(
-            None, "--truncate", help="steps per backpropagated piece (default: 28 days, or less for memory)"
+            None, "--truncate", help="steps per backpropagated piece (default: 56 days, or less for memory)"
         ),
         memory_gb: float = typer.Option(12.0, "--memory-gb", help="memory the autograd graph may take"),
         estimator: str = typer.Option(
@@ -180,6 +180,8 @@ def register(app: typer.Typer) -> None:
                         f"--cache replay: policy {policy} needs decisions the cache does not hold: {exc}",
                         hint="calibrate once with --cache use (and a model server) to fill the cache",
                     ) from None
+        if not truncate:  # the piece the defaults chose, so that the command reproduces under other defaults
+            argv += ["--truncate", str(cal.settings["truncate_steps"])]
         cal.command = shlex.join(argv)
         files = write(cal, folder)
         console.print(
