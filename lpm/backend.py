@@ -22,6 +22,13 @@ server does not answer within ``timeout`` seconds (``--llm-timeout``) is not ret
 stalled, and every request of the same event loop (one decision step), sent or waiting, fails at once with a
 :class:`ServerError` naming the URL and the timeout, so a silent server costs a step about ``timeout``
 seconds, not retries × batches × ``timeout``.
+
+Replicas: :class:`OpenAIBackend` takes several URLs of servers of the same model (``--llm-url A,B``, e.g. one
+vLLM per GPU). Each request goes to the replica with the fewest requests in flight (ties in turn). A request
+that fails there for a reason another server may not share (connection refused or dropped, HTTP 5xx, 408, 409
+or 429, no answer within ``timeout``) is sent to the next replica it has not tried, before it counts as a
+failed attempt; the retries and errors above apply once every replica failed it. A replica that gave no answer
+in time is left out for the rest of the event loop, and the loop stops as above only when every replica did.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import openai
 
@@ -145,13 +153,25 @@ class _Retrying:
 
 
 @dataclass
+class _Replica:
+    """One server of a backend's replicas, in one event loop."""
+
+    url: str
+    client: Any
+    in_flight: int = 0
+    stall: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a request to this server got no answer in time: its requests go to the other replicas."""
+    stalled: ServerError | None = None
+
+
+@dataclass
 class _LoopState:
     loop: asyncio.AbstractEventLoop
     semaphore: asyncio.Semaphore
-    client: Any = None
-    stall: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when a request got no answer in time: the requests of this loop stop (:attr:`stalled` says why)."""
+    replicas: list[_Replica]
+    turn: int = 0
     stalled: ServerError | None = None
+    """Set when every replica got a request it did not answer in time: the requests of this loop stop."""
 
     def error(self) -> ServerError:
         """A fresh copy of the stalled server's error (each request raises its own)."""
@@ -163,21 +183,38 @@ class _LoopState:
         if self.stalled is not None:
             raise self.error()
 
+    def pick(self, tried: list[_Replica]) -> _Replica | None:
+        """The replica to send a request to: of those not stalled and not in ``tried``, the one with the
+        fewest requests in flight, ties in turn; None when none is left."""
+        left = [i for i, r in enumerate(self.replicas) if r.stalled is None and r not in tried]
+        if not left:
+            return None
+        self.turn += 1
+        n = len(self.replicas)
+        return self.replicas[min(left, key=lambda i: (self.replicas[i].in_flight, (i - self.turn) % n))]
+
 
 @dataclass
 class BackendStats:
-    """Requests sent (retries included) and retries, since the backend was made."""
+    """Requests sent (retries included) and retries, since the backend was made.
+
+    replicas: requests sent to each server (its URL without credentials). failovers: requests sent again to
+    another replica after one failed them (counted in ``requests``, not in ``retries``).
+    """
 
     requests: int = 0
     retries: int = 0
     fallbacks: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
+    failovers: int = 0
 
 
 class OpenAIBackend(Backend, _Retrying):
     """Any OpenAI-compatible server (vLLM, llama.cpp's server, a hosted API) through ``openai.AsyncOpenAI``.
 
-    base_url: e.g. ``http://127.0.0.1:8000/v1``. model: the served model name.
+    base_url: e.g. ``http://127.0.0.1:8000/v1``; several servers of the same model (replicas) as a
+    comma-separated list or a sequence of URLs (:func:`replica_urls`). model: the served model name.
     api_key_env: environment variable holding the API key ("EMPTY" when unset, as local servers expect);
     api_key: the key itself, which wins over ``api_key_env`` (the random key of a server lpm starts).
     max_concurrency: requests in flight at once. timeout: seconds to wait for the answer to one request
@@ -192,7 +229,7 @@ class OpenAIBackend(Backend, _Retrying):
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model: str,
         *,
         api_key_env: str = "OPENAI_API_KEY",
@@ -208,11 +245,9 @@ class OpenAIBackend(Backend, _Retrying):
         if not timeout > 0:
             raise InputError(f"--llm-timeout must be > 0 seconds, got {timeout:g}")
         self.server: ServerKind = server_kind(server)
-        if not base_url.startswith(("http://", "https://")):
-            raise InputError(
-                f"--llm-url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}"
-            )
-        self.base_url = base_url.rstrip("/")
+        self.urls = replica_urls(base_url)
+        self.base_url = ",".join(self.urls)
+        """The URL, or the replicas' URLs joined by commas."""
         self.model = model
         self.api_key_env = api_key_env
         self._api_key = api_key
@@ -231,19 +266,27 @@ class OpenAIBackend(Backend, _Retrying):
         # httpx connections and asyncio semaphores belong to one event loop; make fresh ones per loop.
         loop = asyncio.get_running_loop()
         if self._state is None or self._state.loop is not loop:
-            client = openai.AsyncOpenAI(
-                base_url=self.base_url,
-                api_key=self._api_key or os.environ.get(self.api_key_env) or "EMPTY",
-                max_retries=0,
-                timeout=self.timeout,
-            )
-            self._state = _LoopState(loop, asyncio.Semaphore(self.max_concurrency), client)
+            key = self._api_key or os.environ.get(self.api_key_env) or "EMPTY"
+            replicas = [
+                _Replica(
+                    url, openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=self.timeout)
+                )
+                for url in self.urls
+            ]
+            self._state = _LoopState(loop, asyncio.Semaphore(self.max_concurrency), replicas)
         return self._state
 
     async def aclose(self) -> None:
         state, self._state = self._state, None
         if state is not None and state.loop is asyncio.get_running_loop():
-            await state.client.close()
+            for replica in state.replicas:
+                await replica.client.close()
+
+    def _servers(self) -> str:
+        """How messages name where requests go: the server at the URL, or the replicas."""
+        if len(self.urls) == 1:
+            return f"the model server at {self.base_url}"
+        return f"every replica of --llm-url ({', '.join(self.urls)})"
 
     async def choose(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding = DEFAULT_DECODING
@@ -298,14 +341,6 @@ class OpenAIBackend(Backend, _Retrying):
             except (NoLogprobs, LpmError):
                 raise  # not a transient failure (a stalled server included): the caller decides
             except openai.APIStatusError as exc:
-                if not _is_json(
-                    exc.response
-                ):  # a plain web server, or a wrong path: asking again will not help
-                    from lpm.server import not_openai_compatible
-
-                    raise not_openai_compatible(
-                        self.base_url, f"POST {self.base_url}/chat/completions", exc.response
-                    ) from None
                 if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
                     raise LLMError(  # 4xx: asking again will not help
                         f"{self.base_url} refused the request for model {self.model!r}: HTTP {exc.status_code} "
@@ -319,7 +354,7 @@ class OpenAIBackend(Backend, _Retrying):
             self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
         if isinstance(last, openai.APIConnectionError) and _refused(last):
             raise ServerError(
-                f"the model server at {self.base_url} is unreachable ({_short(str(last.__cause__ or last))}) "
+                f"{self._servers()} is unreachable ({_short(str(last.__cause__ or last))}) "
                 f"after {self.retries + 1} attempts",
                 hint="start one with `lpm serve` and pass its URL with --llm-url, or leave --llm-url out to "
                 "let lpm start a local server",
@@ -328,18 +363,46 @@ class OpenAIBackend(Backend, _Retrying):
         raise LLMError(f"{self.base_url}: {kind}{_short(str(last))} (after {self.retries + 1} attempts)")
 
     async def _create(self, **kwargs: Any) -> dict[str, Any]:
+        """The JSON answer to one chat request, from the first replica (in :meth:`_LoopState.pick`'s order)
+        that answers it; a failure another server may not share sends it to the next replica, and the last
+        such failure is raised when every replica failed it."""
         state = self._loop_state()
+        tried: list[_Replica] = []
+        failure: BaseException | None = None
         async with state.semaphore:
-            state.check()  # a request that waited for its turn while another got no answer is not sent
-            self.stats.requests += 1
-            raw = await self._in_time(
-                state, state.client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
-            )
+            while True:
+                state.check()  # a request that waited for its turn while every server stalled is not sent
+                replica = state.pick(tried)
+                if replica is None:
+                    assert failure is not None
+                    raise failure
+                if tried:
+                    self.stats.failovers += 1
+                tried.append(replica)
+                try:
+                    raw = await self._send(state, replica, kwargs)
+                    break
+                except openai.APIStatusError as exc:
+                    if not _is_json(exc.response):  # a plain web server, or a wrong path
+                        from lpm.server import not_openai_compatible
+
+                        raise not_openai_compatible(
+                            replica.url, f"POST {replica.url}/chat/completions", exc.response
+                        ) from None
+                    if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
+                        raise  # the request itself is refused: another replica would refuse it too
+                    failure = exc
+                except openai.APIConnectionError as exc:  # refused, dropped
+                    failure = exc
+                except ServerError as exc:  # this replica stalled (every replica did: state.check raises)
+                    if replica.stalled is None:
+                        raise
+                    failure = failure or exc  # a replica's own failure is retried; a stall is not
         if not _is_json(raw.http_response):
             from lpm.server import not_openai_compatible
 
             raise not_openai_compatible(
-                self.base_url, f"POST {self.base_url}/chat/completions", raw.http_response
+                replica.url, f"POST {replica.url}/chat/completions", raw.http_response
             )
         try:  # the JSON as sent: llama.cpp's own fields survive, whatever the openai client's models say
             data = json.loads(raw.text)
@@ -349,13 +412,29 @@ class OpenAIBackend(Backend, _Retrying):
             raise BadAnswer(f"the response is not a JSON object: {_short(str(data))}")
         return data
 
-    async def _in_time(self, state: _LoopState, request: Any) -> Any:
-        """The result of ``request`` (a coroutine sending one request) if the server answers within
-        ``timeout`` seconds. Otherwise the server is stalled for this event loop: ``request`` is cancelled, and
-        so is every other request in flight; each raises a :class:`ServerError` naming the URL and the timeout.
+    async def _send(self, state: _LoopState, replica: _Replica, kwargs: dict[str, Any]) -> Any:
+        """Send one chat request to ``replica`` and return its raw response (within ``timeout``)."""
+        self.stats.requests += 1
+        name = redact_url(replica.url) or replica.url
+        self.stats.replicas[name] = self.stats.replicas.get(name, 0) + 1
+        replica.in_flight += 1
+        try:
+            return await self._in_time(
+                state,
+                replica,
+                replica.client.chat.completions.with_raw_response.create(model=self.model, **kwargs),
+            )
+        finally:
+            replica.in_flight -= 1
+
+    async def _in_time(self, state: _LoopState, replica: _Replica, request: Any) -> Any:
+        """The result of ``request`` (a coroutine sending one request to ``replica``) if the server answers
+        within ``timeout`` seconds. Otherwise the replica is stalled for this event loop: ``request`` is
+        cancelled, and so is every other request in flight to it; each raises a :class:`ServerError` naming
+        the URL and the timeout. When every replica stalled (the only one included), the loop is stalled.
         """
         sent = asyncio.ensure_future(request)
-        stall = asyncio.ensure_future(state.stall.wait())
+        stall = asyncio.ensure_future(replica.stall.wait())
         try:
             done, _ = await asyncio.wait(
                 (sent, stall), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
@@ -365,16 +444,26 @@ class OpenAIBackend(Backend, _Retrying):
             stall.cancel()
         if sent in done and not isinstance(sent.exception(), openai.APITimeoutError):
             return sent.result()
-        if state.stalled is None:  # this request is the one that got no answer in time
+        if replica.stalled is None:  # this request is the one that got no answer in time
             self.stats.errors["timeout"] = self.stats.errors.get("timeout", 0) + 1
-            state.stalled = ServerError(
-                f"the model server at {self.base_url} did not answer a request within {self.timeout:g} s "
+            replica.stalled = ServerError(
+                f"the model server at {replica.url} did not answer a request within {self.timeout:g} s "
                 "(--llm-timeout); the other requests of this step were stopped",
-                hint=f"check that it works (`lpm serve --check {self.base_url}`, its log); give a slow server "
+                hint=f"check that it works (`lpm serve --check {replica.url}`, its log); give a slow server "
                 "a longer --llm-timeout SECONDS",
             )
-            state.stall.set()
-        raise state.error()
+            replica.stall.set()
+            if state.stalled is None and all(r.stalled is not None for r in state.replicas):
+                state.stalled = replica.stalled
+                if len(state.replicas) > 1:
+                    state.stalled = ServerError(
+                        f"no replica of --llm-url ({', '.join(self.urls)}) answered a request within "
+                        f"{self.timeout:g} s (--llm-timeout); the other requests of this step were stopped",
+                        hint=replica.stalled.hint,
+                    )
+        if state.stalled is not None:
+            raise state.error()
+        raise ServerError(str(replica.stalled), hint=replica.stalled.hint)
 
     async def _logprobs(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
@@ -663,6 +752,60 @@ def chat_settings(chat_model: Any) -> dict[str, Any]:
 def _lc_usage(reply: Any) -> tuple[int, int]:
     usage = getattr(reply, "usage_metadata", None) or {}
     return int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` without user name, password, query or fragment (what may be written to disk); each URL of a
+    comma-separated list of replicas so."""
+    if not url:
+        return url
+    if "," in url:
+        return ",".join(redact_url(u) or "" for u in url.split(","))
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        netloc = host + (f":{parts.port}" if parts.port else "")
+    except ValueError:  # a port that is no number: what follows the credentials
+        netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def replica_urls(url: str | Sequence[str], option: str = "--llm-url") -> list[str]:
+    """The base URLs in ``url``: one URL, or several servers of the same model (replicas) as a comma-separated
+    list or a sequence; each without its trailing slash. An empty element, a URL given twice or anything but
+    an http(s) URL with a host is an :class:`InputError` naming ``option`` and the element (without
+    credentials)."""
+    items = [u.strip() for u in (url.split(",") if isinstance(url, str) else url)]
+    given = ",".join(items)
+    among = f" in {option} {redact_url(given)}" if len(items) > 1 else ""
+    example = f"{option} http://10.0.0.1:8000/v1,http://10.0.0.2:8000/v1"
+    urls: list[str] = []
+    for item in items:
+        if not item:
+            raise InputError(
+                f"{option} {redact_url(given)!r} has an empty element (two commas in a row, or one at an end)",
+                hint=f"separate the replicas' URLs with single commas: {example}",
+            )
+        parts = urlsplit(item)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is no number
+            port_ok = True
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+            raise InputError(
+                f"{option} must be an http(s) URL such as http://127.0.0.1:8000/v1, got "
+                f"{redact_url(item)!r}{among}"
+            )
+        if item.rstrip("/") in urls:
+            raise InputError(
+                f"{option} {redact_url(given)} names {redact_url(item.rstrip('/'))} twice",
+                hint="give each replica (server of the same model) once",
+            )
+        urls.append(item.rstrip("/"))
+    return urls
 
 
 def _refused(exc: BaseException) -> bool:

@@ -5,7 +5,9 @@ Used by ``lpm run``, ``lpm decide``, ``lpm calibrate``, ``lpm compare`` and ``lp
 ``--llm-url``, ``--llm-model``, ``--model``, ``--model-revision``, the server kind and ``--cache replay`` the
 same way (:class:`Endpoint`):
 
-- ``--llm-url URL``: the server there; ``--llm-model`` names the served model (default: its only one) and
+- ``--llm-url URL``: the server there (or several servers of the same model, replicas, as ``URL,URL``: requests
+  are spread across them and a request one fails goes to another, see :mod:`lpm.backend`; each must answer
+  and serve the model at start); ``--llm-model`` names the served model (default: its only one) and
   ``--model-revision`` says which version of it, for the response cache's key (otherwise the name alone
   identifies the answers, and a server that serves other weights under the same name would share them).
 - no URL: a local server of the kind ``--server`` serving ``--model PATH`` (a model folder or a .gguf file;
@@ -25,9 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from lpm.backend import Backend, LocalServerBackend, OpenAIBackend
+from lpm.backend import Backend, LocalServerBackend, OpenAIBackend, redact_url, replica_urls
 from lpm.errors import InputError, ServerError
 from lpm.server_kind import ServerKind, server_kind
 
@@ -40,18 +41,6 @@ def default_mode(mode: str, server: str) -> str:
     log-probabilities are taken before its grammar is applied (so they are not a distribution over the
     choices); see :meth:`lpm.server_kind.ServerKind.resolve_mode`."""
     return server_kind(server).resolve_mode(mode)
-
-
-def redact_url(url: str | None) -> str | None:
-    """``url`` without user name, password, query or fragment (what may be written to disk)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def served_name(weights: str | Path | None) -> str:
@@ -69,7 +58,8 @@ def served_name(weights: str | Path | None) -> str:
 class Endpoint:
     """The model a command asks, resolved from its options (see the module docstring).
 
-    url: the server's URL (None: local or replay). model: the served name. kind: the server kind.
+    url: the server's URL, or the replicas' URLs joined by commas (None: local or replay). model: the served
+    name. kind: the server kind.
     weights: the weights' fingerprint (local, replay of local) or ``revision:REV`` (a server at a URL), None
     when unknown. local: the :class:`lpm.server.ModelServer` lpm starts at the first cache miss (not yet
     started), or None.
@@ -135,6 +125,9 @@ class Endpoint:
             )
         tag = f"revision:{revision}" if revision else None
         if url:
+            urls = replica_urls(url)
+            if len(urls) > 1:
+                return cls(",".join(urls), same_model(urls, model, api_key_env), kind, tag, options=options)
             if not model:
                 import os
 
@@ -179,6 +172,11 @@ class Endpoint:
         local = ModelServer(kind, weights, served_name=name, api_key=new_api_key())
         return cls(None, name, kind, fingerprint, local=local, options=options)
 
+    @property
+    def urls(self) -> list[str]:
+        """The URLs of the server at ``url`` or of its replicas; [] for a local server or a replay."""
+        return self.url.split(",") if self.url else []
+
     def backend(self, on_start: Callable[[Any], None] | None = None) -> Backend:
         """A backend asking this model (a local server starts at its first request, once)."""
         if self.url:
@@ -199,7 +197,7 @@ class Endpoint:
             "server": self.kind.name,
             "weights": self.weights,
             "local_server": self.local is not None,
-        }
+        } | ({"replicas": [redact_url(u) for u in self.urls]} if len(self.urls) > 1 else {})
 
     def live_url(self) -> str | None:
         """The URL of a server that answers now: the one at ``url``, or the local one once it runs."""
@@ -241,22 +239,75 @@ def llm_backend(
     and ``retries``: the HTTP requests the backend sent (retries included; whole-action scoring sends one
     per action, where ``llm_queries`` counts prompts) and how many were retries.
     """
-    from lpm.server import server_figures, token_counters
+    from lpm.server import server_figures
 
     backend = endpoint.backend(on_start)
     info = endpoint.info() | {"identity": backend.identity()}
     live = endpoint.live_url()
-    before = token_counters(live) if live else None  # a server started later starts from zero
+    before = _counters(live) if live else None  # a server started later starts from zero
     try:
         yield backend, info
     finally:
         live = endpoint.live_url()
         if live:
-            info["server_figures"] = server_figures(before, token_counters(live))
+            info["server_figures"] = server_figures(before, _counters(live))
         if endpoint.local is not None and endpoint.local.running:
             info["server_started_seconds"] = endpoint.local.startup_seconds
         stats = getattr(getattr(backend, "inner", backend), "stats", None)
         if stats is not None:  # HTTP requests, retries included (llm_queries counts prompts)
             info["requests"], info["retries"] = stats.requests, stats.retries
+            if len(endpoint.urls) > 1:  # requests sent to each replica, and those sent on after one failed
+                info["replica_requests"], info["failovers"] = dict(stats.replicas), stats.failovers
         if own:
             endpoint.close()
+
+
+def same_model(urls: list[str], model: str | None, api_key_env: str) -> str:
+    """The model every replica at ``urls`` serves: ``model``, or the only one the first serves. Each replica
+    is asked (GET /models) now; one that does not answer, or does not serve that model, is an error naming its
+    URL (without credentials)."""
+    import os
+
+    from lpm.server import check_server
+
+    for url in urls:
+        shown = redact_url(url)
+        try:
+            models = [str(m) for m in check_server(url, api_key=os.environ.get(api_key_env))["models"]]
+        except ServerError as exc:
+            raise ServerError(
+                f"--llm-url replica {shown}: {str(exc).replace(url, shown or url)}", hint=exc.hint
+            ) from None
+        if model is None:
+            if len(models) != 1:
+                raise InputError(
+                    f"--llm-model is needed: the replica {shown} serves "
+                    f"{', '.join(models) if models else 'no model'}",
+                    hint="name the model every replica serves with --llm-model",
+                )
+            model = models[0]
+        elif model not in models:
+            raise InputError(
+                f"--llm-url replica {shown} serves {', '.join(models) or 'no model'}, not {model!r}: the "
+                "replicas must serve the same model",
+                hint="give only URLs of servers of the same model (the same --served-model-name)",
+            )
+    assert model is not None
+    return model
+
+
+def _counters(url: str) -> dict[str, float | None] | None:
+    """:func:`lpm.server.token_counters` of the server at ``url``, summed over the replicas of a
+    comma-separated list (None when one of them exports no metrics)."""
+    from lpm.server import token_counters
+
+    readings = [token_counters(u) for u in url.split(",")]
+    if any(r is None for r in readings):
+        return None
+    summed: dict[str, float | None] = {}
+    for reading in readings:
+        assert reading is not None
+        for name, value in reading.items():
+            total = summed.get(name, 0.0)
+            summed[name] = None if value is None or total is None else total + value
+    return summed

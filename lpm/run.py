@@ -75,7 +75,9 @@ class RunConfig(BaseModel):
     )
     device: Literal["cpu", "cuda"] = "cpu"
     llm_url: str | None = Field(
-        default=None, description="OpenAI-compatible base URL; default: start a local server"
+        default=None,
+        description="OpenAI-compatible base URL, or replicas' URLs separated by commas; default: start a local "
+        "server",
     )
     llm_model: str | None = Field(
         default=None, description="served model name (default: the local default model)"

@@ -11,6 +11,7 @@ from lpm.cli.display import console
 from lpm.cli.options import (
     elicitation_option,
     llm_timeout_option,
+    llm_url_option,
     parse_date,
     parse_list,
     parse_pairs,
@@ -52,9 +53,7 @@ def register(app: typer.Typer) -> None:
             help="a setting of the scenario's configuration; repeat for each",
         ),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-        llm_url: str = typer.Option(
-            None, "--llm-url", help="OpenAI-compatible base URL (default: a local server)"
-        ),
+        llm_url: str = llm_url_option(),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
         weights: Path = weights_option(),
         revision: str = revision_option(),

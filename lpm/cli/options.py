@@ -83,7 +83,12 @@ def revision_option() -> Any:
 def llm_url_option() -> Any:
     import typer
 
-    return typer.Option(None, "--llm-url", help="OpenAI-compatible base URL; default: start a local server")
+    return typer.Option(
+        None,
+        "--llm-url",
+        help="OpenAI-compatible base URL, or the URLs of several servers of the same model (replicas) "
+        "separated by commas, which share the requests; default: start a local server",
+    )
 
 
 def llm_model_option() -> Any:

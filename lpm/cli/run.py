@@ -12,6 +12,7 @@ from lpm.cli.display import console
 from lpm.cli.options import (
     elicitation_option,
     llm_timeout_option,
+    llm_url_option,
     parse_date,
     parse_pairs,
     revision_option,
@@ -48,9 +49,7 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of every random draw"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
-        llm_url: str = typer.Option(
-            None, "--llm-url", help="OpenAI-compatible base URL (default: start a local server)"
-        ),
+        llm_url: str = llm_url_option(),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
         weights: Path = weights_option(),
         revision: str = revision_option(),
