@@ -54,7 +54,11 @@ def register(app: typer.Typer) -> None:
             "literature (the cited values, ignoring its calibration)",
         ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
-        llm_url: str = typer.Option(None, "--llm-url", help="OpenAI-compatible base URL (default: local)"),
+        llm_url: str = typer.Option(
+            None,
+            "--llm-url",
+            help="OpenAI-compatible base URL, or replicas of one model, comma-separated (default: local)",
+        ),
         llm_model: str = typer.Option(None, "--llm-model", help="served model name"),
         weights: Path = weights_option(),
         revision: str = revision_option(),
