@@ -1,10 +1,11 @@
 """Gradient estimators against finite differences of the stochastic COVID model, per week.
 
-For each estimator (``households``, ``expected``, ``bernoulli``, ``mean-field``) and parameter, prints the ratio of the
-gradient of each week's citywide reported cases to central finite differences of the inference run (common
-random numbers, the same seeds; both averaged over the seeds), and the finite differences' standard error
-(their noise). Decisions come from a rule that does not read the simulated cases (isolation by age only),
-so the numbers isolate the estimator. The last line is all figures as one JSON object.
+For each estimator (``households``, ``expected``, ``bernoulli``, ``mean-field``) and parameter, prints the
+ratio of the gradient of each week's citywide reported cases to central finite differences of the inference
+run (common random numbers, the same seeds; both averaged over the seeds), and the relative standard errors
+over the seeds of the finite differences (their noise) and of the gradient. Decisions come from a rule that
+does not read the simulated cases (isolation by age only), so the numbers isolate the estimator. The last
+line is all figures as one JSON object.
 
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
         [--start 2020-04-01] [--estimators households expected bernoulli mean-field] [--parameters beta ...]
@@ -81,11 +82,14 @@ def main() -> None:
         for r in results:
             with np.errstate(divide="ignore", invalid="ignore"):  # nan where the parameter does not act yet
                 se = r.fd_sd / np.sqrt(len(args.seeds)) / np.abs(r.fd)
+                grad_se = r.grad_sd / np.sqrt(len(args.seeds)) / np.abs(r.grad)
             print(
                 f"{estimator:>10} {r.parameter:>16}  gradient / finite difference per week: "
                 + " ".join(f"{x:5.2f}" for x in r.ratio)
                 + "   (finite-difference standard error: "
                 + " ".join(f"{x:4.0%}" for x in se)
+                + "; gradient's: "
+                + " ".join(f"{x:4.0%}" for x in grad_se)
                 + ")",
                 flush=True,
             )
@@ -95,6 +99,7 @@ def main() -> None:
                     "parameter": r.parameter,
                     "ratio": [round(float(x), 4) for x in r.ratio],
                     "fd_relative_se": [round(float(x), 4) for x in se],
+                    "grad_relative_se": [round(float(x), 4) for x in grad_se],
                     "grad": [round(float(x), 3) for x in r.grad],
                     "fd": [round(float(x), 3) for x in r.fd],
                 }
