@@ -535,9 +535,8 @@ class SoftSampler(Sampler):
     ) -> tuple[torch.Tensor, Moves]:
         """The step :meth:`transition` took (``moves``, whose next states are ``hard``), for another copy of
         the same states: the same next states (forward), the expected transition of ``states`` and
-        ``p_first`` (backward). A
-        step that carries one state along several gradient paths (:class:`HouseholdSampler`) moves each
-        copy with it."""
+        ``p_first`` (backward). A step that carries one state along several gradient paths
+        (:class:`HouseholdSampler`) moves each copy with it."""
         following = _ChainStep.apply(states, p_first, hazard, hard.detach())
         return following, Moves(moves.code, moves.leave, None, (states, p_first, hazard))
 

@@ -711,8 +711,7 @@ class CovidScenario(Scenario):
         place_weight = place_weight * (torch.arange(len(place_weight), device=x.device) > 0)
         community, community_weight = self.community(w, cells), c.community_weight * level["community"]
         home_weight = LAYER_WEIGHT["household"] * level["household"]
-        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
-        beta = borough_beta.to(dtype).index_select(0, w.borough_of_cell)  # (C,)
+        beta = self._cell_beta(w, params).to(dtype)  # (C,)
         # the pressure each agent meets, less its own infectiousness (an agent is not its own contact)
         own_o = place_weight.index_select(0, _at(w.place, who)) * x_o
         if who is None:
@@ -819,7 +818,7 @@ class CovidScenario(Scenario):
         paths = [state[f"stage_hop{g}"] for g in range(1, sampler.household_generations + 1)]
         if paths and sampler.differentiable:  # estimator "households": one copy per household hop
             following, paths, infected, onset, counts = self._household_paths(
-                w, state, params, level, isolating, infectious_stage, sampler
+                w, state, paths, x, params, level, isolating, infectious_stage, sampler
             )
         else:
             # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
@@ -860,6 +859,8 @@ class CovidScenario(Scenario):
         self,
         w: CovidWorld,
         state: Mapping[str, torch.Tensor],
+        paths: list[torch.Tensor],
+        x: torch.Tensor,
         params: Mapping[str, torch.Tensor],
         level: Mapping[str, torch.Tensor | float],
         isolating: torch.Tensor,
@@ -875,14 +876,14 @@ class CovidScenario(Scenario):
         copy ``g - 1`` into copy ``g`` is weighted by :func:`household_path_factors` (the share of it the
         real household outbreak can take, given the sender's susceptible housemates); copy ``G`` sends
         no further household hop. School, work and community pressure read every copy's perturbation.
-        Returns the next stage, the next copies, the infections and onsets (moves out of S and P2) and
-        the (K, B) counts per stage and borough, each with every copy's gradient."""
+        paths: the copies ``stage_hop1 ..``; x: copy 0's (N,) infectiousness. Returns the next stage, the
+        next copies, the infections and onsets (moves out of S and P2) and the (K, B) counts per stage and
+        borough, each with every copy's gradient."""
         c = self.config
         stage, asym = state["stage"], state["asymptomatic"]
-        paths = [state[f"stage_hop{g}"] for g in range(1, sampler.household_generations + 1)]
         factor_x = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(stage.dtype)
         copies = [stage, *paths]
-        xs = [sampler.value(s_, infectious_stage) * factor_x for s_ in copies]
+        xs = [x, *(sampler.value(copy, infectious_stage) * factor_x for copy in paths)]
         x_hard = xs[0].detach()
         x_all = shared_gradient(xs[0], *xs[1:])  # copy 0's value, every copy's perturbation
         p = self.infection(w, params, level, isolating, (None, x_all), sampler, home_x=x_hard)
@@ -899,10 +900,8 @@ class CovidScenario(Scenario):
         factors = self._path_factors(params, w, len(paths), most, isolating_share, float(home_weight))
         row = w.borough.long() * factors.shape[1] + housemates
         hop_factor = factors.view(-1, factors.shape[-1]).index_select(0, row)  # (N, G + 1)
-        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
         reach = (1.0 - p.detach()) * keep_h * home_weight  # d p / d (household pressure) ÷ beta
-        beta = borough_beta.detach().to(stage.dtype).index_select(0, w.borough_of_cell)
-        reach = reach * beta.index_select(0, w.cell)  # as infection() reads it
+        reach = reach * self._cell_beta(w, params).detach().to(stage.dtype).index_select(0, w.cell)
         # the sums read copy 0's values and every copy's gradient: the states, the expected flows out of S
         # and out of P2 (the P2 column × its hazard)
         nxt, flows = [], []
@@ -917,6 +916,12 @@ class CovidScenario(Scenario):
         onset = shared_gradient(moves.out(P2), *(copy[:, P2] * h_onset for copy in copies[1:]))
         counts = sampler.tally(shared_gradient(stage, *copies[1:]), K, w.borough, w.nb)
         return following, nxt, infected, onset, counts
+
+    @staticmethod
+    def _cell_beta(w: CovidWorld, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(C,) transmission rate of each (ZIP, band) cell: ``beta`` × its borough's multiplier."""
+        borough_beta = params["beta"] * torch.stack([params[BOROUGH_BETA[b]] for b in w.boroughs])
+        return borough_beta.index_select(0, w.borough_of_cell)
 
     def _path_factors(
         self,
