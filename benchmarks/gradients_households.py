@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lpm.gradcheck import GradCheck
-from lpm.sampling import sampler_class
+from lpm.sampling import prune, sampler_class
 from lpm.scenarios.covid import P1, CovidConfig, S, chain_hazard, household_attack, household_path_factors
 
 WEEKS = 5
@@ -35,6 +35,8 @@ WEEKS = 5
 
 def weekly_infections(beta, n: int, households: int, seed: int, estimator: str | None) -> torch.Tensor:
     """(WEEKS,) new infections per week; differentiable in ``beta`` when ``estimator`` is given."""
+    if estimator == "pruned":
+        return _pruned(beta, n, households, seed)
     agents = households * n
     household = torch.arange(households).repeat_interleave(n)
     codes = torch.zeros(agents, dtype=torch.uint8)
@@ -76,6 +78,54 @@ def weekly_infections(beta, n: int, households: int, seed: int, estimator: str |
             copies = nxt
         states = following
         daily.append(sampler.count(everyone, 1, new).sum())
+    return torch.stack(daily).reshape(WEEKS, 7).sum(1)
+
+
+def _pruned(beta, n: int, households: int, seed: int) -> torch.Tensor:
+    """:func:`weekly_infections` with the "pruned" estimator: the hard run, one alternative per household."""
+    agents = households * n
+    household = torch.arange(households).repeat_interleave(n)
+    codes = torch.zeros(agents, dtype=torch.uint8)
+    codes[::n] = P1
+    hazard = chain_hazard(CovidConfig()).to(torch.float32)
+    k = hazard.shape[0]
+    infectious = torch.zeros(k)
+    infectious[P1 : k - 1] = 1.0
+    sampler = sampler_class(True, "pruned")(agents, seed=seed)
+    alt = codes.clone()
+    weight = torch.zeros(households)
+    rate = torch.zeros(households, dtype=torch.float64)
+    chain = hazard.clone()
+    daily = []
+    for t in range(7 * WEEKS):
+        sampler.at(t)
+        x, x_alt = infectious[codes.long()], infectious[alt.long()]
+        home = torch.zeros(households).index_add(0, household, x).index_select(0, household) - x
+        home_alt = torch.zeros(households).index_add(0, household, x_alt).index_select(0, household) - x_alt
+        p = -torch.expm1(-beta * home)
+        p_alt = -torch.expm1(-float(torch.as_tensor(beta).detach()) * home_alt)
+        u = sampler.uniform(16).clone()
+        leave = u < torch.where(codes == S, p.detach(), chain[codes.long()])
+        leave_alt = u < torch.where(alt == S, p_alt, chain[alt.long()])
+        new, new_alt = (codes == S) & leave, (alt == S) & leave_alt
+        codes_next = (codes + leave).clamp_max(k - 1).to(torch.uint8)
+        alt_next = (alt + leave_alt).clamp_max(k - 1).to(torch.uint8)
+        candidate = (codes == S) & ~leave
+        w = torch.where(candidate, (p - p.detach()) / (1.0 - p.detach()), 0.0)
+        # today's infections: the run's, each candidate's (+1), each alternative's difference
+        diff = (new_alt.float() - new.float()) * weight.index_select(0, household)
+        daily.append(new.float().sum() + w.sum() + diff.sum())
+        same = torch.zeros(households).index_add(0, household, (alt_next != codes_next).float()) == 0
+        weight = torch.where(same, torch.zeros_like(weight), weight)
+        rate = torch.where(same, torch.zeros_like(rate), rate)
+        cand_rate = torch.where(candidate, -torch.log1p(-p.detach()), 0.0)
+        u_h = sampler.uniform(19)[:households].clone()
+        weight, rate, winner, replaced = prune(
+            weight, rate, household, w, cand_rate, sampler.uniform(20), u_h
+        )
+        fresh = torch.where(winner, torch.tensor(1, dtype=torch.uint8), codes_next)
+        alt = torch.where(replaced.index_select(0, household), fresh, alt_next)
+        codes = codes_next
     return torch.stack(daily).reshape(WEEKS, 7).sum(1)
 
 

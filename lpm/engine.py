@@ -201,6 +201,12 @@ class Simulation:
         if estimator not in ESTIMATORS:
             raise InputError(f"unknown gradient estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
         self.estimator = estimator if self.differentiable else None
+        if self.differentiable and getattr(ESTIMATORS[estimator], "pruned", False) and not scenario.pruned:
+            raise InputError(
+                f"the {estimator!r} gradient estimator needs a step written for it; the {scenario.name} "
+                f"scenario's ({type(scenario).where()}) is not",
+                hint="use estimator='expected'",
+            )
         self.sampler: Sampler = sampler_class(self.differentiable, estimator)(
             self.n, self.device, seed=self.seed
         )

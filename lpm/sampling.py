@@ -42,6 +42,7 @@ __all__ = [
     "HardSampler",
     "HouseholdSampler",
     "MeanFieldSampler",
+    "PrunedSampler",
     "Moves",
     "Sampler",
     "SoftSampler",
@@ -51,6 +52,7 @@ __all__ = [
     "bernoulli_st",
     "categorical_st",
     "mix_key",
+    "prune",
     "uniform",
 ]
 
@@ -569,6 +571,100 @@ class HouseholdSampler(SoftSampler):
     household_generations = 3
 
 
+class PrunedSampler(HardSampler):
+    """Differentiable mode, estimator ``"pruned"``: stochastic derivatives with pruning (Arya et al.,
+    "Automatic differentiation of programs with discrete randomness", NeurIPS 2022), one alternative
+    per household. The run itself stays hard (integer states, the inference run's draws); decisions are
+    straight-through as in :class:`SoftSampler`.
+
+    The derivative of a draw ``u < p`` that came out 0 is the alternative in which it came out 1, with
+    weight ``p' / (1 - p)``: ``d E[f] = E[w (f(alternative) - f(run))]``, unbiased. A step that supports
+    this estimator (the COVID step) keeps, per household, one alternative run of its members (their
+    states, moved on with the same uniforms as the run) and its weight, a zero-valued tensor that carries
+    the gradient. Every infection draw that came out 0 is a candidate; :func:`prune` keeps one alternative
+    per household, chosen in proportion to a magnitude proxy and reweighted so that the expectation holds.
+    What an alternative changes outside its household (its infectiousness in schools, workplaces and the
+    community) enters the other agents' infection probabilities linearly, through its weight. Unbiased for
+    the model's own randomness; the decisions' straight-through gradient and truncated backpropagation are
+    what remain approximate."""
+
+    differentiable = True
+    pruned = True
+
+    def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
+        return SoftSampler.bernoulli(self, p, stream) if p.requires_grad else super().bernoulli(p, stream)
+
+    categorical = SoftSampler.categorical
+    chose = SoftSampler.chose
+
+    def hard(self, outcome: torch.Tensor) -> torch.Tensor:
+        return outcome.detach() > 0.5 if outcome.is_floating_point() else outcome
+
+    def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
+        if where.is_floating_point():  # a differentiable outcome (decisions, or a step's own sums)
+            return SoftSampler.count(self, index, bins, where)
+        return super().count(index, bins, where)
+
+
+def prune(
+    weight: torch.Tensor,
+    rate: torch.Tensor,
+    group: torch.Tensor,
+    new_weight: torch.Tensor,
+    new_rate: torch.Tensor,
+    u_agent: torch.Tensor,
+    u_group: torch.Tensor,
+    effect: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep one alternative per group among the group's current one and its new candidates.
+
+    weight, rate: (H,) each group's alternative's weight (a zero-valued tensor with the gradient) and the
+    sum of the magnitude proxies of the candidates it has absorbed (0: none). group: (N,) int64 group of
+    each agent; new_weight, new_rate: (N,) each agent's candidate's weight and proxy (rate 0: no candidate).
+    u_agent (N,), u_group (H,): uniforms. A reservoir step: each of the group's alternatives is kept with
+    probability its proxy over the group's total (an exponential race: the smallest ``-log(u) / rate``,
+    ties to the lowest index) and its weight divided by that probability, so that ``E[kept weight ×
+    kept difference]`` is the sum of every alternative's weight × difference. Returns the groups' weights
+    and proxies, the (N,) bool winners (the agent whose candidate replaced its group's alternative) and
+    the (H,) bool groups replaced.
+
+    effect: (H,) factor in (0, 1] on the current alternative's proxy, for one whose difference from the run
+    matters less per unit of weight than a new candidate's (any positive proxy keeps the step unbiased; the
+    variance is least when each proxy follows |weight × difference to come|). The kept alternative's
+    proxy is then the group's total over its own factor (the size of its weight)."""
+    h = weight.shape[0]
+    inf = torch.tensor(float("inf"), dtype=torch.float64, device=weight.device)
+    rate64, new64 = rate.to(torch.float64), new_rate.to(torch.float64)
+    if effect is not None:
+        rate64 = rate64 * effect.to(torch.float64)
+    key = torch.where(new64 > 0, -torch.log1p(-u_agent.to(torch.float64)) / new64.clamp_min(1e-300), inf)
+    best = torch.full((h,), float("inf"), dtype=torch.float64, device=weight.device)
+    best = best.scatter_reduce(0, group, key, "amin")
+    old = torch.where(rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), inf)
+    replaced = best < old
+    index = torch.arange(group.shape[0], device=group.device)
+    first = torch.where((key == best.index_select(0, group)) & (key < inf), index, group.shape[0])
+    first = torch.full((h,), group.shape[0], dtype=index.dtype, device=group.device).scatter_reduce(
+        0, group, first, "amin"
+    )
+    winner = (index == first.index_select(0, group)) & replaced.index_select(0, group)
+    total = rate64.index_add(0, group, new64)
+    won = winner.to(new_weight.dtype)
+    won_weight = torch.zeros(h, dtype=new_weight.dtype, device=group.device).index_add(
+        0, group, new_weight * won
+    )
+    won_rate = torch.zeros(h, dtype=torch.float64, device=group.device).index_add(
+        0, group, new64 * won.double()
+    )
+    # finite where unused: torch.where's backward multiplies the other branch's zero gradient by it
+    scale_new = torch.where(replaced, total / won_rate.clamp_min(1e-300), 0.0).to(weight.dtype)
+    scale_old = torch.where(~replaced & (rate64 > 0), total / rate64.clamp_min(1e-300), 1.0).to(weight.dtype)
+    kept = torch.where(replaced, won_weight * scale_new, weight * scale_old)
+    if effect is not None:
+        total = torch.where(replaced | (rate64 <= 0), total, total / effect.to(torch.float64))
+    return kept, total.to(rate.dtype), winner, replaced
+
+
 class BernoulliSTSampler(SoftSampler):
     """Differentiable mode, estimator ``"bernoulli"``: per-agent straight-through draws (``d/dp = 1``) and
     :meth:`advance` on the sampled outcome. Kept as the baseline the default is measured against: an
@@ -631,10 +727,11 @@ class MeanFieldSampler(SoftSampler):
 
 
 #: Gradient estimators of differentiable mode, by name (see the module docstring).
-ESTIMATORS: dict[str, type[SoftSampler]] = {
+ESTIMATORS: dict[str, type[Sampler]] = {
     "households": HouseholdSampler,
     "expected": SoftSampler,
     "bernoulli": BernoulliSTSampler,
+    "pruned": PrunedSampler,
     "mean-field": MeanFieldSampler,
 }
 

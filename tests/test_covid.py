@@ -27,9 +27,11 @@ def pop() -> Population:
     return Population.synthesize("nyc", agents=20_000, seed=0)
 
 
-def _sim(pop, diff=True, offsets=None, seed=3, **params):
+def _sim(pop, diff=True, offsets=None, seed=3, estimator="households", **params):
     scenario = CovidScenario({"start": "2020-03-16"} | params)
-    return Simulation(scenario, pop, HeuristicPolicy(), seed=seed, differentiable=diff, offsets=offsets)
+    return Simulation(
+        scenario, pop, HeuristicPolicy(), seed=seed, differentiable=diff, offsets=offsets, estimator=estimator
+    )
 
 
 def test_params_validated():
@@ -110,17 +112,19 @@ def test_agents_conserved_and_seeded_sensibly(pop):
     assert ctx["value"].sum() > 0
 
 
-def test_differentiable_forward_equals_inference(pop):
+@pytest.mark.parametrize("estimator", ["households", "pruned"])
+def test_differentiable_forward_equals_inference(pop, estimator):
     """One implementation of a day: only the sampler differs, and the forward values are the same."""
-    soft = _sim(pop).run(10)
+    soft = _sim(pop, estimator=estimator).run(10)
     hard = _sim(pop, diff=False).run(10)
     pd.testing.assert_frame_equal(soft.trajectory, hard.trajectory)
     pd.testing.assert_frame_equal(soft.decisions, hard.decisions)
     assert soft.series["infections"].requires_grad and not hard.series["infections"].requires_grad
 
 
-def test_every_learnable_parameter_and_the_offsets_get_gradients(pop):
-    sim = _sim(pop, start="2020-06-01")
+@pytest.mark.parametrize("estimator", ["households", "pruned"])
+def test_every_learnable_parameter_and_the_offsets_get_gradients(pop, estimator):
+    sim = _sim(pop, start="2020-06-01", estimator=estimator)
     r = sim.run(70)  # into the reopening and past 2020-07-15 (summer detection)
     loss = weekly(r.series["reported_cases"]).log1p().sum()  # any loss of the weekly series
     loss.backward()

@@ -163,3 +163,8 @@ def test_labor_params(pop):
         *LEARNABLE,
         "offsets.work",
     }
+
+
+def test_the_pruned_estimator_needs_a_step_written_for_it(pop):
+    with pytest.raises(InputError, match="'pruned' gradient estimator needs a step written for it"):
+        Simulation(LaborScenario(), pop, HeuristicPolicy(), differentiable=True, estimator="pruned")

@@ -175,6 +175,8 @@ class Scenario(ABC):
     decisions: ClassVar[tuple[Decision, ...]] = ()
     plots: ClassVar[tuple[Plot, ...]] = ()
     differentiable: ClassVar[bool] = True
+    #: whether step() carries the "pruned" estimator's alternatives (lpm.sampling.PrunedSampler)
+    pruned: ClassVar[bool] = False
     calibration: ClassVar[str | None] = None
 
     def __init__(
