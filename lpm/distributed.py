@@ -193,9 +193,7 @@ class ShardedSimulation(Simulation):
         **options: Any,
     ):
         if options.get("differentiable"):
-            raise InputError(
-                "a sharded run (nproc > 1) runs in inference mode only", hint="drop differentiable=True"
-            )
+            raise InputError("a sharded run runs in inference mode only", hint="drop differentiable=True")
         if not getattr(scenario, "shardable", False):
             raise InputError(
                 f"the {scenario.name} scenario cannot be sharded ({type(scenario).where()} does not declare "
@@ -241,8 +239,8 @@ class ShardedSimulation(Simulation):
         return table
 
     def fingerprint(self) -> dict[str, Any]:
-        s = self.shard
-        return {**super().fingerprint(), "agents": s.agents, "shard": [s.rank, s.size, s.start, s.stop]}
+        s = self.shard  # "agents": this rank's, so one process never resumes from a rank's checkpoint
+        return {**super().fingerprint(), "shard": [s.rank, s.size, s.start, s.stop, s.agents]}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def _save(self, path: Path, *args: Any) -> None:
@@ -316,6 +314,8 @@ def run(
     """
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
+    if options.get("differentiable"):
+        raise InputError("a sharded run runs in inference mode only", hint="drop differentiable=True")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: one process of the run
         size = int(os.environ["WORLD_SIZE"])
         if nproc is not None and nproc != size:
