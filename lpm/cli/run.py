@@ -73,6 +73,11 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="run folder (default runs/<scenario>-<policy>-<time>)"
         ),
         resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
+        nproc: int = typer.Option(
+            1,
+            "--nproc",
+            help="processes to split the agents over (CPU, heuristic policy; the same results as 1)",
+        ),
     ) -> None:
         """Run a scenario on the NYC population and write its run folder (trajectory, decisions, plots, report)."""
         from lpm.errors import InputError
@@ -113,6 +118,7 @@ def register(app: typer.Typer) -> None:
             config,
             out,
             resume=resume,
+            nproc=nproc,
             on_server_start=lambda server: console.print(
                 f"starting the local model server (a cache miss; logs: {server.log_path}) ..."
             ),
