@@ -4,8 +4,11 @@ process counts are refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +163,45 @@ def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
     scenario, pop, policy = make(0)
     with pytest.raises(InputError, match="different run"):
         Simulation(scenario, pop, policy, seed=SEED).run(3, out_dir=Path(out) / "rank-0", resume=True)
+
+
+def lpm_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lpm", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_nproc_2_writes_the_run_of_one_process(tmp_path):
+    common = ["run", "covid", "--agents", str(AGENTS), "--days", "9", "--seed", "4", "--start", "2020-03-20"]
+    one = lpm_cli(*common, "--set", "beta=0.2", "--out", str(tmp_path / "one"))
+    two = lpm_cli(*common, "--set", "beta=0.2", "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    for name in ("trajectory.parquet", "decisions.parquet"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "one" / name), pd.read_parquet(tmp_path / "two" / name)
+        )
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["agents"] == AGENTS and summary["totals"]["infections"] > 50
+    assert (tmp_path / "two" / "rank-1" / "checkpoint.pt").is_file()
+
+
+def test_cli_refuses_too_many_processes(tmp_path):
+    too_many = distributed.available_cores() + 1
+    res = lpm_cli(
+        "run",
+        "covid",
+        "--agents",
+        "2000",
+        "--days",
+        "2",
+        "--nproc",
+        str(too_many),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"'nproc': {too_many} processes asked for" in res.stderr
+    res = lpm_cli(
+        "run", "covid", "--agents", "1", "--days", "2", "--nproc", "2", "--out", str(tmp_path / "y")
+    )
+    assert res.returncode == 2 and "'nproc': 2 processes for 1 agents" in res.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
