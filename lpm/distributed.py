@@ -86,6 +86,13 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def torchrun_rank() -> int | None:
+    """This process's rank when ``torchrun`` started it (``RANK`` and ``WORLD_SIZE`` set), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"])
+    return None
+
+
 def check_nproc(nproc: int, agents: int | None = None) -> None:
     """Refuse a process count below 1, above the cores this machine offers or above the agents."""
     cores = available_cores()
@@ -316,13 +323,12 @@ def run(
         raise InputError(f"steps must be >= 1, got {steps}")
     if options.get("differentiable"):
         raise InputError("a sharded run runs in inference mode only", hint="drop differentiable=True")
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: one process of the run
+    rank = torchrun_rank()
+    if rank is not None:  # torchrun: this process is one rank of the run
         size = int(os.environ["WORLD_SIZE"])
         if nproc is not None and nproc != size:
             raise InputError(f"run option 'nproc': {nproc}, but torchrun started {size} processes")
-        return _rank(
-            int(os.environ["RANK"]), size, "env://", make, steps, seed, out_dir, resume, timeout, options
-        )
+        return _rank(rank, size, "env://", make, steps, seed, out_dir, resume, timeout, options)
     if nproc is None:
         raise InputError("run option 'nproc': give the number of processes")
     check_nproc(nproc)

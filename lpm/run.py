@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import platform
 import shutil
 import time
@@ -166,7 +167,7 @@ class RunConfig(BaseModel):
 @dataclass
 class RunOutput:
     folder: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None  # None on a rank other than 0 of a run under torchrun
     result: Any  # lpm.engine.RunResult
 
 
@@ -206,7 +207,7 @@ def run(
         )
     resolved = config.model_copy(update={"start": scenario.config.start, "steps": steps})
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
-    if nproc != 1:
+    if nproc != 1 or _distributed().torchrun_rank() is not None:
         return _run_sharded(resolved, scenario, folder, steps, nproc, resume, started)
     pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     with _policy(resolved, on_server_start, endpoint) as (policy, llm_info):
@@ -254,9 +255,13 @@ def run(
 def _run_sharded(
     config: RunConfig, scenario: Any, folder: Path, steps: int, nproc: int, resume: bool, started: float
 ) -> RunOutput:
-    """:func:`run` over ``nproc`` processes (each rank checkpoints in ``folder/rank-<r>``)."""
-    from lpm import distributed
+    """:func:`run` over ``nproc`` processes (each rank checkpoints in ``folder/rank-<r>``). Under
+    ``torchrun`` this process is one rank: rank 0 claims and writes the folder, the others return an
+    output without a summary."""
     from lpm.engine import CHECKPOINT
+
+    distributed = _distributed()
+    rank = distributed.torchrun_rank()
 
     if config.uses_llm:
         raise InputError(
@@ -268,13 +273,14 @@ def _run_sharded(
             f"run option 'nproc': a run over processes runs on the CPU (gloo), not {config.device!r}",
             hint="use --device cpu",
         )
-    distributed.check_nproc(nproc, config.agents)
-    created = _claim_folder(folder, config, resume)
+    if rank is None:
+        distributed.check_nproc(nproc, config.agents)
+    created = _claim_folder(folder, config, resume) if not rank else False
     try:
         result = distributed.run(
             functools.partial(_rank_parts, config),
             steps,
-            nproc=nproc,
+            nproc=nproc if rank is None or nproc != 1 else None,
             seed=config.seed,
             device="cpu",
             out_dir=folder,
@@ -284,9 +290,11 @@ def _run_sharded(
         if not resume and not (folder / "rank-0" / CHECKPOINT).exists():  # failed before its first step
             _unclaim(folder, created)
         raise
+    if rank:
+        return RunOutput(folder=folder, summary=None, result=result)
     wall = result.prior_wall_seconds + time.perf_counter() - started
     summary = _summary(config, scenario, result, wall, {})
-    summary["processes"] = nproc
+    summary["processes"] = nproc if rank is None else int(os.environ["WORLD_SIZE"])
     summary["comm_seconds"] = round(float(result.comm_seconds), 3)
     summary["notes"] = []
     try:
@@ -296,6 +304,12 @@ def _run_sharded(
         error.hint = f"the checkpoints are kept: make room, then the same command with --resume --out {folder} writes them"
         raise error from None
     return RunOutput(folder=folder, summary=summary, result=result)
+
+
+def _distributed() -> Any:
+    from lpm import distributed  # imports torch.distributed: only for a sharded run
+
+    return distributed
 
 
 def _rank_parts(config: RunConfig, rank: int) -> tuple[Any, Population, Any]:

@@ -124,6 +124,8 @@ def register(app: typer.Typer) -> None:
             ),
         )
         s = result.summary
+        if s is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         console.print(
             f"[bold]{s['scenario']}[/] · policy {s['policy']} · {s['agents']:,} agents · {s['steps']} "
             f"{s['step_unit']}s ({s['first_date']} .. {s['last_date']})"
