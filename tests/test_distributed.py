@@ -173,12 +173,23 @@ def test_cli_nproc_2_writes_the_run_of_one_process(tmp_path):
     common = ["run", "covid", "--agents", str(AGENTS), "--days", "9", "--seed", "4", "--start", "2020-03-20"]
     one = lpm_cli(*common, "--set", "beta=0.2", "--out", str(tmp_path / "one"))
     two = lpm_cli(*common, "--set", "beta=0.2", "--nproc", "2", "--out", str(tmp_path / "two"))
+    # the same code under torchrun, one process per rank ("--": torchrun would take --start as its --start-method)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    three = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "lpm", "--", *common, "--set", "beta=0.2"]
+        + ["--out", str(tmp_path / "three")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
+    assert three.returncode == 0, three.stderr
     for name in ("trajectory.parquet", "decisions.parquet"):
-        pd.testing.assert_frame_equal(
-            pd.read_parquet(tmp_path / "one" / name), pd.read_parquet(tmp_path / "two" / name)
-        )
+        first = pd.read_parquet(tmp_path / "one" / name)
+        pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "two" / name))
+        pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "three" / name))
+    assert json.loads((tmp_path / "three" / "summary.json").read_text())["processes"] == 2
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["agents"] == AGENTS and summary["totals"]["infections"] > 50
     assert (tmp_path / "two" / "rank-1" / "checkpoint.pt").is_file()
