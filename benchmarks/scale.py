@@ -9,6 +9,7 @@ layers) prints agent-steps per second and bytes per agent of
   process run's bit for bit;
 
 the ratio of the sharded run's throughput to one process's, and at the end all figures as one JSON line.
+A rank's communication time includes waiting inside the collective for a slower rank.
 Each configuration runs in a fresh process (its memory is its own); days 0 and 1 are warm-up (allocations,
 the first weekly decision) and the ``--days`` after them are timed from the simulation's step callback.
 Bytes per agent: what the run holds per agent (state, population columns, index tensors, broadcast indices,
@@ -166,11 +167,8 @@ def main() -> None:
         sharded = runs[f"{args.nproc} processes"]
         same = all(sharded["records"] == r["records"] for r in runs.values())
         for name, r in runs.items():
-            comm = (
-                ""
-                if r["comm_share"] is None
-                else f", communication {100 * max(r['comm_share']):.1f} % of a step"
-            )
+            shares = " / ".join(f"{100 * x:.1f}" for x in r["comm_share"] or [])
+            comm = f", communication {shares} % of a step (rank 0 / 1 ..)" if shares else ""
             print(
                 f"{r['agents']:,} agents, {name}: {r['seconds']:.2f} s for {r['days_timed']} days, "
                 f"{r['agent_steps_per_s'] / 1e6:.2f} M agent-steps/s{comm}; held "

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -420,7 +421,7 @@ def _watch(procs: list[Any], tmp: str, out_dir: str | Path | None) -> None:
     size = len(procs)
     failed_at = None
     while True:
-        mp.connection.wait([p.sentinel for p in procs if p.is_alive()] or [], timeout=0.5)
+        multiprocessing.connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
         codes = [p.exitcode for p in procs]
         if all(c == 0 for c in codes):
             return

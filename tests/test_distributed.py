@@ -50,7 +50,9 @@ def make(rank: int, log: str | None = None):
 
 
 def make_counting(rank: int):
-    return make(rank, os.environ["LPM_TEST_POLICY_LOG"])
+    """Rank 0 counts the policy's calls; the others have a Follower, which raises if it is ever asked."""
+    scenario, pop, policy = make(rank, os.environ["LPM_TEST_POLICY_LOG"])
+    return scenario, pop, policy if rank == 0 else distributed.Follower(policy.mode)
 
 
 def die_at_step_5(t: int, sim) -> None:
