@@ -12,8 +12,9 @@
    the same agent gets in one process;
 4. sums what a step needs over every rank with all-reduce (the sampler's ``tally``, ``count`` and ``total``:
    the COVID scenario's counts per state and borough, and its infectiousness per place and per (ZIP, age)
-   cell); float sums are taken in float64, where they are exact, so they do not depend on the order or the
-   cut and a run on P processes gives the records of a run on one, bit for bit;
+   cell; of the places only those with members on several ranks); float sums are taken in float64, where
+   they are exact, so they do not depend on the order or the cut and a run on P processes gives the
+   records of a run on one, bit for bit;
 5. asks each decision's policy on rank 0 only (the model or the cache is asked once per archetype in
    total) and broadcasts the (K, A) probabilities; the decision records and counters are rank 0's.
 
@@ -216,6 +217,7 @@ class ShardedSimulation(Simulation):
         lo, hi = shard.start, shard.stop
         self.shard = shard
         self.comm_seconds = 0.0
+        self._shared_bins: dict[tuple[int, int, int], torch.Tensor] = {}
         self.world = _narrow_world(self.world, self.n, lo, hi)
         for d in self.asked:
             d.gid, d.member = d.gid[lo:hi].clone(), d.member[lo:hi].clone()
@@ -225,15 +227,35 @@ class ShardedSimulation(Simulation):
         self.sampler.reduce = self._all_reduce
 
     # -- communication -------------------------------------------------------------------------------
-    def _all_reduce(self, aggregate: torch.Tensor) -> torch.Tensor:
+    def _all_reduce(self, aggregate: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of ``aggregate`` over the ranks: integers as int64, floats as float64 (exact for the sums
-        lpm takes, hence the same in any order), returned in its own dtype."""
+        lpm takes, hence the same in any order), returned in its own dtype. With ``index`` (this rank's
+        agents' bins, the only ones the caller reads) only the bins that agents of several ranks share
+        are summed (:meth:`_shared`); the others are complete here."""
         t0 = time.perf_counter()
         wide = torch.int64 if not aggregate.is_floating_point() else torch.float64
-        total = aggregate.to(wide, copy=True).contiguous()
-        dist.all_reduce(total)
+        if index is None:
+            total = aggregate.to(wide, copy=True).contiguous()
+            dist.all_reduce(total)
+            total = total.to(aggregate.dtype)
+        else:
+            shared = self._shared(index, aggregate.shape[0])
+            part = aggregate.index_select(0, shared).to(wide)
+            dist.all_reduce(part)
+            total = aggregate.index_copy(0, shared, part.to(aggregate.dtype))
         self.comm_seconds += time.perf_counter() - t0
-        return total.to(aggregate.dtype)
+        return total
+
+    def _shared(self, index: torch.Tensor, bins: int) -> torch.Tensor:
+        """int64 indices of the bins among ``bins`` that agents of two or more ranks are in, for this rank's
+        (N,) ``index`` (computed with one all-reduce at its first use, then kept: ``index`` is a tensor of
+        the world, the same at every step)."""
+        key = (index.data_ptr(), int(index.shape[0]), bins)
+        if key not in self._shared_bins:
+            ranks = (torch.bincount(index.long(), minlength=bins) > 0).to(torch.int32)
+            dist.all_reduce(ranks)
+            self._shared_bins[key] = torch.nonzero(ranks > 1).view(-1)
+        return self._shared_bins[key]
 
     def _probs(self, d: Any, context: Mapping[str, Any], t: int) -> torch.Tensor:
         """Rank 0 asks the policy (its counters and records are the run's); the others receive its table."""

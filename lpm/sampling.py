@@ -269,17 +269,19 @@ class Sampler:
 
     #: how a sharded run (:mod:`lpm.distributed`) sums an aggregate of this shard's agents over every
     #: shard; None: the agents are all here
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0, start: int = 0):
         self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
         self.t = 0
         self._uniforms = UniformStream(n, self.device, start=start)  # agent i draws as agent start + i
 
-    def total(self, aggregate: torch.Tensor) -> torch.Tensor:
+    def total(self, aggregate: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``aggregate`` (sums over this sampler's agents, e.g. per place or per bin) summed over every
-        shard of a sharded run; itself in one process."""
-        return aggregate if self.reduce is None else self.reduce(aggregate)
+        shard of a sharded run; itself in one process. index: the (N,) bin of each of this sampler's
+        agents, when the caller reads the sums only at those bins (a sharded run then adds up only the
+        bins that agents of several shards share)."""
+        return aggregate if self.reduce is None else self.reduce(aggregate, index)
 
     def at(self, t: int) -> Sampler:
         """Draw the numbers of step ``t`` from now on; returns self."""

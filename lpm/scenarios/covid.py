@@ -706,7 +706,7 @@ class CovidScenario(Scenario):
         # order and over any shards of a sharded run (sampler.total adds the other shards' agents)
         x_o64 = x_o.to(torch.float64)
         places = torch.zeros(len(w.place_school), device=x.device, dtype=torch.float64)
-        places = sampler.total(places.index_add(0, _at(w.place, who), x_o64)).to(dtype)
+        places = sampler.total(places.index_add(0, _at(w.place, who), x_o64), w.place).to(dtype)
         cells = torch.zeros(w.nc, device=x.device, dtype=torch.float64).index_add(0, _at(w.cell, who), x_o64)
         cells = sampler.total(cells).to(dtype)
         school = LAYER_WEIGHT["school"] * level["school"]
