@@ -9,7 +9,8 @@ layers) prints agent-steps per second and bytes per agent of
   process run's bit for bit;
 
 the ratio of the sharded run's throughput to one process's, and at the end all figures as one JSON line.
-A rank's communication time includes waiting inside the collective for a slower rank.
+A rank's communication time includes waiting inside the collective for a slower rank; its bytes a day
+(what it hands to all-reduce and broadcast over the timed days) do not depend on timing.
 Each configuration runs in a fresh process (its memory is its own); days 0 and 1 are warm-up (allocations,
 the first weekly decision) and the ``--days`` after them are timed from the simulation's step callback.
 Bytes per agent: what the run holds per agent (state, population columns, index tensors, broadcast indices,
@@ -62,16 +63,17 @@ def _probe(folder: str, last: int, marks: list, t: int, sim: Simulation) -> None
     """Step callback: appends the clock and the communication time so far to ``marks`` after each step; after
     step ``last`` writes the timed days' figures and the run's memory to ``folder/rank-<r>.json``."""
     rank = sim.shard.rank if isinstance(sim, distributed.ShardedSimulation) else 0
-    marks.append((time.perf_counter(), getattr(sim, "comm_seconds", 0.0)))
+    marks.append((time.perf_counter(), getattr(sim, "comm_seconds", 0.0), getattr(sim, "comm_bytes", 0)))
     if t != last:
         return
-    (clock0, comm0), (clock1, comm1) = marks[WARMUP - 1], marks[-1]
+    (clock0, comm0, bytes0), (clock1, comm1, bytes1) = marks[WARMUP - 1], marks[-1]
     held = sum(sim.memory().values())
     record = {
         "rank": rank,
         "agents_here": sim.n,
         "seconds": clock1 - clock0,
         "comm_seconds": comm1 - comm0,
+        "comm_bytes": bytes1 - bytes0,
         "held_bytes_per_agent": held,
         "peak_rss_bytes": _peak_rss_bytes(),
     }
@@ -118,6 +120,7 @@ def measure(agents: int | None, days: int, nproc: int, threads: int, out: str) -
                 "comm_share": [round(r["comm_seconds"] / r["seconds"], 4) for r in ranks]
                 if nproc > 1
                 else None,
+                "comm_bytes_per_day": [r["comm_bytes"] / days for r in ranks] if nproc > 1 else None,
                 "held_bytes_per_agent": [round(r["held_bytes_per_agent"], 1) for r in ranks],
                 "state_bytes_per_agent": state_bytes,
                 "peak_rss_bytes_per_agent_held": [
@@ -169,6 +172,8 @@ def main() -> None:
         for name, r in runs.items():
             shares = " / ".join(f"{100 * x:.1f}" for x in r["comm_share"] or [])
             comm = f", communication {shares} % of a step (rank 0 / 1 ..)" if shares else ""
+            if r["comm_bytes_per_day"]:
+                comm += f", {max(r['comm_bytes_per_day']) / 1e3:.0f} kB a day per rank"
             print(
                 f"{r['agents']:,} agents, {name}: {r['seconds']:.2f} s for {r['days_timed']} days, "
                 f"{r['agent_steps_per_s'] / 1e6:.2f} M agent-steps/s{comm}; held "

@@ -187,7 +187,8 @@ class ShardedSimulation(Simulation):
     """A :class:`~lpm.engine.Simulation` of one rank's agents in a process group (see the module docstring).
 
     Built from the whole population like a simulation in one process (the same archetypes, world and
-    parameters), then cut to ``shard``'s agents. ``comm_seconds``: time inside all-reduce and broadcast.
+    parameters), then cut to ``shard``'s agents. ``comm_seconds``: time inside all-reduce and broadcast
+    (waiting for the other ranks included); ``comm_bytes``: the bytes this rank handed to them.
     """
 
     def __init__(
@@ -217,6 +218,7 @@ class ShardedSimulation(Simulation):
         lo, hi = shard.start, shard.stop
         self.shard = shard
         self.comm_seconds = 0.0
+        self.comm_bytes = 0  # bytes this rank handed to all-reduce and broadcast
         self._shared_bins: dict[tuple[int, int, int], torch.Tensor] = {}
         self.world = _narrow_world(self.world, self.n, lo, hi)
         for d in self.asked:
@@ -237,11 +239,13 @@ class ShardedSimulation(Simulation):
         if index is None:
             total = aggregate.to(wide, copy=True).contiguous()
             dist.all_reduce(total)
+            self.comm_bytes += total.element_size() * total.numel()
             total = total.to(aggregate.dtype)
         else:
             shared = self._shared(index, aggregate.shape[0])
             part = aggregate.index_select(0, shared).to(wide)
             dist.all_reduce(part)
+            self.comm_bytes += part.element_size() * part.numel()
             total = aggregate.index_copy(0, shared, part.to(aggregate.dtype))
         self.comm_seconds += time.perf_counter() - t0
         return total
@@ -266,6 +270,7 @@ class ShardedSimulation(Simulation):
         t0 = time.perf_counter()
         dist.broadcast(table, src=0)
         self.comm_seconds += time.perf_counter() - t0
+        self.comm_bytes += table.element_size() * table.numel()
         return table
 
     def fingerprint(self) -> dict[str, Any]:
