@@ -99,7 +99,8 @@ class RunResult:
     decision_counters: the same per decision.
     step_seconds: wall time inside simulation steps (decisions included); decide_seconds: inside policies
     (both summed over every part of a resumed run); resumed_from: the step this part began at;
-    prior_wall_seconds: wall time of the parts before it.
+    prior_wall_seconds: wall time of the parts before it; comm_seconds: time inside all-reduce and
+    broadcast in this part (a sharded run's rank 0, :mod:`lpm.distributed`; 0 in one process).
     """
 
     trajectory: pd.DataFrame
@@ -115,6 +116,7 @@ class RunResult:
     agents: int
     resumed_from: int = 0
     prior_wall_seconds: float = 0.0
+    comm_seconds: float = 0.0
     state: SimState | None = field(default=None, repr=False)
 
 
@@ -370,6 +372,18 @@ class Simulation:
         return SimState(scenario_state, actions)
 
     def _decide(self, d: _Asked, context: Mapping[str, Any], t: int) -> torch.Tensor:
+        probs = self._probs(d, context, t)
+        table = torch.cat([probs, torch.zeros(1, d.a, device=self.device)])  # row K: non-members
+        action = self.sampler.categorical(table, d.gid, d.index)
+        if d.all_members:
+            return action
+        if self.differentiable:
+            return action * d.member.unsqueeze(1).to(action.dtype)
+        return action.masked_fill_(~d.member, -1)
+
+    def _probs(self, d: _Asked, context: Mapping[str, Any], t: int) -> torch.Tensor:
+        """(K, A) action probabilities of decision ``d`` at step ``t`` (offsets applied); keeps the policy's
+        counters and decision records."""
         missing = [v for v in d.spec.context if v not in context]
         if missing:
             raise InputError(
@@ -395,13 +409,7 @@ class Simulation:
         date = str(self.scenario.date(t).date())
         for rec in decision.records:
             self._decisions.append({"step": t, "date": date, "decision": d.name, **rec})
-        table = torch.cat([probs, torch.zeros(1, d.a, device=self.device)])  # row K: non-members
-        action = self.sampler.categorical(table, d.gid, d.index)
-        if d.all_members:
-            return action
-        if self.differentiable:
-            return action * d.member.unsqueeze(1).to(action.dtype)
-        return action.masked_fill_(~d.member, -1)
+        return probs
 
     def _checked(self, records: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor]:
         declared = list(self._shapes)

@@ -34,6 +34,10 @@ class Interrupted(LpmError):
     """A run was stopped (Ctrl-C, SIGTERM) after it had checkpointed; the message says how to resume."""
 
 
+class ShardError(LpmError):
+    """A process of a sharded run (:mod:`lpm.distributed`) died or failed; the message names its rank."""
+
+
 class CacheError(LpmError):
     """The response cache cannot be read or written (a damaged database, a folder that is a file)."""
 

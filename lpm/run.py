@@ -10,7 +10,9 @@ quantities, totals, plots and real series) is read off the scenario's declaratio
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
+import os
 import platform
 import shutil
 import time
@@ -165,7 +167,7 @@ class RunConfig(BaseModel):
 @dataclass
 class RunOutput:
     folder: Path
-    summary: dict[str, Any]
+    summary: dict[str, Any] | None  # None on a rank other than 0 of a run under torchrun
     result: Any  # lpm.engine.RunResult
 
 
@@ -181,6 +183,7 @@ def run(
     progress: bool = True,
     on_server_start: Announce | None = None,
     endpoint: Any = None,
+    nproc: int = 1,
 ) -> RunOutput:
     """Run ``config`` and write its folder ``out``; with ``resume`` continue from its checkpoint.
 
@@ -188,7 +191,8 @@ def run(
     stops it at the end; ``on_server_start(server)`` is called just before. ``endpoint``: an
     :class:`lpm.endpoint.Endpoint` resolved by the caller (``lpm compare`` shares one local server between
     runs) instead of the one the configuration names. ``progress`` shows a progress
-    bar on stderr.
+    bar on stderr. ``nproc`` > 1 splits the agents over that many processes (:mod:`lpm.distributed`;
+    heuristic policy, CPU), with the same results as one.
     """
     from lpm.engine import CHECKPOINT, Simulation
 
@@ -201,9 +205,11 @@ def run(
         raise InputError(
             "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
         )
-    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     resolved = config.model_copy(update={"start": scenario.config.start, "steps": steps})
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
+    if nproc != 1 or _distributed().torchrun_rank() is not None:
+        return _run_sharded(resolved, scenario, folder, steps, nproc, resume, started)
+    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
     with _policy(resolved, on_server_start, endpoint) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
         note = _data_note(scenario, sim.world, steps)
@@ -244,6 +250,74 @@ def run(
         error.hint = f"the checkpoint is kept: make room, then the same command with --resume --out {folder} writes them"
         raise error from None
     return RunOutput(folder=folder, summary=summary, result=result)
+
+
+def _run_sharded(
+    config: RunConfig, scenario: Any, folder: Path, steps: int, nproc: int, resume: bool, started: float
+) -> RunOutput:
+    """:func:`run` over ``nproc`` processes (each rank checkpoints in ``folder/rank-<r>``). Under
+    ``torchrun`` this process is one rank: rank 0 claims and writes the folder, the others return an
+    output without a summary."""
+    from lpm.engine import CHECKPOINT
+
+    distributed = _distributed()
+    rank = distributed.torchrun_rank()
+
+    if config.uses_llm:
+        raise InputError(
+            f"run option 'nproc': lpm run over {nproc} processes takes the heuristic policy only, not {config.policy!r}",
+            hint="drop --nproc, or use --policy heuristic (lpm.distributed.run takes any policy)",
+        )
+    if config.device != "cpu":
+        raise InputError(
+            f"run option 'nproc': a run over processes runs on the CPU (gloo), not {config.device!r}",
+            hint="use --device cpu",
+        )
+    if rank is None:
+        distributed.check_nproc(nproc, config.agents)
+    created = _claim_folder(folder, config, resume) if not rank else False
+    try:
+        result = distributed.run(
+            functools.partial(_rank_parts, config),
+            steps,
+            nproc=nproc if rank is None or nproc != 1 else None,
+            seed=config.seed,
+            device="cpu",
+            out_dir=folder,
+            resume=resume,
+        )
+    except BaseException:
+        if not resume and not (folder / "rank-0" / CHECKPOINT).exists():  # failed before its first step
+            _unclaim(folder, created)
+        raise
+    if rank:
+        return RunOutput(folder=folder, summary=None, result=result)
+    wall = result.prior_wall_seconds + time.perf_counter() - started
+    summary = _summary(config, scenario, result, wall, {})
+    summary["processes"] = nproc if rank is None else int(os.environ["WORLD_SIZE"])
+    summary["comm_seconds"] = round(float(result.comm_seconds), 3)
+    summary["notes"] = []
+    try:
+        _write(folder, config, scenario, {}, result, summary)
+    except OSError as exc:
+        error = os_error(folder, exc, "the run's results")
+        error.hint = f"the checkpoints are kept: make room, then the same command with --resume --out {folder} writes them"
+        raise error from None
+    return RunOutput(folder=folder, summary=summary, result=result)
+
+
+def _distributed() -> Any:
+    from lpm import distributed  # imports torch.distributed: only for a sharded run
+
+    return distributed
+
+
+def _rank_parts(config: RunConfig, rank: int) -> tuple[Any, Population, Any]:
+    """What each rank of a sharded run builds: the scenario, the whole population, the heuristic policy."""
+    from lpm.policy import HeuristicPolicy
+
+    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
+    return config.make_scenario(), pop, HeuristicPolicy()
 
 
 #: Longest horizon a run may have, in years from its start.

@@ -31,6 +31,7 @@ Differentiable mode has four gradient estimators (:data:`ESTIMATORS`), chosen wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,10 +269,21 @@ class Sampler:
     #: extra copies of the agents' states a step with households carries (see :class:`HouseholdSampler`)
     household_generations: int = 0
 
-    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0):
+    #: how a sharded run (:mod:`lpm.distributed`) sums an aggregate of this shard's agents over every
+    #: shard; None: the agents are all here
+    reduce: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+
+    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0, start: int = 0):
         self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
         self.t = 0
-        self._uniforms = UniformStream(n, self.device)
+        self._uniforms = UniformStream(n, self.device, start=start)  # agent i draws as agent start + i
+
+    def total(self, aggregate: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """``aggregate`` (sums over this sampler's agents, e.g. per place or per bin) summed over every
+        shard of a sharded run; itself in one process. index: the (N,) bin of each of this sampler's
+        agents, when the caller reads the sums only at those bins (a sharded run then adds up only the
+        bins that agents of several shards share)."""
+        return aggregate if self.reduce is None else self.reduce(aggregate, index)
 
     def at(self, t: int) -> Sampler:
         """Draw the numbers of step ``t`` from now on; returns self."""
@@ -326,8 +338,8 @@ class HardSampler(Sampler):
 
     differentiable = False
 
-    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0):
-        super().__init__(n, device, seed=seed)
+    def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0, start: int = 0):
+        super().__init__(n, device, seed=seed, start=start)
         self._work: dict[str, torch.Tensor] = {}
 
     def work(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -381,7 +393,7 @@ class HardSampler(Sampler):
             key.add_(index)
         else:
             key.add_(index, alpha=2).add_(flag)
-        counts = torch.bincount(key, minlength=size).to(torch.float32)
+        counts = self.total(torch.bincount(key, minlength=size)).to(torch.float32)
         return counts.view(k, bins) if flag is None else counts.view(k, bins, 2)
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
@@ -392,7 +404,7 @@ class HardSampler(Sampler):
             key = torch.add(index, where.view(torch.uint8), alpha=bins)  # one pass over bytes
         else:
             key = torch.add(index.to(torch.int32), where.to(torch.int32), alpha=bins)
-        return torch.bincount(key, minlength=2 * bins)[bins:].to(torch.float32)
+        return self.total(torch.bincount(key, minlength=2 * bins)[bins:]).to(torch.float32)
 
     def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""

@@ -73,6 +73,11 @@ def register(app: typer.Typer) -> None:
             None, "--out", "-o", help="run folder (default runs/<scenario>-<policy>-<time>)"
         ),
         resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
+        nproc: int = typer.Option(
+            1,
+            "--nproc",
+            help="processes to split the agents over (CPU, heuristic policy; the same results as 1)",
+        ),
     ) -> None:
         """Run a scenario on the NYC population and write its run folder (trajectory, decisions, plots, report)."""
         from lpm.errors import InputError
@@ -113,11 +118,14 @@ def register(app: typer.Typer) -> None:
             config,
             out,
             resume=resume,
+            nproc=nproc,
             on_server_start=lambda server: console.print(
                 f"starting the local model server (a cache miss; logs: {server.log_path}) ..."
             ),
         )
         s = result.summary
+        if s is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return
         console.print(
             f"[bold]{s['scenario']}[/] · policy {s['policy']} · {s['agents']:,} agents · {s['steps']} "
             f"{s['step_unit']}s ({s['first_date']} .. {s['last_date']})"

@@ -25,6 +25,11 @@ report, the policies and the CLI read only these declarations:
     series when there is one.
 ``differentiable``
     whether :meth:`Scenario.step` supports the differentiable sampler.
+``shardable``
+    whether a run may split the agents over processes (:mod:`lpm.distributed`): ``setup`` builds the
+    world from the whole population, every per-agent tensor of the world has the population's length
+    and is cut with it, and every sum over agents a step needs is a sampler's ``tally``, ``count`` or
+    ``total`` (False by default).
 ``calibration``
     optional: a ``calibration.json`` written by ``lpm calibrate`` (a path beside the scenario's file). Its
     ``parameters`` are the scenario's defaults: a learnable parameter the configuration does not set
@@ -177,6 +182,7 @@ class Scenario(ABC):
     differentiable: ClassVar[bool] = True
     #: whether step() carries the "pruned" estimator's alternatives (lpm.sampling.PrunedSampler)
     pruned: ClassVar[bool] = False
+    shardable: ClassVar[bool] = False
     calibration: ClassVar[str | None] = None
 
     def __init__(

@@ -562,6 +562,7 @@ class CovidScenario(Scenario):
     horizon = 92
     Config = CovidConfig
     pruned = True  # its step carries the "pruned" estimator's household alternatives
+    shardable = True  # households stay on one rank; places and cells are summed with sampler.total
     learnable = (
         "beta",
         "detected_march",
@@ -712,10 +713,13 @@ class CovidScenario(Scenario):
         keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
         x_h, x_o = (x if home_x is None else home_x) * keep_h, x * keep_o
         house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
-        places = torch.zeros(len(w.place_school), device=x.device, dtype=dtype).index_add(
-            0, _at(w.place, who), x_o
-        )
-        cells = torch.zeros(w.nc, device=x.device, dtype=dtype).index_add(0, _at(w.cell, who), x_o)
+        # places and cells are summed in float64, where these sums are exact: the same numbers in any
+        # order and over any shards of a sharded run (sampler.total adds the other shards' agents)
+        x_o64 = x_o.to(torch.float64)
+        places = torch.zeros(len(w.place_school), device=x.device, dtype=torch.float64)
+        places = sampler.total(places.index_add(0, _at(w.place, who), x_o64), w.place).to(dtype)
+        cells = torch.zeros(w.nc, device=x.device, dtype=torch.float64).index_add(0, _at(w.cell, who), x_o64)
+        cells = sampler.total(cells).to(dtype)
         school = LAYER_WEIGHT["school"] * level["school"]
         work = LAYER_WEIGHT["work"] * level["work"]
         place_weight = torch.where(w.place_school, school, work)

@@ -1,0 +1,220 @@
+"""Sharding over processes (lpm.distributed, gloo on CPU, 2 processes): the same records as one process,
+each archetype asked once in total, a dead rank fails the run with a clear error and it resumes, bad
+process counts are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lpm import distributed
+from lpm.engine import Simulation
+from lpm.errors import InputError, ShardError
+from lpm.policy import HeuristicPolicy
+from lpm.population import Population
+from lpm.scenarios import make_scenario
+
+AGENTS, SEED, STEPS = 4000, 11, 12
+#: A start in the spring wave with more transmission, so a few days hold hundreds of infections.
+SETTINGS = {"start": "2020-03-20", "beta": 0.2}
+
+pytestmark = pytest.mark.skipif(distributed.available_cores() < 2, reason="needs 2 CPU cores")
+
+
+@dataclass(frozen=True, eq=False)
+class CountingPolicy(HeuristicPolicy):
+    """The heuristic policy that appends a line (process, step, archetypes) to ``log`` each time it is asked."""
+
+    log: str = ""
+
+    def decide(self, archetypes, context, *, step):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {step} {archetypes.k}\n")
+        return super().decide(archetypes, context, step=step)
+
+
+def make(rank: int, log: str | None = None):
+    """What every rank builds: the scenario, the whole population, the policy."""
+    policy = HeuristicPolicy() if log is None else CountingPolicy(log=log)
+    return make_scenario("covid", SETTINGS), Population.synthesize("nyc", agents=AGENTS, seed=3), policy
+
+
+def make_counting(rank: int):
+    """Rank 0 counts the policy's calls; the others have a Follower, which raises if it is ever asked."""
+    scenario, pop, policy = make(rank, os.environ["LPM_TEST_POLICY_LOG"])
+    return scenario, pop, policy if rank == 0 else distributed.Follower(policy.mode)
+
+
+def die_at_step_5(t: int, sim) -> None:
+    """Callback: rank 1 kills itself after its 6th step (step 5) is checkpointed."""
+    if sim.shard.rank == 1 and t == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def single():
+    scenario, pop, policy = make(0)
+    return Simulation(scenario, pop, policy, seed=SEED).run(STEPS)
+
+
+def assert_same_records(a, b):
+    for name in a.series:
+        assert torch.equal(a.series[name], b.series[name]), name
+    pd.testing.assert_frame_equal(a.trajectory, b.trajectory)
+
+
+def test_two_processes_give_the_records_of_one_and_ask_each_archetype_once(single, tmp_path, monkeypatch):
+    log = tmp_path / "asked.txt"
+    monkeypatch.setenv("LPM_TEST_POLICY_LOG", str(log))
+    two = distributed.run(make_counting, STEPS, nproc=2, seed=SEED)
+    assert single.series["infections"].sum() > 100  # an epidemic under way: many draws that could differ
+    assert_same_records(single, two)
+    pd.testing.assert_frame_equal(single.decisions, two.decisions)
+    assert two.agents == AGENTS
+    assert 0 < two.comm_seconds < two.step_seconds
+    # weekly decisions: steps 0 and 7 (Mondays or not, the spec's cadence), each asked once, by one process
+    asked = [line.split() for line in log.read_text().splitlines()]
+    decided = sorted(single.decisions["step"].unique().tolist())
+    assert sorted(int(s) for _, s, _ in asked) == decided
+    assert len({pid for pid, _, _ in asked}) == 1
+    k = len(single.archetypes["isolation"])
+    assert all(int(kk) == k for _, _, kk in asked)
+
+
+def test_a_seed_changes_the_records(single):
+    """The equality above is not trivial: another seed gives other records."""
+    other = distributed.run(make, STEPS, nproc=2, seed=SEED + 1)
+    assert not torch.equal(single.series["infections"], other.series["infections"])
+
+
+def test_a_killed_rank_fails_the_run_and_it_resumes(single, tmp_path):
+    out = tmp_path / "run"
+    began = time.monotonic()
+    with pytest.raises(ShardError, match=r"rank 1 of 2 died \(killed by SIGKILL\).*resume") as err:
+        distributed.run(make, STEPS, nproc=2, seed=SEED, out_dir=out, callback=die_at_step_5)
+    assert time.monotonic() - began < 60
+    assert str(out) in str(err.value)
+    assert (out / "rank-0" / "checkpoint.pt").is_file() and (out / "rank-1" / "checkpoint.pt").is_file()
+    resumed = distributed.run(make, STEPS, nproc=2, seed=SEED, out_dir=out, resume=True)
+    # rank 1 died after checkpointing step 5; rank 0 has done so too unless it was stopped while writing
+    assert resumed.resumed_from in (5, 6)
+    assert_same_records(single, resumed)
+    pd.testing.assert_frame_equal(single.decisions, resumed.decisions)
+
+
+def test_resume_takes_the_last_step_every_rank_holds(single, tmp_path):
+    """Rank 0 checkpointed a step that rank 1 did not: both go back to the step before."""
+    out = tmp_path / "run"
+    distributed.run(make, 4, nproc=2, seed=SEED, out_dir=out)
+    rank1 = out / "rank-1"
+    os.replace(rank1 / distributed.PREVIOUS, rank1 / "checkpoint.pt")  # rank 1 "died" before step 3's save
+    resumed = distributed.run(make, STEPS, nproc=2, seed=SEED, out_dir=out, resume=True)
+    assert resumed.resumed_from == 3
+    assert_same_records(single, resumed)
+
+
+def test_bad_process_counts_are_refused():
+    with pytest.raises(InputError, match="'nproc'.*CPU core"):
+        distributed.run(make, 2, nproc=distributed.available_cores() + 1)
+    with pytest.raises(InputError, match="'nproc': must be >= 1"):
+        distributed.run(make, 2, nproc=0)
+    household = torch.tensor([0, 0, 1, 1, 1, 2])
+    assert distributed.cut(household, 2) == [0, 5, 6]  # from agent 3 on to the next household
+    assert distributed.cut(household, 3) == [0, 2, 5, 6]
+    with pytest.raises(InputError, match="'nproc': 7 processes for 6 agents"):
+        distributed.cut(household, 7)
+    with pytest.raises(InputError, match="4 processes for 3 households"):
+        distributed.cut(household, 4)
+    with pytest.raises(InputError, match="'household': the agents of a household are not consecutive"):
+        distributed.cut(torch.tensor([0, 1, 0, 1]), 2)
+
+
+def test_cut_keeps_households_whole():
+    pop = Population.synthesize("nyc", agents=AGENTS, seed=3)
+    household = pop["household"]
+    bounds = distributed.cut(household, 2)
+    assert abs(bounds[1] - AGENTS // 2) < 20
+    left, right = household[: bounds[1]], household[bounds[1] :]
+    assert not set(left.tolist()) & set(right.tolist())
+
+
+def make_labor(rank: int):
+    return make_scenario("labor"), Population.synthesize("nyc", agents=AGENTS, seed=3), HeuristicPolicy()
+
+
+def test_differentiable_and_unshardable_runs_are_refused():
+    with pytest.raises(InputError, match="inference mode only"):
+        distributed.run(make, 2, nproc=2, differentiable=True)
+    with pytest.raises(ShardError, match="rank 0 of 2: the labor scenario cannot be sharded"):
+        distributed.run(make_labor, 2, nproc=2)
+
+
+def test_a_checkpoint_of_another_process_count_is_refused(tmp_path):
+    out = tmp_path / "run"
+    distributed.run(make, 2, nproc=2, seed=SEED, out_dir=out)
+    scenario, pop, policy = make(0)
+    with pytest.raises(InputError, match="different run"):
+        Simulation(scenario, pop, policy, seed=SEED).run(3, out_dir=Path(out) / "rank-0", resume=True)
+
+
+def lpm_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lpm", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_nproc_2_writes_the_run_of_one_process(tmp_path):
+    common = ["run", "covid", "--agents", str(AGENTS), "--days", "9", "--seed", "4", "--start", "2020-03-20"]
+    one = lpm_cli(*common, "--set", "beta=0.2", "--out", str(tmp_path / "one"))
+    two = lpm_cli(*common, "--set", "beta=0.2", "--nproc", "2", "--out", str(tmp_path / "two"))
+    # the same code under torchrun, one process per rank ("--": torchrun would take --start as its --start-method)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    three = subprocess.run(
+        [str(torchrun), "--nproc-per-node", "2", "-m", "lpm", "--", *common, "--set", "beta=0.2"]
+        + ["--out", str(tmp_path / "three")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    assert three.returncode == 0, three.stderr
+    for name in ("trajectory.parquet", "decisions.parquet"):
+        first = pd.read_parquet(tmp_path / "one" / name)
+        pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "two" / name))
+        pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "three" / name))
+    assert json.loads((tmp_path / "three" / "summary.json").read_text())["processes"] == 2
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["agents"] == AGENTS and summary["totals"]["infections"] > 50
+    assert (tmp_path / "two" / "rank-1" / "checkpoint.pt").is_file()
+
+
+def test_cli_refuses_too_many_processes(tmp_path):
+    too_many = distributed.available_cores() + 1
+    res = lpm_cli(
+        "run",
+        "covid",
+        "--agents",
+        "2000",
+        "--days",
+        "2",
+        "--nproc",
+        str(too_many),
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"'nproc': {too_many} processes asked for" in res.stderr
+    res = lpm_cli(
+        "run", "covid", "--agents", "1", "--days", "2", "--nproc", "2", "--out", str(tmp_path / "y")
+    )
+    assert res.returncode == 2 and "'nproc': 2 processes for 1 agents" in res.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
