@@ -11,7 +11,7 @@ second with its household, school, work and community layers (``cv.Sim(pop_type=
 JSON object.
 
     .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817]
-        [--diff-agents 1000000] [--diff-estimators households expected] [--threads N] [--repeats 3]
+        [--diff-agents 1000000] [--diff-estimators pruned households expected] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument(
         "--diff-estimators",
         nargs="+",
-        default=["households", "expected"],
+        default=["pruned", "households", "expected"],
         help="gradient estimators of the differentiable run (default: households expected)",
     )
     ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)

@@ -53,6 +53,12 @@ def main() -> None:
         help="finite differences replay each seed's base-run decisions (held fixed, as in the gradient); "
         "with --policy heuristic, replay/react of the finite differences is what the reaction adds",
     )
+    ap.add_argument(
+        "--literature",
+        action="store_true",
+        help="the parameter values from the literature (calibrated=False; the tests' setting) instead of the "
+        "calibrated defaults",
+    )
     args = ap.parse_args()
     pop = Population.synthesize("nyc", agents=args.agents, seed=0)
     policy = (
@@ -64,12 +70,13 @@ def main() -> None:
         "seeds": args.seeds,
         "policy": args.policy,
         "replay": args.replay,
+        "calibrated": not args.literature,
         "results": [],
     }
     for estimator in args.estimators:
         t0 = time.perf_counter()
         results = check(
-            lambda kw: CovidScenario({"start": args.start, **kw}),
+            lambda kw: CovidScenario({"start": args.start, **kw}, calibrated=not args.literature),
             pop,
             policy,
             parameters=args.parameters,

@@ -37,14 +37,8 @@ def weekly_infections(beta, n: int, households: int, seed: int, estimator: str |
     """(WEEKS,) new infections per week; differentiable in ``beta`` when ``estimator`` is given."""
     if estimator == "pruned":
         return _pruned(beta, n, households, seed)
-    agents = households * n
-    household = torch.arange(households).repeat_interleave(n)
-    codes = torch.zeros(agents, dtype=torch.uint8)
-    codes[::n] = P1
-    hazard = chain_hazard(CovidConfig()).to(torch.float32)
+    agents, household, codes, hazard, infectious = _bed(n, households)
     k = hazard.shape[0]
-    infectious = torch.zeros(k)
-    infectious[P1 : k - 1] = 1.0
     sampler = sampler_class(estimator is not None, estimator or "expected")(agents, seed=seed)
     states = sampler.states(codes, k)
     everyone = torch.zeros(agents, dtype=torch.long)
@@ -81,16 +75,23 @@ def weekly_infections(beta, n: int, households: int, seed: int, estimator: str |
     return torch.stack(daily).reshape(WEEKS, 7).sum(1)
 
 
-def _pruned(beta, n: int, households: int, seed: int) -> torch.Tensor:
-    """:func:`weekly_infections` with the "pruned" estimator: the hard run, one alternative per household."""
+def _bed(n: int, households: int) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The test bed: agents, each one's household, stage codes (one pre-symptomatic index case per
+    household), the stage chain's hazards and each stage's infectiousness."""
     agents = households * n
     household = torch.arange(households).repeat_interleave(n)
     codes = torch.zeros(agents, dtype=torch.uint8)
     codes[::n] = P1
     hazard = chain_hazard(CovidConfig()).to(torch.float32)
+    infectious = torch.zeros(hazard.shape[0])
+    infectious[P1 : hazard.shape[0] - 1] = 1.0
+    return agents, household, codes, hazard, infectious
+
+
+def _pruned(beta, n: int, households: int, seed: int) -> torch.Tensor:
+    """:func:`weekly_infections` with the "pruned" estimator: the hard run, one alternative per household."""
+    agents, household, codes, hazard, infectious = _bed(n, households)
     k = hazard.shape[0]
-    infectious = torch.zeros(k)
-    infectious[P1 : k - 1] = 1.0
     sampler = sampler_class(True, "pruned")(agents, seed=seed)
     alt = codes.clone()
     weight = torch.zeros(households)
@@ -135,7 +136,7 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=0.048)
     ap.add_argument("--households", type=int, default=20_000)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--estimators", nargs="+", default=["households", "expected", "mean-field"])
+    ap.add_argument("--estimators", nargs="+", default=["pruned", "households", "expected", "mean-field"])
     args = ap.parse_args()
     figures = {"beta": args.beta, "households": args.households, "seeds": args.seeds, "results": []}
     h = 0.05 * args.beta

@@ -14,7 +14,7 @@ the fitted values are the mean of the last fifth of the iterates (Polyak averagi
 Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 56 days,
 fewer where ``memory_gb`` needs it; the whole window for monthly scenarios); each piece's loss is
 backpropagated and the state is detached before the next, so the graph held is at most one piece (about
-170 bytes per agent per simulated day with the default "households" estimator, 130 with "expected":
+160 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130 with "expected":
 :data:`GRAPH_BYTES_PER_AGENT_STEP`). A longer window costs time, not memory. The gradients of the COVID
 model agree with finite differences over 8 weeks (``tests/test_gradients.py``), the default piece's length.
 
@@ -51,14 +51,14 @@ from lpm.gradcheck import ReplayPolicy
 from lpm.paths import make_folder
 from lpm.policy import Policy
 from lpm.population import Population
-from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS
+from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS, choose_estimator
 from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
 #: Bytes the autograd graph of a COVID day holds per agent, by estimator (``benchmarks/engine.py``, 1 M
-#: agents: 168 and 129; rounded up); an estimator not measured is counted as the largest.
-GRAPH_BYTES_PER_AGENT_STEP = {"households": 170, "expected": 130}
+#: agents: 154, 168 and 129; rounded up); an estimator not measured is counted as the largest.
+GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 160, "households": 170, "expected": 130}
 #: Days per backpropagated piece of a daily scenario unless memory needs fewer: the horizon over which the
 #: COVID gradients are checked against finite differences (8 weeks, ``tests/test_gradients.py``).
 TRUNCATE_DAYS = 56
@@ -231,9 +231,10 @@ def calibrate(
     """
     started = time.perf_counter()
     _check_settings(epochs=epochs, lr=lr, restarts=restarts, eval_seeds=eval_seeds, memory_gb=memory_gb)
-    if estimator not in ESTIMATORS:
-        raise InputError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if estimator != "auto" and estimator not in ESTIMATORS:
+        raise InputError(f"--estimator must be one of auto, {', '.join(ESTIMATORS)}, got {estimator!r}")
     base = make_scenario({"start": train.first.date()})
+    estimator = choose_estimator(estimator, base.pruned)
     q = fit_quantity(base, quantity)
     period = compared_period(base, q)
     names = list(base.learnable if parameters is None else parameters)

@@ -20,8 +20,10 @@ Two modes, one code path: the scenario's step calls only the operations of a sam
 (:mod:`lpm.sampling`). *Inference* (default): :class:`~lpm.sampling.HardSampler` under ``torch.no_grad``,
 states in the smallest dtypes. *Differentiable*: float one-hot states and actions, so a loss of the recorded series has
 gradients with respect to ``Simulation.params`` (the scenario's learnable parameters and each decision's
-alignment offsets), by one of the estimators of :data:`lpm.sampling.ESTIMATORS`: ``"households"`` (default:
-``"expected"``, with household transmission carried by generation so that the backward pass follows the
+alignment offsets), by one of the estimators of :data:`lpm.sampling.ESTIMATORS`: ``"pruned"`` (default
+``"auto"`` picks it for a step written for it, the COVID step's: the run stays hard and each household carries
+one alternative run whose weighted difference is the derivative), ``"households"`` (``"expected"``, with
+household transmission carried by generation so that the backward pass follows the
 paths a household outbreak can take), ``"expected"`` (the forward values equal inference mode's for the
 same seed; the backward pass is the Jacobian of each step's expected transition), ``"bernoulli"``
 (per-agent straight-through, biased low over weeks, kept for comparison) or ``"mean-field"``
@@ -60,7 +62,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.errors import InputError
 from lpm.policy import COUNTERS, Archetypes, Policy
 from lpm.population import Population
-from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS, Sampler, sampler_class
+from lpm.sampling import DEFAULT_ESTIMATOR, ESTIMATORS, Sampler, choose_estimator, sampler_class
 from lpm.scenarios import Scenario
 from lpm.scenarios.base import check_cadence, load_spec
 
@@ -200,8 +202,11 @@ class Simulation:
         self._shapes = self._record_shapes(pop)
         self.pop = pop.to(self.device)
         self.n = len(pop)
-        if estimator not in ESTIMATORS:
-            raise InputError(f"unknown gradient estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+        if estimator != "auto" and estimator not in ESTIMATORS:
+            raise InputError(
+                f"unknown gradient estimator {estimator!r}; known: auto, {', '.join(ESTIMATORS)}"
+            )
+        estimator = choose_estimator(estimator, scenario.pruned)
         self.estimator = estimator if self.differentiable else None
         if self.differentiable and getattr(ESTIMATORS[estimator], "pruned", False) and not scenario.pruned:
             raise InputError(

@@ -141,6 +141,7 @@ def check(
     fds: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     for seed in seeds:
         sim = Simulation(base, pop, policy, seed=seed, differentiable=True, estimator=estimator)
+        estimator = sim.estimator or estimator  # "auto" resolved
         weekly = weekly_totals(sim.run(steps).series[quantity], period)
         inputs = [sim.params[f"offsets.{decision}"] if p == "offsets" else sim.params[p] for p in parameters]
         rows = []

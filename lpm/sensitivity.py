@@ -326,6 +326,7 @@ def sensitivity(
             sim = Simulation(
                 base, pop, policy, seed=seed, device=device, differentiable=True, estimator=estimator
             )
+            estimator = sim.estimator or estimator  # "auto" resolved
             series = sim.run(steps).series
             inputs = [sim.params[f"offsets.{p.decision}" if p.decision else p.name] for p in params]
             for j, o in enumerate(outs):

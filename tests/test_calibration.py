@@ -100,7 +100,7 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
         assert {"rmse", "mape", "periods", "before"} <= set(saved[window])
     assert saved["command"].startswith("lpm calibrate covid --train 2020-03-16:2020-03-29")
     # the defaults it used are recorded, so the command reproduces under other defaults
-    assert "--estimator households" in saved["command"] and "--truncate 56" in saved["command"]
+    assert "--estimator pruned" in saved["command"] and "--truncate 56" in saved["command"]
     assert "band" in saved and saved["settings"]["truncate_steps"] == 56
     for name in ("loss.png", "fit.png", "forecast.csv"):
         assert (out / name).stat().st_size > 0

@@ -11,7 +11,7 @@ import typer
 from lpm.cli.display import console
 from lpm.cli.options import llm_timeout_option, parse_list, parse_pairs, revision_option, weights_option
 from lpm.paths import check_new_folder
-from lpm.sampling import DEFAULT_ESTIMATOR
+from lpm.sampling import DEFAULT_ESTIMATOR, choose_estimator
 from lpm.server_kind import SERVER_KINDS
 
 
@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
         estimator: str = typer.Option(
             DEFAULT_ESTIMATOR,
             "--estimator",
-            help="gradient estimator: households, expected, bernoulli or mean-field",
+            help="gradient estimator: auto (pruned for covid, expected for labor), pruned, households, expected, "
+            "bernoulli or mean-field",
         ),
         settings: list[str] = typer.Option(
             [], "--set", metavar="NAME=VALUE", help="a scenario setting (the starting value of a fit)"
@@ -117,7 +118,10 @@ def register(app: typer.Typer) -> None:
         argv = ["lpm", "calibrate", scenario, "--train", train] + (["--test", test] if test else [])
         argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]
         argv += ["--restarts", str(restarts), "--eval-seeds", str(eval_seeds), "--seed", str(seed)]
-        argv += ["--estimator", estimator]
+        argv += [
+            "--estimator",
+            choose_estimator(estimator, base.pruned) if estimator == "auto" else estimator,
+        ]
         argv += ["--parameters", parameters] if parameters else []
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []

@@ -58,7 +58,9 @@ def register(app: typer.Typer) -> None:
         ),
         offset_step: float = typer.Option(0.2, "--offset-step", help="finite difference step of an offset"),
         estimator: str = typer.Option(
-            DEFAULT_ESTIMATOR, "--estimator", help="households, expected, bernoulli or mean-field"
+            DEFAULT_ESTIMATOR,
+            "--estimator",
+            help="auto (pruned for covid, expected for labor), pruned, households, expected, bernoulli or mean-field",
         ),
         replay: bool = typer.Option(
             False,

@@ -526,13 +526,15 @@ def seed_estimate(
     lag = round(c.latent_days + c.presymptomatic_days + c.report_delay_days)
     cases = torch.tensor(wide.to_numpy(), dtype=torch.float64)  # (H, B)
     behind = cases / det[:, None] / symptomatic  # infections dated `lag` days before each report
-    window = (city / det.detach().numpy())[-SEED_WINDOW:]
-    seen = window > 0
-    if seen.sum() >= 7:
-        growth = float(np.polyfit(np.arange(SEED_WINDOW)[seen], np.log(window[seen]), 1)[0])
+    window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
+    seen = window.detach() > 0
+    if int(seen.sum()) >= 7:  # least-squares slope of log(window) on the day (it moves with detection)
+        day = torch.arange(SEED_WINDOW, dtype=torch.float64)[seen]
+        log_cases = torch.log(window[seen])
+        growth = ((day - day.mean()) * (log_cases - log_cases.mean())).sum() / ((day - day.mean()) ** 2).sum()
     else:
-        growth = c.seed_growth
-    growth = min(max(growth, -0.2), 0.3)
+        growth = torch.tensor(c.seed_growth, dtype=torch.float64)
+    growth = growth.clamp(-0.2, 0.3)
     known = behind  # infections of the days FIRST_DATA - lag .. start - lag - 1
     recent = known[-7:].mean(0)  # (B,)
     ahead = recent[None, :] * torch.exp(growth * torch.arange(4, 4 + lag, dtype=torch.float64))[:, None]
