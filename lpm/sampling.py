@@ -36,6 +36,7 @@ Differentiable mode has five gradient estimators (:data:`ESTIMATORS`), chosen wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -651,29 +652,26 @@ def prune(
     variance is least when each proxy follows |weight × difference to come|). The kept alternative's
     proxy is then the group's total over its own factor (the size of its weight)."""
     h = weight.shape[0]
-    inf = torch.tensor(float("inf"), dtype=torch.float64, device=weight.device)
-    rate64, new64 = rate.to(torch.float64), new_rate.to(torch.float64)
+    n, device = group.shape[0], group.device
+    rate64 = rate.to(torch.float64)
     if effect is not None:
         rate64 = rate64 * effect.to(torch.float64)
-    key = torch.where(new64 > 0, -torch.log1p(-u_agent.to(torch.float64)) / new64.clamp_min(1e-300), inf)
-    best = torch.full((h,), float("inf"), dtype=torch.float64, device=weight.device)
-    best = best.scatter_reduce(0, group, key, "amin")
-    old = torch.where(rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), inf)
-    replaced = best < old
-    index = torch.arange(group.shape[0], device=group.device)
-    first = torch.where((key == best.index_select(0, group)) & (key < inf), index, group.shape[0])
-    first = torch.full((h,), group.shape[0], dtype=index.dtype, device=group.device).scatter_reduce(
-        0, group, first, "amin"
+    new32 = new_rate.to(torch.float32)
+    # the race: per agent in float32 (ties go to the lowest index), per group in float64
+    key = torch.log1p(-u_agent).neg_().div_(new32).masked_fill_(new32 <= 0, float("inf"))
+    best = torch.full((h,), float("inf"), device=device).scatter_reduce(0, group, key, "amin")
+    old = torch.where(
+        rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), math.inf
     )
+    replaced = best.to(torch.float64) < old
+    index = torch.arange(n, device=device)
+    first = torch.where((key == best.index_select(0, group)) & (key < math.inf), index, n)
+    first = torch.full((h,), n, dtype=index.dtype, device=device).scatter_reduce(0, group, first, "amin")
     winner = (index == first.index_select(0, group)) & replaced.index_select(0, group)
-    total = rate64.index_add(0, group, new64)
-    won = winner.to(new_weight.dtype)
-    won_weight = torch.zeros(h, dtype=new_weight.dtype, device=group.device).index_add(
-        0, group, new_weight * won
-    )
-    won_rate = torch.zeros(h, dtype=torch.float64, device=group.device).index_add(
-        0, group, new64 * won.double()
-    )
+    total = rate64 + torch.zeros(h, device=device).index_add_(0, group, new32).to(torch.float64)
+    at = first.clamp_max(max(n - 1, 0))  # each group's winner (any agent where none won: masked below)
+    won_weight = new_weight.index_select(0, at)
+    won_rate = new32.index_select(0, at).to(torch.float64)
     # finite where unused: torch.where's backward multiplies the other branch's zero gradient by it
     scale_new = torch.where(replaced, total / won_rate.clamp_min(1e-300), 0.0).to(weight.dtype)
     scale_old = torch.where(~replaced & (rate64 > 0), total / rate64.clamp_min(1e-300), 1.0).to(weight.dtype)
