@@ -356,15 +356,15 @@ def run(
         size = int(os.environ["WORLD_SIZE"])
         if nproc is not None and nproc != size:
             raise InputError(f"run option 'nproc': {nproc}, but torchrun started {size} processes")
-        return _rank(rank, size, "env://", make, steps, seed, out_dir, resume, timeout, options)
+        return _rank(rank, _Job(size, "env://", make, steps, seed, out_dir, resume, timeout, options))
     if nproc is None:
         raise InputError("run option 'nproc': give the number of processes")
     check_nproc(nproc)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="lpm-shards-") as tmp:
         address = f"tcp://127.0.0.1:{_free_port()}"
-        args = (nproc, address, make, steps, seed, out_dir, resume, timeout, options, tmp)
-        procs = [ctx.Process(target=_child, args=(r, *args), name=f"lpm-rank-{r}") for r in range(nproc)]
+        job = _Job(nproc, address, make, steps, seed, out_dir, resume, timeout, options)
+        procs = [ctx.Process(target=_child, args=(r, job, tmp), name=f"lpm-rank-{r}") for r in range(nproc)]
         for p in procs:
             p.start()
         try:
@@ -384,23 +384,27 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _child(
-    rank: int,
-    size: int,
-    address: str,
-    make: Make,
-    steps: int,
-    seed: int,
-    out_dir: str | Path | None,
-    resume: bool,
-    timeout: float,
-    options: dict[str, Any],
-    tmp: str,
-) -> None:
+@dataclass(frozen=True)
+class _Job:
+    """What every rank of one sharded run is given: the number of ranks, the rendezvous address, the
+    :func:`run` arguments and :class:`ShardedSimulation`'s options."""
+
+    size: int
+    address: str
+    make: Make
+    steps: int
+    seed: int
+    out_dir: str | Path | None
+    resume: bool
+    timeout: float
+    options: dict[str, Any]
+
+
+def _child(rank: int, job: _Job, tmp: str) -> None:
     """One spawned rank: runs, rank 0 writes its result; an error is written for the launcher to report."""
     torch.set_num_threads(1)  # one core per rank
     try:
-        result = _rank(rank, size, address, make, steps, seed, out_dir, resume, timeout, options)
+        result = _rank(rank, job)
         if rank == 0:
             result.state = None  # rank 0's agents only: not the run's state
             with open(Path(tmp) / "result.pkl.tmp", "wb") as f:
@@ -416,29 +420,22 @@ def _child(
         os._exit(1)
 
 
-def _rank(
-    rank: int,
-    size: int,
-    address: str,
-    make: Make,
-    steps: int,
-    seed: int,
-    out_dir: str | Path | None,
-    resume: bool,
-    timeout: float,
-    options: dict[str, Any],
-) -> RunResult:
+def _rank(rank: int, job: _Job) -> RunResult:
     dist.init_process_group(
-        "gloo", init_method=address, rank=rank, world_size=size, timeout=dt.timedelta(seconds=timeout)
+        "gloo",
+        init_method=job.address,
+        rank=rank,
+        world_size=job.size,
+        timeout=dt.timedelta(seconds=job.timeout),
     )
     try:
-        made = make(rank)
+        made = job.make(rank)
         with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as (scenario, pop, policy):
-            bounds = cut(pop["household"], size)
-            shard = Shard(rank, size, bounds[rank], bounds[rank + 1], len(pop))
-            sim = ShardedSimulation(scenario, pop, policy, shard=shard, seed=seed, **options)
+            bounds = cut(pop["household"], job.size)
+            shard = Shard(rank, job.size, bounds[rank], bounds[rank + 1], len(pop))
+            sim = ShardedSimulation(scenario, pop, policy, shard=shard, seed=job.seed, **job.options)
             del pop
-            return sim.run(steps, out_dir=out_dir, resume=resume)
+            return sim.run(job.steps, out_dir=job.out_dir, resume=job.resume)
     finally:
         dist.destroy_process_group()
 

@@ -202,10 +202,6 @@ class Simulation:
         self._shapes = self._record_shapes(pop)
         self.pop = pop.to(self.device)
         self.n = len(pop)
-        if estimator != "auto" and estimator not in ESTIMATORS:
-            raise InputError(
-                f"unknown gradient estimator {estimator!r}; known: auto, {', '.join(ESTIMATORS)}"
-            )
         estimator = choose_estimator(estimator, scenario.pruned)
         self.estimator = estimator if self.differentiable else None
         if self.differentiable and getattr(ESTIMATORS[estimator], "pruned", False) and not scenario.pruned:

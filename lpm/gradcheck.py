@@ -27,7 +27,7 @@ import torch
 from lpm.engine import Simulation
 from lpm.policy import Archetypes, Policy, PolicyDecision
 from lpm.population import Population
-from lpm.sampling import DEFAULT_ESTIMATOR
+from lpm.sampling import DEFAULT_ESTIMATOR, choose_estimator
 from lpm.scenarios.base import Scenario, period_sums
 
 __all__ = ["GradCheck", "check", "weekly_totals"]
@@ -116,6 +116,7 @@ def check(
     reaction to the perturbed series.
     """
     base = make_scenario({})
+    estimator = choose_estimator(estimator, base.pruned)  # "auto": the name the results report
     decision = decision or base.decisions[0].name
 
     def finite_difference(policy: Policy, seed: int, p: str) -> np.ndarray:
@@ -141,7 +142,6 @@ def check(
     fds: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     for seed in seeds:
         sim = Simulation(base, pop, policy, seed=seed, differentiable=True, estimator=estimator)
-        estimator = sim.estimator or estimator  # "auto" resolved
         weekly = weekly_totals(sim.run(steps).series[quantity], period)
         inputs = [sim.params[f"offsets.{decision}"] if p == "offsets" else sim.params[p] for p in parameters]
         rows = []

@@ -759,11 +759,13 @@ DEFAULT_ESTIMATOR = "auto"
 
 def choose_estimator(estimator: str, pruned_step: bool) -> str:
     """The estimator a run uses: ``estimator``, or for ``"auto"`` ``"pruned"`` where the scenario's step
-    supports it (``pruned_step``) and ``"expected"`` elsewhere. ValueError for an unknown name."""
+    supports it (``pruned_step``) and ``"expected"`` elsewhere. InputError for an unknown name."""
     if estimator == "auto":
         return "pruned" if pruned_step else "expected"
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown gradient estimator {estimator!r}; known: auto, {', '.join(ESTIMATORS)}")
+        from lpm.errors import InputError
+
+        raise InputError(f"unknown gradient estimator {estimator!r}; known: auto, {', '.join(ESTIMATORS)}")
     return estimator
 
 

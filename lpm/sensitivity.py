@@ -54,7 +54,7 @@ from lpm.errors import InputError
 from lpm.gradcheck import ReplayPolicy, _offset_shift, weekly_totals
 from lpm.policy import HeuristicPolicy, Policy
 from lpm.population import Population
-from lpm.sampling import DEFAULT_ESTIMATOR
+from lpm.sampling import DEFAULT_ESTIMATOR, choose_estimator
 from lpm.scenarios.base import Quantity, Scenario
 
 __all__ = [
@@ -273,6 +273,7 @@ def sensitivity(
     peak outcomes). ``attrs`` holds the settings and ``note``, what the gradient leaves out.
     """
     base = make_scenario({})
+    estimator = choose_estimator(estimator, base.pruned)  # "auto": the name the report shows
     steps = int(base.horizon if steps is None else steps)
     if steps < 1:
         raise InputError(f"steps must be >= 1, got {steps}")
@@ -326,7 +327,6 @@ def sensitivity(
             sim = Simulation(
                 base, pop, policy, seed=seed, device=device, differentiable=True, estimator=estimator
             )
-            estimator = sim.estimator or estimator  # "auto" resolved
             series = sim.run(steps).series
             inputs = [sim.params[f"offsets.{p.decision}" if p.decision else p.name] for p in params]
             for j, o in enumerate(outs):

@@ -949,14 +949,13 @@ class CovidScenario(Scenario):
         flat = flat.index_add(0, stage.long() * nb + w.borough.long(), -moved_weight)
         counts = sampler.tally(stage, K, w.borough, nb) + flat.view(K, nb)
         # the future: drop alternatives that rejoined the run, then one per household among it and today's
-        apart = torch.zeros(w.nh, dtype=torch.float32).index_add(
-            0, household, (alt_next != following).float()
-        )
+        differs_next = alt_next != following
+        apart = torch.zeros(w.nh, dtype=torch.float32).index_add(0, household, differs_next.float())
         weight = torch.where(apart > 0, weight, torch.zeros_like(weight))
         rate = torch.where(apart > 0, rate, torch.zeros_like(rate))
         hazard_today = torch.where(candidate, -torch.log1p(-p_run), 0.0)
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
-        pending = (alt_next != following) & (_in_course(alt_next) | _in_course(following))
+        pending = differs_next & (_in_course(alt_next) | _in_course(following))
         pending = torch.zeros(w.nh, dtype=torch.float32).index_add(0, household, pending.float()) > 0
         effect = torch.where(pending, 1.0, QUIET_EFFECT)
         weight, rate, winner, replaced = prune(
