@@ -517,6 +517,19 @@ class Simulation:
         finally:
             tmp.unlink(missing_ok=True)
 
+    @staticmethod
+    def checkpointed(out_dir: str | Path) -> int:
+        """Steps the checkpoint in ``out_dir`` holds (0 without one). After an interrupt this, not
+        :attr:`done`, is what a resume starts from: a signal can land between the checkpoint's write
+        and the counter's update."""
+        path = Path(out_dir) / CHECKPOINT
+        if not path.is_file():
+            return 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        return int(blob["done"])
+
     def _read_journal(self, path: Path, done: int, length: int) -> None:
         """Records and decisions of steps ``0..done-1`` from the journal's first ``length`` bytes."""
         journal = path.parent / JOURNAL

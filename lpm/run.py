@@ -233,7 +233,8 @@ def run(
             if isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM under the CLI
                 if (folder / CHECKPOINT).exists():
                     raise Interrupted(
-                        f"{folder}: interrupted after step {sim.done} of {steps}; the run folder keeps its checkpoint",
+                        f"{folder}: interrupted after step {Simulation.checkpointed(folder)} of {steps}; "
+                        "the run folder keeps its checkpoint",
                         hint=f"continue it with the same command and --resume --out {folder}",
                     ) from None
                 raise Interrupted(

@@ -247,6 +247,29 @@ def test_a_signal_stops_the_run_and_says_how_to_resume(tmp_path, sig):
     assert summary["resumed_from_step"] == done and summary["steps"] == 90
 
 
+def test_an_interrupt_right_after_a_checkpoint_reports_the_step_on_disk(tmp_path, monkeypatch):
+    """A signal between the checkpoint's write and the step counter's update: the message names the
+    step the checkpoint holds, which is where --resume starts."""
+    import lpm.engine
+
+    replace, writes = os.replace, []
+
+    def replace_then_interrupt(src, dst):
+        replace(src, dst)
+        writes.append(dst)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lpm.engine.os, "replace", replace_then_interrupt)
+    config = RunConfig(scenario="covid", agents=2000, days=7)
+    with pytest.raises(Exception, match="interrupted after step 3 of 7") as info:
+        run(config, tmp_path / "r", progress=False)
+    assert type(info.value).__name__ == "Interrupted"
+    monkeypatch.setattr(lpm.engine.os, "replace", replace)
+    resumed = run(config, tmp_path / "r", resume=True, progress=False)
+    assert resumed.summary["resumed_from_step"] == 3
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------
 def test_checkpoint_cost_does_not_grow_with_the_run(tmp_path):
     pop = Population.synthesize("nyc", agents=5000, seed=1)
