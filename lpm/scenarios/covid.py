@@ -136,6 +136,10 @@ SEED_WINDOW, REPORT_LAGS = 14, 21
 #: benchmarks/gradients.py (50k agents, 8 weeks from 2020-04-01, 4 seeds), the gradient's standard error in
 #: week 8 is 18 % at 1 (no distinction), 5-6 % at 0.1-0.2 and 9 % at 0.05
 QUIET_EFFECT = 0.1
+#: a flag's place value in the per-household sum of _alternatives: exact for households of under 1,024
+#: members; in a larger one only the pruning proxy (QUIET_EFFECT or 1) could come out wrong, which any
+#: positive value leaves unbiased
+PENDING = 1024.0
 CASES_SOURCE = "NYC DOHMH cases-by-day.csv, confirmed + probable, scaled to the population"
 LAYERS = ("household", "school", "work", "community")
 #: Relative transmissibility per contact of each layer: Covasim's default hybrid beta_layer (h 3.0,
@@ -486,6 +490,17 @@ class CovidWorld:
     hazard: torch.Tensor
     delay: torch.Tensor
     residents: torch.Tensor
+
+    @functools.cached_property
+    def household64(self) -> torch.Tensor:
+        """(N,) int64 household ids, for the scatters of estimator "pruned" (made on first use: inference
+        runs never hold them)."""
+        return self.household.long()
+
+    @functools.cached_property
+    def borough64(self) -> torch.Tensor:
+        """(N,) int64 boroughs (made on first use, as :attr:`household64`)."""
+        return self.borough.long()
 
     def by_borough(self, per_cell: torch.Tensor) -> torch.Tensor:
         """(B,) sums of a (C,) per-cell vector over each borough's cells."""
@@ -843,25 +858,26 @@ class CovidScenario(Scenario):
         # 1. infectiousness of the infectious agents (who: their indices; None: every agent)
         infectious_stage = torch.zeros(K, device=w.hazard.device)
         infectious_stage[P1 : I2 + 1] = 1.0
-        who, x = sampler.support(stage, infectious_stage)
-        x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
         paths = [state[f"stage_hop{g}"] for g in range(1, sampler.household_generations + 1)]
         kept: dict[str, torch.Tensor] = {}
         if getattr(sampler, "pruned", False):  # estimator "pruned": one alternative run per household
             following, kept, infected, onset, counts = self._alternatives(
                 w, state, params, level, isolating, infectious_stage, sampler
             )
-        elif paths and sampler.differentiable:  # estimator "households": one copy per household hop
-            following, paths, infected, onset, counts = self._household_paths(
-                w, state, paths, x, params, level, isolating, infectious_stage, sampler
-            )
         else:
-            # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
-            p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
-            # 3. one step along the chain
-            following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
-            infected, onset = moves.out(S), moves.out(P2)
-            counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
+            who, x = sampler.support(stage, infectious_stage)
+            x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
+            if paths and sampler.differentiable:  # estimator "households": one copy per household hop
+                following, paths, infected, onset, counts = self._household_paths(
+                    w, state, paths, x, params, level, isolating, infectious_stage, sampler
+                )
+            else:
+                # 2. isolation, pressure per household, place and cell (scatter), force per agent (gather)
+                p_infect = self.infection(w, params, level, isolating, (who, x), sampler)
+                # 3. one step along the chain
+                following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
+                infected, onset = moves.out(S), moves.out(P2)
+                counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
         onset = onset * (1.0 - asym.to(onset.dtype)) if sampler.differentiable else onset & ~asym
         infections = sampler.count(w.borough, w.nb, infected)
         onsets_today = sampler.count(w.borough, w.nb, onset)
@@ -916,48 +932,54 @@ class CovidScenario(Scenario):
         c = self.config
         stage, asym, alt = state["stage"], state["asymptomatic"], state["alt_stage"]
         weight, rate = state["alt_weight"], state["alt_rate"]
-        household = w.household.long()
+        household, borough = w.household64, w.borough64
+        stage64, alt64 = stage.long(), alt.long()
         relative = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(torch.float32)
-        x = infectious_stage.index_select(0, stage.long()) * relative
-        x_alt = infectious_stage.index_select(0, alt.long()) * relative
+        x = infectious_stage.index_select(0, stage64) * relative
+        x_alt = infectious_stage.index_select(0, alt64) * relative
         share = weight.index_select(0, household)  # each agent's household alternative's weight
         p, p_alt = self.infection(
             w, params, level, isolating, (None, x + share * (x_alt - x)), sampler, home_x=x, alt_home_x=x_alt
         )
         p_run = p.detach()
-        u = sampler.uniform(STREAM_TRANSITION).clone()
+        u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
         chain = w.hazard.to(torch.float32).clone()
         chain[S] = 0.0
-        leave = (u < chain.index_select(0, stage.long())) | ((stage == S) & (u < p_run))
-        leave_alt = (u < chain.index_select(0, alt.long())) | ((alt == S) & (u < p_alt))
+        susceptible, susceptible_alt = stage == S, alt == S
+        leave = (u < chain.index_select(0, stage64)) | (susceptible & (u < p_run))
+        leave_alt = (u < chain.index_select(0, alt64)) | (susceptible_alt & (u < p_alt))
         following = stage + leave
         has_alt = (rate > 0).index_select(0, household)
         alt_next = torch.where(has_alt, alt + leave_alt, following)
         # today: the run's moves, each candidate's infection (+1) and each alternative's differences
-        candidate = (stage == S) & ~leave
+        candidate = susceptible & ~leave
         gain = torch.where(candidate, (p - p_run) / (1.0 - p_run), 0.0)
-        moved, moved_alt = (stage == S) & leave, (alt == S) & leave_alt & has_alt
-        infected = moved.float() + share * (moved_alt.float() - moved.float()) + gain
+        moved, moved_alt = susceptible & leave, susceptible_alt & leave_alt & has_alt
+        moved = moved.float()
+        infected = moved + share * (moved_alt.float() - moved) + gain
         onset, onset_alt = (stage == P2) & leave, (alt == P2) & leave_alt & has_alt
-        onset = onset.float() + share * (onset_alt.float() - onset.float())
+        onset = onset.float()
+        onset = onset + share * (onset_alt.float() - onset)
         differs = (alt != stage) & has_alt
         moved_weight = share * differs.float()
         nb = w.nb
-        flat = torch.zeros(K * nb, dtype=torch.float32).index_add(
-            0, (alt.long() * nb + w.borough.long()), moved_weight
-        )
-        flat = flat.index_add(0, stage.long() * nb + w.borough.long(), -moved_weight)
+        flat = torch.zeros(K * nb, dtype=torch.float32, device=stage.device)
+        flat = flat.index_add(0, alt64 * nb + borough, moved_weight)
+        flat = flat.index_add(0, stage64 * nb + borough, -moved_weight)
         counts = sampler.tally(stage, K, w.borough, nb) + flat.view(K, nb)
         # the future: drop alternatives that rejoined the run, then one per household among it and today's
+        # per household in one sum: members that differ (apart) + PENDING × those whose difference is
+        # still in course (exposed or infectious in either run); exact in float32 (households < 2^10)
         differs_next = alt_next != following
-        apart = torch.zeros(w.nh, dtype=torch.float32).index_add(0, household, differs_next.float())
-        weight = torch.where(apart > 0, weight, torch.zeros_like(weight))
-        rate = torch.where(apart > 0, rate, torch.zeros_like(rate))
+        pending = differs_next & (_in_course(alt_next) | _in_course(following))
+        flags = differs_next.float().add_(pending.float(), alpha=PENDING)
+        flags = torch.zeros(w.nh, dtype=torch.float32, device=stage.device).index_add(0, household, flags)
+        apart = flags > 0
+        weight = torch.where(apart, weight, torch.zeros_like(weight))
+        rate = torch.where(apart, rate, torch.zeros_like(rate))
         hazard_today = torch.where(candidate, -torch.log1p(-p_run), 0.0)
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
-        pending = differs_next & (_in_course(alt_next) | _in_course(following))
-        pending = torch.zeros(w.nh, dtype=torch.float32).index_add(0, household, pending.float()) > 0
-        effect = torch.where(pending, 1.0, QUIET_EFFECT)
+        effect = torch.where(flags >= PENDING, 1.0, QUIET_EFFECT)
         weight, rate, winner, replaced = prune(
             weight, rate, household, gain, hazard_today, sampler.uniform(STREAM_PRUNE), u_house, effect
         )
