@@ -1,15 +1,17 @@
 """Gradient estimators against finite differences of the stochastic COVID model, per week.
 
-For each estimator (``households``, ``expected``, ``bernoulli``, ``mean-field``) and parameter, prints the
-ratio of the gradient of each week's citywide reported cases to central finite differences of the inference
-run (common random numbers, the same seeds; both averaged over the seeds), and the relative standard errors
+For each estimator (``pruned``, the default; ``households``, ``expected``, ``bernoulli``, ``mean-field``) and
+parameter, prints the ratio of the gradient of each week's citywide reported cases to central finite
+differences of the inference run (common random numbers, the same seeds; both averaged over the seeds),
+and the relative standard errors
 over the seeds of the finite differences (their noise) and of the gradient. Decisions come from a rule that
 does not read the simulated cases (isolation by age only), so the numbers isolate the estimator. The last
 line is all figures as one JSON object.
 
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
-        [--start 2020-04-01] [--estimators households expected bernoulli mean-field] [--parameters beta ...]
-        [--policy fixed|heuristic] [--replay]
+        [--start 2020-04-01] [--estimators pruned households expected bernoulli mean-field]
+        [--parameters beta ...] [--policy fixed|heuristic] [--replay] [--literature]
+        [--rel-step 0.05] [--offset-step 0.2]
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def main() -> None:
     ap.add_argument("--weeks", type=int, default=8)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
     ap.add_argument("--start", default="2020-04-01")
-    ap.add_argument("--estimators", nargs="+", default=["households", "expected", "bernoulli", "mean-field"])
+    ap.add_argument(
+        "--estimators", nargs="+", default=["pruned", "households", "expected", "bernoulli", "mean-field"]
+    )
     ap.add_argument("--parameters", nargs="+", default=["beta", "community_pause", "detected", "offsets"])
     ap.add_argument(
         "--policy",
@@ -59,6 +63,12 @@ def main() -> None:
         help="the parameter values from the literature (calibrated=False; the tests' setting) instead of the "
         "calibrated defaults",
     )
+    ap.add_argument(
+        "--rel-step", type=float, default=0.05, help="finite-difference step, relative (default 0.05)"
+    )
+    ap.add_argument(
+        "--offset-step", type=float, default=0.2, help="finite-difference step of an offset (default 0.2)"
+    )
     args = ap.parse_args()
     pop = Population.synthesize("nyc", agents=args.agents, seed=0)
     policy = (
@@ -71,6 +81,8 @@ def main() -> None:
         "policy": args.policy,
         "replay": args.replay,
         "calibrated": not args.literature,
+        "rel_step": args.rel_step,
+        "offset_step": args.offset_step,
         "results": [],
     }
     for estimator in args.estimators:
@@ -85,6 +97,8 @@ def main() -> None:
             seeds=args.seeds,
             estimator=estimator,
             replay=args.replay,
+            rel_step=args.rel_step,
+            offset_step=args.offset_step,
         )
         for r in results:
             with np.errstate(divide="ignore", invalid="ignore"):  # nan where the parameter does not act yet
