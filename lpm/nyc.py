@@ -235,6 +235,27 @@ def labor_force(path: Path | None = None) -> pd.DataFrame:
 
 
 @cache
+def tests_by_day(path: Path | None = None) -> pd.Series:
+    """People tested citywide per day (molecular tests by specimen date), a float64 Series indexed by
+    date, from the health department's ``tests.csv`` (``DATE`` as MM/DD/YYYY, ``TOTAL_TESTS``), shipped as
+    ``tests-by-day.csv``; checked: columns, dates (each once), counts numbers >= 0."""
+    path = data_dir() / "tests-by-day.csv" if path is None else Path(path)
+    frame = _read_csv(path.name, ["DATE", "TOTAL_TESTS"], path=path)
+    if frame.empty:
+        raise InputError(f"{path}: no rows")
+    date = pd.to_datetime(frame["DATE"], format="%m/%d/%Y", errors="coerce")
+    if date.isna().any():
+        raise InputError(
+            f"{path}: field 'DATE' is not a date MM/DD/YYYY ({frame.loc[date.isna(), 'DATE'].iloc[0]!r})"
+        )
+    if date.duplicated().any():
+        raise InputError(f"{path}: field 'DATE': {date[date.duplicated()].iloc[0]:%m/%d/%Y} twice")
+    _numbers(frame, ["TOTAL_TESTS"], path, key="DATE")
+    return pd.Series(
+        pd.to_numeric(frame["TOTAL_TESTS"]).to_numpy(float), index=pd.DatetimeIndex(date)
+    ).sort_index()
+
+
 def cases_by_day(path: Path | None = None) -> pd.DataFrame:
     """Daily confirmed + probable cases per borough: date, borough (code), cases. Tidy (long) form.
 

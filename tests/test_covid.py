@@ -160,3 +160,72 @@ def test_a_borough_multiplier_acts_on_its_residents(pop):
     sim = _sim(pop)
     sim.run(21).series["infections"][:, manhattan].sum().backward()
     assert float(sim.params["beta_manhattan"].grad) > 0
+
+
+# -- reporting capped by the day's tests (tests_limit) ---------------------------------------------------
+def test_uncapped_inverts_the_testing_cap():
+    days = pd.date_range("2020-03-20", periods=3)
+    detected, tests = (
+        pd.Series([500.0, 3000.0, 9000.0], index=days),
+        pd.Series([6000.0, 6000.0, 9000.0], index=days),
+    )
+    reported = detected * tests / (detected + tests)
+    np.testing.assert_allclose(reported * covid.uncapped(reported, tests, 1.0), detected, rtol=1e-12)
+    # days without test counts are left as reported; a day at the cap is scaled up at most MAX_UNCAP times
+    assert covid.uncapped(reported, tests.iloc[:1], 1.0).tolist()[1:] == [1.0, 1.0]
+    at_cap = covid.uncapped(pd.Series([6000.0], index=days[:1]), tests, 1.0)
+    assert at_cap.iloc[0] == covid.MAX_UNCAP
+
+
+def test_tests_limit_caps_each_days_reported_cases(pop):
+    """With a cap of 0.2 % of the people tested, every day's reported cases stay under it, and near it
+    while the detected onsets are many times more; tests_limit=False is the default's run."""
+    cap = 0.002
+    run = Simulation(
+        CovidScenario({"start": "2020-03-16", "tests_limit": True, "positivity_cap": cap}),
+        pop,
+        HeuristicPolicy(),
+        seed=3,
+    ).run(21)
+    reported = run.series["reported_cases"].sum(1).double().numpy()
+    scale = len(pop) / covid.nyc.city_population()
+    tests = covid.nyc.tests_by_day().reindex(pd.date_range("2020-03-16", periods=21)).to_numpy()
+    k = cap * tests * scale
+    # the seeding scales the cases before the start up to MAX_UNCAP times, so the first days' onsets
+    # are many times the cap (measured: reported / K = 1.00 for 8 days, 0.92 on day 14, 0.01 on day 21)
+    assert (reported < k).all() and (reported > 0.9 * k)[:10].all(), (reported / k).round(2)
+    plain = Simulation(CovidScenario({"start": "2020-03-16"}), pop, HeuristicPolicy(), seed=3).run(21)
+    off = Simulation(
+        CovidScenario({"start": "2020-03-16", "tests_limit": False}), pop, HeuristicPolicy(), seed=3
+    ).run(21)
+    assert plain.trajectory.equals(off.trajectory)
+
+
+def test_tests_limit_seeding_reads_no_tests_on_or_after_the_start(pop, monkeypatch):
+    def state():
+        sim = Simulation(
+            CovidScenario({"start": "2020-03-16", "tests_limit": True}), pop, HeuristicPolicy(), seed=3
+        )
+        return sim.initial_state().scenario
+
+    real = covid.nyc.tests_by_day()
+    before = state()
+    later = real.where(real.index < "2020-03-16", real * 10)
+    monkeypatch.setattr(covid.nyc, "tests_by_day", lambda path=None: later)
+    again = state()
+    for name in before:
+        assert torch.equal(before[name], again[name]), name
+    # and fewer tests on a day before the start (more cases per test) does change it
+    earlier = real.where(real.index != pd.Timestamp("2020-03-14"), real / 3)
+    monkeypatch.setattr(covid.nyc, "tests_by_day", lambda path=None: earlier)
+    assert not torch.equal(before["stage"], state()["stage"])
+
+
+def test_a_bad_tests_file_names_the_file_and_field(tmp_path):
+    path = tmp_path / "tests.csv"
+    path.write_text("DATE,TOTAL_TESTS\n03/03/2020,15\n03/04/2020,-4\n")
+    with pytest.raises(InputError, match=r"tests\.csv: field 'TOTAL_TESTS' is negative"):
+        covid.nyc.tests_by_day(path)
+    path.write_text("DAY,TOTAL_TESTS\n03/03/2020,15\n")
+    with pytest.raises(InputError, match=r"tests\.csv.*DATE"):
+        covid.nyc.tests_by_day(path)

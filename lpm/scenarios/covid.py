@@ -65,6 +65,15 @@ York's serosurvey (22.7 % of New York City residents with antibodies by late Apr
 al., Ann Epidemiol 2020: about 1.9 million infections against about 130,000 reported cases by
 mid-April, 7 % of all infections and 10 % of symptomatic ones).
 
+With ``tests_limit`` (off by default), reporting is also capped by the city's testing: of the ``D``
+detected onsets of a day, ``R = D K / (D + K)`` are reported, ``K = positivity_cap × people tested``
+that day (the health department's ``tests.csv``, shipped as ``populations/nyc/tests-by-day.csv``; no
+cap on days without counts). In spring 2020 tests were the limit: 0.62 and 0.61 cases per person tested
+in the weeks to 2020-03-28 and 04-04 (7-day means), 0.10 by 05-09. ``detected`` then means the share reported with ample
+tests. The seeding undoes the cap on the cases before the start (``R K / (K - R)``, from the tests
+before the start only, at most ``MAX_UNCAP`` times). A forecast reads the real test counts of its
+window: an input, like the intervention dates.
+
 **Seeding without look-ahead.** The state on the start date is estimated from the real cases reported in
 the 14 days *before* it, never from the start date or later (:func:`seed_estimate`): daily infections
 are back-projected as cases / detected / (1 - asymptomatic) at the report date minus the mean delay
@@ -140,6 +149,7 @@ QUIET_EFFECT = 0.1
 #: members; in a larger one only the pruning proxy (QUIET_EFFECT or 1) could come out wrong, which any
 #: positive value leaves unbiased
 PENDING = 1024.0
+MAX_UNCAP = 20.0  # with tests_limit, the most a day's reported cases are scaled up in the seeding
 CASES_SOURCE = "NYC DOHMH cases-by-day.csv, confirmed + probable, scaled to the population"
 LAYERS = ("household", "school", "work", "community")
 #: Relative transmissibility per contact of each layer: Covasim's default hybrid beta_layer (h 3.0,
@@ -423,6 +433,14 @@ class CovidConfig(ScenarioConfig):
         description="a case file in the format of the health department's cases-by-day.csv replacing the "
         "shipped one (seeding and the real series)",
     )
+    tests_limit: bool = Field(
+        default=False,
+        description="cap reported cases by the day's tests (tests-by-day.csv): reported = D K / (D + K), D "
+        "the detected onsets, K = positivity_cap x people tested citywide; off by default",
+    )
+    positivity_cap: float = _share(
+        "with tests_limit, the share of a day's people tested that can be cases", 1.0
+    )
     interventions: tuple[Intervention, ...] = Field(
         default=INTERVENTIONS, description="dated changes of contacts per layer (see INTERVENTIONS)"
     )
@@ -509,6 +527,21 @@ class CovidWorld:
         )
 
 
+def tests_before(c: CovidConfig, end: pd.Timestamp) -> pd.Series:
+    """People tested citywide per day before ``end`` (never on or after it)."""
+    del c  # one shipped file for now (populations/nyc/tests-by-day.csv)
+    tests = nyc.tests_by_day()
+    return tests[tests.index < end]
+
+
+def uncapped(reported: pd.Series, tests: pd.Series, cap: float) -> pd.Series:
+    """Per day, the factor ``K / (K - R)`` that undoes the testing cap ``R = D K / (D + K)`` on the
+    reported cases ``R`` (``K = cap × tests``); 1 on days without test counts, at most ``MAX_UNCAP``."""
+    k = cap * tests.reindex(reported.index).fillna(0.0)
+    room = (k - reported).clip(lower=k / MAX_UNCAP)
+    return (k / room).where(k > 0, 1.0)
+
+
 def seed_estimate(
     c: CovidConfig, params: Mapping[str, torch.Tensor], before: pd.DataFrame, boroughs: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -528,6 +561,8 @@ def seed_estimate(
     days = pd.date_range(FIRST_DATA, start - pd.Timedelta(days=1))
     wide = before.pivot_table(index="date", columns="borough", values="cases", aggfunc="sum", observed=False)
     wide = wide.reindex(index=days, columns=boroughs).fillna(0.0)
+    if c.tests_limit:  # the cases ample testing would have found: R K / (K - R), from tests before the start
+        wide = wide.mul(uncapped(wide.sum(axis=1), tests_before(c, start), c.positivity_cap), axis=0)
     city = wide.sum(axis=1).to_numpy()
     if city[-SEED_WINDOW:].sum() <= 0:
         raise InputError(
@@ -629,6 +664,11 @@ class CovidScenario(Scenario):
     )
 
     config: CovidConfig
+
+    @functools.cached_property
+    def _tests(self) -> pd.Series:
+        """People tested citywide per day (with ``tests_limit``)."""
+        return nyc.tests_by_day()
 
     # -- one run ------------------------------------------------------------------------------------
     def setup(self, pop: Population, device: torch.device) -> CovidWorld:
@@ -885,6 +925,11 @@ class CovidScenario(Scenario):
         onsets = torch.cat([state["onsets"][1:], onsets_today[None]])
         delay = w.delay.to(onsets.dtype).flip(0)
         reported = detection(c, params, self.date(t)).to(onsets.dtype) * (delay[:, None] * onsets).sum(0)
+        if c.tests_limit:  # no more cases than the day's tests can find: D K / (D + K)
+            tests = self._tests.get(self.date(t))
+            if tests is not None and tests > 0:
+                k = c.positivity_cap * float(tests) * w.scale
+                reported = reported * (k / (reported.sum() + k))
         # 5. records
         records = {
             "infections": infections,
