@@ -603,7 +603,9 @@ class PrunedSampler(HardSampler):
     the gradient. Every infection draw that came out 0 is a candidate; :func:`prune` keeps one alternative
     per household, chosen in proportion to a magnitude proxy and reweighted so that the expectation holds.
     What an alternative changes outside its household (its infectiousness in schools, workplaces and the
-    community) enters the other agents' infection probabilities linearly, through its weight. Unbiased for
+    community) enters the other households' infection probabilities linearly, through its weight, and
+    its own members' in the alternative's run (a housemate infected that way is one where the
+    alternative's member is infected too). Unbiased for
     the model's own randomness; the decisions' straight-through gradient and truncated backpropagation are
     what remain approximate."""
 

@@ -229,3 +229,32 @@ def test_a_bad_tests_file_names_the_file_and_field(tmp_path):
     path.write_text("DAY,TOTAL_TESTS\n03/03/2020,15\n")
     with pytest.raises(InputError, match=r"tests\.csv.*DATE"):
         covid.nyc.tests_by_day(path)
+
+
+def test_own_outside_is_the_housemates_share_of_outside_pressure(pop):
+    """CovidScenario._own_outside, per household, equals the school, work and community pressure its
+    members meet from their own housemates' infectiousness alone (computed the long way: the
+    scenario's own community mixing over the cells, one household at a time)."""
+    sim = Simulation(CovidScenario({"start": "2020-03-16"}), pop, HeuristicPolicy(), seed=3)
+    scenario, w = sim.scenario, sim.world
+    gen = torch.Generator().manual_seed(0)
+    place_weight = torch.rand(len(w.place_school), generator=gen) + 0.5
+    place_weight[0] = 0.0
+    household = w.household.long()
+    chosen = torch.unique(household[torch.randint(len(household), (40,), generator=gen)])
+    d = torch.where(torch.isin(household, chosen), torch.rand(len(household), generator=gen) - 0.3, 0.0)
+    d[d.abs() < 0.2] = 0.0  # some members send nothing
+    own = scenario._own_outside(w, place_weight, 0.7, d)
+    expected = torch.zeros_like(d)
+    for h in chosen.tolist():
+        members = torch.nonzero(household == h).view(-1)
+        mine = torch.where(household == h, d, 0.0)
+        places = torch.zeros(len(place_weight)).index_add(0, w.place.long(), mine)
+        cells = torch.zeros(w.nc).index_add(0, w.cell.long(), mine)
+        community = scenario.community(w, cells)
+        place = w.place.long()[members]
+        expected[members] = (
+            place_weight[place] * (places[place] - d[members]) + 0.7 * community[w.cell.long()[members]]
+        )
+    torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-9)
+    assert (own[~torch.isin(household, chosen)] == 0).all() and own.abs().sum() > 0

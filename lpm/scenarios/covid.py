@@ -751,6 +751,7 @@ class CovidScenario(Scenario):
         sampler: Sampler,
         home_x: torch.Tensor | None = None,
         alt_home_x: torch.Tensor | None = None,
+        alt_share: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
 
@@ -760,8 +761,13 @@ class CovidScenario(Scenario):
         (differentiable mode) it runs out of place, as autograd needs. home_x: the infectiousness the
         household layer reads, if not ``x`` (the same values; :meth:`_household_paths` passes them
         without the senders' gradient). alt_home_x: (N,) the infectiousness of each household's
-        alternative (:meth:`_alternatives`); then also returns each agent's probability in its household's
-        alternative (no gradient): the same outside pressure, the alternative's household pressure.
+        alternative (:meth:`_alternatives`), and alt_share (N,) the weight of each agent's household's
+        alternative; then also returns each agent's probability in its household's alternative (no
+        gradient): the run's outside pressure plus what the alternative's own differences add to it in the
+        places and the community its members share (:meth:`_own_outside`), and the alternative's household
+        pressure. That addition belongs to the alternative's run, so the run's probability ``p`` leaves
+        its gradient out (``- alt_share × own``, zero in value): a housemate's infection caused by it is
+        one where the alternative's member is infected too, not one relative to the run.
         """
         c = self.config
         who, x = infectious
@@ -794,11 +800,19 @@ class CovidScenario(Scenario):
             lam = beta_agent * (keep_h * home + keep_o * outside)
             if alt_home_x is None:
                 return -torch.expm1(-lam)
+            if alt_share is None:
+                raise ValueError("alt_home_x needs alt_share")
+            with torch.no_grad():
+                base_x = x if home_x is None else home_x
+                own = self._own_outside(
+                    w, place_weight, community_weight, (alt_home_x - base_x) * keep_o.detach()
+                )
+            lam = beta_agent * (keep_h * home + keep_o * (outside - alt_share * own))
             with torch.no_grad():
                 x_alt = alt_home_x * keep_h
                 house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, w.household, x_alt)
                 home_alt = home_weight * (house_alt.index_select(0, w.household) - x_alt)
-                lam_alt = beta_agent * (keep_h * home_alt + keep_o * outside)
+                lam_alt = beta_agent * (keep_h * home_alt + keep_o * (outside + own))
             return -torch.expm1(-lam), -torch.expm1(-lam_alt)
         home = torch.index_select(house, 0, w.household, out=sampler.work("covid.home", dtype))
         outside = torch.index_select(
@@ -812,6 +826,57 @@ class CovidScenario(Scenario):
         outside.mul_(_keep(isolating, c.isolation_effect, dtype, out=factor))
         lam = home.add_(outside).mul_(torch.index_select(beta, 0, w.cell, out=factor))
         return lam.neg_().expm1_().neg_()
+
+    def _own_outside(
+        self,
+        w: CovidWorld,
+        place_weight: torch.Tensor,
+        community_weight: torch.Tensor | float,
+        d: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N,) the outside pressure each agent meets from its own housemates' ``d`` (N,): their
+        infectiousness in the household's alternative less the run's, after isolation; zero for most
+        agents. In the places they share (less the agent's own) and in the community of their ZIP area
+        (housemates live in one), with the weights of :meth:`infection`. O(agents of the households
+        whose alternative differs in infectiousness)."""
+        c = self.config
+        out = torch.zeros_like(d)
+        senders = torch.nonzero(d).view(-1)
+        if len(senders) == 0:
+            return out
+        household = w.household64
+        hs = household.index_select(0, senders)
+        flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
+        flag[hs] = True
+        members = torch.nonzero(flag.index_select(0, household)).view(-1)
+        hm = household.index_select(0, members)
+        ds = d.index_select(0, senders)
+        bands = w.contacts_t.shape[0]
+        # community: per household and age band, d × its weight in the prevalence of its ZIP area
+        share_city = 1.0 - c.share_zip - c.share_borough
+        mix = (
+            c.share_zip * w.inv_zip
+            + c.share_borough * w.inv_borough.index_select(0, w.zip_borough)
+            + share_city * w.inv_city
+        ).view(-1)  # (Z * bands,): indexed by cell
+        cell_s = w.cell.index_select(0, senders).long()
+        per = torch.zeros(w.nh * bands, dtype=d.dtype, device=d.device)
+        per = per.index_add(0, hs * bands + cell_s % bands, ds * mix.index_select(0, cell_s).to(d.dtype))
+        band_m = w.cell.index_select(0, members).long() % bands
+        contacts = w.contacts_t.T.to(d.dtype).index_select(0, band_m)  # (M, bands): from each band to theirs
+        community = (per.view(w.nh, bands).index_select(0, hm) * contacts).sum(1)
+        # places: the housemates' d summed per (household, place), less the agent's own
+        places = len(w.place_school)
+        place_s, place_m = w.place.index_select(0, senders).long(), w.place.index_select(0, members).long()
+        keys, inverse = torch.unique(
+            torch.cat([hs * places + place_s, hm * places + place_m]), return_inverse=True
+        )
+        shared = torch.zeros(len(keys), dtype=d.dtype, device=d.device).index_add(
+            0, inverse[: len(senders)], ds
+        )
+        shared = shared.index_select(0, inverse[len(senders) :]) - d.index_select(0, members)
+        value = community_weight * community + place_weight.index_select(0, place_m).to(d.dtype) * shared
+        return out.index_copy_(0, members, value.to(d.dtype))
 
     def levels(self, params: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor | float]:
         """Each layer's share of normal contacts on day ``t`` (the latest intervention in force)."""
@@ -967,9 +1032,10 @@ class CovidScenario(Scenario):
         zero-valued weight, which carries the gradient; ``alt_rate``: its pruning proxy).
 
         The alternatives move on with the run's uniforms, each agent under its household's alternative
-        pressure and the run's outside pressure. What an alternative changes in schools, workplaces and the
-        community (its members' infectiousness less the run's, × its weight) enters every agent's
-        probability of infection. Each agent that stayed susceptible today is a candidate alternative
+        pressure and the run's outside pressure plus what its own differences add to the places and the
+        community its members share (:meth:`_own_outside`). What an alternative changes in schools,
+        workplaces and the community (its members' infectiousness less the run's, × its weight) enters
+        every other household's agents' probability of infection. Each agent that stayed susceptible today is a candidate alternative
         ("infected today", weight ``p' / (1 - p)``, proxy its hazard); :func:`~lpm.sampling.prune` keeps
         one per household; an alternative that has rejoined the run is dropped. Returns the next stages,
         the next alternatives, the infections and onsets (their values the run's, their gradients the
@@ -984,7 +1050,15 @@ class CovidScenario(Scenario):
         x_alt = infectious_stage.index_select(0, alt64) * relative
         share = weight.index_select(0, household)  # each agent's household alternative's weight
         p, p_alt = self.infection(
-            w, params, level, isolating, (None, x + share * (x_alt - x)), sampler, home_x=x, alt_home_x=x_alt
+            w,
+            params,
+            level,
+            isolating,
+            (None, x + share * (x_alt - x)),
+            sampler,
+            home_x=x,
+            alt_home_x=x_alt,
+            alt_share=share,
         )
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
