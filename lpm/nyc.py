@@ -256,6 +256,7 @@ def tests_by_day(path: Path | None = None) -> pd.Series:
     ).sort_index()
 
 
+@cache
 def cases_by_day(path: Path | None = None) -> pd.DataFrame:
     """Daily confirmed + probable cases per borough: date, borough (code), cases. Tidy (long) form.
 

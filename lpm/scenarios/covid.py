@@ -527,13 +527,6 @@ class CovidWorld:
         )
 
 
-def tests_before(c: CovidConfig, end: pd.Timestamp) -> pd.Series:
-    """People tested citywide per day before ``end`` (never on or after it)."""
-    del c  # one shipped file for now (populations/nyc/tests-by-day.csv)
-    tests = nyc.tests_by_day()
-    return tests[tests.index < end]
-
-
 def uncapped(reported: pd.Series, tests: pd.Series, cap: float) -> pd.Series:
     """Per day, the factor ``K / (K - R)`` that undoes the testing cap ``R = D K / (D + K)`` on the
     reported cases ``R`` (``K = cap × tests``); 1 on days without test counts, at most ``MAX_UNCAP``."""
@@ -562,7 +555,9 @@ def seed_estimate(
     wide = before.pivot_table(index="date", columns="borough", values="cases", aggfunc="sum", observed=False)
     wide = wide.reindex(index=days, columns=boroughs).fillna(0.0)
     if c.tests_limit:  # the cases ample testing would have found: R K / (K - R), from tests before the start
-        wide = wide.mul(uncapped(wide.sum(axis=1), tests_before(c, start), c.positivity_cap), axis=0)
+        tests = nyc.tests_by_day()
+        tests = tests[tests.index < start]
+        wide = wide.mul(uncapped(wide.sum(axis=1), tests, c.positivity_cap), axis=0)
     city = wide.sum(axis=1).to_numpy()
     if city[-SEED_WINDOW:].sum() <= 0:
         raise InputError(
@@ -664,11 +659,6 @@ class CovidScenario(Scenario):
     )
 
     config: CovidConfig
-
-    @functools.cached_property
-    def _tests(self) -> pd.Series:
-        """People tested citywide per day (with ``tests_limit``)."""
-        return nyc.tests_by_day()
 
     # -- one run ------------------------------------------------------------------------------------
     def setup(self, pop: Population, device: torch.device) -> CovidWorld:
@@ -797,9 +787,8 @@ class CovidScenario(Scenario):
             outside = (place_weight * places).index_select(0, w.place) - own_o
             outside = outside + community_weight * community.index_select(0, w.cell)
             beta_agent = beta.index_select(0, w.cell)
-            lam = beta_agent * (keep_h * home + keep_o * outside)
             if alt_home_x is None:
-                return -torch.expm1(-lam)
+                return -torch.expm1(-beta_agent * (keep_h * home + keep_o * outside))
             if alt_share is None:
                 raise ValueError("alt_home_x needs alt_share")
             with torch.no_grad():
@@ -991,7 +980,7 @@ class CovidScenario(Scenario):
         delay = w.delay.to(onsets.dtype).flip(0)
         reported = detection(c, params, self.date(t)).to(onsets.dtype) * (delay[:, None] * onsets).sum(0)
         if c.tests_limit:  # no more cases than the day's tests can find: D K / (D + K)
-            tests = self._tests.get(self.date(t))
+            tests = nyc.tests_by_day().get(self.date(t))  # read once per process (cached)
             if tests is not None and tests > 0:
                 k = c.positivity_cap * float(tests) * w.scale
                 reported = reported * (k / (reported.sum() + k))
