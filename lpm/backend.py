@@ -9,8 +9,11 @@ constraint that only lets the model write one of the actions, in the format of t
     are summed per action (:func:`lpm.logprobs.first_token_reading`). Their *coverage* (the mass on tokens
     that begin an action, before renormalisation) must reach ``min_coverage``. Where a first token begins
     several actions (``stay`` of "stay home" and "stay at work"), or with ``scoring="sequence"``, each whole
-    action is scored from the server's prompt log-probabilities instead (:func:`lpm.logprobs.action_logprobs`:
-    one request per action, the conversation ending in that action as the complete answer); the answer records which (``scoring``).
+    action is scored instead, the conversation ending in that action as the complete answer: on vLLM read
+    position by position from token ids (``/tokenize``, then ``/v1/completions`` with ``logprob_token_ids``,
+    :func:`lpm.logprobs.answer_tree`), which keeps the prefix cache; else from the server's prompt
+    log-probabilities (:func:`lpm.logprobs.action_logprobs`, one request per action); the answer records
+    which reading (``scoring``).
 ``sample``
     ``n`` samples at temperature 1 under the same constraint; the probability of an action is its share.
 
@@ -44,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import httpx
 import openai
 
 from lpm.decoding import Decoding
@@ -52,12 +56,19 @@ from lpm.logprobs import (
     BadAnswer,
     NoLogprobs,
     action_logprobs,
+    answer_tree,
     first_token_candidates,
     first_token_reading,
     match_action,
     normalise_logprobs,
+    token_logprobs,
+    tree_logprobs,
+    tree_nodes,
 )
 from lpm.server_kind import ServerKind, server_kind
+
+MAX_TOKEN_IDS = 128
+"""The most token ids one read of whole-action scoring asks for (vLLM's ``MAX_LOGPROB_TOKEN_IDS``)."""
 
 DEFAULT_DECODING = Decoding()
 """Mode ``auto``, 20 samples, 20 top log-probabilities, sampling temperature 1."""
@@ -258,6 +269,7 @@ class OpenAIBackend(Backend, _Retrying):
         self.backoff = backoff
         self.stats = BackendStats()
         self._state: _LoopState | None = None
+        self._prompt_logprobs_only = False  # set when the server cannot read token ids (an older vLLM)
 
     def identity(self) -> dict[str, Any]:
         return {"backend": "openai", "model": self.model, "server": self.server.name, "weights": self.weights}
@@ -362,10 +374,11 @@ class OpenAIBackend(Backend, _Retrying):
         kind = "" if isinstance(last, BadAnswer) else f"{type(last).__name__}: "
         raise LLMError(f"{self.base_url}: {kind}{_short(str(last))} (after {self.retries + 1} attempts)")
 
-    async def _create(self, **kwargs: Any) -> dict[str, Any]:
-        """The JSON answer to one chat request, from the first replica (in :meth:`_LoopState.pick`'s order)
-        that answers it; a failure another server may not share sends it to the next replica, and the last
-        such failure is raised when every replica failed it."""
+    async def _create(self, endpoint: str = "chat", **kwargs: Any) -> dict[str, Any]:
+        """The JSON answer to one request (``endpoint``: ``chat``, ``completions`` or ``tokenize``; see
+        :meth:`_send`), from the first replica (in :meth:`_LoopState.pick`'s order) that answers it; a
+        failure another server may not share sends it to the next replica, and the last such failure is
+        raised when every replica failed it."""
         state = self._loop_state()
         tried: list[_Replica] = []
         failure: BaseException | None = None
@@ -380,14 +393,20 @@ class OpenAIBackend(Backend, _Retrying):
                     self.stats.failovers += 1
                 tried.append(replica)
                 try:
-                    raw = await self._send(state, replica, kwargs)
+                    raw = await self._send(state, replica, kwargs, endpoint)
                     break
                 except openai.APIStatusError as exc:
+                    if endpoint != "chat" and (
+                        exc.status_code in (400, 404, 405, 422, 501) or not _is_json(exc.response)
+                    ):  # not a route of this server: whole-action scoring reads prompt log-probabilities
+                        raise NoTokenLogprobs(
+                            f"HTTP {exc.status_code} from {_path(replica.url, endpoint)}"
+                        ) from None
                     if not _is_json(exc.response):  # a plain web server, or a wrong path
                         from lpm.server import not_openai_compatible
 
                         raise not_openai_compatible(
-                            replica.url, f"POST {replica.url}/chat/completions", exc.response
+                            replica.url, f"POST {_path(replica.url, endpoint)}", exc.response
                         ) from None
                     if exc.status_code < 500 and exc.status_code not in (408, 409, 429):
                         raise  # the request itself is refused: another replica would refuse it too
@@ -399,10 +418,12 @@ class OpenAIBackend(Backend, _Retrying):
                         raise
                     failure = failure or exc  # a replica's own failure is retried; a stall is not
         if not _is_json(raw.http_response):
+            if endpoint != "chat":
+                raise NoTokenLogprobs(f"{_path(replica.url, endpoint)} answered with no JSON")
             from lpm.server import not_openai_compatible
 
             raise not_openai_compatible(
-                replica.url, f"POST {replica.url}/chat/completions", raw.http_response
+                replica.url, f"POST {_path(replica.url, endpoint)}", raw.http_response
             )
         try:  # the JSON as sent: llama.cpp's own fields survive, whatever the openai client's models say
             data = json.loads(raw.text)
@@ -412,18 +433,29 @@ class OpenAIBackend(Backend, _Retrying):
             raise BadAnswer(f"the response is not a JSON object: {_short(str(data))}")
         return data
 
-    async def _send(self, state: _LoopState, replica: _Replica, kwargs: dict[str, Any]) -> Any:
-        """Send one chat request to ``replica`` and return its raw response (within ``timeout``)."""
+    async def _send(
+        self, state: _LoopState, replica: _Replica, kwargs: dict[str, Any], endpoint: str = "chat"
+    ) -> Any:
+        """Send one request to ``replica`` and return its raw response (within ``timeout``): a chat
+        completion (``chat``), a completion of token ids (``completions``) or vLLM's ``POST /tokenize`` of
+        a conversation (``tokenize``, beside the URL's ``/v1``)."""
         self.stats.requests += 1
         name = redact_url(replica.url) or replica.url
         self.stats.replicas[name] = self.stats.replicas.get(name, 0) + 1
         replica.in_flight += 1
-        try:
-            return await self._in_time(
-                state,
-                replica,
-                replica.client.chat.completions.with_raw_response.create(model=self.model, **kwargs),
+        client = replica.client
+        if endpoint == "chat":
+            request = client.chat.completions.with_raw_response.create(model=self.model, **kwargs)
+        elif endpoint == "completions":
+            request = client.completions.with_raw_response.create(model=self.model, **kwargs)
+        else:
+            request = _raw_post(
+                client.post(
+                    _path(replica.url, endpoint), cast_to=httpx.Response, body={"model": self.model, **kwargs}
+                )
             )
+        try:
+            return await self._in_time(state, replica, request)
         finally:
             replica.in_flight -= 1
 
@@ -501,8 +533,14 @@ class OpenAIBackend(Backend, _Retrying):
     async def _whole(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
     ) -> Answer:
-        """Each whole action's probability as the complete answer (normalised over the actions): one request
-        per action, the conversation ending in that answer, read from the prompt log-probabilities."""
+        """Each whole action's probability as the complete answer (normalised over the actions), the
+        conversation ending in that answer: read one position at a time where the server can
+        (:meth:`_whole_by_tokens`), else from the prompt log-probabilities, one request per action."""
+        if self.server.token_logprobs and not self._prompt_logprobs_only:
+            try:
+                return await self._whole_by_tokens(messages, actions, decoding)
+            except NoTokenLogprobs:  # an older vLLM: the prompt log-probabilities give the same numbers
+                self._prompt_logprobs_only = True
         if not self.server.prompt_logprobs:
             raise LLMError(
                 f"scoring whole actions ({', '.join(actions)}) needs prompt log-probabilities, which "
@@ -530,6 +568,70 @@ class OpenAIBackend(Backend, _Retrying):
         used = sum(_usage(reply)[0] for reply in replies)
         return Answer(probs, "logprobs", best, used, 0, scoring="sequence")
 
+    async def _whole_by_tokens(
+        self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
+    ) -> Answer:
+        """Whole-action scoring that keeps the server's prefix cache: the same numbers as the prompt
+        log-probabilities (``log P(action's tokens, end of turn, … | prompt)``), read position by position.
+
+        The server tokenizes each action's complete conversation (``POST /tokenize``, no model call);
+        after the tokens they all share (:func:`~lpm.logprobs.answer_tree`), each position of an action's
+        rest is a prefix whose next-token log-probabilities one completion of token ids returns for the
+        tokens that follow it (``logprob_token_ids``, the model's full-vocabulary values, no constraint).
+        The shared prefix is asked first and alone, so that the other positions, asked together in one
+        request, find it in the prefix cache. NoTokenLogprobs where the server has no such request."""
+        replies = await asyncio.gather(
+            *(
+                self._create(
+                    "tokenize",
+                    messages=[*messages, {"role": "assistant", "content": action}],
+                    add_generation_prompt=False,
+                    continue_final_message=False,
+                )
+                for action in actions
+            )
+        )
+        conversations = []
+        for reply in replies:
+            tokens = reply.get("tokens")
+            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+                raise NoTokenLogprobs("the server's /tokenize gave no token ids")
+            conversations.append(tokens)
+        shared, rests = answer_tree(conversations)
+        nodes = tree_nodes(rests)
+        wanted = sorted({t for follow in nodes.values() for t in follow})
+        if len(wanted) > MAX_TOKEN_IDS:
+            raise NoTokenLogprobs(f"{len(wanted)} token ids to read, more than {MAX_TOKEN_IDS}")
+        ask = {
+            **decoding.sequence_request(),
+            "logprobs": 1,
+            "extra_body": {"logprob_token_ids": wanted, "return_tokens_as_token_ids": True},
+        }
+        prefixes = list(nodes)
+        first = await self._create("completions", prompt=shared + list(prefixes[0]), **ask)
+        answers = [first]
+        if len(prefixes) > 1:
+            answers.append(
+                await self._create("completions", prompt=[shared + list(p) for p in prefixes[1:]], **ask)
+            )
+        read: dict[tuple[int, ...], dict[int, float]] = {}
+        for answer, asked in zip(answers, [prefixes[:1], prefixes[1:]], strict=False):
+            choices = _choices(answer)
+            if len(choices) != len(asked):
+                raise BadAnswer(f"{len(choices)} completion choices for {len(asked)} prompts")
+            for choice in choices:
+                index = choice.get("index") if isinstance(choice, dict) else None
+                if not isinstance(index, int) or not 0 <= index < len(asked):
+                    raise BadAnswer(f"a completion choice has no valid index: {_short(str(choice))}")
+                got = token_logprobs(choice, nodes[asked[index]])
+                if got is None:
+                    raise NoTokenLogprobs("the server returned no log-probabilities for the asked token ids")
+                read[asked[index]] = got
+        probs = normalise_logprobs(tree_logprobs(rests, read))
+        best = actions[max(range(len(actions)), key=probs.__getitem__)]
+        used = sum(_usage(answer)[0] for answer in answers)
+        return Answer(probs, "logprobs", best, used, 0, scoring="sequence")
+
     async def _sample(
         self, messages: list[dict[str, str]], actions: Sequence[str], decoding: Decoding
     ) -> Answer:
@@ -555,6 +657,24 @@ class OpenAIBackend(Backend, _Retrying):
         return Answer(
             [c / n for c in counts], "sample", answers, prompt_tokens, completion_tokens, scoring="samples"
         )
+
+
+class NoTokenLogprobs(Exception):
+    """The server cannot read given tokens' log-probabilities position by position (no ``/tokenize`` or no
+    ``logprob_token_ids``): whole-action scoring reads the prompt log-probabilities instead."""
+
+
+@dataclass
+class _Raw:
+    """A plain POST's response (an ``httpx.Response``) in the shape of the openai client's raw responses."""
+
+    http_response: Any
+    text: str
+
+
+async def _raw_post(request: Any) -> _Raw:
+    response = await request
+    return _Raw(response, response.text)
 
 
 class NoPromptLogprobs(NoLogprobs):
@@ -845,6 +965,14 @@ async def _in_own_thread(work: Any) -> None:
 
     threading.Thread(target=run, name="lpm-server-start", daemon=True).start()
     await done
+
+
+def _path(url: str, endpoint: str) -> str:
+    """Where ``endpoint`` is sent for the server at ``url`` (its ``/v1`` base): ``tokenize`` beside it."""
+    if endpoint == "tokenize":
+        base = url.rstrip("/")
+        return (base[: -len("/v1")] if base.endswith("/v1") else base) + "/tokenize"
+    return f"{url}/{'chat/completions' if endpoint == 'chat' else 'completions'}"
 
 
 def _is_json(response: Any) -> bool:

@@ -14,8 +14,10 @@ Two readings, recorded as the answer's *scoring*:
     which action the model prefers, and lpm never splits that mass by a rule; the backend scores each
     whole action instead.
 ``sequence``
-    The log-probability of each whole action as the assistant's complete answer, read from the server's
-    prompt log-probabilities (:func:`action_logprobs`), normalised over the actions (:func:`normalise_logprobs`).
+    The log-probability of each whole action as the assistant's complete answer, normalised over the
+    actions (:func:`normalise_logprobs`): read position by position from token ids where the server can
+    (:func:`answer_tree`, :func:`tree_nodes`, :func:`token_logprobs`, :func:`tree_logprobs`), else from its
+    prompt log-probabilities (:func:`action_logprobs`); the same numbers.
 
 :func:`match_action` checks that an answer text is an action. A response without log-probabilities raises
 :class:`NoLogprobs`; one that cannot be read as a choice raises :class:`BadAnswer` (the backends retry it).
@@ -172,6 +174,63 @@ def action_logprobs(replies: Sequence[Any]) -> list[float]:
     if any(len(t) == shared for t in tokens):
         raise BadAnswer("two actions gave the same conversation")
     return [sum(lp for _, lp in t[shared:]) for t in tokens]
+
+
+def answer_tree(conversations: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The token tree of the actions' complete conversations (one per action, each ending in its action as
+    the whole assistant message, end-of-turn included; token ids as the server tokenized them): the tokens
+    they all share, and each one's rest after them. The rests are what whole-action scoring sums; the
+    shared tokens add the same to every action and cancel when normalised."""
+    if len(conversations) < 2:
+        raise BadAnswer("whole-action scoring needs two actions or more")
+    shared = 0
+    while all(len(c) > shared for c in conversations) and len({c[shared] for c in conversations}) == 1:
+        shared += 1
+    rests = [tuple(int(t) for t in c[shared:]) for c in conversations]
+    if any(not r for r in rests):
+        raise BadAnswer("two actions gave the same conversation")
+    return list(conversations[0][:shared]), rests
+
+
+def tree_nodes(rests: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], list[int]]:
+    """Every proper prefix of the rests (the empty one first, then by length) -> the tokens that follow it
+    in some rest: the positions whose next-token log-probabilities whole-action scoring reads."""
+    nodes: dict[tuple[int, ...], set[int]] = {}
+    for rest in rests:
+        for k in range(len(rest)):
+            nodes.setdefault(rest[:k], set()).add(rest[k])
+    return {node: sorted(nodes[node]) for node in sorted(nodes, key=len)}
+
+
+def token_logprobs(choice: Any, wanted: Sequence[int]) -> dict[int, float] | None:
+    """The log-probability of each ``wanted`` token id at the first generated position of a completion
+    choice asked with ``logprob_token_ids`` and ``return_tokens_as_token_ids`` (keys ``token_id:N``); None
+    when any of them is missing (a server that ignores ``logprob_token_ids``). BadAnswer for a malformed
+    entry or a log-probability above 0."""
+    if not isinstance(choice, dict):
+        raise BadAnswer(f"a completion choice is not an object: {str(choice)[:200]}")
+    logprobs = choice.get("logprobs")
+    top = logprobs.get("top_logprobs") if isinstance(logprobs, dict) else None
+    if not isinstance(top, list) or not top or not isinstance(top[0], dict):
+        return None
+    out: dict[int, float] = {}
+    for key, value in top[0].items():
+        if not (isinstance(key, str) and key.startswith("token_id:")):
+            continue
+        try:
+            token, lp = int(key[len("token_id:") :]), float(value)
+        except (TypeError, ValueError):
+            raise BadAnswer(f"a token log-probability is not a number: {key}: {str(value)[:100]}") from None
+        if not lp <= 1e-6:  # NaN included
+            raise BadAnswer(f"a log-probability is not in [-inf, 0]: {key}: {lp!r}")
+        out[token] = lp
+    return out if all(t in out for t in wanted) else None
+
+
+def tree_logprobs(rests: Sequence[tuple[int, ...]], read: Any) -> list[float]:
+    """Each rest's log-probability, the sum over its tokens of ``read[prefix][token]`` (the next-token
+    log-probability of ``token`` after the shared tokens and ``prefix``)."""
+    return [sum(read[rest[:k]][rest[k]] for k in range(len(rest))) for rest in rests]
 
 
 def normalise_logprobs(logprobs: Sequence[float]) -> list[float]:

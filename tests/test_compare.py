@@ -73,8 +73,9 @@ def test_compare_heuristic_and_llm_with_paired_seeds(tmp_path, monkeypatch):
     assert (
         runs[("heuristic", 0)]["llm_queries"] == 0 and runs[("llm", 0)]["llm_queries"] == 200
     )  # 2 weekly steps
-    # the table counts the prompts that reached the server; whole-action scoring sends one request per action
-    assert 2 * sum(r["llm_queries"] for r in result["runs"]) == sent
+    # the table counts the prompts that reached the server; whole-action scoring sends four HTTP requests
+    # for each (a tokenization per action, two completions)
+    assert 4 * sum(r["llm_queries"] for r in result["runs"]) == sent
     # paired: the same seed gives the same population and random numbers, whatever the policy
     heuristic = pd.read_parquet(tmp_path / "c" / "heuristic-seed0" / "trajectory.parquet")
     again = compare(

@@ -281,7 +281,7 @@ def test_cli_decide_json_then_replay_without_server(small_pop, tmp_path):
     with FakeServer() as server:
         res = lpm_cli(*args, "--llm-url", server.url, "--llm-model", server.model, env=env)
         assert res.returncode == 0, res.stderr
-        assert server.requests == 200  # the default, whole-action scoring: one request per action
+        assert server.requests == 400  # the default, whole-action scoring: 2 tokenizations + 2 completions
     rows = json.loads(res.stdout)
     assert len(rows) == 100 and not any(r["cached"] for r in rows)
     assert all(abs(r["p_isolate"] + r["p_go out"] - 1) < 1e-6 for r in rows)
@@ -377,4 +377,4 @@ def test_cli_decide_table_and_bad_context(small_pop, tmp_path):
             "ollama",
         )
         assert res.returncode == 2 and "--server must be one of vllm, llamacpp, got 'ollama'" in res.stderr
-        assert server.requests == 200  # nothing sent for the refused calls
+        assert server.requests == 400  # nothing sent for the refused calls

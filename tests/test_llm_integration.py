@@ -9,7 +9,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.backend import LangChainBackend, OpenAIBackend
 from lpm.cache import ResponseCache
 from lpm.decision import Decider
-from lpm.server import metrics
+from lpm.server import metrics, token_counters
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +130,9 @@ def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
     """vLLM takes its top log-probabilities after the choice constraint: the first token's mass on action
     tokens is ~1 (measured >= 0.9999). Actions sharing their first token ("stay home", "stay at work") are
     scored whole, not split by a rule as lpm used to (here the model happens to weigh them almost equally:
-    log-probabilities -6.656 and -6.660 after "stay", measured)."""
+    log-probabilities -6.656 and -6.660 after "stay", measured). Read one position at a time with token ids
+    (the default) or from the prompt log-probabilities, alone on the server, the numbers are the same to
+    the last bit (measured: P(stay home) 0.4060650701793445 both ways, three times)."""
     import asyncio
 
     from lpm.decoding import Decoding
@@ -178,6 +180,21 @@ def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
         shared_len += 1
     diff = sum(totals[1][shared_len:]) - sum(totals[0][shared_len:])
     assert shared.probs[0] == pytest.approx(1 / (1 + math.exp(diff)), abs=1e-6)
-    whole = asyncio.run(ask(["stay home", "stay at work"]))  # the default scoring: the same reading
+    # the default scoring: the same reading, position by position (token ids)
+    whole = asyncio.run(ask(["stay home", "stay at work"]))
     assert whole.scoring == "sequence" and whole.coverage is None
     assert whole.probs == shared.probs
+    # the shared prefix is read first and alone, so each of the 5 later positions (" home" and its end of
+    # turn, " at", " work" and its end of turn) finds its whole blocks in the prefix cache; the cache
+    # keeps whole blocks only (128 tokens in the CPU build), so this prompt is made longer than two
+    block = next(
+        int(key.split('block_size="')[1].split('"')[0])
+        for key in metrics(vllm_server.url)["samples"]
+        if key.startswith("vllm:cache_config_info") and 'block_size="' in key
+    )
+    messages[0]["content"] = " ".join([messages[0]["content"]] * (2 * block // 10))
+    before = token_counters(vllm_server.url)
+    long = asyncio.run(ask(["stay home", "stay at work"]))
+    after = token_counters(vllm_server.url)
+    assert long.scoring == "sequence" and long.prompt_tokens > 6 * 2 * block
+    assert after["prefix_cache_hits"] - before["prefix_cache_hits"] >= 5 * 2 * block

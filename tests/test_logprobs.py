@@ -140,3 +140,44 @@ def test_match_action_ignores_quotes_and_whitespace_only():
     for text in ("Isolate", "go", None, "isolate go out"):
         with pytest.raises(BadAnswer, match="is not one of"):
             match_action(text, ACTIONS)
+
+
+def test_whole_action_tree_reads_each_position_once():
+    """Two conversations share the prompt and "stay"; each rest is read position by position, every
+    position asked once for all the tokens that follow it, and summed per action."""
+    from lpm.logprobs import answer_tree, tree_logprobs, tree_nodes
+
+    prompt, stay, home, at, work, end = [1, 2, 3], 10, 11, 12, 13, 2
+    shared, rests = answer_tree([[*prompt, stay, home, end], [*prompt, stay, at, work, end]])
+    assert shared == [*prompt, stay] and rests == [(home, end), (at, work, end)]
+    nodes = tree_nodes(rests)
+    assert nodes == {(): [home, at], (home,): [end], (at,): [work], (at, work): [end]}
+    read = {(): {home: -1.0, at: -2.0}, (home,): {end: -0.5}, (at,): {work: -0.1}, (at, work): {end: -0.2}}
+    assert tree_logprobs(rests, read) == [-1.5, pytest.approx(-2.3)]
+    with pytest.raises(BadAnswer, match="same conversation"):
+        answer_tree([[1, 2, 3], [1, 2, 3]])
+    with pytest.raises(BadAnswer, match="two actions"):
+        answer_tree([[1, 2, 3]])
+    # a prefix of another action ("go", "go out"): the end of turn after "go" is its own position
+    shared, rests = answer_tree([[1, 5, end], [1, 5, 6, end]])
+    assert rests == [(end,), (6, end)] and tree_nodes(rests) == {(): [end, 6], (6,): [end]}
+
+
+def test_token_logprobs_reads_the_asked_ids():
+    from lpm.logprobs import token_logprobs
+
+    choice = {
+        "index": 0,
+        "logprobs": {"top_logprobs": [{"token_id:5": -1.25, "token_id:7": -3.0, "x": -0.1}]},
+    }
+    assert token_logprobs(choice, [5, 7]) == {5: -1.25, 7: -3.0}
+    assert token_logprobs(choice, [5, 9]) is None  # a server that ignored logprob_token_ids
+    assert token_logprobs({"index": 0, "logprobs": None}, [5]) is None
+    with pytest.raises(BadAnswer, match="not in"):
+        token_logprobs({"logprobs": {"top_logprobs": [{"token_id:5": 0.5}]}}, [5])
+    with pytest.raises(BadAnswer, match="not in"):
+        token_logprobs({"logprobs": {"top_logprobs": [{"token_id:5": float("nan")}]}}, [5])
+    with pytest.raises(BadAnswer, match="not a number"):
+        token_logprobs({"logprobs": {"top_logprobs": [{"token_id:5": "low"}]}}, [5])
+    with pytest.raises(BadAnswer, match="not an object"):
+        token_logprobs(None, [5])

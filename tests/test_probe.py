@@ -182,8 +182,8 @@ def test_cli_writes_three_files_and_refuses_a_full_folder(tmp_path, capsys):
         assert len(table) == 2 * (2 + 2 + 1 + 2 + 2 + 5)
         summary = json.loads((out / "probe.json").read_text())
         assert summary["base"]["borough"] == "Bronx" and summary["model"] == server.model
-        # the default, whole-action scoring: one HTTP request per action for each prompt asked
-        assert 2 * summary["requests"] == server.requests and "informative" in summary
+        # the default, whole-action scoring: a tokenization per action and two completions per prompt
+        assert 4 * summary["requests"] == server.requests and "informative" in summary
         sent = server.requests
         code = main([*args, "--llm-url", server.url])  # the folder is not empty now
         err = capsys.readouterr().err

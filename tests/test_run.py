@@ -242,7 +242,8 @@ def test_the_servers_own_figures_reach_the_summary_and_report(tmp_path, monkeypa
         )
         sent = server.requests - 7
     figures = out.summary["llm"]["server_figures"]
-    assert sent == 2 * out.summary["llm_queries"] > 0  # whole-action scoring: a request per action
+    # whole-action scoring: a tokenization per action (2) and two completions per prompt
+    assert sent == 4 * out.summary["llm_queries"] > 0
     assert out.summary["llm"]["requests"] == sent and out.summary["llm"]["retries"] == 0
     assert figures["prompt_tokens"] == 50 * sent and figures["generation_tokens"] == 3 * sent
     assert figures["prefix_cache_hit_rate"] == 0.8
@@ -271,7 +272,7 @@ def test_failed_model_calls_stop_the_run_or_fall_back_counted(tmp_path, monkeypa
     monkeypatch.setenv("LPM_CACHE_DIR", str(tmp_path / "cache"))
 
     def script(body, index):  # every request about the Bronx fails
-        return "error500" if any("Bronx" in m["content"] for m in body["messages"]) else "good"
+        return "error500" if any("Bronx" in m["content"] for m in body.get("messages", [])) else "good"
 
     with FakeServer(script) as server:
         base = dict(
