@@ -11,7 +11,7 @@ line is all figures as one JSON object.
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
         [--start 2020-04-01] [--estimators pruned households expected bernoulli mean-field]
         [--parameters beta ...] [--policy fixed|heuristic] [--replay] [--literature]
-        [--rel-step 0.05] [--offset-step 0.2]
+        [--rel-step 0.05] [--offset-step 0.2 [0.4 ...]]
 """
 
 from __future__ import annotations
@@ -67,7 +67,12 @@ def main() -> None:
         "--rel-step", type=float, default=0.05, help="finite-difference step, relative (default 0.05)"
     )
     ap.add_argument(
-        "--offset-step", type=float, default=0.2, help="finite-difference step of an offset (default 0.2)"
+        "--offset-step",
+        type=float,
+        nargs="+",
+        default=[0.2],
+        help="finite-difference step(s) of an offset; several: their central differences averaged per seed "
+        "(default 0.2)",
     )
     args = ap.parse_args()
     pop = Population.synthesize("nyc", agents=args.agents, seed=0)

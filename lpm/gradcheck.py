@@ -100,7 +100,7 @@ def check(
     seeds: Sequence[int],
     estimator: str = DEFAULT_ESTIMATOR,
     rel_step: float = 0.05,
-    offset_step: float = 0.2,
+    offset_step: float | Sequence[float] = 0.2,
     decision: str | None = None,
     action: int = 0,
     period: int = 7,
@@ -110,7 +110,10 @@ def check(
     ``"offsets"`` for a common shift of ``action``'s alignment offsets of ``decision``).
 
     make_scenario: config overrides -> scenario. Finite differences: central, step ``rel_step`` × the
-    parameter's value (``offset_step`` for offsets), inference mode, the same seeds. ``replay``: the
+    parameter's value (``offset_step`` for offsets: one step, or several whose central differences are
+    averaged per seed: each step moves the decisions of the agents whose draw lies within it, a finite
+    sample whose noise a single small step does not average out), inference mode, the same seeds.
+    ``replay``: the
     finite differences replay the decisions of the base inference run of each seed (:class:`ReplayPolicy`),
     so that they hold the decisions fixed as the gradient does; without it they keep the policy's
     reaction to the perturbed series.
@@ -131,9 +134,12 @@ def check(
 
         if p == "offsets":
             probe = Simulation(base, pop, policy, seed=seed)
-            plus = totals(base, _offset_shift(probe, decision, action, offset_step))
-            minus = totals(base, _offset_shift(probe, decision, action, -offset_step))
-            return (plus - minus) / (2 * offset_step)
+            differences = []
+            for h in [offset_step] if isinstance(offset_step, (int, float)) else offset_step:
+                plus = totals(base, _offset_shift(probe, decision, action, h))
+                minus = totals(base, _offset_shift(probe, decision, action, -h))
+                differences.append((plus - minus) / (2 * h))
+            return np.mean(differences, axis=0)
         value = float(getattr(base.config, p))
         h = rel_step * value
         return (totals(make_scenario({p: value + h})) - totals(make_scenario({p: value - h}))) / (2 * h)

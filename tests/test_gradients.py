@@ -32,6 +32,8 @@ from lpm.scenarios.covid import (
 
 SEEDS = [1, 2, 3, 4]
 SEEDS_8 = [1, 2, 3, 4, 5, 6, 7, 8]
+#: finite-difference steps of the offsets in the 8-week test, their central differences averaged per seed
+OFFSET_STEPS = (0.1, 0.2, 0.4)
 
 
 def _fixed(rows, ctx):
@@ -43,7 +45,7 @@ def pop() -> Population:
     return Population.synthesize("nyc", agents=50_000, seed=0)
 
 
-def _check(pop, start, weeks, parameters, estimator="auto", seeds=SEEDS, **config):
+def _check(pop, start, weeks, parameters, estimator="auto", seeds=SEEDS, offset_step=0.2, **config):
     return check(
         lambda kw: CovidScenario({"start": start, **config, **kw}, calibrated=False),
         pop,
@@ -53,6 +55,7 @@ def _check(pop, start, weeks, parameters, estimator="auto", seeds=SEEDS, **confi
         steps=7 * weeks,
         seeds=seeds,
         estimator=estimator,
+        offset_step=offset_step,
     )
 
 
@@ -75,13 +78,15 @@ def test_gradients_match_finite_differences_for_eight_weeks_with_all_layers(pop)
     the default estimator. A week is judged where its finite difference is a measurement (relative standard
     error over the seeds below 25 %; the detected share's week 1, reports of infections seeded before the
     start, is far above): within 10 % plus twice the ratio's standard error (the finite difference's and the
-    gradient's). Where that error is below 5 %, within 10 %, except the offsets: 1.10 and 1.11 in weeks 4-5
-    (errors 5 %), not explained yet ("households" gives 1.13 in week 4 as well; both take the isolation
-    draws straight through), so within 15 % there. Measured (with CovidScenario._own_outside): beta
-    0.95-1.07, PAUSE 0.91-1.18 (week 8, error 12 %), detected 0.92-1.03 from week 2, offsets 0.99-1.15
-    (week 8, error 11 %); before it, beta 0.95-1.13, PAUSE 0.91-1.25, offsets 0.99-1.22. With 16 seeds the
-    transmission parameters read 4-9 % high in weeks 6-8 and the offsets 6-7 % from week 4 (README)."""
-    for r in _check(pop, "2020-04-01", 8, ["beta", "community_pause", "detected", "offsets"], seeds=SEEDS_8):
+    gradient's), and within 10 % where that error is below 5 %. The offsets' finite difference averages
+    the central differences of steps 0.1, 0.2 and 0.4 (``OFFSET_STEPS``): one step moves only the
+    decisions drawn within it, and at 0.2 alone weeks 4-5 read 1.10 and 1.11, at 0.1 1.01 and 1.01, at
+    0.4 1.07 and 1.07 (same seeds; with 16 seeds an unbiased derivative of the decision draws, tried and
+    not kept, gave the same ratios as straight-through within noise, README). Measured: beta 0.95-1.07,
+    PAUSE 0.91-1.18 (week 8, error 12 %), detected 0.92-1.03 from week 2, offsets 0.95-1.18 (week 8, error
+    12 %). With 16 seeds the transmission parameters read 4-9 % high in weeks 6-8 (README)."""
+    parameters = ["beta", "community_pause", "detected", "offsets"]
+    for r in _check(pop, "2020-04-01", 8, parameters, seeds=SEEDS_8, offset_step=OFFSET_STEPS):
         assert r.estimator == "pruned"
         fd_se = r.fd_sd / np.sqrt(len(SEEDS_8)) / np.abs(r.fd)
         se = np.hypot(fd_se, r.grad_sd / np.sqrt(len(SEEDS_8)) / np.abs(r.grad))
@@ -89,8 +94,7 @@ def test_gradients_match_finite_differences_for_eight_weeks_with_all_layers(pop)
         assert judged.sum() >= 7, (r.parameter, fd_se)
         assert np.all(np.abs(r.ratio[judged] - 1) < 0.10 + 2 * se[judged]), (r.parameter, r.ratio, se)
         precise = se < 0.05
-        tolerance = 0.15 if r.parameter == "offsets" else 0.10
-        assert np.all(np.abs(r.ratio[precise] - 1) < tolerance), (r.parameter, r.ratio, se)
+        assert np.all(np.abs(r.ratio[precise] - 1) < 0.10), (r.parameter, r.ratio, se)
 
 
 def test_the_linearised_estimator_overshoots_with_households(pop):
