@@ -627,6 +627,8 @@ class OpenAIBackend(Backend, _Retrying):
                 if got is None:
                     raise NoTokenLogprobs("the server returned no log-probabilities for the asked token ids")
                 read[asked[index]] = got
+        if len(read) != len(prefixes):
+            raise BadAnswer(f"the completions answered {len(read)} of {len(prefixes)} prompts")
         probs = normalise_logprobs(tree_logprobs(rests, read))
         best = actions[max(range(len(actions)), key=probs.__getitem__)]
         used = sum(_usage(answer)[0] for answer in answers)

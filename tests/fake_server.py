@@ -16,6 +16,7 @@ consumed in order) or ``script(body, index)`` (a callable), else ``default``:
                   constraint, or reads log-probabilities before it)
 ``nullchoice``    ``choices: [null]``;   ``wrongshape``  ``choices`` is a string (chat and completions)
 ``badusage``      ``usage.prompt_tokens`` is text;   ``absurd``  a log-probability of +5
+``dupindex``      every choice of a completion of token ids has index 0
 
 Whole-action scoring reads, where the server can (``token_logprobs=True``, the default, as vLLM),
 ``POST /tokenize`` of a conversation (three fixed tokens, one standing for the messages before the last,
@@ -294,7 +295,7 @@ class FakeServer:
                 top[f"token_id:{t}"] = lp
             choices.append(
                 {
-                    "index": i,
+                    "index": 0 if behaviour == "dupindex" else i,
                     "text": "x",
                     "finish_reason": "length",
                     "logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-1.0], "top_logprobs": [top]},

@@ -239,6 +239,9 @@ def test_default_whole_action_scoring_and_its_fallbacks_in_auto():
                 pytest.raises(LLMError, match=says),
             ):
                 choose(backend(server, retries=1), mode="auto", scoring="sequence")
+    # the positions' completion answers one prompt twice and another not at all
+    with FakeServer(default="dupindex") as server, pytest.raises(LLMError, match="answered 2 of 4 prompts"):
+        choose(backend(server, retries=1), mode="auto", scoring="sequence")
 
 
 def test_langchain_refuses_whole_action_scoring():
