@@ -33,8 +33,10 @@ action where a first token begins several actions), or always each whole action 
 DEFAULT_SCORING = "sequence"
 """Whole-action scoring: the most informative reading measured by ``benchmarks/elicitation.py`` on the
 probes of both specs with the default model (largest response to the situation: covid 0.038 against 0.021
-for the first token, labor 0.163 against 0.099), at one request per action. Where a server returns no
-prompt log-probabilities, mode ``auto`` reads the first token instead (recorded)."""
+for the first token, labor 0.163 against 0.099), at a tokenization per action and two completions per
+prompt on vLLM (:meth:`lpm.backend.OpenAIBackend._whole_by_tokens`; one request per action where it reads
+prompt log-probabilities). Where a server returns neither, mode ``auto`` reads the first token instead
+(recorded)."""
 
 MIN_COVERAGE = 0.9
 """Least first-token probability mass on tokens that begin an action for a ``logprobs`` answer to count.
@@ -91,8 +93,9 @@ class Decoding(BaseModel):
         }
 
     def sequence_request(self) -> dict[str, Any]:
-        """Keyword arguments of one whole-action scoring request (the conversation ends in the action as the
-        assistant's answer; the server kind adds what makes it return the prompt's log-probabilities)."""
+        """Keyword arguments of one whole-action scoring request: a completion of token ids that reads the
+        next token's log-probabilities, or a chat request whose conversation ends in the action as the
+        assistant's answer (the server kind adds what makes it return the prompt's log-probabilities)."""
         return {"temperature": LOGPROBS_TEMPERATURE, "max_tokens": 1}
 
     def sample_request(self, actions: Sequence[str], n: int | None = None) -> dict[str, Any]:
