@@ -168,15 +168,11 @@ def action_logprobs(replies: Sequence[Any]) -> list[float]:
         if not isinstance(reply, list) or len(reply) < 2:
             raise BadAnswer("the prompt log-probabilities are missing or not a list")
         tokens.append([token(e) for e in reply[1:]])
-    shared = 0
-    while all(len(t) > shared for t in tokens) and len({t[shared][0] for t in tokens}) == 1:
-        shared += 1
-    if any(len(t) == shared for t in tokens):
-        raise BadAnswer("two actions gave the same conversation")
+    shared = len(answer_tree([[token_id for token_id, _ in t] for t in tokens])[0])
     return [sum(lp for _, lp in t[shared:]) for t in tokens]
 
 
-def answer_tree(conversations: Sequence[Sequence[int]]) -> tuple[list[int], list[tuple[int, ...]]]:
+def answer_tree(conversations: Sequence[Sequence[Any]]) -> tuple[list[Any], list[tuple[Any, ...]]]:
     """The token tree of the actions' complete conversations (one per action, each ending in its action as
     the whole assistant message, end-of-turn included; token ids as the server tokenized them): the tokens
     they all share, and each one's rest after them. The rests are what whole-action scoring sums; the
@@ -186,7 +182,7 @@ def answer_tree(conversations: Sequence[Sequence[int]]) -> tuple[list[int], list
     shared = 0
     while all(len(c) > shared for c in conversations) and len({c[shared] for c in conversations}) == 1:
         shared += 1
-    rests = [tuple(int(t) for t in c[shared:]) for c in conversations]
+    rests = [tuple(c[shared:]) for c in conversations]
     if any(not r for r in rests):
         raise BadAnswer("two actions gave the same conversation")
     return list(conversations[0][:shared]), rests
