@@ -14,7 +14,7 @@ the fitted values are the mean of the last fifth of the iterates (Polyak averagi
 Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 56 days,
 fewer where ``memory_gb`` needs it; the whole window for monthly scenarios); each piece's loss is
 backpropagated and the state is detached before the next, so the graph held is at most one piece (about
-160 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130 with "expected":
+130 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130 with "expected":
 :data:`GRAPH_BYTES_PER_AGENT_STEP`). A longer window costs time, not memory. The gradients of the COVID
 model agree with finite differences over 8 weeks (``tests/test_gradients.py``), the default piece's length.
 
@@ -57,8 +57,8 @@ from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
 #: Bytes the autograd graph of a COVID day holds per agent, by estimator (``benchmarks/engine.py``, 1 M
-#: agents: 154, 168 and 129; rounded up); an estimator not measured is counted as the largest.
-GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 160, "households": 170, "expected": 130}
+#: agents: 117, 168 and 129; rounded up); an estimator not measured is counted as the largest.
+GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 130, "households": 170, "expected": 130}
 #: Days per backpropagated piece of a daily scenario unless memory needs fewer: the horizon over which the
 #: COVID gradients are checked against finite differences (8 weeks, ``tests/test_gradients.py``).
 TRUNCATE_DAYS = 56

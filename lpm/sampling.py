@@ -512,7 +512,8 @@ class SoftSampler(Sampler):
         return torch.stack(parts, dim=2).transpose(0, 1)  # (k, bins, 2)
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(bins, device=where.device, dtype=where.dtype).index_add(0, index.long(), where)
+        index = index if index.dtype in (torch.int32, torch.int64) else index.int()  # int32 scatters faster
+        return torch.zeros(bins, device=where.device, dtype=where.dtype).index_add(0, index, where)
 
     def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         rows = table.index_select(0, index.long())
@@ -665,11 +666,13 @@ def prune(
     old = torch.where(
         rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), math.inf
     )
-    replaced = best.to(torch.float64) < old
-    index = torch.arange(n, device=device)
-    first = torch.where((key == best.index_select(0, group)) & (key < math.inf), index, n)
-    first = torch.full((h,), n, dtype=index.dtype, device=device).scatter_reduce(0, group, first, "amin")
-    winner = (index == first.index_select(0, group)) & replaced.index_select(0, group)
+    replaced = best.to(torch.float64) < old  # only where best is finite
+    # the agents whose key is their replaced group's best (ties, if any, to the lowest index)
+    tied = torch.nonzero((key == best.index_select(0, group)) & replaced.index_select(0, group)).view(-1)
+    first = torch.full((h,), n, dtype=torch.int64, device=device)
+    first = first.scatter_reduce(0, group.index_select(0, tied).long(), tied, "amin")
+    winner = torch.zeros(n, dtype=torch.bool, device=device)
+    winner[first[replaced]] = True
     total = rate64 + torch.zeros(h, device=device).index_add_(0, group, new32).to(torch.float64)
     at = first.clamp_max(max(n - 1, 0))  # each group's winner (any agent where none won: masked below)
     won_weight = new_weight.index_select(0, at)

@@ -509,17 +509,6 @@ class CovidWorld:
     delay: torch.Tensor
     residents: torch.Tensor
 
-    @functools.cached_property
-    def household64(self) -> torch.Tensor:
-        """(N,) int64 household ids, for the scatters of estimator "pruned" (made on first use: inference
-        runs never hold them)."""
-        return self.household.long()
-
-    @functools.cached_property
-    def borough64(self) -> torch.Tensor:
-        """(N,) int64 boroughs (made on first use, as :attr:`household64`)."""
-        return self.borough.long()
-
     def by_borough(self, per_cell: torch.Tensor) -> torch.Tensor:
         """(B,) sums of a (C,) per-cell vector over each borough's cells."""
         return torch.zeros(self.nb, device=per_cell.device, dtype=per_cell.dtype).index_add(
@@ -833,12 +822,14 @@ class CovidScenario(Scenario):
         senders = torch.nonzero(d).view(-1)
         if len(senders) == 0:
             return out
-        household = w.household64
-        hs = household.index_select(0, senders)
+        household = w.household
         flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
-        flag[hs] = True
+        flag[household.index_select(0, senders)] = True
         members = torch.nonzero(flag.index_select(0, household)).view(-1)
-        hm = household.index_select(0, members)
+        # the households with senders, numbered 0 .. F - 1: the tables below are F rows, not H
+        compact = torch.cumsum(flag, 0) - 1
+        hs = compact.index_select(0, household.index_select(0, senders))
+        hm = compact.index_select(0, household.index_select(0, members))
         ds = d.index_select(0, senders)
         bands = w.contacts_t.shape[0]
         # community: per household and age band, d × its weight in the prevalence of its ZIP area
@@ -849,14 +840,22 @@ class CovidScenario(Scenario):
             + share_city * w.inv_city
         ).view(-1)  # (Z * bands,): indexed by cell
         cell_s = w.cell.index_select(0, senders).long()
-        per = torch.zeros(w.nh * bands, dtype=d.dtype, device=d.device)
+        households = int(compact[-1]) + 1
+        per = torch.zeros(households * bands, dtype=d.dtype, device=d.device)
         per = per.index_add(0, hs * bands + cell_s % bands, ds * mix.index_select(0, cell_s).to(d.dtype))
         band_m = w.cell.index_select(0, members).long() % bands
-        contacts = w.contacts_t.T.to(d.dtype).index_select(0, band_m)  # (M, bands): from each band to theirs
-        community = (per.view(w.nh, bands).index_select(0, hm) * contacts).sum(1)
-        # places: the housemates' d summed per (household, place), less the agent's own
+        # (F, bands): per household, what its d adds to the community pressure on each age band
+        per = per.view(households, bands) @ w.contacts_t.to(d.dtype)
+        out.index_copy_(0, members, community_weight * per.view(-1).index_select(0, hm * bands + band_m))
+        # places: the housemates' d summed per (household, place), less the agent's own; place 0 (none)
+        # has weight 0, so only senders and members with a place take part
         places = len(w.place_school)
         place_s, place_m = w.place.index_select(0, senders).long(), w.place.index_select(0, members).long()
+        at_s, at_m = place_s > 0, place_m > 0
+        senders, ds, hs, place_s = senders[at_s], ds[at_s], hs[at_s], place_s[at_s]
+        members, hm, place_m = members[at_m], hm[at_m], place_m[at_m]
+        if len(senders) == 0:
+            return out
         keys, inverse = torch.unique(
             torch.cat([hs * places + place_s, hm * places + place_m]), return_inverse=True
         )
@@ -864,8 +863,7 @@ class CovidScenario(Scenario):
             0, inverse[: len(senders)], ds
         )
         shared = shared.index_select(0, inverse[len(senders) :]) - d.index_select(0, members)
-        value = community_weight * community + place_weight.index_select(0, place_m).to(d.dtype) * shared
-        return out.index_copy_(0, members, value.to(d.dtype))
+        return out.index_add_(0, members, place_weight.index_select(0, place_m).to(d.dtype) * shared)
 
     def levels(self, params: Mapping[str, torch.Tensor], t: int) -> dict[str, torch.Tensor | float]:
         """Each layer's share of normal contacts on day ``t`` (the latest intervention in force)."""
@@ -1032,11 +1030,11 @@ class CovidScenario(Scenario):
         c = self.config
         stage, asym, alt = state["stage"], state["asymptomatic"], state["alt_stage"]
         weight, rate = state["alt_weight"], state["alt_rate"]
-        household, borough = w.household64, w.borough64
-        stage64, alt64 = stage.long(), alt.long()
+        household = w.household  # int32 indices: index_select and index_add read them faster than int64
+        stage32, alt32 = stage.int(), alt.int()
         relative = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(torch.float32)
-        x = infectious_stage.index_select(0, stage64) * relative
-        x_alt = infectious_stage.index_select(0, alt64) * relative
+        x = infectious_stage.index_select(0, stage32) * relative
+        x_alt = infectious_stage.index_select(0, alt32) * relative
         share = weight.index_select(0, household)  # each agent's household alternative's weight
         p, p_alt = self.infection(
             w,
@@ -1054,8 +1052,8 @@ class CovidScenario(Scenario):
         chain = w.hazard.to(torch.float32).clone()
         chain[S] = 0.0
         susceptible, susceptible_alt = stage == S, alt == S
-        leave = (u < chain.index_select(0, stage64)) | (susceptible & (u < p_run))
-        leave_alt = (u < chain.index_select(0, alt64)) | (susceptible_alt & (u < p_alt))
+        leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
+        leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
         following = stage + leave
         has_alt = (rate > 0).index_select(0, household)
         alt_next = torch.where(has_alt, alt + leave_alt, following)
@@ -1071,10 +1069,11 @@ class CovidScenario(Scenario):
         differs = (alt != stage) & has_alt
         moved_weight = share * differs.float()
         nb = w.nb
-        flat = torch.zeros(K * nb, dtype=torch.float32, device=stage.device)
-        flat = flat.index_add(0, alt64 * nb + borough, moved_weight)
-        flat = flat.index_add(0, stage64 * nb + borough, -moved_weight)
-        counts = sampler.tally(stage, K, w.borough, nb) + flat.view(K, nb)
+        # each differing member's weight per (alternative's stage, run's stage, borough), in one scatter:
+        # it enters the count of its alternative's stage and leaves the count of its run's stage
+        pairs = torch.zeros(K * K * nb, dtype=torch.float32, device=stage.device)
+        pairs = pairs.index_add(0, (alt32 * K + stage32) * nb + w.borough, moved_weight).view(K, K, nb)
+        counts = sampler.tally(stage, K, w.borough, nb) + (pairs.sum(1) - pairs.sum(0))
         # the future: drop alternatives that rejoined the run, then one per household among it and today's
         # per household in one sum: members that differ (apart) + PENDING × those whose difference is
         # still in course (exposed or infectious in either run); exact in float32 (households < 2^10)
