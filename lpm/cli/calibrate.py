@@ -72,11 +72,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit a scenario's learnable parameters (and an LLM policy's alignment offsets) to the real series by
         gradient descent, and forecast the held-out window: calibration.json, loss.png, fit.png."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         from lpm.calibration import Window, calibrate, write
         from lpm.errors import CacheMissError, InputError
         from lpm.population import Population
+        from lpm.progress import progress_bar
         from lpm.run import RunConfig, _policy
         from lpm.scenarios import make_scenario
 
@@ -141,7 +142,7 @@ def register(app: typer.Typer) -> None:
         def make(overrides):
             return make_scenario(scenario, {**values, **dict(overrides)}, calibrated=start_from == "defaults")
 
-        bar = Progress(
+        bar = progress_bar(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
