@@ -11,12 +11,16 @@ of a daily count on a log scale (``log(x + 2 % of the label's peak)``: a relativ
 runs the train window with a new seed, so the gradient is a stochastic gradient of the expected loss;
 the fitted values are the mean of the last fifth of the iterates (Polyak averaging, less seed noise).
 
-Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 56 days,
-fewer where ``memory_gb`` needs it; the whole window for monthly scenarios); each piece's loss is
-backpropagated and the state is detached before the next, so the graph held is at most one piece (about
-130 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130 with "expected":
-:data:`GRAPH_BYTES_PER_AGENT_STEP`). A longer window costs time, not memory. The gradients of the COVID
-model agree with finite differences over 8 weeks (``tests/test_gradients.py``), the default piece's length.
+Truncated backpropagation: the train window is cut into pieces of ``truncate`` steps (by default 56 days;
+the whole window for monthly scenarios); each piece's loss is backpropagated and the state is detached
+before the next. The gradients of the COVID model agree with finite differences over 8 weeks
+(``tests/test_gradients.py``), the default piece's length. A piece whose graph ``memory_gb`` cannot hold
+(about 130 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130
+with "expected": :data:`GRAPH_BYTES_PER_AGENT_STEP`) is backpropagated whole by recomputation, one
+segment's graph at a time (:func:`_recomputed_piece`: the same gradient for a second forward pass), not
+truncated shorter: cut at one week, the gradient of the COVID loss loses the weeks' dependence on each
+other (at 20,000 agents over 4 weeks, d loss / d beta -4.2 instead of -114, and the detected share's
+derivative changes sign), and a full-city fit on it diverged. A longer window costs time, not memory.
 
 Decisions: the heuristic policy answers every epoch from the simulated context. An LLM policy is asked
 in the first epoch of each restart (and every ``refresh`` epochs), and its answers are replayed in the
@@ -253,14 +257,14 @@ def calibrate(
     transforms = {p: _Transform(*ranges[p]) for p in names}
     initial = {p: float(getattr(base.config, p)) for p in names}
     if truncate is None:
-        if base.step_unit == "day":
-            per_step = GRAPH_BYTES_PER_AGENT_STEP.get(estimator, max(GRAPH_BYTES_PER_AGENT_STEP.values()))
-            by_memory = int(memory_gb * 1e9 / (per_step * len(pop)))
-            truncate = max(period, min(TRUNCATE_DAYS, by_memory) // period * period)
-        else:
-            truncate = train_steps
+        truncate = TRUNCATE_DAYS if base.step_unit == "day" else train_steps
     if truncate < 1 or truncate % period:
         raise InputError(f"--truncate must be a positive multiple of {period} steps, got {truncate}")
+    segment = truncate  # steps whose graph is held at once: a piece that memory cannot hold is recomputed
+    if base.step_unit == "day":
+        per_step = GRAPH_BYTES_PER_AGENT_STEP.get(estimator, max(GRAPH_BYTES_PER_AGENT_STEP.values()))
+        by_memory = int(memory_gb * 1e9 / (per_step * len(pop)))
+        segment = max(period, min(truncate, by_memory) // period * period)
 
     probe = Simulation(base, pop, policy, seed=seed)
     labels = pop.labels(q.by) if q.by else ["all"]
@@ -317,7 +321,9 @@ def calibrate(
                     sim.params.update(offsets)
 
             opt.zero_grad()
-            loss = _train_epoch(sim, bind, q, train_steps, truncate, period, real_train, offsets, offset_l2)
+            loss = _train_epoch(
+                sim, bind, q, train_steps, truncate, period, real_train, offsets, offset_l2, segment
+            )
             opt.step()
             for name, value in sim.counters.items():
                 counters[name] = counters.get(name, 0) + value
@@ -394,6 +400,7 @@ def calibrate(
             "seed": seed,
             "eval_seeds": eval_seeds,
             "truncate_steps": truncate,
+            "segment_steps": segment,
             "period_steps": period,
             "loss": (
                 f"mean squared error of log(weekly sum + {LOG_FLOOR} × the label's train peak)"
@@ -515,30 +522,110 @@ def _train_epoch(
     real: torch.Tensor,
     offsets: Mapping[str, torch.Tensor],
     offset_l2: float,
+    segment: int | None = None,
 ) -> float:
-    """One pass over the train window, backpropagated piece by piece; returns the epoch's loss."""
+    """One pass over the train window, backpropagated piece by piece (``truncate`` steps, the state
+    detached between pieces); a piece longer than ``segment`` steps is backpropagated whole by
+    recomputation (:func:`_recomputed_piece`). Returns the epoch's loss."""
     floor, count = _floor_and_count(real, period)
+    segment = segment or truncate
+
+    def piece_loss(series: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
+        """The loss of steps ``t0 .. t1-1`` from their (steps, ...) series of the fitted quantity."""
+        series = series.reshape(t1 - t0, -1)
+        loss = _loss(period_sums(series, period), real[t0 // period : t1 // period], floor) / count
+        if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
+            loss = loss + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())
+        return loss
+
     sim._reset()
     total = 0.0
+    state: SimState | None = None
     with torch.enable_grad():
-        bind()
-        state = sim.initial_state()
         for t0 in range(0, steps, truncate):
             t1 = min(steps, t0 + truncate)
-            if t0:
-                bind()
+            if t1 - t0 > segment:
+                loss, state = _recomputed_piece(sim, bind, q.name, state, t0, t1, segment, piece_loss)
+                total += loss
+                continue
+            bind()
+            if state is None:
+                state = sim.initial_state()
             for t in range(t0, t1):
                 state = sim.step(state, t)
-            series = sim.recorded(q.name, t0, t1).reshape(t1 - t0, -1)
-            piece = _loss(period_sums(series, period), real[t0 // period : t1 // period], floor) / count
-            if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
-                piece = piece + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())
+            piece = piece_loss(sim.recorded(q.name, t0, t1), t0, t1)
             if piece.requires_grad:
                 piece.backward()
             total += float(piece.detach())
             state = _detached(state)
             sim.detach_records(t0, t1)
     return total
+
+
+def _recomputed_piece(
+    sim: Simulation,
+    bind: Callable[[], None],
+    name: str,
+    state: SimState | None,
+    t0: int,
+    t1: int,
+    segment: int,
+    piece_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
+) -> tuple[float, SimState]:
+    """Backpropagate steps ``t0 .. t1-1`` whole while holding the graph of ``segment`` steps at a time
+    (checkpointing): a first pass keeps only the state at each segment's start; then, from the last
+    segment to the first, the segment is run again from its start state with its graph
+    (:meth:`Simulation.rerun`), and its loss plus the later segments' gradient with respect to its end
+    state is backpropagated, which gives the gradient with respect to its start state. The gradients
+    equal those of one graph over the piece; the cost is a second forward pass. Returns the piece's
+    loss and its detached end state."""
+    bounds = [*range(t0, t1, segment), t1]
+    starts: list[SimState | None] = []
+    carried: list[set[tuple[str, str]]] = []  # the start state's tensors that carry a gradient
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # the run's own pass: records and counters
+        starts.append(state)
+        bind()
+        if state is None:
+            state = sim.initial_state()
+        for t in range(a, b):
+            state = sim.step(state, t)
+        carried.append(
+            {(kind, k) for kind in ("scenario", "actions") for k, v in _parts(state, kind) if v.requires_grad}
+        )
+        state = _detached(state)
+        sim.detach_records(a, b)
+    carried = [set(), *carried[:-1]]  # the tensors carrying a gradient at each segment's start
+    total = 0.0
+    later: dict[tuple[str, str], torch.Tensor] = {}  # d(later segments' loss) / d(this segment's end state)
+    for i in reversed(range(len(starts))):
+        a, b = bounds[i], bounds[i + 1]
+        start, leaves = starts[i], {}
+        if start is not None:
+            parts = {kind: dict(_parts(start, kind)) for kind in ("scenario", "actions")}
+            for kind, k in carried[i]:
+                leaves[(kind, k)] = parts[kind][k] = parts[kind][k].detach().requires_grad_(True)
+            start = SimState(parts["scenario"], parts["actions"])
+        bind()
+        end, records = sim.rerun(start, a, b)
+        loss = piece_loss(torch.stack([r[name] for r in records]), a, b)
+        outputs, grads = [loss], [torch.ones_like(loss)]
+        for (kind, k), g in later.items():
+            tensor = dict(_parts(end, kind))[k]
+            if tensor.requires_grad:
+                outputs.append(tensor)
+                grads.append(g)
+        if any(o.requires_grad for o in outputs):
+            torch.autograd.backward(
+                [o for o in outputs if o.requires_grad],
+                [g for o, g in zip(outputs, grads, strict=True) if o.requires_grad],
+            )
+        later = {key: leaf.grad for key, leaf in leaves.items() if leaf.grad is not None}
+        total += float(loss.detach())
+    return total, state
+
+
+def _parts(state: SimState, kind: str) -> list[tuple[str, torch.Tensor]]:
+    return list(getattr(state, kind).items())
 
 
 def _errors(sim: torch.Tensor, real: torch.Tensor, scale: float) -> dict[str, float]:

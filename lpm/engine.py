@@ -446,6 +446,29 @@ class Simulation:
         """Cut the records of steps ``first .. last-1`` from the autograd graph (truncated backpropagation)."""
         self._records[first:last] = [{k: v.detach() for k, v in r.items()} for r in self._records[first:last]]
 
+    def rerun(
+        self, state: SimState | None, first: int, last: int
+    ) -> tuple[SimState, list[dict[str, torch.Tensor]]]:
+        """Steps ``first .. last-1`` once more from ``state``, the state the run passed through at
+        ``first`` (None: :meth:`initial_state`, for ``first`` 0), with their autograd graph; the run's own
+        records, decision records and counters stay as they were. Returns the state at ``last`` and the
+        steps' records. For backpropagation by recomputation (:func:`lpm.calibration.calibrate` keeps
+        the states at the ends of a piece's segments and builds one segment's graph at a time): the
+        draws depend only on the seed, the step and the stream, and the policy answers a step again
+        as it did (a replayed LLM policy from its table), so the values are those of the first pass."""
+        records, decisions = len(self._records), len(self._decisions)
+        counters = {name: dict(c) for name, c in self.decision_counters.items()}
+        decide_seconds = self.decide_seconds
+        try:
+            if state is None:
+                state = self.initial_state()
+            for t in range(first, last):
+                state = self.step(state, t)
+            return state, self._records[records:]
+        finally:
+            del self._records[records:], self._decisions[decisions:]
+            self.decision_counters, self.decide_seconds = counters, decide_seconds
+
     # -- a run ------------------------------------------------------------------------------------
     def run(self, steps: int, *, out_dir: str | Path | None = None, resume: bool = False) -> RunResult:
         """Simulate ``steps`` steps from the start (or from ``out_dir``'s checkpoint with ``resume``)."""

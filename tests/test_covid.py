@@ -101,6 +101,18 @@ def test_seeding_without_earlier_cases_is_a_clear_error():
         seed_estimate(c, {}, empty, ["Bronx"])
 
 
+@pytest.mark.parametrize("start", ["2020-03-08", "2020-03-10", "2020-03-13", "2020-03-14"])
+def test_seeding_with_fewer_days_of_data_than_its_window(start):
+    """Starts 2020-03-09 .. 13 have 9 .. 13 days of data before them, fewer than the 14 of the growth
+    fit's window: the fit uses the days there are (it used to fail with an IndexError)."""
+    c = CovidScenario({"start": start}).config
+    cases = covid._real_cases()
+    before = cases[cases["date"] < pd.Timestamp(start)]
+    occupancy, onsets = seed_estimate(c, {}, before, list(covid.nyc.BOROUGH_NAMES.values()))
+    assert bool(torch.isfinite(occupancy).all()) and float(occupancy[:, 1:].sum()) > 0
+    assert bool(torch.isfinite(onsets).all())
+
+
 def test_agents_conserved_and_seeded_sensibly(pop):
     r = _sim(pop, diff=False).run(21)
     s = r.series

@@ -36,7 +36,10 @@ def register(app: typer.Typer) -> None:
         restarts: int = typer.Option(3, "--restarts", help="fits from jittered starts (the band's spread)"),
         eval_seeds: int = typer.Option(2, "--eval-seeds", help="forecast runs per restart"),
         truncate: int = typer.Option(
-            None, "--truncate", help="steps per backpropagated piece (default: 56 days, or less for memory)"
+            None,
+            "--truncate",
+            help="steps per backpropagated piece, the gradient's horizon (default: 56 days); a piece that "
+            "--memory-gb cannot hold is recomputed segment by segment, not cut shorter",
         ),
         memory_gb: float = typer.Option(12.0, "--memory-gb", help="memory the autograd graph may take"),
         estimator: str = typer.Option(

@@ -563,7 +563,7 @@ def seed_estimate(
     window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
     seen = window.detach() > 0
     if int(seen.sum()) >= 7:  # least-squares slope of log(window) on the day (it moves with detection)
-        day = torch.arange(SEED_WINDOW, dtype=torch.float64)[seen]
+        day = torch.arange(len(window), dtype=torch.float64)[seen]  # fewer than SEED_WINDOW days early on
         log_cases = torch.log(window[seen])
         growth = ((day - day.mean()) * (log_cases - log_cases.mean())).sum() / ((day - day.mean()) ** 2).sum()
     else:
