@@ -281,6 +281,8 @@ def calibrate(
     fits: list[dict[str, Any]] = []
     counters: dict[str, int] = {}
     total = restarts * epochs
+    if progress is not None:
+        progress("fit", 0, total, None)  # the bar from the start: an epoch of the full city takes minutes
     for r in range(restarts):
         gen = torch.Generator().manual_seed(seed * 7919 + r)
         z = {

@@ -92,7 +92,11 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
         + ["--agents", "5000", "--epochs", "2", "--restarts", "1", "--eval-seeds", "1"]
         + ["--parameters", "beta,work_pause", "--out", str(out)]
     )
-    assert code == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    # not a terminal: the progress as lines, from the start of the fit to the end of the forecast
+    assert "covid · heuristic · 5,000 agents · fit: 0/2 [" in printed
+    assert "· fit: 2/2 loss " in printed and "· forecast: 2/2 [" in printed
     saved = json.loads((out / "calibration.json").read_text())
     assert set(saved["parameters"]) == {"beta", "work_pause"}
     assert saved["agents"] == 5000 and saved["train"]["window"] == "2020-03-16:2020-03-29"
