@@ -623,6 +623,9 @@ def _recomputed_piece(
             )
         later = {key: leaf.grad for key, leaf in leaves.items() if leaf.grad is not None}
         total += float(loss.detach())
+        # before the next segment's graph: the backward freed only what leads to its outputs, and the
+        # other records and end-state tensors would keep the rest of this one alive
+        del end, records, loss, outputs, grads, start, leaves
     return total, state
 
 
