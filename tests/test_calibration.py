@@ -230,8 +230,8 @@ def test_llm_policy_is_asked_once_then_replayed_and_its_offsets_fitted(vllm_serv
             float(metrics(vllm_server.url)["completion_requests"])
         ),
     )
-    first, second, third = asked[:3]  # after each epoch
-    assert first > before and second == first and third == first
+    start, first, second, third = asked[:4]  # before the first epoch (the bar's start), after each epoch
+    assert start == before and first > before and second == first and third == first
     assert cal.settings["fit_offsets"] and cal.policy == "llm-archetype"
     moved = torch.tensor(cal.offsets["offsets.isolation"])
     assert moved.shape == (100, 2) and float(moved.abs().max()) > 0
