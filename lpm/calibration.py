@@ -67,6 +67,8 @@ GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 130, "households": 170, "expected": 130}
 #: checked against finite differences (8 weeks, ``tests/test_gradients.py``); memory is met by recomputing
 #: the piece in segments, never by a shorter piece.
 TRUNCATE_DAYS = 56
+#: The parts of a :class:`SimState` that may carry a gradient across a recomputed segment's start.
+KINDS = ("scenario", "actions")
 #: Counts are compared as log(x + LOG_FLOOR × the label's largest real value in the train window).
 LOG_FLOOR = 0.02
 
@@ -552,11 +554,7 @@ def _train_epoch(
                 loss, state = _recomputed_piece(sim, bind, q.name, state, t0, t1, segment, piece_loss)
                 total += loss
                 continue
-            bind()
-            if state is None:
-                state = sim.initial_state()
-            for t in range(t0, t1):
-                state = sim.step(state, t)
+            state = _advance(sim, bind, state, t0, t1)
             piece = piece_loss(sim.recorded(q.name, t0, t1), t0, t1)
             if piece.requires_grad:
                 piece.backward()
@@ -564,6 +562,17 @@ def _train_epoch(
             state = _detached(state)
             sim.detach_records(t0, t1)
     return total
+
+
+def _advance(sim: Simulation, bind: Callable[[], None], state: SimState | None, t0: int, t1: int) -> SimState:
+    """Steps ``t0 .. t1-1`` of the run from ``state`` (None: the initial state) with fresh parameter nodes
+    and their graph; records and counters are the run's."""
+    bind()
+    if state is None:
+        state = sim.initial_state()
+    for t in range(t0, t1):
+        state = sim.step(state, t)
+    return state
 
 
 def _recomputed_piece(
@@ -588,13 +597,9 @@ def _recomputed_piece(
     carried: list[set[tuple[str, str]]] = []  # the start state's tensors that carry a gradient
     for a, b in zip(bounds[:-1], bounds[1:], strict=True):  # the run's own pass: records and counters
         starts.append(state)
-        bind()
-        if state is None:
-            state = sim.initial_state()
-        for t in range(a, b):
-            state = sim.step(state, t)
+        state = _advance(sim, bind, state, a, b)
         carried.append(
-            {(kind, k) for kind in ("scenario", "actions") for k, v in _parts(state, kind) if v.requires_grad}
+            {(kind, k) for kind in KINDS for k, v in getattr(state, kind).items() if v.requires_grad}
         )
         state = _detached(state)
         sim.detach_records(a, b)
@@ -605,34 +610,25 @@ def _recomputed_piece(
         a, b = bounds[i], bounds[i + 1]
         start, leaves = starts[i], {}
         if start is not None:
-            parts = {kind: dict(_parts(start, kind)) for kind in ("scenario", "actions")}
+            parts = {kind: dict(getattr(start, kind)) for kind in KINDS}
             for kind, k in carried[i]:
                 leaves[(kind, k)] = parts[kind][k] = parts[kind][k].detach().requires_grad_(True)
             start = SimState(parts["scenario"], parts["actions"])
         bind()
         end, records = sim.rerun(start, a, b)
         loss = piece_loss(torch.stack([r[name] for r in records]), a, b)
-        outputs, grads = [loss], [torch.ones_like(loss)]
-        for (kind, k), g in later.items():
-            tensor = dict(_parts(end, kind))[k]
-            if tensor.requires_grad:
-                outputs.append(tensor)
-                grads.append(g)
-        if any(o.requires_grad for o in outputs):
-            torch.autograd.backward(
-                [o for o in outputs if o.requires_grad],
-                [g for o, g in zip(outputs, grads, strict=True) if o.requires_grad],
-            )
+        pairs = [(loss, torch.ones_like(loss))] + [
+            (getattr(end, kind)[k], g) for (kind, k), g in later.items()
+        ]
+        pairs = [(o, g) for o, g in pairs if o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         later = {key: leaf.grad for key, leaf in leaves.items() if leaf.grad is not None}
         total += float(loss.detach())
         # before the next segment's graph: the backward freed only what leads to its outputs, and the
         # other records and end-state tensors would keep the rest of this one alive
-        del end, records, loss, outputs, grads, start, leaves
+        del end, records, loss, pairs, start, leaves
     return total, state
-
-
-def _parts(state: SimState, kind: str) -> list[tuple[str, torch.Tensor]]:
-    return list(getattr(state, kind).items())
 
 
 def _errors(sim: torch.Tensor, real: torch.Tensor, scale: float) -> dict[str, float]:

@@ -823,12 +823,13 @@ class CovidScenario(Scenario):
         if len(senders) == 0:
             return out
         household = w.household
+        hs = household.index_select(0, senders)
         flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
-        flag[household.index_select(0, senders)] = True
+        flag[hs] = True
         members = torch.nonzero(flag.index_select(0, household)).view(-1)
         # the households with senders, numbered 0 .. F - 1: the tables below are F rows, not H
         compact = torch.cumsum(flag, 0) - 1
-        hs = compact.index_select(0, household.index_select(0, senders))
+        hs = compact.index_select(0, hs)
         hm = compact.index_select(0, household.index_select(0, members))
         ds = d.index_select(0, senders)
         bands = w.contacts_t.shape[0]
