@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="runs/$(date +%Y%m%d-%H%M%S)-covid-compare"
-.venv/bin/lpm compare covid --policies heuristic,llm --seeds 0 --test 2020-04-12:2020-05-09 --out "$out"
+.venv/bin/lpm compare covid --policies heuristic,llm --seeds 0 --test 2020-04-26:2020-05-23 --out "$out"
 echo
 echo "report: $out/report.md"

@@ -113,6 +113,35 @@ def test_seeding_with_fewer_days_of_data_than_its_window(start):
     assert bool(torch.isfinite(onsets).all())
 
 
+def test_a_seed_from_few_cases_is_spread_over_the_boroughs_by_population():
+    """A start on 2020-03-01 sees one reported case, in Manhattan: the seed's split over boroughs is then
+    mostly the boroughs' shares of the population (seed_prior_cases), not all in Manhattan as the reported
+    split alone (prior 0) puts it; with thousands of cases before a later start the reported split rules.
+    The citywide infections are the same either way."""
+    boroughs = list(covid.nyc.BOROUGH_NAMES.values())
+    cases = covid._real_cases()
+    people = covid.nyc.population_by_group()
+    people = people[people["group"] == "Age"].groupby("borough")["population"].sum()
+    share = torch.tensor([float(people[code]) for code in covid.nyc.BOROUGH_NAMES], dtype=torch.float64)
+    share = share / share.sum()
+    for start, closest in (("2020-03-01", "population"), ("2020-04-01", "reported")):
+        before = cases[cases["date"] < pd.Timestamp(start)]
+        spread = seed_estimate(CovidScenario({"start": start}).config, {}, before, boroughs)[0]
+        alone = seed_estimate(
+            CovidScenario({"start": start, "seed_prior_cases": 0}).config, {}, before, boroughs
+        )[0]
+        infected, infected_alone = spread[:, 1:].sum(1), alone[:, 1:].sum(1)
+        assert float(infected.sum()) == pytest.approx(float(infected_alone.sum()), rel=1e-9)
+        to_population = float((infected / infected.sum() - share).abs().max())
+        alone_to_population = float((infected_alone / infected_alone.sum() - share).abs().max())
+        to_reported = float((infected / infected.sum() - infected_alone / infected_alone.sum()).abs().max())
+        if closest == "population":
+            assert float(infected_alone[boroughs.index("Manhattan")] / infected_alone.sum()) > 0.999
+            assert to_population < 0.02 < 0.5 < alone_to_population
+        else:
+            assert to_reported < 0.01
+
+
 def test_agents_conserved_and_seeded_sensibly(pop):
     r = _sim(pop, diff=False).run(21)
     s = r.series

@@ -81,7 +81,12 @@ from infection to report; their growth rate is the log-linear slope of the detec
 when at least 7 of the 14 days have cases, else ``seed_growth`` (0.23 a day, a doubling time of 3 days;
 Pei et al., Nature 2021 (NYC, March 2020); Sanche et al., Emerg Infect Dis 2020: 2.3–3.3 days); the
 infections of the 60 days before the start are run through the stage chain to give each borough's
-expected agents per stage and the symptom onsets still waiting to be reported. A start date with no
+expected agents per stage and the symptom onsets still waiting to be reported. While few cases have been
+reported, their split over the boroughs says little (a start on 2020-03-01 sees one case, in Manhattan):
+each day's cases keep their total, and their split is pulled toward the boroughs' shares of the
+population with the weight of ``seed_prior_cases`` (100) pseudo-cases against the ``n`` cases reported
+before the start, ``w = n / (n + 100)`` (:func:`_borough_split`; the first sequenced genomes show several
+introductions spread over the boroughs by early March, Gonzalez-Reiche et al., Science 2020). A start date with no
 reported case in the 14 days before it (2020-02-29 and earlier) cannot be seeded and is an error.
 
 A day, in the order :meth:`CovidScenario.step` reads: (1) infectiousness and isolation per agent;
@@ -416,6 +421,12 @@ class CovidConfig(ScenarioConfig):
     seed_growth: float = Field(
         default=0.23, ge=-0.5, le=1, description="daily growth of infections before the start (few data)"
     )
+    seed_prior_cases: float = Field(
+        default=100.0,
+        ge=0,
+        description="pseudo-cases that pull the seed's split over boroughs toward their populations while few "
+        "cases were reported (0: the reported split alone)",
+    )
     community_weight: float = Field(
         default=1.0,
         gt=0,
@@ -559,6 +570,7 @@ def seed_estimate(
     symptomatic = 1.0 - c.asymptomatic
     lag = round(c.latent_days + c.presymptomatic_days + c.report_delay_days)
     cases = torch.tensor(wide.to_numpy(), dtype=torch.float64)  # (H, B)
+    cases = _borough_split(cases, boroughs, c.seed_prior_cases)
     behind = cases / det[:, None] / symptomatic  # infections dated `lag` days before each report
     window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
     seen = window.detach() > 0
@@ -583,6 +595,27 @@ def seed_estimate(
         occ = occ + torch.nn.functional.pad(incidence[day][:, None], (E1, K - E1 - 1))
     onsets = torch.stack(onsets[-REPORT_LAGS:])
     return occ, torch.nn.functional.pad(onsets, (0, 0, REPORT_LAGS - onsets.shape[0], 0))
+
+
+def _borough_split(cases: torch.Tensor, boroughs: list[str], prior: float) -> torch.Tensor:
+    """(H, B) daily cases with each day's total kept and its split over boroughs pulled toward the
+    boroughs' shares of the population: ``total_d · (w · split_d + (1 − w) · share)``, ``w = n / (n +
+    prior)`` with ``n`` the cases reported before the start. One case on 2020-02-29, in Manhattan, would
+    otherwise put the whole seed of a start on 2020-03-01 in one borough, while the first sequenced
+    genomes show several introductions spread over the boroughs by early March (Gonzalez-Reiche et al.,
+    Science 2020), and early tests favoured some neighbourhoods (Borjas, NBER w26952, 2020)."""
+    seen = float(cases.sum())
+    if prior <= 0 or seen <= 0:
+        return cases
+    people = nyc.population_by_group()
+    people = people[people["group"] == "Age"].groupby("borough")["population"].sum()
+    codes = {name: code for code, name in nyc.BOROUGH_NAMES.items()}
+    share = torch.tensor([float(people[codes[b]]) for b in boroughs], dtype=torch.float64)
+    share = share / share.sum()
+    total = cases.sum(1, keepdim=True)
+    split = torch.where(total > 0, cases / total.clamp_min(1e-12), share[None, :])
+    w = seen / (seen + prior)
+    return total * (w * split + (1.0 - w) * share[None, :])
 
 
 class CovidScenario(Scenario):
