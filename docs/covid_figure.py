@@ -1,6 +1,6 @@
 """The README's figure: a COVID run's weekly reported cases against the real series, citywide and per borough.
 
-.venv/bin/python docs/covid_figure.py runs/issue8-heuristic docs/covid-spring-2020.png
+.venv/bin/python docs/covid_figure.py runs/issue8-heuristic docs/covid-spring-2020.png ["literature values"]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def weekly(frame: pd.DataFrame) -> pd.DataFrame:
     return wide.resample("W-SUN").sum()
 
 
-def main(run: Path, out: Path) -> None:
+def main(run: Path, out: Path, values: str = "defaults") -> None:
     t = pd.read_parquet(run / "trajectory.parquet")
     sim = weekly(t[t["quantity"] == "reported_cases"])
     first, last = pd.to_datetime(t["date"]).min(), pd.to_datetime(t["date"]).max()
@@ -42,7 +42,7 @@ def main(run: Path, out: Path) -> None:
     for ax, name in zip(axes, ["New York City", *boroughs], strict=False):
         s = sim.sum(axis=1) if name == "New York City" else sim[name]
         r = real.sum(axis=1) if name == "New York City" else real[name]
-        ax.plot(s.index, s.to_numpy(), label="simulated (heuristic policy, defaults)")
+        ax.plot(s.index, s.to_numpy(), label=f"simulated (heuristic policy, {values})")
         ax.plot(r.index, r.to_numpy(), "k--", label="real (NYC DOHMH)")
         ax.set_title(name)
         ax.tick_params(axis="x", labelrotation=45, labelsize=7)
@@ -56,4 +56,4 @@ def main(run: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:4])
