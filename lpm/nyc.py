@@ -60,6 +60,14 @@ def population_by_group() -> pd.DataFrame:
 
 
 @cache
+def borough_population() -> pd.Series:
+    """Residents per borough (index: borough code), the sums of the age-band populations of
+    :func:`population_by_group`."""
+    table = population_by_group()
+    return table[table["group"] == "Age"].groupby("borough")["population"].sum()
+
+
+@cache
 def city_population() -> int:
     """Residents of the city: the sum of the age-band populations of :func:`population_by_group`
     (8,336,817), the size of the full synthetic population and the denominator of rates per 100,000."""
@@ -163,8 +171,7 @@ def households_by_area(path: Path | None = None) -> pd.DataFrame:
     )
     for part, whole in HOUSEHOLD_PARTS:
         _refuse(where, part, area, out[part] > out[whole], f"exceeds field {whole}", out[part])
-    residents = population_by_group()
-    residents = residents[residents["group"] == "Age"].groupby("borough")["population"].sum()
+    residents = borough_population()
     in_households = people.groupby(out["borough"]).sum()
     for code in BOROUGH_CODES:
         have, want = int(in_households.get(code, 0)), float(residents.get(code, 0.0))

@@ -120,8 +120,7 @@ def test_a_seed_from_few_cases_is_spread_over_the_boroughs_by_population():
     The citywide infections are the same either way."""
     boroughs = list(covid.nyc.BOROUGH_NAMES.values())
     cases = covid._real_cases()
-    people = covid.nyc.population_by_group()
-    people = people[people["group"] == "Age"].groupby("borough")["population"].sum()
+    people = covid.nyc.borough_population()
     share = torch.tensor([float(people[code]) for code in covid.nyc.BOROUGH_NAMES], dtype=torch.float64)
     share = share / share.sum()
     for start, closest in (("2020-03-01", "population"), ("2020-04-01", "reported")):

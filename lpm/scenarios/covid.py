@@ -607,8 +607,7 @@ def _borough_split(cases: torch.Tensor, boroughs: list[str], prior: float) -> to
     seen = float(cases.sum())
     if prior <= 0 or seen <= 0:
         return cases
-    people = nyc.population_by_group()
-    people = people[people["group"] == "Age"].groupby("borough")["population"].sum()
+    people = nyc.borough_population()
     codes = {name: code for code, name in nyc.BOROUGH_NAMES.items()}
     share = torch.tensor([float(people[codes[b]]) for b in boroughs], dtype=torch.float64)
     share = share / share.sum()
