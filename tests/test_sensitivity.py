@@ -2,11 +2,12 @@
 
 Agreement is asserted where lpm's gradients are known to hold (tests/test_gradients.py, tests/test_labor.py):
 3 weeks of covid from 2020-03-16, 6 months of labor from 2020-04. Two checks per outcome and parameter,
-both from figures measured over 8 seeds: the mean autograd derivative is within 4 standard errors of the
-mean finite difference (the standard error of the per-seed difference, common random numbers on both
-sides), and within 10 % of it wherever the finite difference resolves 10 % (its difference's standard
-error under 5 %). Measured (50,000 agents, default heuristic policy): covid ratios 0.94-1.03, at most
-1.8 standard errors apart; labor (20,000 agents, decisions replayed) 0.99-1.04, at most 1.5.
+both from figures measured over 16 seeds (covid) and 8 (labor): the mean autograd derivative is within 4
+standard errors of the mean finite difference (the standard error of the per-seed difference, common
+random numbers on both sides), and within 10 % of it wherever the finite difference resolves 10 % (its
+difference's standard error under 5 %). Measured (50,000 agents, default heuristic policy): covid ratios
+0.96-1.01 on the totals and peaks, 0.87-1.13 on the soft peak week where it is noise; labor (20,000
+agents, decisions replayed) 0.99-1.04, at most 1.5 standard errors apart.
 """
 
 import subprocess
@@ -25,6 +26,7 @@ from lpm.scenarios.labor import LaborScenario
 from lpm.sensitivity import markdown, outcome, sensitivity
 
 SEEDS = range(1, 9)
+COVID_SEEDS = range(1, 17)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -37,23 +39,31 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _agree(frame: pd.DataFrame) -> None:
+def _agree(frame: pd.DataFrame, unresolved: int = 2) -> pd.Series:
     report = frame[["outcome", "parameter", "ratio", "difference_se"]].round(4).to_string()
     gap = (frame["autograd"] - frame["fd"]).abs()
     assert np.all(gap <= 4 * frame["difference_se"]), report
     resolved = frame["difference_se"] < 0.05 * frame["fd"].abs()
-    assert resolved.sum() >= len(frame) - 2, report  # the check below covers nearly every row
+    assert resolved.sum() >= len(frame) - unresolved, report  # the check below covers nearly every row
     assert np.all((frame["ratio"][resolved] - 1).abs() < 0.10), report
+    return resolved
 
 
 def test_covid_autograd_agrees_with_finite_differences():
+    """16 seeds and steps of 10 %: with the 2020-03-16 seed of the positivity trend the detected shares move
+    the total less (d total / d detected 4,000 against 12,100 with the detected-share trend, whose seed
+    shrank as detection rose), and 8 seeds at 5 % left their totals and peaks unresolved (standard errors
+    5-6 %). Measured: every total and peak resolved (at most 4.0 %), ratios 0.96-1.01; the soft peak
+    week's derivatives of the detected shares and the offsets stay noise (8-10 %), judged by the 4 standard
+    errors alone."""
     pop = Population.synthesize("nyc", agents=50_000, seed=0)
     frame = sensitivity(
         lambda kw: CovidScenario({"start": "2020-03-16", **kw}),
         pop,
         steps=21,
-        seeds=SEEDS,
+        seeds=COVID_SEEDS,
         parameters=["beta", "detected", "detected_march", "community_pause", "offsets.isolation:isolate"],
+        rel_step=0.1,
         progress=False,
     )
     assert list(frame["outcome"].unique()) == [
@@ -61,12 +71,13 @@ def test_covid_autograd_agrees_with_finite_differences():
         "peak:reported_cases",
         "peak_week:reported_cases",
     ]
-    assert len(frame) == 15 and frame.attrs["seeds"] == list(SEEDS)
+    assert len(frame) == 15 and frame.attrs["seeds"] == list(COVID_SEEDS)
     peaks = frame[frame["outcome"].str.startswith("peak")]
     assert set(peaks["peak_date"]) == {"2020-03-23"}  # the hard peak: the week of 2020-03-23
     assert frame.loc[frame["outcome"] == "total:reported_cases", "peak_date"].isna().all()
     assert "leaves out" in frame.attrs["note"]
-    _agree(frame)
+    resolved = _agree(frame, unresolved=3)
+    assert resolved[~frame["outcome"].str.startswith("peak_week")].all()
 
 
 def test_labor_autograd_agrees_with_finite_differences_with_the_decisions_replayed():

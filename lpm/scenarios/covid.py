@@ -77,8 +77,10 @@ window: an input, like the intervention dates.
 **Seeding without look-ahead.** The state on the start date is estimated from the real cases reported in
 the 14 days *before* it, never from the start date or later (:func:`seed_estimate`): daily infections
 are back-projected as cases / detected / (1 - asymptomatic) at the report date minus the mean delay
-from infection to report; their growth rate is the log-linear slope of the detection-corrected cases
-when at least 7 of the 14 days have cases, else ``seed_growth`` (0.23 a day, a doubling time of 3 days;
+from infection to report; the last days, not reported yet, grow at the log-linear slope of the share of
+tests found positive (``seed_trend="positivity"``: cases / people tested, which takes out the growth of
+testing itself; in mid-March 2020 tests grew 45-fold in 8 days and the cases with them) when at least 7 of
+the 14 days have cases and tests, else ``seed_growth`` (0.23 a day, a doubling time of 3 days;
 Pei et al., Nature 2021 (NYC, March 2020); Sanche et al., Emerg Infect Dis 2020: 2.3–3.3 days); the
 infections of the 60 days before the start are run through the stage chain to give each borough's
 expected agents per stage and the symptom onsets still waiting to be reported. While few cases have been
@@ -421,6 +423,11 @@ class CovidConfig(ScenarioConfig):
     seed_growth: float = Field(
         default=0.23, ge=-0.5, le=1, description="daily growth of infections before the start (few data)"
     )
+    seed_trend: Literal["positivity", "detected"] = Field(
+        default="positivity",
+        description="growth of the infections not yet reported at the start: the trend of the share of tests "
+        "found positive (positivity) or of the cases divided by the detected share (detected)",
+    )
     seed_prior_cases: float = Field(
         default=100.0,
         ge=0,
@@ -545,9 +552,10 @@ def seed_estimate(
     infections are back-projected: the cases reported on day ``d`` / detected(d) / (1 - asymptomatic)
     were infected ``lag`` days earlier (the mean latent, pre-symptomatic and diagnosis delays). The last
     ``lag`` days before the start are not reported yet: they continue the mean of the 7 days before them
-    at the growth rate of the detection-corrected cases of the last ``SEED_WINDOW`` days (a log-linear fit
-    when at least 7 of them have cases, else ``seed_growth``; kept within -0.2 .. 0.3 a day, doubling no
-    faster than every 2.3 days). The infections are run through the stage chain to the start date.
+    at the growth rate of the last ``SEED_WINDOW`` days' share of tests found positive (``seed_trend``
+    "positivity"; "detected": of the cases divided by the detected share) by a log-linear fit when at
+    least 7 of those days have it, else ``seed_growth``; kept within -0.2 .. 0.3 a day, doubling no
+    faster than every 2.3 days. The infections are run through the stage chain to the start date.
     Returns ((B, 8), (lags, B)) float64 tensors that carry the gradients of the detection parameters.
     """
     start = pd.Timestamp(c.start)
@@ -573,8 +581,13 @@ def seed_estimate(
     cases = _borough_split(cases, boroughs, c.seed_prior_cases)
     behind = cases / det[:, None] / symptomatic  # infections dated `lag` days before each report
     window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
+    if c.seed_trend == "positivity":  # the share of tests found positive: testing's own growth taken out
+        reported = before.groupby("date")["cases"].sum().reindex(days).fillna(0.0)
+        tested = nyc.tests_by_day().reindex(days).fillna(0.0)
+        positivity = (reported / tested.where(tested > 0)).fillna(0.0).to_numpy()[-SEED_WINDOW:]
+        window = torch.tensor(positivity, dtype=torch.float64)
     seen = window.detach() > 0
-    if int(seen.sum()) >= 7:  # least-squares slope of log(window) on the day (it moves with detection)
+    if int(seen.sum()) >= 7:  # least-squares slope of log(window) on the day
         day = torch.arange(len(window), dtype=torch.float64)[seen]  # fewer than SEED_WINDOW days early on
         log_cases = torch.log(window[seen])
         growth = ((day - day.mean()) * (log_cases - log_cases.mean())).sum() / ((day - day.mean()) ** 2).sum()
