@@ -85,6 +85,39 @@ def test_real_labor_data_lowers_the_loss_and_reports_the_test_error(pop):
     assert len(cal.restarts) == 2
 
 
+def test_later_starts_share_the_loss_and_report_their_errors(pop, monkeypatch):
+    """also_from: each epoch runs the train window from its first day and from each later start to its
+    end, each seeded from the data before its own start, and the loss is their mean; each later start's
+    train and test errors are reported, at the fit and at the starting values."""
+    import lpm.calibration as calibration
+
+    calls = []
+    real_epoch = calibration._train_epoch
+
+    def recorded(sim, bind, q, steps, *args, **kw):
+        loss = real_epoch(sim, bind, q, steps, *args, **kw)
+        calls.append((str(sim.scenario.config.start), steps, loss))
+        return loss
+
+    monkeypatch.setattr(calibration, "_train_epoch", recorded)
+    cal = _fit(
+        pop,
+        "covid",
+        "2020-03-16:2020-04-12",
+        ["beta"],
+        test=Window.parse("2020-04-13:2020-04-26", "--test"),
+        also_from=[pd.Timestamp("2020-03-30").date()],
+        epochs=2,
+    )
+    assert [(c[0], c[1]) for c in calls] == [("2020-03-16", 28), ("2020-03-30", 14)] * 2
+    for e in range(2):
+        assert cal.losses[0][e] == pytest.approx((calls[2 * e][2] + calls[2 * e + 1][2]) / 2)
+    assert cal.settings["also_from"] == ["2020-03-30"]
+    later = cal.to_json()["also_from"]["2020-03-30"]
+    assert later["train"]["periods"] == 2 and later["test"]["periods"] == 2
+    assert {"rmse", "mape", "before"} <= set(later["train"]) and later["test"]["before"]["mape"] > 0
+
+
 def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
     out = tmp_path / "cal"
     code = main(
@@ -121,6 +154,10 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
         (["--train", "2020-03-16:2020-04-12", "--parameters", "beta,betta"], "'betta' not learnable"),
         (["--train", "2020-03-16:2020-04-12", "--policy", "random"], "--policy"),
         (["--train", "2020-03-16:2020-04-12", "--estimator", "exact"], "--estimator must be one of"),
+        (["--train", "2020-03-16:2020-04-12", "--also-from", "2020-03-25"], "not a whole number of weeks"),
+        (["--train", "2020-03-16:2020-04-12", "--also-from", "2020-03-16"], "not inside --train"),
+        (["--train", "2020-03-16:2020-04-12", "--also-from", "2020-04-19"], "not inside --train"),
+        (["--train", "2020-03-16:2020-04-12", "--also-from", "March"], "--also-from must be dates"),
     ],
 )
 def test_bad_windows_and_parameters_are_clear_errors(args, message, tmp_path, capsys):

@@ -58,6 +58,12 @@ def register(app: typer.Typer) -> None:
             "literature (the cited values, ignoring its calibration)",
         ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
+        also_from: str = typer.Option(
+            None,
+            "--also-from",
+            help="later start dates inside --train (comma-separated): each epoch also runs from each to the "
+            "window's end, seeded from the data before it, and the loss is the mean over the runs",
+        ),
         llm_url: str = typer.Option(
             None,
             "--llm-url",
@@ -116,6 +122,12 @@ def register(app: typer.Typer) -> None:
         if data is not None and "data" not in type(base).Config.model_fields:
             raise InputError(f"--data: the {base.name} scenario reads no data file of yours")
         names = parse_list(parameters, "--parameters") or None
+        later = []
+        for text in parse_list(also_from, "--also-from") or []:
+            try:
+                later.append(dt.date.fromisoformat(text))
+            except ValueError:
+                raise InputError(f"--also-from must be dates YYYY-MM-DD, got {text!r}") from None
         folder = out or Path("runs") / f"calibrate-{base.name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         check_new_folder(folder)
         pop = Population.synthesize("nyc", agents=agents, seed=seed)
@@ -129,6 +141,7 @@ def register(app: typer.Typer) -> None:
         argv += ["--parameters", parameters] if parameters else []
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
+        argv += ["--also-from", also_from] if later else []
         argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
         if policy == "llm":  # which model answered (the URL without credentials)
             from lpm.endpoint import redact_url
@@ -185,6 +198,7 @@ def register(app: typer.Typer) -> None:
                         truncate=truncate,
                         memory_gb=memory_gb,
                         estimator=estimator,
+                        also_from=later,
                         progress=progress,
                     )
                 except CacheMissError as exc:
@@ -208,6 +222,14 @@ def register(app: typer.Typer) -> None:
                     f"{window} {getattr(cal, window)}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
                     f"RMSE {e['rmse']:,} (before: {e['before']['rmse']:,}) over {e['periods']} periods"
                 )
+        for first, errors in cal.also.items():
+            for window in ("train", "test"):
+                e = errors.get(window)
+                if e:
+                    console.print(
+                        f"  from {first}, {window}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
+                        f"RMSE {e['rmse']:,} (before: {e['before']['rmse']:,}) over {e['periods']} periods"
+                    )
         console.print(
             f"model calls: {cal.counters.get('llm_queries', 0)}, cache hits {cal.counters.get('cache_hits', 0)}"
         )
