@@ -20,9 +20,12 @@
 
 Checkpoints: rank ``r`` writes ``out_dir/rank-r/`` after every step and keeps the previous step's checkpoint
 beside it, since a rank can die between its own checkpoint and another's; ``resume=True`` takes the last
-step every rank holds. A rank that dies stops the run: the launcher notices within a second, stops the
-others and raises :class:`~lpm.errors.ShardError` naming the rank (a hung collective fails after
-``timeout`` seconds).
+step every rank holds, and refuses a run in which some ranks hold checkpoints and others none (a lost
+disk), rather than start those over. A rank that dies stops the run: the launcher notices within a second,
+stops the others and raises :class:`~lpm.errors.ShardError` naming the rank (a hung collective fails after
+``timeout`` seconds). Under ``torchrun`` there is no such launcher: a rank whose collective fails because
+a peer died, hung or cannot be reached raises :class:`PeerError` (a ``ShardError``) naming itself, with
+the hint to resume.
 
 Inference mode only; the scenario must declare ``shardable = True``.
 """
@@ -35,12 +38,13 @@ import multiprocessing as mp
 import multiprocessing.connection
 import os
 import pickle
+import re
 import signal
 import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -55,7 +59,7 @@ from lpm.population import Population
 from lpm.sampling import HardSampler
 from lpm.scenarios import Scenario
 
-__all__ = ["Follower", "Shard", "ShardedSimulation", "check_nproc", "cut", "run"]
+__all__ = ["Follower", "PeerError", "Shard", "ShardedSimulation", "check_nproc", "cut", "run"]
 
 #: The checkpoint of the step before the last, kept beside :data:`lpm.engine.CHECKPOINT` in each rank's folder.
 PREVIOUS = "checkpoint-previous.pt"
@@ -63,6 +67,12 @@ PREVIOUS = "checkpoint-previous.pt"
 TIMEOUT = 300.0
 #: Seconds the launcher gives the other ranks to fail on their own once one has died, before stopping them.
 GRACE = 2.0
+
+
+class PeerError(ShardError):
+    """This rank stopped because a collective with the other ranks failed: a peer rank died, hung past the
+    timeout or cannot be reached. The message names this rank; the peer's own error (if it reported one)
+    is the cause."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +229,7 @@ class ShardedSimulation(Simulation):
         self.shard = shard
         self.comm_seconds = 0.0
         self.comm_bytes = 0  # bytes this rank handed to all-reduce and broadcast
+        self._out_dir: str | Path | None = None  # the run folder, for the hint of a PeerError
         self._shared_bins: dict[tuple[int, int, int], torch.Tensor] = {}
         self.world = _narrow_world(self.world, self.n, lo, hi)
         for d in self.asked:
@@ -238,13 +249,15 @@ class ShardedSimulation(Simulation):
         wide = torch.int64 if not aggregate.is_floating_point() else torch.float64
         if index is None:
             total = aggregate.to(wide, copy=True).contiguous()
-            dist.all_reduce(total)
+            with self._collective():
+                dist.all_reduce(total)
             self.comm_bytes += total.element_size() * total.numel()
             total = total.to(aggregate.dtype)
         else:
             shared = self._shared(index, aggregate.shape[0])
             part = aggregate.index_select(0, shared).to(wide)
-            dist.all_reduce(part)
+            with self._collective():
+                dist.all_reduce(part)
             self.comm_bytes += part.element_size() * part.numel()
             total = aggregate.index_copy(0, shared, part.to(aggregate.dtype))
         self.comm_seconds += time.perf_counter() - t0
@@ -257,7 +270,8 @@ class ShardedSimulation(Simulation):
         key = (index.data_ptr(), int(index.shape[0]), bins)
         if key not in self._shared_bins:
             ranks = (torch.bincount(index.long(), minlength=bins) > 0).to(torch.int32)
-            dist.all_reduce(ranks)
+            with self._collective():
+                dist.all_reduce(ranks)
             self._shared_bins[key] = torch.nonzero(ranks > 1).view(-1)
         return self._shared_bins[key]
 
@@ -268,10 +282,37 @@ class ShardedSimulation(Simulation):
         else:
             table = torch.empty(d.k, d.a, dtype=torch.float32, device=self.device)
         t0 = time.perf_counter()
-        dist.broadcast(table, src=0)
+        with self._collective():
+            dist.broadcast(table, src=0)
         self.comm_seconds += time.perf_counter() - t0
         self.comm_bytes += table.element_size() * table.numel()
         return table
+
+    @contextlib.contextmanager
+    def _collective(self) -> Iterator[None]:
+        """Around a collective: its failure (gloo's "Connection reset by peer", a timeout) becomes a
+        :class:`PeerError` naming this rank, the step and how to resume."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo's errors, and torch.distributed.DistError (a timeout), are these
+            s = self.shard
+            cause = _first_sentence(str(exc)) or type(exc).__name__
+            keeps = (
+                f"; the run folder {self._out_dir} keeps each rank's checkpoint"
+                if self._out_dir is not None
+                else ""
+            )
+            hint = (
+                f"once every rank can run again, resume: the same command with --resume and the same --out "
+                f"{self._out_dir} on every node (resume=True in Python)"
+                if self._out_dir is not None
+                else "run again; with a run folder (--out) a run resumes from its checkpoints"
+            )
+            raise PeerError(
+                f"rank {s.rank} of {s.size}: a peer rank failed (died, hung past the timeout or cannot be "
+                f"reached): the exchange with the other ranks broke off at step {self.done} ({cause}){keeps}",
+                hint=hint,
+            ) from exc
 
     def fingerprint(self) -> dict[str, Any]:
         s = self.shard  # "agents": this rank's, so one process never resumes from a rank's checkpoint
@@ -284,26 +325,44 @@ class ShardedSimulation(Simulation):
         super()._save(path, *args)
 
     def _agree(self, folder: Path) -> None:
-        """Before a resumed run: make ``folder/checkpoint.pt`` the last step every rank holds."""
+        """Before a resumed run: make ``folder/checkpoint.pt`` the last step every rank holds. Every rank
+        learns what every other holds, so all take the same decision: start over when no rank has a
+        checkpoint, and raise :class:`InputError` (on every rank) when some have one and others none (a
+        lost disk or folder), or when a rank lacks the common step."""
         current, previous = folder / CHECKPOINT, folder / PREVIOUS
         done = {p: _steps_done(p) for p in (current, previous)}
-        mine = torch.tensor([max(done.values())], dtype=torch.int64)
-        dist.all_reduce(mine, op=dist.ReduceOp.MIN)
-        common = int(mine)
-        if common < 0:  # some rank has no checkpoint: all start over
-            for p in (current, previous):
-                p.unlink(missing_ok=True)
-        elif done[current] != common:
-            if done[previous] != common:
-                raise InputError(
-                    f"{folder}: this rank's checkpoints hold steps {sorted(set(done.values()))}, the other ranks' "
-                    f"end at {common}",
-                    hint="delete the run folder to start over",
-                )
+        s = self.shard
+        gathered = [torch.zeros(2, dtype=torch.int64) for _ in range(s.size)]
+        with self._collective():
+            dist.all_gather(gathered, torch.tensor([done[current], done[previous]], dtype=torch.int64))
+        held = [sorted({int(v) for v in g.tolist()} - {-1}) for g in gathered]  # steps each rank holds
+        if not any(held):  # no rank has a checkpoint: all start over
+            return
+        lacking = [r for r in range(s.size) if not held[r]]
+        if lacking:
+            holding = [r for r in range(s.size) if held[r]]
+            folders = ", ".join(str(folder.parent / f"rank-{r}") for r in lacking)
+            raise InputError(
+                f"--resume: {_ranks(lacking, s.size)} no checkpoint ({folders} on the node that ran "
+                f"{'it' if len(lacking) == 1 else 'them'}), while {_ranks(holding, s.size)} checkpointed "
+                f"{max(max(h) for h in held if h)} steps; a run cannot resume without every rank's checkpoint",
+                hint=f"put back the missing {folders} (each node keeps its ranks' folders under the --out "
+                "folder) and resume, or start over: delete the run folder on every node and run without --resume",
+            )
+        common = min(h[-1] for h in held)
+        short = [r for r in range(s.size) if common not in held[r]]
+        if short:
+            raise InputError(
+                f"{folder.parent}: {_ranks(short, s.size)} no checkpoint after {common} steps, the most every "
+                f"rank completed (only after {', '.join(str(held[r]) for r in short)} steps)",
+                hint="delete the run folder on every node to start over",
+            )
+        if done[current] != common:
             os.replace(previous, current)
 
     def run(self, steps: int, *, out_dir: str | Path | None = None, resume: bool = False) -> RunResult:
         folder = None if out_dir is None else Path(out_dir) / f"rank-{self.shard.rank}"
+        self._out_dir = out_dir
         if folder is not None and resume:
             self._agree(folder)
         self.comm_seconds = 0.0
@@ -311,6 +370,19 @@ class ShardedSimulation(Simulation):
         result.agents = self.shard.agents
         result.comm_seconds = self.comm_seconds
         return result
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a backend's error, without gloo's ``[file.cc:line]`` prefix."""
+    text = re.sub(r"^\s*\[[^\]]*\]\s*", "", text.strip().splitlines()[0] if text.strip() else "")
+    return text.split(". ")[0].rstrip(".")
+
+
+def _ranks(ranks: list[int], size: int) -> str:
+    """``rank 1 of 4 has`` or ``ranks 1, 3 of 4 have``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} of {size} has"
+    return f"ranks {', '.join(map(str, ranks))} of {size} have"
 
 
 def _steps_done(path: Path) -> int:
@@ -414,8 +486,16 @@ def _child(rank: int, job: _Job, tmp: str) -> None:
         with open(Path(tmp) / f"error-{rank}.pkl", "wb") as f:
             lpm = isinstance(exc, LpmError)
             text = str(exc) if lpm else "".join(traceback.format_exception(exc)).strip()
+            peer = isinstance(exc, PeerError)  # a consequence of another rank's failure, not a cause
             pickle.dump(
-                {"lpm": lpm, "type": type(exc).__name__, "text": text, "hint": getattr(exc, "hint", None)}, f
+                {
+                    "lpm": lpm,
+                    "peer": peer,
+                    "type": type(exc).__name__,
+                    "text": text,
+                    "hint": getattr(exc, "hint", None),
+                },
+                f,
             )
         os._exit(1)
 
@@ -466,7 +546,8 @@ def _watch(procs: list[Any], tmp: str, out_dir: str | Path | None) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 errors[r] = pickle.load(f)
-    # the cause: a rank that died without reporting (a signal, the OOM killer), else an lpm error, else the first
+    # the cause: a rank that died without reporting (a signal, the OOM killer), else an lpm error, else the
+    # first; a rank that only saw a peer fail (PeerError) comes last
     dead = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in errors and r not in stopped]
     resume = (
         f"; the run folder {out_dir} keeps each rank's checkpoint: run again with resume=True (--resume)"
@@ -478,10 +559,12 @@ def _watch(procs: list[Any], tmp: str, out_dir: str | Path | None) -> None:
         code = procs[r].exitcode
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         raise ShardError(f"rank {r} of {size} died ({how}); the other ranks were stopped{resume}")
-    reported = sorted(errors, key=lambda r: (not errors[r]["lpm"], r))
+    reported = sorted(errors, key=lambda r: (errors[r]["peer"], not errors[r]["lpm"], r))
     if reported:
         r = reported[0]
         e = errors[r]
+        if e["peer"]:
+            raise ShardError(e["text"], hint=e["hint"])
         if e["lpm"]:
             raise ShardError(f"rank {r} of {size}: {e['text']}", hint=e["hint"])
         raise ShardError(f"rank {r} of {size} failed ({e['type']}){resume}:\n{e['text']}")

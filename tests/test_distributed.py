@@ -1,12 +1,15 @@
 """Sharding over processes (lpm.distributed, gloo on CPU, 2 processes): the same records as one process,
 each archetype asked once in total, a dead rank fails the run with a clear error and it resumes, bad
-process counts are refused."""
+process counts are refused; under torchrun on two (localhost) nodes without a shared folder too."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -218,3 +221,165 @@ def test_cli_refuses_too_many_processes(tmp_path):
     )
     assert res.returncode == 2 and "'nproc': 2 processes for 1 agents" in res.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resume_refuses_a_rank_without_a_checkpoint(tmp_path):
+    """A lost node disk: rank 1 has no checkpoint while rank 0 has; the run does not silently start over."""
+    out = tmp_path / "run"
+    distributed.run(make, 4, nproc=2, seed=SEED, out_dir=out)
+    shutil.rmtree(out / "rank-1")
+    with pytest.raises(
+        ShardError, match=r"--resume: rank 1 of 2 has no checkpoint \(.*rank-1 on the node.*rank 0 of 2 has"
+    ) as err:
+        distributed.run(make, STEPS, nproc=2, seed=SEED, out_dir=out, resume=True)
+    assert "checkpointed 4 steps; a run cannot resume without every rank's checkpoint" in str(err.value)
+    assert "put back the missing" in err.value.hint and "without --resume" in err.value.hint
+    assert distributed._steps_done(out / "rank-0" / "checkpoint.pt") == 4  # rank 0's checkpoint is kept
+    assert not (out / "rank-1" / "checkpoint.pt").exists()
+
+
+# -- torchrun on two nodes (localhost), each in its own folder: no shared filesystem ------------------------
+
+#: The CLI run the torchrun tests compare with; long enough that a rank can be killed mid-run.
+CLI_RUN = ["run", "covid", "--agents", str(AGENTS), "--days", "150", "--seed", "4", "--start", "2020-03-20"]
+CLI_RUN += ["--set", "beta=0.2"]
+RECORDS = ("trajectory.parquet", "decisions.parquet")
+
+
+@pytest.fixture(scope="module")
+def cli_single(tmp_path_factory):
+    """The run folder of CLI_RUN in one process."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    res = lpm_cli(*CLI_RUN, "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (torchrun starts its worker in a session of its own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_node(launcher: subprocess.Popen) -> None:
+    """SIGKILL a node: its torchrun launcher's process group and its workers' (their own sessions)."""
+    workers = children(launcher.pid)
+    for pid in [launcher.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    launcher.wait(timeout=10)
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """``start(*cli_args)``: launches torchrun on nodes 0 and 1 (one rank each, static rendezvous at
+    127.0.0.1), each in its own folder tmp_path/node-<n>, and returns the two launchers (their stderr is
+    in the file ``launcher.err``). Any left running at the end are killed."""
+    launched: list[subprocess.Popen] = []
+    logs = []
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    def start(*args: str) -> list[subprocess.Popen]:
+        port, pair = free_port(), []
+        for node in (0, 1):
+            cwd = tmp_path / f"node-{node}"
+            cwd.mkdir(exist_ok=True)
+            cmd = [str(torchrun), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1"]
+            cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "lpm", "--", *args]
+            err = tmp_path / f"err-{len(launched)}.txt"
+            logs.append(open(err, "w"))  # noqa: SIM115 (closed at the end)
+            launcher = subprocess.Popen(
+                cmd,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=logs[-1],
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                start_new_session=True,
+            )
+            launcher.err = err
+            launched.append(launcher)
+            pair.append(launcher)
+        return pair
+
+    yield start
+    for launcher in launched:
+        if launcher.poll() is None:
+            kill_node(launcher)
+    for log in logs:
+        log.close()
+
+
+def finish(launchers: list[subprocess.Popen], timeout: float = 60) -> None:
+    """Wait for both nodes (at most ``timeout`` seconds each) and check that they succeeded."""
+    for launcher in launchers:
+        launcher.wait(timeout=timeout)
+    for launcher in launchers:
+        assert launcher.returncode == 0, launcher.err.read_text()
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    for name in RECORDS:
+        pd.testing.assert_frame_equal(pd.read_parquet(a / name), pd.read_parquet(b / name))
+
+
+def test_torchrun_on_two_nodes_without_a_shared_folder(cli_single, nodes, tmp_path):
+    finish(nodes(*CLI_RUN, "--out", "run"))  # at most 60 s a node: a hang fails the test
+    node0, node1 = tmp_path / "node-0" / "run", tmp_path / "node-1" / "run"
+    assert_same_run(cli_single, node0)
+    assert json.loads((node0 / "summary.json").read_text())["processes"] == 2
+    assert sorted(p.name for p in node0.glob("rank-*")) == ["rank-0"]
+    # node 1 holds its rank's checkpoints and nothing else
+    assert [p.name for p in node1.iterdir()] == ["rank-1"]
+    assert (node1 / "rank-1" / "checkpoint.pt").is_file()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's worker in /proc")
+def test_torchrun_a_killed_node_fails_the_other_clearly_and_it_resumes(cli_single, nodes, tmp_path):
+    node0, node1 = nodes(*CLI_RUN, "--out", "run")
+    journal = tmp_path / "node-1" / "run" / "rank-1" / "checkpoint-steps.jsonl"
+    began = time.monotonic()
+    while not (journal.is_file() and journal.read_text().count("\n") >= 2):  # rank 1 checkpointed step 1
+        assert node0.poll() is None and node1.poll() is None, "a node ended before rank 1's checkpoint"
+        assert time.monotonic() - began < 60, "rank 1 wrote no checkpoint within 60 s"
+        time.sleep(0.01)
+    kill_node(node1)
+    node0.wait(timeout=60)  # the bound on noticing a dead peer (measured about 1 s), never a hang
+    err = node0.err.read_text()
+    assert node0.returncode != 0
+    assert "error: rank 0 of 2: a peer rank failed" in err, err
+    assert "--resume and the same --out run" in err
+    assert (tmp_path / "node-1" / "run" / "rank-1" / "checkpoint.pt").is_file()
+    # both nodes again, with --resume: the records of one process
+    finish(nodes(*CLI_RUN, "--out", "run", "--resume"))
+    assert_same_run(cli_single, tmp_path / "node-0" / "run")
+    summary = json.loads((tmp_path / "node-0" / "run" / "summary.json").read_text())
+    assert 0 < summary["resumed_from_step"] < 150
+
+
+def test_torchrun_needs_out(tmp_path):
+    """Under torchrun each process would name the default folder from its own clock: --out is required."""
+    res = subprocess.run(
+        [sys.executable, "-m", "lpm", "run", "covid", "--agents", "2000", "--days", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "RANK": "0", "WORLD_SIZE": "2"},  # what torchrun sets
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert "--out: a run under torchrun needs its run folder named" in res.stderr
+    assert not (tmp_path / "runs").exists()

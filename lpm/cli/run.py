@@ -70,7 +70,10 @@ def register(app: typer.Typer) -> None:
             "error", "--on-llm-failure", help="error or heuristic (counted as fallbacks)"
         ),
         out: Path = typer.Option(
-            None, "--out", "-o", help="run folder (default runs/<scenario>-<policy>-<time>)"
+            None,
+            "--out",
+            "-o",
+            help="run folder (default runs/<scenario>-<policy>-<time>; required under torchrun)",
         ),
         resume: bool = typer.Option(False, "--resume", help="continue the interrupted run in --out"),
         nproc: int = typer.Option(
@@ -112,6 +115,14 @@ def register(app: typer.Typer) -> None:
         if out is None:
             if resume:
                 raise InputError("--resume needs the --out folder of the run to continue")
+            from lpm.distributed import torchrun_rank
+
+            if torchrun_rank() is not None:  # each process would name the folder from its own clock
+                raise InputError(
+                    "--out: a run under torchrun needs its run folder named, the same on every node (the "
+                    "default name holds the time, which each process reads from its own clock)",
+                    hint="add --out runs/NAME to the command on every node",
+                )
             name = config.make_scenario().name
             out = Path("runs") / f"{name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         result = run(
