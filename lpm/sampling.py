@@ -305,10 +305,13 @@ class Sampler:
         """Bytes of the per-agent buffers the sampler holds."""
         return self._uniforms.nbytes()
 
-    def support(self, states: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def support(
+        self, states: torch.Tensor, table: torch.Tensor, codes: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The agents whose ``table[state]`` is non-zero and their values, for sums that only those agents
         enter: here ``(None, value(states, table))``, every agent ((N,) values); :class:`HardSampler`
-        gives the few agents' indices (M,) and their values (M,)."""
+        gives the few agents' indices (M,) and their values (M,). ``codes``: ``(lo, hi)`` when the caller
+        knows that exactly the consecutive codes ``lo .. hi`` are non-zero (the table is not read back)."""
         return None, self.value(states, table)
 
     @staticmethod
@@ -421,12 +424,21 @@ class HardSampler(Sampler):
         """(N,) ``table[state]`` of each agent, from a (k,) float table."""
         return table.index_select(0, states.to(torch.int32))
 
-    def support(self, states: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def support(
+        self, states: torch.Tensor, table: torch.Tensor, codes: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """int64 (M,) indices of the agents whose ``table[state]`` ((k,) table) is non-zero, and (M,) those
-        values: one pass over the uint8 codes when the non-zero entries are consecutive codes."""
-        codes = torch.nonzero(table).view(-1).tolist()
-        lo, hi = (codes[0], codes[-1]) if codes else (0, -1)
-        if states.dtype == torch.uint8 and codes == list(range(lo, hi + 1)):
+        values: one pass over the uint8 codes when the non-zero entries are consecutive codes. ``codes``:
+        ``(lo, hi)``, the consecutive non-zero codes when the caller knows them; otherwise the table is read
+        back to the host (a device sync on a GPU)."""
+        if codes is not None:
+            lo, hi = codes
+            consecutive = True
+        else:
+            found = torch.nonzero(table).view(-1).tolist()
+            lo, hi = (found[0], found[-1]) if found else (0, -1)
+            consecutive = found == list(range(lo, hi + 1))
+        if states.dtype == torch.uint8 and consecutive:
             inside = torch.sub(states, lo).le_(hi - lo)  # codes below lo wrap above 255 - lo
         else:
             inside = (table != 0).index_select(0, states.to(torch.int32))

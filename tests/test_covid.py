@@ -163,6 +163,37 @@ def test_seeds_of_consecutive_starts_agree():
     assert (old[1:] / old[:-1]).min() < 0.7 and old.max() > 0.5 * city
 
 
+def test_a_day_without_decisions_reads_no_tensor_back_to_the_host(pop):
+    """Issue 12's GPU path: between decision days a step reads no tensor value into Python (item, tolist,
+    bool, numpy, cpu; each a device sync on a GPU). What stays: ``nonzero`` of the infectious agents (a
+    size the device decides), and the context copied on decision days (14 values a week)."""
+    from torch.overrides import TorchFunctionMode
+
+    reads = {"tolist", "item", "__bool__", "numpy", "cpu", "__int__", "__float__", "__index__"}
+    seen: list[str] = []
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in reads:
+                seen.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    sim = _sim(pop, diff=False)
+    state = sim.initial_state()
+    state = sim.step(state, 0)  # a decision day
+    days = [
+        t for t in range(1, 7) if not any(sim.scenario.decides_at(d.spec.cadence.value, t) for d in sim.asked)
+    ]
+    assert days == [1, 2, 3, 4, 5, 6]
+    with Reads():
+        for t in days:
+            state = sim.step(state, t)
+    assert seen == []
+    with Reads():  # the check sees a read where there is one
+        bool(state.scenario["stage"].any())
+    assert seen == ["__bool__"]
+
+
 def test_agents_conserved_and_seeded_sensibly(pop):
     r = _sim(pop, diff=False).run(21)
     s = r.series

@@ -79,6 +79,9 @@ def test_hard_sampler_fast_paths_match_their_definitions():
         who, values = hard.support(states, table)
         dense = table[states.long()]
         assert torch.equal(who, dense.nonzero().view(-1)) and torch.equal(values, dense[who])
+        if table[0] == 0:  # codes 3 .. 6 non-zero, given by the caller: the same without reading the table
+            given = hard.support(states, table, codes=(3, 6))
+            assert torch.equal(given[0], who) and torch.equal(given[1], values)
         soft = SoftSampler(n)
         who, values = soft.support(soft.states(states, k), table)  # the dense default: every agent
         assert who is None and torch.equal(values, dense)

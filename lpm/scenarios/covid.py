@@ -1003,7 +1003,7 @@ class CovidScenario(Scenario):
                 w, state, params, level, isolating, infectious_stage, sampler
             )
         else:
-            who, x = sampler.support(stage, infectious_stage)
+            who, x = sampler.support(stage, infectious_stage, codes=(P1, I2))  # no read-back to the host
             x = x * (1.0 - (1.0 - c.asymptomatic_rel) * _at(asym, who).to(x.dtype))
             if paths and sampler.differentiable:  # estimator "households": one copy per household hop
                 following, paths, infected, onset, counts = self._household_paths(
