@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -351,7 +352,12 @@ def granularity_sweep(
     Per point: ``granularity``, ``attributes`` (those the prompt names), ``always`` (attributes a context value
     depends on, in every point), ``archetypes`` (K), ``asked`` (archetype answers the run needed: K ×
     decision steps, what a cold cache sends), ``sent`` (requests sent now), ``cache_hits``, ``tokens``,
-    ``error`` and ``seconds``.
+    ``error``, ``seconds``, ``first_action`` and ``p_first`` (the mean over deciding agents and decision
+    steps of the probability each agent's answer gives the decision's first action) and, with
+    ``per_agent``, ``gap_to_per_agent``: the mean over the same agents and steps of the total variation
+    distance between an agent's distribution in this point and its own answer in the per-agent point (0
+    for the per-agent point; what the grouping changes in the decisions, which a small population's
+    error against the real series may not show).
     """
     import time
 
@@ -389,10 +395,34 @@ def granularity_sweep(
             "error": error(result),
             "seconds": round(time.perf_counter() - started, 3),
         }
+        probs = _agent_probs(sim, result.decisions, decision.name)  # (decision steps, deciders, A)
+        row["first_action"] = list(spec.actions)[0]
+        row["p_first"] = round(float(probs[..., 0].mean()), 4)
+        row["_probs"] = probs
         out.append(row)
         if on_point is not None:
             on_point(row)
+    reference = out[-1]["_probs"] if per_agent else None
+    for row in out:
+        probs = row.pop("_probs")
+        if reference is not None:
+            row["gap_to_per_agent"] = round(float(0.5 * np.abs(probs - reference).sum(-1).mean()), 4)
     return out
+
+
+def _agent_probs(sim: Any, decisions: pd.DataFrame, name: str) -> np.ndarray:
+    """(decision steps, deciding agents, A) each deciding agent's distribution at each decision step of the
+    run: its archetype's row of the decision records, in the spec's action order."""
+    d = next(a for a in sim.asked if a.name == name)
+    frame = decisions[decisions["decision"] == name]
+    actions = list(d.spec.actions)
+    steps = sorted(frame["step"].unique())
+    table = np.zeros((len(steps), d.k, len(actions)))
+    wide = frame.pivot_table(index=["step", "archetype"], columns="action", values="probability")
+    for i, step in enumerate(steps):
+        rows = wide.loc[step]
+        table[i, rows.index.to_numpy(int)] = rows[actions].to_numpy(float)
+    return table[:, d.gid[d.member].cpu().numpy().astype(np.int64)]
 
 
 def _context_attributes(scenario: Any, pop: Population, device: str) -> list[str]:

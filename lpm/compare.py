@@ -533,13 +533,19 @@ def _granularity_plot(folder: Path, rows: list[dict[str, Any]]) -> str:
     quantities = sorted({q for r in rows for q in r["error"]})
     rows = sorted(rows, key=lambda r: r["archetypes"])
     k = [r["archetypes"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    gaps = [r.get("gap_to_per_agent") for r in rows]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 3.8))
     for q in quantities:
         left.plot(k, [r["error"].get(q, {}).get("mape_percent") for r in rows], marker="o", label=q)
     left.set_xscale("log")
     left.set_xlabel("archetypes (log)")
     left.set_ylabel("mean abs. % error, test window")
     left.legend(fontsize=7)
+    if any(g is not None for g in gaps):
+        middle.plot(k, gaps, marker="o", color="tab:green")
+    middle.set_xscale("log")
+    middle.set_xlabel("archetypes (log)")
+    middle.set_ylabel("decision gap to per agent (total variation)")
     right.plot(k, [r["asked"] for r in rows], marker="o", color="tab:red")
     right.set_xscale("log")
     right.set_yscale("log")
@@ -554,7 +560,11 @@ def _granularity_plot(folder: Path, rows: list[dict[str, Any]]) -> str:
             fontsize=6,
         )
     right.margins(x=0.25, y=0.15)
-    fig.suptitle("granularity sweep: error and model queries against the number of archetypes", fontsize=9)
+    fig.suptitle(
+        "granularity sweep: error, decisions' distance to the per-agent answers and model queries against "
+        "the number of archetypes",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(folder / "granularity.png", dpi=90)
     plt.close(fig)
@@ -596,7 +606,10 @@ def table(result: dict[str, Any]) -> list[str]:
 def granularity_table(rows: list[dict[str, Any]]) -> list[str]:
     quantities = sorted({q for r in rows for q in r["error"]})
     head = ["granularity", "archetypes", "queries (cold)", "sent", "cache hits"]
-    head += [f"{q} MAPE %" for q in quantities] + ["seconds"]
+    head += [f"{q} MAPE %" for q in quantities]
+    first = rows[0].get("first_action") if rows else None
+    gaps = any("gap_to_per_agent" in r for r in rows)
+    head += ([f"P({first})"] if first else []) + (["gap to per agent"] if gaps else []) + ["seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [
@@ -607,6 +620,8 @@ def granularity_table(rows: list[dict[str, Any]]) -> list[str]:
             f"{r['cache_hits']:,}",
         ]
         cells += [str(r["error"].get(q, {}).get("mape_percent", "-")) for q in quantities]
+        cells += [f"{r['p_first']:.3f}"] if first else []
+        cells += [f"{r['gap_to_per_agent']:.4f}" if "gap_to_per_agent" in r else "-"] if gaps else []
         cells.append(f"{r['seconds']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -664,7 +679,11 @@ def report_markdown(result: dict[str, Any]) -> str:
             f"{cfg['granularity_agents']:,} agents (seed {cfg['seeds'][0]}). One wording for every point: the "
             "prompt's sentence about the agent lists the kept attributes (per agent: also age and ZIP), so "
             "the full product is not the llm policy's own prompt. Queries (cold): archetype answers the run "
-            "needs (K × decision steps); sent: requests sent now (the rest came from the cache)."
+            "needs (K × decision steps); sent: requests sent now (the rest came from the cache). "
+            "P(first action): the mean over deciding agents and decision steps of the probability their "
+            "answer gives it; gap to per agent: the mean total variation distance between an agent's "
+            "distribution in the point and its own per-agent answer (what grouping changes in the "
+            "decisions, which the error of a small population may not show)."
             + (
                 f" Kept in every point, because a context value depends on it: {', '.join(always)}."
                 if (always := result["granularity"][0]["always"])

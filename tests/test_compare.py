@@ -181,6 +181,11 @@ def test_granularity_sweep_from_one_archetype_to_per_agent(tmp_path, monkeypatch
     assert k[0] == 1 and k[-1] == 300 and k[-2] == max(k[:-1]) <= 100  # one, ..., full product, per agent
     assert [r["asked"] for r in rows] == k  # one decision step: one answer per archetype
     assert all("reported_cases" in r["error"] for r in rows)
+    # the scripted server gives every distinct prompt its own distribution: each grouped point's answers
+    # differ from the per-agent ones (whose prompts add age and ZIP), the per-agent point's not at all
+    assert rows[-1]["gap_to_per_agent"] == 0.0
+    assert all(0 < r["gap_to_per_agent"] <= 1 for r in rows[:-1])
+    assert all(r["first_action"] == "isolate" and 0 < r["p_first"] < 1 for r in rows)
     assert (tmp_path / "g" / "granularity.png").is_file()
     assert "| per agent | 300 | 300 |" in (tmp_path / "g" / "report.md").read_text()
 
