@@ -373,7 +373,7 @@ def granularity_sweep(
     if per_agent:
         full = points[-1][1]
         points.append(("per agent", full, AgentLLMPolicy(make_decider(True))))
-    out = []
+    out, probs = [], []  # probs: each point's (decision steps, deciders, A) answers, for the gaps
     for label, point_spec, policy in points:
         attributes = [a for a in point_spec.attribute_names if a in spec.attribute_names]
         if isinstance(policy, AgentLLMPolicy):
@@ -395,18 +395,15 @@ def granularity_sweep(
             "error": error(result),
             "seconds": round(time.perf_counter() - started, 3),
         }
-        probs = _agent_probs(sim, result.decisions, decision.name)  # (decision steps, deciders, A)
+        probs.append(_agent_probs(sim, result.decisions, decision.name))
         row["first_action"] = list(spec.actions)[0]
-        row["p_first"] = round(float(probs[..., 0].mean()), 4)
-        row["_probs"] = probs
+        row["p_first"] = round(float(probs[-1][..., 0].mean()), 4)
         out.append(row)
         if on_point is not None:
             on_point(row)
-    reference = out[-1]["_probs"] if per_agent else None
-    for row in out:
-        probs = row.pop("_probs")
-        if reference is not None:
-            row["gap_to_per_agent"] = round(float(0.5 * np.abs(probs - reference).sum(-1).mean()), 4)
+    if per_agent:  # the last point is the per-agent one
+        for row, p in zip(out, probs, strict=True):
+            row["gap_to_per_agent"] = round(float(0.5 * np.abs(p - probs[-1]).sum(-1).mean()), 4)
     return out
 
 

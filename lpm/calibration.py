@@ -398,28 +398,15 @@ def calibrate(
     before = torch.stack(forecast(initial, {}))  # (S, P, L) at the starting values
     real_periods = period_sums(real_all, period)
     p_train = train_steps // period
-    errors = {"train": _errors(stacked[:, :p_train], real_periods[:p_train], scale)}
-    errors["train"]["before"] = _errors(before[:, :p_train], real_periods[:p_train], scale)
-    if test_steps:
-        errors["test"] = _errors(stacked[:, p_train:], real_periods[p_train:], scale)
-        errors["test"]["before"] = _errors(before[:, p_train:], real_periods[p_train:], scale)
+    errors = _window_errors(stacked, before, real_periods, p_train, scale)
     best = min(fits, key=lambda f: f["train_loss"])
     also = {}
     for first, _, n, real in extra:  # each later start: the best fit and the starting values
         fitted = torch.stack(forecast(best["parameters"], best["offsets"], first, n + test_steps))
         start_values = torch.stack(forecast(initial, {}, first, n + test_steps))
-        periods, p = period_sums(real, period), n // period
-        also[str(first.date())] = {
-            "train": {
-                **_errors(fitted[:, :p], periods[:p], scale),
-                "before": _errors(start_values[:, :p], periods[:p], scale),
-            }
-        }
-        if test_steps:
-            also[str(first.date())]["test"] = {
-                **_errors(fitted[:, p:], periods[p:], scale),
-                "before": _errors(start_values[:, p:], periods[p:], scale),
-            }
+        also[str(first.date())] = _window_errors(
+            fitted, start_values, period_sums(real, period), n // period, scale
+        )
     forecast = _forecast_frame(base, stacked, real_periods, labels, period, p_train, scale)
     for f in fits:
         f["offsets"] = {k: v.tolist() for k, v in f["offsets"].items()}
@@ -491,19 +478,32 @@ def _later_starts(
                 hint="give later starts inside the train window, e.g. two weeks after it begins",
             )
         scenario = make_scenario({"start": first.date()})
-        try:
-            steps, rest = window_steps(scenario, Window(first, train.last), test, period)
+        try:  # its test window is --test: both train windows end on the same day
+            steps, _ = window_steps(scenario, Window(first, train.last), test, period)
         except InputError as exc:
             raise InputError(
                 f"--also-from {first.date()}: {exc}",
                 hint="a later start must be a whole number of periods before the train window's end",
             ) from None
-        if rest != test_steps:
-            raise InputError(f"--also-from {first.date()}: its test window differs from --test")
         world = Simulation(scenario, pop, policy, seed=seed).world
         out.append(
             (first, scenario, steps, real_target(scenario, world, q, labels, steps + test_steps, target))
         )
+    return out
+
+
+def _window_errors(
+    fitted: torch.Tensor, before: torch.Tensor, real: torch.Tensor, p_train: int, scale: float
+) -> dict[str, dict[str, Any]]:
+    """``train`` (the first ``p_train`` periods) and, where there are more, ``test`` errors of the fitted
+    runs (S, P, L) against ``real`` (P, L), each with ``before``: the same at the starting values."""
+    out = {}
+    for window, cut in (("train", slice(None, p_train)), ("test", slice(p_train, None))):
+        if window == "train" or real.shape[0] > p_train:
+            out[window] = {
+                **_errors(fitted[:, cut], real[cut], scale),
+                "before": _errors(before[:, cut], real[cut], scale),
+            }
     return out
 
 

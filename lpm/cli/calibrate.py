@@ -215,21 +215,16 @@ def register(app: typer.Typer) -> None:
         )
         for name, value in cal.parameters.items():
             console.print(f"  {name:<20} {cal.initial[name]:>10.4g} -> {value:.4g}")
-        for window in ("train", "test"):
-            e = cal.errors.get(window)
+        labelled = [(f"{w} {getattr(cal, w)}", cal.errors.get(w)) for w in ("train", "test")]
+        labelled += [
+            (f"  from {first}, {w}", e.get(w)) for first, e in cal.also.items() for w in ("train", "test")
+        ]
+        for label, e in labelled:
             if e:
                 console.print(
-                    f"{window} {getattr(cal, window)}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
+                    f"{label}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
                     f"RMSE {e['rmse']:,} (before: {e['before']['rmse']:,}) over {e['periods']} periods"
                 )
-        for first, errors in cal.also.items():
-            for window in ("train", "test"):
-                e = errors.get(window)
-                if e:
-                    console.print(
-                        f"  from {first}, {window}: MAPE {e['mape']}% (before: {e['before']['mape']}%), "
-                        f"RMSE {e['rmse']:,} (before: {e['before']['rmse']:,}) over {e['periods']} periods"
-                    )
         console.print(
             f"model calls: {cal.counters.get('llm_queries', 0)}, cache hits {cal.counters.get('cache_hits', 0)}"
         )

@@ -562,10 +562,10 @@ def seed_estimate(
     days = pd.date_range(FIRST_DATA, start - pd.Timedelta(days=1))
     wide = before.pivot_table(index="date", columns="borough", values="cases", aggfunc="sum", observed=False)
     wide = wide.reindex(index=days, columns=boroughs).fillna(0.0)
-    if c.tests_limit:  # the cases ample testing would have found: R K / (K - R), from tests before the start
-        tests = nyc.tests_by_day()
-        tests = tests[tests.index < start]
-        wide = wide.mul(uncapped(wide.sum(axis=1), tests, c.positivity_cap), axis=0)
+    reported = wide.sum(axis=1)  # the city's reported cases per day
+    tested = nyc.tests_by_day().reindex(days)  # people tested, before the start only
+    if c.tests_limit:  # the cases ample testing would have found: R K / (K - R)
+        wide = wide.mul(uncapped(reported, tested, c.positivity_cap), axis=0)
     city = wide.sum(axis=1).to_numpy()
     if city[-SEED_WINDOW:].sum() <= 0:
         raise InputError(
@@ -580,12 +580,11 @@ def seed_estimate(
     cases = torch.tensor(wide.to_numpy(), dtype=torch.float64)  # (H, B)
     cases = _borough_split(cases, boroughs, c.seed_prior_cases)
     behind = cases / det[:, None] / symptomatic  # infections dated `lag` days before each report
-    window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
     if c.seed_trend == "positivity":  # the share of tests found positive: testing's own growth taken out
-        reported = before.groupby("date")["cases"].sum().reindex(days).fillna(0.0)
-        tested = nyc.tests_by_day().reindex(days).fillna(0.0)
         positivity = (reported / tested.where(tested > 0)).fillna(0.0).to_numpy()[-SEED_WINDOW:]
         window = torch.tensor(positivity, dtype=torch.float64)
+    else:
+        window = (torch.tensor(city, dtype=torch.float64) / det)[-SEED_WINDOW:]
     seen = window.detach() > 0
     if int(seen.sum()) >= 7:  # least-squares slope of log(window) on the day
         day = torch.arange(len(window), dtype=torch.float64)[seen]  # fewer than SEED_WINDOW days early on
