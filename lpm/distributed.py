@@ -1,4 +1,5 @@
-"""Sharding: one simulation over P processes (torch.distributed, gloo on CPU), each holding a slice of the agents.
+"""Sharding: one simulation over P processes (torch.distributed: gloo on the CPU, NCCL on GPUs), each holding a
+slice of the agents.
 
 :func:`run` starts P processes on this machine (or, under ``torchrun``, is one of them) and returns rank 0's
 :class:`~lpm.engine.RunResult`. Each rank:
@@ -26,6 +27,12 @@ stops the others and raises :class:`~lpm.errors.ShardError` naming the rank (a h
 ``timeout`` seconds). Under ``torchrun`` there is no such launcher: a rank whose collective fails because
 a peer died, hung or cannot be reached raises :class:`PeerError` (a ``ShardError``) naming itself, with
 the hint to resume.
+
+Devices: with ``device="cpu"`` the ranks talk over gloo, one core each. With ``device="cuda"`` each rank
+computes on its own GPU, ``cuda:<LOCAL_RANK>`` (``torchrun`` sets ``LOCAL_RANK``; processes started here use
+their rank), and the ranks talk over NCCL (:func:`backend_for`, :func:`rank_device`); a rank without a
+GPU of its own is a clear error, never two ranks on one GPU. Every collective's tensors live on the rank's
+device, as NCCL requires.
 
 Inference mode only; the scenario must declare ``shardable = True``.
 """
@@ -59,7 +66,17 @@ from lpm.population import Population
 from lpm.sampling import HardSampler
 from lpm.scenarios import Scenario
 
-__all__ = ["Follower", "PeerError", "Shard", "ShardedSimulation", "check_nproc", "cut", "run"]
+__all__ = [
+    "Follower",
+    "PeerError",
+    "Shard",
+    "ShardedSimulation",
+    "backend_for",
+    "check_nproc",
+    "cut",
+    "rank_device",
+    "run",
+]
 
 #: The checkpoint of the step before the last, kept beside :data:`lpm.engine.CHECKPOINT` in each rank's folder.
 PREVIOUS = "checkpoint-previous.pt"
@@ -105,12 +122,48 @@ def torchrun_rank() -> int | None:
     return None
 
 
-def check_nproc(nproc: int, agents: int | None = None) -> None:
-    """Refuse a process count below 1, above the cores this machine offers or above the agents."""
+def backend_for(device: str | torch.device) -> str:
+    """The torch.distributed backend of a run on ``device``: NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def rank_device(device: str | torch.device, rank: int) -> torch.device:
+    """The device rank ``rank`` computes on: the CPU, or under CUDA the GPU ``LOCAL_RANK`` (the rank's
+    index on its machine, set by ``torchrun``; the rank itself when this machine started every rank),
+    which must exist: two ranks never share a GPU."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    gpus = torch.cuda.device_count()
+    if not 0 <= local < gpus:
+        raise InputError(
+            f"run option 'device': rank {rank} (local rank {local} on its machine) needs GPU {local}, but "
+            f"torch sees {gpus} GPU(s) there",
+            hint=f"start at most {gpus} process(es) per machine (--nproc, torchrun --nproc-per-node)"
+            if gpus
+            else "use --device cpu",
+        )
+    return torch.device("cuda", local)
+
+
+def check_nproc(nproc: int, agents: int | None = None, device: str | torch.device = "cpu") -> None:
+    """Refuse a process count below 1, above the cores (or, on ``cuda``, the GPUs) this machine offers or
+    above the agents."""
     cores = available_cores()
     if nproc < 1:
         raise InputError(f"run option 'nproc': must be >= 1, got {nproc}")
-    if nproc > cores:
+    if torch.device(device).type == "cuda":
+        gpus = torch.cuda.device_count()
+        if nproc > gpus:
+            raise InputError(
+                f"run option 'nproc': {nproc} processes asked for on 'cuda', but this machine has {gpus} GPU(s); "
+                "each process takes one",
+                hint=f"use --nproc {gpus} or fewer (or torchrun across machines)"
+                if gpus
+                else "use --device cpu",
+            )
+    elif nproc > cores:
         raise InputError(
             f"run option 'nproc': {nproc} processes asked for, but this machine offers {cores} CPU core(s)",
             hint=f"use --nproc {cores} or fewer (or torchrun across machines)",
@@ -332,9 +385,10 @@ class ShardedSimulation(Simulation):
         current, previous = folder / CHECKPOINT, folder / PREVIOUS
         done = {p: _steps_done(p) for p in (current, previous)}
         s = self.shard
-        gathered = [torch.zeros(2, dtype=torch.int64) for _ in range(s.size)]
+        gathered = [torch.zeros(2, dtype=torch.int64, device=self.device) for _ in range(s.size)]
+        mine = torch.tensor([done[current], done[previous]], dtype=torch.int64, device=self.device)
         with self._collective():
-            dist.all_gather(gathered, torch.tensor([done[current], done[previous]], dtype=torch.int64))
+            dist.all_gather(gathered, mine)
         held = [sorted({int(v) for v in g.tolist()} - {-1}) for g in gathered]  # steps each rank holds
         if not any(held):  # no rank has a checkpoint: all start over
             return
@@ -431,7 +485,7 @@ def run(
         return _rank(rank, _Job(size, "env://", make, steps, seed, out_dir, resume, timeout, options))
     if nproc is None:
         raise InputError("run option 'nproc': give the number of processes")
-    check_nproc(nproc)
+    check_nproc(nproc, device=options.get("device", "cpu"))
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="lpm-shards-") as tmp:
         address = f"tcp://127.0.0.1:{_free_port()}"
@@ -479,6 +533,7 @@ def _child(rank: int, job: _Job, tmp: str) -> None:
         result = _rank(rank, job)
         if rank == 0:
             result.state = None  # rank 0's agents only: not the run's state
+            result.series = {k: v.detach().cpu() for k, v in result.series.items()}  # off the rank's GPU
             with open(Path(tmp) / "result.pkl.tmp", "wb") as f:
                 pickle.dump(result, f)
             os.replace(Path(tmp) / "result.pkl.tmp", Path(tmp) / "result.pkl")
@@ -501,19 +556,24 @@ def _child(rank: int, job: _Job, tmp: str) -> None:
 
 
 def _rank(rank: int, job: _Job) -> RunResult:
+    device = rank_device(job.options.get("device", "cpu"), rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        "gloo",
+        backend_for(device),
         init_method=job.address,
         rank=rank,
         world_size=job.size,
         timeout=dt.timedelta(seconds=job.timeout),
+        device_id=device if device.type == "cuda" else None,
     )
+    options = {**job.options, "device": device}
     try:
         made = job.make(rank)
         with made if hasattr(made, "__enter__") else contextlib.nullcontext(made) as (scenario, pop, policy):
             bounds = cut(pop["household"], job.size)
             shard = Shard(rank, job.size, bounds[rank], bounds[rank + 1], len(pop))
-            sim = ShardedSimulation(scenario, pop, policy, shard=shard, seed=job.seed, **job.options)
+            sim = ShardedSimulation(scenario, pop, policy, shard=shard, seed=job.seed, **options)
             del pop
             return sim.run(job.steps, out_dir=job.out_dir, resume=job.resume)
     finally:

@@ -269,13 +269,8 @@ def _run_sharded(
             f"run option 'nproc': lpm run over {nproc} processes takes the heuristic policy only, not {config.policy!r}",
             hint="drop --nproc, or use --policy heuristic (lpm.distributed.run takes any policy)",
         )
-    if config.device != "cpu":
-        raise InputError(
-            f"run option 'nproc': a run over processes runs on the CPU (gloo), not {config.device!r}",
-            hint="use --device cpu",
-        )
     if rank is None:
-        distributed.check_nproc(nproc, config.agents)
+        distributed.check_nproc(nproc, config.agents, config.device)
     created = _claim_folder(folder, config, resume) if not rank else False
     try:
         result = distributed.run(
@@ -283,7 +278,7 @@ def _run_sharded(
             steps,
             nproc=nproc if rank is None or nproc != 1 else None,
             seed=config.seed,
-            device="cpu",
+            device=config.device,
             out_dir=folder,
             resume=resume,
         )

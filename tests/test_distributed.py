@@ -1,6 +1,7 @@
 """Sharding over processes (lpm.distributed, gloo on CPU, 2 processes): the same records as one process,
 each archetype asked once in total, a dead rank fails the run with a clear error and it resumes, bad
-process counts are refused; under torchrun on two (localhost) nodes without a shared folder too."""
+process counts are refused; under torchrun on two (localhost) nodes without a shared folder too; the
+backend and device choices of a run on GPUs (NCCL, one GPU per rank), without a GPU."""
 
 from __future__ import annotations
 
@@ -140,6 +141,33 @@ def test_bad_process_counts_are_refused():
         distributed.cut(household, 4)
     with pytest.raises(InputError, match="'household': the agents of a household are not consecutive"):
         distributed.cut(torch.tensor([0, 1, 0, 1]), 2)
+
+
+def test_gpu_ranks_talk_over_nccl_with_a_gpu_each(monkeypatch):
+    """The choices of a run on GPUs, checked without one (the NCCL path itself has not run here): NCCL
+    between GPUs and gloo between CPU processes; rank r computes on ``cuda:LOCAL_RANK`` (its index on its
+    machine; the rank itself where this machine started every rank); a rank without a GPU of its own and
+    more processes than a machine's GPUs are refused by name."""
+    assert distributed.backend_for("cpu") == "gloo"
+    assert distributed.backend_for("cuda") == "nccl"
+    assert distributed.backend_for(torch.device("cuda", 1)) == "nccl"
+    assert distributed.rank_device("cpu", 3) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert distributed.rank_device("cuda", 1) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")  # rank 5 of a run over machines, the first on its machine
+    assert distributed.rank_device("cuda", 5) == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(
+        InputError, match=r"rank 7 \(local rank 2 on its machine\) needs GPU 2, but torch sees 2 GPU"
+    ):
+        distributed.rank_device("cuda", 7)
+    distributed.check_nproc(2, device="cuda")
+    with pytest.raises(InputError, match="3 processes asked for on 'cuda', but this machine has 2 GPU"):
+        distributed.check_nproc(3, device="cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(InputError, match="1 processes asked for on 'cuda', but this machine has 0 GPU"):
+        distributed.run(make, 2, nproc=1, device="cuda")
 
 
 def test_cut_keeps_households_whole():

@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
         nproc: int = typer.Option(
             1,
             "--nproc",
-            help="processes to split the agents over (CPU, heuristic policy; the same results as 1)",
+            help="processes to split the agents over (heuristic policy; one core each, or one GPU each with "
+            "--device cuda; the same results as 1)",
         ),
     ) -> None:
         """Run a scenario on the NYC population and write its run folder (trajectory, decisions, plots, report)."""
