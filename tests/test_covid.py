@@ -233,7 +233,7 @@ def test_every_learnable_parameter_and_the_offsets_get_gradients(pop, estimator)
 def test_default_run_rises_peaks_and_falls(calibrated):
     """The model's shape, not a fit: from 2020-03-01 with the literature values, reported cases rise, peak
     between mid-March and the end of April, and fall by the end of May; so do they with the calibrated
-    defaults (fitted on 03-01 .. 04-11 only)."""
+    defaults (fitted on 03-01 .. 04-25 only)."""
     pop = Population.synthesize("nyc", agents=300_000, seed=1)
     sc = CovidScenario(calibrated=calibrated)
     r = Simulation(sc, pop, HeuristicPolicy(), seed=1).run(92)
@@ -241,6 +241,28 @@ def test_default_run_rises_peaks_and_falls(calibrated):
     peak = int(weekly.argmax())
     assert pd.Timestamp("2020-03-15") <= sc.date(7 * peak) <= pd.Timestamp("2020-04-30")
     assert float(weekly[peak]) > 5 * float(weekly[0]) and float(weekly[-1]) < 0.5 * float(weekly[peak])
+
+
+def test_calibrated_defaults_agree_with_the_serosurvey():
+    """A check against data the fit never saw: New York's serosurvey found 22.7 % of the city's adults
+    with antibodies (95 % CI 21.5 .. 24.0 %), sampled 2020-04-19 .. 04-28 (Rosenberg et al., Ann Epidemiol
+    2020). Antibodies are found about 17 days after infection (about 5 to symptom onset, Lauer et al., Ann
+    Intern Med 2020; a median of about 12 from onset to seroconversion, Borremans et al., eLife 2020), so
+    the survey counts infections by 04-02 .. 04-11. With the calibrated defaults from 2020-03-01 (200,000
+    agents, mean of 8 seeds) the share of residents no longer susceptible over those days must meet the
+    survey's interval: measured 22.8 % by the end of 04-02 and 28.5 % by the end of 04-11 (the literature
+    values, not fitted: 17.2 and 21.3 %, just under it, and this test fails on them; the comparison by
+    04-25 that ignored the delay read 34 %)."""
+    pop = Population.synthesize("nyc", agents=200_000, seed=0)
+    sc = CovidScenario(calibrated=True)
+    # susceptible is counted at the start of a day: infected by the end of a date is its next day's record
+    first, last = ((pd.Timestamp(d) - sc.date(0)).days + 1 for d in ("2020-04-02", "2020-04-11"))
+    shares = []
+    for seed in range(8):
+        r = Simulation(sc, pop, HeuristicPolicy(), seed=seed).run(last + 1)
+        shares.append(1.0 - r.series["susceptible"].double().sum(1) / len(pop))
+    share = torch.stack(shares).mean(0)
+    assert float(share[first]) <= 0.240 and float(share[last]) >= 0.215
 
 
 def test_a_borough_multiplier_acts_on_its_residents(pop):
