@@ -218,7 +218,7 @@ def main() -> None:
         "--diff-estimators",
         nargs="+",
         default=["pruned", "households", "expected"],
-        help="gradient estimators of the differentiable run (default: households expected)",
+        help="gradient estimators of the differentiable run (default: pruned households expected)",
     )
     ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--differentiable-of", type=int, default=None, help=argparse.SUPPRESS)

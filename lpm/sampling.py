@@ -343,6 +343,10 @@ class Sampler:
         return action
 
 
+#: Agents from which :meth:`HardSampler._bincount` counts into lanes (below, one pass is cheap anyway).
+LANES_FROM = 1 << 16
+
+
 class HardSampler(Sampler):
     """Inference mode: exact discrete draws in the smallest dtypes, no gradients."""
 
@@ -351,6 +355,7 @@ class HardSampler(Sampler):
     def __init__(self, n: int, device: str | torch.device = "cpu", *, seed: int = 0, start: int = 0):
         super().__init__(n, device, seed=seed, start=start)
         self._work: dict[str, torch.Tensor] = {}
+        self._lanes: dict[int, torch.Tensor] = {}  # (N,) uint8 agent index % lanes (:meth:`_bincount`)
 
     def work(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The run's (N,) work buffer ``name`` (one meaning per name), kept from step to step so that
@@ -363,7 +368,8 @@ class HardSampler(Sampler):
 
     def nbytes(self) -> int:
         """Bytes of the per-agent buffers the sampler holds (the draws' and the work buffers)."""
-        return super().nbytes() + sum(b.element_size() * b.numel() for b in self._work.values())
+        held = [*self._work.values(), *self._lanes.values()]
+        return super().nbytes() + sum(b.element_size() * b.numel() for b in held)
 
     def bernoulli(self, p: torch.Tensor, stream: int) -> torch.Tensor:
         """bool (N,): each agent's outcome of probability ``p`` (N,)."""
@@ -403,7 +409,7 @@ class HardSampler(Sampler):
             key.add_(index)
         else:
             key.add_(index, alpha=2).add_(flag)
-        counts = self.total(torch.bincount(key, minlength=size)).to(torch.float32)
+        counts = self.total(self._bincount(key, size)).to(torch.float32)
         return counts.view(k, bins) if flag is None else counts.view(k, bins, 2)
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
@@ -414,7 +420,26 @@ class HardSampler(Sampler):
             key = torch.add(index, where.view(torch.uint8), alpha=bins)  # one pass over bytes
         else:
             key = torch.add(index.to(torch.int32), where.to(torch.int32), alpha=bins)
-        return self.total(torch.bincount(key, minlength=2 * bins)[bins:]).to(torch.float32)
+        return self.total(self._bincount(key, 2 * bins)[bins:]).to(torch.float32)
+
+    def _bincount(self, key: torch.Tensor, size: int) -> torch.Tensor:
+        """int64 (size,) counts of ``key`` (N,) in ``0 .. size-1`` (uint8 or int32; overwritten).
+
+        Agents lie household by household, so a borough's or a ZIP area's agents are consecutive and
+        their keys come in runs of one value, where each increment of a plain bincount waits on the one
+        before (measured at the full city: 10-15 ms a pass against 3 for shuffled keys). Consecutive
+        agents count into different copies of the bins (``lanes``: 8, or as many as keep a uint8 key a
+        byte) and the copies are summed: 4 ms. The counts are integers, so the same in any order."""
+        lanes = next(k for k in (8, 4, 2, 1) if key.dtype != torch.uint8 or size * k <= 256)
+        if lanes == 1 or key.shape[0] < LANES_FROM:
+            return torch.bincount(key, minlength=size)
+        lane = self._lanes.get(lanes)
+        if lane is None:
+            lane = self._lanes[lanes] = (
+                torch.arange(self.n, device=self.device, dtype=torch.int32) % lanes
+            ).to(torch.uint8)
+        key.mul_(lanes).add_(lane)
+        return torch.bincount(key, minlength=size * lanes).view(size, lanes).sum(1)
 
     def pick(self, table: torch.Tensor, index: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
         """(N,): entry ``table[index, flag]`` of a (bins, 2) table for each agent."""

@@ -66,13 +66,15 @@ def test_categorical_st_samples_softmax_and_has_soft_gradient():
 
 
 def test_hard_sampler_fast_paths_match_their_definitions():
-    """support, count, tally and transition of HardSampler against the plain formulas they replace."""
-    from lpm.sampling import HardSampler, SoftSampler
+    """support, count, tally and transition of HardSampler against the plain formulas they replace (the
+    counts over enough agents to be taken in lanes, with the index in runs of one bin, as a borough's
+    agents lie in a population)."""
+    from lpm.sampling import LANES_FROM, HardSampler, SoftSampler
 
-    n, k, bins = 50_000, 8, 5
+    n, k, bins = 2 * LANES_FROM + 7, 8, 5
     gen = torch.Generator().manual_seed(0)
     states = torch.randint(0, k, (n,), generator=gen).to(torch.uint8)
-    index = torch.randint(0, bins, (n,), generator=gen).to(torch.uint8)
+    index = torch.randint(0, bins, (n,), generator=gen).sort().values.to(torch.uint8)
     flag = torch.rand(n, generator=gen) < 0.2
     hard = HardSampler(n, seed=3).at(5)
     for table in (torch.tensor([0, 0, 0, 1, 1, 0.5, 2, 0]), torch.tensor([1.0, 0, 3, 0, 0, 0, 0, 2])):
@@ -90,12 +92,19 @@ def test_hard_sampler_fast_paths_match_their_definitions():
     assert torch.equal(hard.count(index.long(), bins, flag), want)
     tally = torch.zeros(k, bins).index_put_((states.long(), index.long()), torch.ones(n), accumulate=True)
     assert torch.equal(hard.tally(states, k, index, bins), tally)
+    split = torch.zeros(k, bins, 2).index_put_(
+        (states.long(), index.long(), flag.long()), torch.ones(n), accumulate=True
+    )
+    assert torch.equal(hard.tally(states, k, index, bins, flag), split)
+    assert torch.equal(hard.tally(states, k, index.long(), bins, flag), split)  # an int32 key
     p_first, hazard = torch.rand(n, generator=gen), torch.linspace(0.9, 0.0, k)
     nxt, moves = hard.transition(states, p_first, hazard, 16)
     p = torch.where(states == 0, p_first, hazard[states.long()])
     assert torch.equal(moves.leave, hard.uniform(16) < p) and torch.equal(nxt, states + moves.leave)
     assert hard.work("x").shape == (n,) and hard.work("x") is hard.work("x")
-    assert hard.nbytes() == HardSampler(n).nbytes() + 4 * n
+    # the work buffer and the lanes of the counts (uint8 keys): 8 for count's 10 bins, 4 for tally's 40,
+    # 2 for the split tally's 80
+    assert hard.nbytes() == HardSampler(n).nbytes() + 4 * n + 3 * n
 
 
 def test_chain_step_backward_is_the_expected_transitions_jacobian():
