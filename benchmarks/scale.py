@@ -1,4 +1,4 @@
-"""Scale on the CPU: the COVID daily step in one process against the same run sharded over processes.
+"""Scale: the COVID daily step in one process against the same run sharded over processes (CPU), or on GPUs.
 
 For each agent count (default 1 M and the full city, ≈ 8.34 M; heuristic policy, inference mode, all contact
 layers) prints agent-steps per second and bytes per agent of
@@ -9,6 +9,12 @@ layers) prints agent-steps per second and bytes per agent of
   process run's bit for bit;
 
 the ratio of the sharded run's throughput to one process's, and at the end all figures as one JSON line.
+
+With ``--device cuda`` (e.g. ``--sizes 100000000 1000000000``): one process on one GPU per size, the day
+timed after a device synchronisation, with the peak GPU memory per agent
+(``torch.cuda.max_memory_allocated``) beside the bytes held; and, where the machine has ``--nproc`` GPUs,
+the run sharded over them (NCCL, one GPU per rank) with its ratio and records compared. The population is
+synthesised on the host (about 70 bytes per agent at its peak) and moved to the GPU by the simulation.
 A rank's communication time includes waiting inside the collective for a slower rank; its bytes a day
 (what it hands to all-reduce and broadcast over the timed days) do not depend on timing.
 Each configuration runs in a fresh process (its memory is its own); days 0 and 1 are warm-up (allocations,
@@ -17,7 +23,7 @@ Bytes per agent: what the run holds per agent (state, population columns, index 
 sampler buffers; :meth:`Simulation.memory`) and the peak resident size of the process per agent it holds
 (a rank builds the whole population and world before it keeps its slice, so its peak counts those).
 
-    .venv/bin/python benchmarks/scale.py [--sizes 1000000 full] [--days 6] [--nproc 2]
+    .venv/bin/python benchmarks/scale.py [--sizes 1000000 full] [--days 6] [--nproc 2] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ def _probe(folder: str, last: int, marks: list, t: int, sim: Simulation) -> None
     """Step callback: appends the clock and the communication time so far to ``marks`` after each step; after
     step ``last`` writes the timed days' figures and the run's memory to ``folder/rank-<r>.json``."""
     rank = sim.shard.rank if isinstance(sim, distributed.ShardedSimulation) else 0
+    if sim.device.type == "cuda":  # the step's kernels are queued: wait for them before reading the clock
+        torch.cuda.synchronize(sim.device)
     marks.append((time.perf_counter(), getattr(sim, "comm_seconds", 0.0), getattr(sim, "comm_bytes", 0)))
     if t != last:
         return
@@ -76,6 +84,9 @@ def _probe(folder: str, last: int, marks: list, t: int, sim: Simulation) -> None
         "comm_bytes": bytes1 - bytes0,
         "held_bytes_per_agent": held,
         "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_device_bytes": torch.cuda.max_memory_allocated(sim.device)
+        if sim.device.type == "cuda"
+        else None,
     }
     Path(folder, f"rank-{rank}.json").write_text(json.dumps(record))
 
@@ -88,7 +99,7 @@ def _state_bytes_per_agent(result, n: int) -> float:
     return sum(v.element_size() * v.numel() for v in values if v.shape[:1] == (n,)) / n
 
 
-def measure(agents: int | None, days: int, nproc: int, threads: int, out: str) -> None:
+def measure(agents: int | None, days: int, nproc: int, threads: int, out: str, device: str = "cpu") -> None:
     """One configuration, in this process: prints its figures as JSON."""
     torch.set_num_threads(threads)
     steps = WARMUP + days
@@ -97,13 +108,13 @@ def measure(agents: int | None, days: int, nproc: int, threads: int, out: str) -
     if nproc == 1:
         scenario, pop, policy = _parts(agents)
         n = len(pop)
-        sim = Simulation(scenario, pop, policy, seed=SEED, callback=probe)
+        sim = Simulation(scenario, pop, policy, seed=SEED, callback=probe, device=device)
         del pop
         result = sim.run(steps)
         state_bytes = _state_bytes_per_agent(result, n)
     else:
         result = distributed.run(
-            functools.partial(_parts, agents), steps, nproc=nproc, seed=SEED, callback=probe
+            functools.partial(_parts, agents), steps, nproc=nproc, seed=SEED, callback=probe, device=device
         )
         n, state_bytes = result.agents, None
     ranks = [json.loads(Path(folder, f"rank-{r}.json").read_text()) for r in range(nproc)]
@@ -127,17 +138,22 @@ def measure(agents: int | None, days: int, nproc: int, threads: int, out: str) -
                     round(r["peak_rss_bytes"] / r["agents_here"], 1) if r["peak_rss_bytes"] else None
                     for r in ranks
                 ],
-                "records": {k: v.tolist() for k, v in result.series.items()},
+                "peak_device_bytes_per_agent_held": [
+                    round(r["peak_device_bytes"] / r["agents_here"], 1) if r["peak_device_bytes"] else None
+                    for r in ranks
+                ],
+                "device": device,
+                "records": {k: v.cpu().tolist() for k, v in result.series.items()},
             }
         )
     )
 
 
-def run_one(agents: int | None, days: int, nproc: int, threads: int) -> dict:
+def run_one(agents: int | None, days: int, nproc: int, threads: int, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "figures.json"
         cmd = [sys.executable, __file__, "--measure", str(agents or 0), str(nproc), str(threads), str(out)]
-        subprocess.run([*cmd, "--days", str(days)], check=True)
+        subprocess.run([*cmd, "--days", str(days), "--device", device], check=True)
         return json.loads(out.read_text())
 
 
@@ -148,11 +164,16 @@ def main() -> None:
         "--days", type=int, default=6, help="days timed after 2 warm-up days (default 6: day 7 decides)"
     )
     ap.add_argument("--nproc", type=int, default=2, help="processes of the sharded run (default 2)")
+    ap.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (processes) or cuda (GPUs; default cpu)"
+    )
     ap.add_argument("--measure", nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure is not None:
         agents, nproc, threads, out = args.measure
-        return measure(int(agents) or None, args.days, int(nproc), int(threads), out)
+        return measure(int(agents) or None, args.days, int(nproc), int(threads), out, args.device)
+    if args.device == "cuda":
+        return main_cuda(args)
     distributed.check_nproc(args.nproc)
     figures: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {distributed.available_cores()} cores "
@@ -199,6 +220,58 @@ def main() -> None:
             f"({args.nproc} threads); records equal to one process: {same}",
             flush=True,
         )
+    print(json.dumps(figures))
+
+
+def main_cuda(args: argparse.Namespace) -> None:
+    """``--device cuda``: per size one process on one GPU, and the run over ``--nproc`` GPUs where the
+    machine has them (NCCL); the figures as in :func:`main`, with the peak GPU memory per agent."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU on this machine")
+    gpus = torch.cuda.device_count()
+    figures: dict = {
+        "machine": f"{torch.cuda.get_device_name(0)} ({gpus} GPU(s)), torch {torch.__version__}",
+        "runs": [],
+        "ratios": [],
+    }
+    print(figures["machine"], flush=True)
+    for size in args.sizes:
+        agents = None if size == "full" else int(size)
+        runs = {"1 GPU": run_one(agents, args.days, 1, 1, "cuda")}
+        if args.nproc > 1 and gpus >= args.nproc:
+            runs[f"{args.nproc} GPUs"] = run_one(agents, args.days, args.nproc, 1, "cuda")
+        for name, r in runs.items():
+            shares = " / ".join(f"{100 * x:.1f}" for x in r["comm_share"] or [])
+            comm = f", communication {shares} % of a step (rank 0 / 1 ..)" if shares else ""
+            print(
+                f"{r['agents']:,} agents, {name}: {r['seconds']:.2f} s for {r['days_timed']} days "
+                f"({r['seconds'] / r['days_timed']:.3f} s a day), {r['agent_steps_per_s'] / 1e6:.1f} M "
+                f"agent-steps/s{comm}; held {max(r['held_bytes_per_agent']):.1f} B/agent, peak GPU memory "
+                f"{max(x or 0 for x in r['peak_device_bytes_per_agent_held']):.0f} B per agent held, peak host "
+                f"RSS {max(x or 0 for x in r['peak_rss_bytes_per_agent_held']):.0f} B per agent",
+                flush=True,
+            )
+        if len(runs) > 1:
+            one, sharded = runs["1 GPU"], runs[f"{args.nproc} GPUs"]
+            ratio = {
+                "agents": one["agents"],
+                "processes": args.nproc,
+                "over_1_gpu": sharded["agent_steps_per_s"] / one["agent_steps_per_s"],
+                "records_equal": sharded["records"] == one["records"],
+            }
+            figures["ratios"].append(ratio)
+            print(
+                f"{ratio['agents']:,} agents: {args.nproc} GPUs / 1 GPU = {ratio['over_1_gpu']:.2f}x; records "
+                f"equal: {ratio['records_equal']}",
+                flush=True,
+            )
+        elif args.nproc > 1:
+            print(
+                f"({args.nproc} GPUs asked for the sharded run, {gpus} on this machine: not run)", flush=True
+            )
+        for name, r in runs.items():
+            r.pop("records")
+            figures["runs"].append({"name": name, **r})
     print(json.dumps(figures))
 
 
