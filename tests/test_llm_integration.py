@@ -9,6 +9,7 @@ from lpm.archetype import ArchetypeSpec
 from lpm.backend import LangChainBackend, OpenAIBackend
 from lpm.cache import ResponseCache
 from lpm.decision import Decider
+from lpm.logprobs import normalise_logprobs
 from lpm.server import metrics, token_counters
 
 pytestmark = pytest.mark.integration
@@ -126,15 +127,24 @@ def test_llamacpp_server_gives_a_valid_distribution(llamacpp_server, small_pop, 
     assert again.requests == 0 and all(again.cached)
 
 
-def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
+def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server, monkeypatch):
     """vLLM takes its top log-probabilities after the choice constraint: the first token's mass on action
     tokens is ~1 (measured >= 0.9999). Actions sharing their first token ("stay home", "stay at work") are
-    scored whole, not split by a rule as lpm used to (here the model happens to weigh them almost equally:
-    log-probabilities -6.656 and -6.660 after "stay", measured). Read one position at a time with token ids
-    (the default) or from the prompt log-probabilities, alone on the server, the numbers are the same to
-    the last bit (measured: P(stay home) 0.4060650701793445 both ways, three times)."""
+    scored whole, not split by a rule as lpm used to. Read one position at a time with token ids (the
+    default, and what first-token scoring falls back to here), each action's log-probability is the one
+    the prompt log-probabilities give for the whole answer, within the server's noise.
+
+    The noise, measured on a 2-core Intel Xeon with AMX (the CI kind; vLLM 0.32.0 CPU build, bfloat16),
+    200 readings of this prompt against one prompt-log-probability reading: 176 equal to the last bit, 24
+    off by 0.0083 and 0.0906 (the two actions' log-probabilities; P(stay home) 0.4301 instead of 0.4061).
+    Those 24 are the later positions' request (four prompts in one completion) computed in another batch
+    layout: the server adds the prompts one by one, and its steps take whichever have arrived. The
+    prompt-log-probability reading was the same in all 200. So the tolerance is 0.3 (about 3 times 0.091)
+    on each action's log-probability: a wrong reading moves one by more than 5 (measured here: without an
+    end of turn, -5.52 and -5.35; the first token alone, -1.38 against -6.90)."""
     import asyncio
 
+    import lpm.backend
     from lpm.decoding import Decoding
 
     messages = [
@@ -144,6 +154,14 @@ def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
         },
         {"role": "user", "content": "2,000 cases were reported this week. Do you stay home or stay at work?"},
     ]
+    read: list[list[float]] = []  # each reading's log-probabilities of the whole actions, before normalising
+    tree_logprobs = lpm.backend.tree_logprobs
+
+    def reading(*args):
+        read.append(tree_logprobs(*args))
+        return read[-1]
+
+    monkeypatch.setattr(lpm.backend, "tree_logprobs", reading)
 
     async def ask(actions, **settings):
         backend = OpenAIBackend(vllm_server.url, vllm_server.model)
@@ -156,12 +174,14 @@ def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
     assert plain.scoring == "first-token" and plain.coverage > 0.999 and plain.ambiguous == 0
     shared = asyncio.run(ask(["stay home", "stay at work"], scoring="first-token"))
     assert shared.scoring == "sequence" and shared.ambiguous > 0.5 and shared.coverage > 0.999
-    # the same reading computed here from the raw prompt log-probabilities of each whole answer
-    import math
-
+    # the default scoring: the same reading, position by position (token ids)
+    whole = asyncio.run(ask(["stay home", "stay at work"]))
+    assert whole.scoring == "sequence" and whole.coverage is None
+    assert len(read) == 2
+    # the same log-probabilities computed here from the raw prompt log-probabilities of each whole answer
     import httpx
 
-    totals = []
+    tokens = []
     for action in ["stay home", "stay at work"]:
         body = {
             "model": vllm_server.model,
@@ -171,19 +191,15 @@ def test_coverage_and_shared_first_tokens_on_the_real_server(vllm_server):
             "prompt_logprobs": 0,
             "temperature": 0,
         }
-        tokens = httpx.post(f"{vllm_server.url}/chat/completions", json=body, timeout=60).json()[
-            "prompt_logprobs"
-        ]
-        totals.append([next(iter(t.values()))["logprob"] for t in tokens[1:]])
+        answer = httpx.post(f"{vllm_server.url}/chat/completions", json=body, timeout=60).json()
+        tokens.append([next(iter(t.values()))["logprob"] for t in answer["prompt_logprobs"][1:]])
     shared_len = 0  # the longest common prefix: the prompt, and "stay"
-    while totals[0][shared_len] == totals[1][shared_len]:
+    while tokens[0][shared_len] == tokens[1][shared_len]:
         shared_len += 1
-    diff = sum(totals[1][shared_len:]) - sum(totals[0][shared_len:])
-    assert shared.probs[0] == pytest.approx(1 / (1 + math.exp(diff)), abs=1e-6)
-    # the default scoring: the same reading, position by position (token ids)
-    whole = asyncio.run(ask(["stay home", "stay at work"]))
-    assert whole.scoring == "sequence" and whole.coverage is None
-    assert whole.probs == shared.probs
+    totals = [sum(t[shared_len:]) for t in tokens]
+    for logprobs, answer in zip(read, [shared, whole], strict=True):
+        assert logprobs == pytest.approx(totals, abs=0.3), (logprobs, totals)
+        assert answer.probs == pytest.approx(normalise_logprobs(logprobs), abs=1e-12)
     # the shared prefix is read first and alone, so each of the 5 later positions (" home" and its end of
     # turn, " at", " work" and its end of turn) finds its whole blocks in the prefix cache; the cache
     # keeps whole blocks only (128 tokens in the CPU build), so this prompt is made longer than two
