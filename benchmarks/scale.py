@@ -13,8 +13,10 @@ the ratio of the sharded run's throughput to one process's, and at the end all f
 With ``--device cuda`` (e.g. ``--sizes 100000000 1000000000``): one process on one GPU per size, the day
 timed after a device synchronisation, with the peak GPU memory per agent
 (``torch.cuda.max_memory_allocated``) beside the bytes held; and, where the machine has ``--nproc`` GPUs,
-the run sharded over them (NCCL, one GPU per rank) with its ratio and records compared. The population is
-synthesised on the host (about 70 bytes per agent at its peak) and moved to the GPU by the simulation.
+the run sharded over them (NCCL, one GPU per rank) with its ratio and records compared. One process builds
+the population where it runs (on the GPU, with the GPU's random numbers), beyond the city's size in chunks
+of the city's size (:meth:`Population.synthesize`), so the host holds one chunk's temporaries at a time; a
+sharded run's ranks build it on the host (about 70 bytes per agent at its peak) and keep their slice.
 A rank's communication time includes waiting inside the collective for a slower rank; its bytes a day
 (what it hands to all-reduce and broadcast over the timed days) do not depend on timing.
 Each configuration runs in a fresh process (its memory is its own); days 0 and 1 are warm-up (allocations,
@@ -60,8 +62,8 @@ def _peak_rss_bytes() -> int | None:
     return None
 
 
-def _parts(agents: int | None, rank: int = 0):
-    pop = Population.synthesize("nyc", agents=agents, seed=7)
+def _parts(agents: int | None, rank: int = 0, device: str = "cpu"):
+    pop = Population.synthesize("nyc", agents=agents, seed=7, device=device)
     return make_scenario("covid"), pop, HeuristicPolicy()
 
 
@@ -106,7 +108,7 @@ def measure(agents: int | None, days: int, nproc: int, threads: int, out: str, d
     folder = tempfile.mkdtemp(prefix="lpm-scale-")
     probe = functools.partial(_probe, folder, steps - 1, [])
     if nproc == 1:
-        scenario, pop, policy = _parts(agents)
+        scenario, pop, policy = _parts(agents, device=device)
         n = len(pop)
         sim = Simulation(scenario, pop, policy, seed=SEED, callback=probe, device=device)
         del pop

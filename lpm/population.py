@@ -258,15 +258,32 @@ class Population:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def synthesize(cls, recipe: str = "nyc", *, agents: int | None = None, seed: int = 0) -> Population:
+    def synthesize(
+        cls,
+        recipe: str = "nyc",
+        *,
+        agents: int | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        chunk_agents: int | None = None,
+        progress: bool = False,
+    ) -> Population:
         """Build a synthetic population from a recipe in ``populations/`` (``"nyc"``: New York City).
 
-        ``agents=None`` builds the full population the data describe; a smaller ``agents`` keeps the
-        same shares. The same ``seed`` always gives the same population.
+        ``agents=None`` builds the full population the data describe; a smaller or larger ``agents``
+        keeps the same shares and household structure. The same ``seed`` on the same kind of device
+        always gives the same population (a GPU's random numbers differ from the CPU's).
+
+        A population larger than ``chunk_agents`` (default: the full population the data describe) is
+        built in chunks of (nearly) equal size, each alone and laid end to end, so that synthesis holds
+        one chunk's temporaries at a time; ``device`` is where the columns are built and kept (on a GPU
+        they never pass through host memory). ``progress`` shows a bar over the chunks on stderr.
         """
         from lpm.synthesis import synthesize
 
-        return synthesize(recipe, agents=agents, seed=seed)
+        return synthesize(
+            recipe, agents=agents, seed=seed, device=device, chunk_agents=chunk_agents, progress=progress
+        )
 
 
 def _codes(

@@ -88,3 +88,25 @@ def progress_bar(
     if console.is_terminal:
         return Progress(*columns, console=console, transient=transient)
     return LineProgress(console, every=every)
+
+
+def count_bar() -> Progress | LineProgress:
+    """The bar of a counted piece of work on stderr: description, bar, done / total, the task's ``unit``
+    field, time elapsed and left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return progress_bar(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )

@@ -209,7 +209,10 @@ def run(
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
     if nproc != 1 or _distributed().torchrun_rank() is not None:
         return _run_sharded(resolved, scenario, folder, steps, nproc, resume, started)
-    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
+    # built where it runs: beyond the city's size in chunks, on a GPU without passing through host memory
+    pop = Population.synthesize(
+        "nyc", agents=config.agents, seed=config.seed, device=config.device, progress=progress
+    )
     with _policy(resolved, on_server_start, endpoint) as (policy, llm_info):
         sim = Simulation(scenario, pop, policy, seed=config.seed, device=config.device)
         note = _data_note(scenario, sim.world, steps)
@@ -452,26 +455,9 @@ def _policy(
 def _progress(enabled: bool) -> Any:
     if not enabled:
         return None
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from lpm.progress import count_bar
 
-    from lpm.progress import progress_bar
-
-    return progress_bar(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-    )
+    return count_bar()
 
 
 def _summary(

@@ -9,6 +9,7 @@ an age profile scaled to each borough's labor force in the recipe's month. O(N) 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from lpm import nyc
 from lpm.errors import InputError, validation_message
 from lpm.paths import project_root
 from lpm.population import Population, smallest_int_dtype
+from lpm.progress import count_bar
 
 #: Agents younger than this are children: they live with at least one adult.
 ADULT_AGE = 18
@@ -183,13 +185,13 @@ def area_households(age: torch.Tensor, mix: HouseholdMix, gen: torch.Generator) 
     grandparents) land in the other households, which are therefore larger than the ACS's; the other
     households mix family and non-family households; the composition is the borough's in every ZIP area.
     """
-    n = age.shape[0]
-    order = torch.randperm(n, generator=gen)
+    n, device = age.shape[0], age.device
+    order = torch.randperm(n, generator=gen, device=device)
     child, senior = age[order] < ADULT_AGE, age[order] >= SENIOR_AGE
     children, seniors, younger = order[child], order[senior], order[~child & ~senior]
     n_children = children.shape[0]
     n_adults = n - n_children
-    out = torch.zeros(n, dtype=torch.int64)
+    out = torch.zeros(n, dtype=torch.int64, device=device)
     if n_adults == 0:
         return out
     h = max(1, round(n / mix.mean_size))
@@ -205,22 +207,22 @@ def area_households(age: torch.Tensor, mix: HouseholdMix, gen: torch.Generator) 
     old = min(round(alone * mix.alone_senior), seniors.shape[0])
     # adults in the order they fill places: seniors living alone, then 18-64, then the other seniors
     queue = torch.cat([seniors[:old], younger, seniors[old:]])
-    fam = alone + torch.arange(families)
-    out[queue[:old]] = torch.arange(old)
+    fam = alone + torch.arange(families, device=device)
+    out[queue[:old]] = torch.arange(old, device=device)
     out[queue[old : old + families]] = fam
     out[queue[old + families : old + families + second]] = fam[:second]
     start = old + families + second
-    out[queue[start : start + alone - old]] = torch.arange(old, alone)
+    out[queue[start : start + alone - old]] = torch.arange(old, alone, device=device)
     rest = queue[start + alone - old :]  # empty if other == 0, as the children are if families == 0
-    rest = rest[torch.randperm(rest.shape[0], generator=gen)]
+    rest = rest[torch.randperm(rest.shape[0], generator=gen, device=device)]
     first_other = alone + families
-    out[rest[: 2 * other]] = first_other + torch.arange(2 * other) // 2
+    out[rest[: 2 * other]] = first_other + torch.arange(2 * other, device=device) // 2
     out[rest[2 * other :]] = first_other + torch.randint(
-        max(other, 1), (rest.shape[0] - 2 * other,), generator=gen
+        max(other, 1), (rest.shape[0] - 2 * other,), generator=gen, device=device
     )
     out[children[:families]] = fam
     out[children[families:]] = alone + torch.randint(
-        max(families, 1), (n_children - families,), generator=gen
+        max(families, 1), (n_children - families,), generator=gen, device=device
     )
     return out
 
@@ -229,21 +231,21 @@ def deal_places(counts: torch.Tensor, adult: torch.Tensor, gen: torch.Generator)
     """Agents in the order of ``n`` places dealt ``counts`` (Z,) at a time: (n,) int64 indices into
     ``adult`` (n,) bool; the first ``counts[0]`` are place 0's. Random, except that each place with
     agents gets an adult where the adults suffice (so no ZIP area is left with children only)."""
-    n = adult.shape[0]
+    n, device = adult.shape[0], adult.device
     first = torch.cumsum(counts, 0) - counts
     used = torch.nonzero(counts > 0).squeeze(1)
     adults = torch.nonzero(adult).squeeze(1)
-    adults = adults[torch.randperm(adults.shape[0], generator=gen)]
+    adults = adults[torch.randperm(adults.shape[0], generator=gen, device=device)]
     g = min(used.shape[0], adults.shape[0])
-    slots = first[used[torch.randperm(used.shape[0], generator=gen)[:g]]]
-    out = torch.empty(n, dtype=torch.int64)
+    slots = first[used[torch.randperm(used.shape[0], generator=gen, device=device)[:g]]]
+    out = torch.empty(n, dtype=torch.int64, device=device)
     out[slots] = adults[:g]
-    free_slot = torch.ones(n, dtype=torch.bool)
+    free_slot = torch.ones(n, dtype=torch.bool, device=device)
     free_slot[slots] = False
-    free_agent = torch.ones(n, dtype=torch.bool)
+    free_agent = torch.ones(n, dtype=torch.bool, device=device)
     free_agent[adults[:g]] = False
     rest = torch.nonzero(free_agent).squeeze(1)
-    out[free_slot] = rest[torch.randperm(rest.shape[0], generator=gen)]
+    out[free_slot] = rest[torch.randperm(rest.shape[0], generator=gen, device=device)]
     return out
 
 
@@ -251,9 +253,9 @@ def deal_clusters(member: torch.Tensor, size: int, first: int, gen: torch.Genera
     """Cluster ids ``first + 1, first + 2, …`` dealt at random to the agents where ``member`` (n,) bool
     holds, ``size`` agents each (the last cluster may be smaller); 0 for the others. (n,) int32."""
     idx = torch.nonzero(member).squeeze(1)
-    idx = idx[torch.randperm(idx.shape[0], generator=gen)]
-    out = torch.zeros(member.shape[0], dtype=torch.int32)
-    out[idx] = (first + 1 + torch.arange(idx.shape[0]) // size).to(torch.int32)
+    idx = idx[torch.randperm(idx.shape[0], generator=gen, device=member.device)]
+    out = torch.zeros(member.shape[0], dtype=torch.int32, device=member.device)
+    out[idx] = (first + 1 + torch.arange(idx.shape[0], device=member.device) // size).to(torch.int32)
     return out
 
 
@@ -266,19 +268,24 @@ BYTES_PER_AGENT = 100
 MAX_SEED = 2**63 - 1
 
 
-def check_agents(n: int) -> None:
-    """Refuse an agent count outside 1..MAX_AGENTS or one this machine's memory cannot hold (at
-    ``BYTES_PER_AGENT``), giving the range."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def check_agents(n: int, device: str | torch.device = "cpu") -> None:
+    """Refuse an agent count outside 1..MAX_AGENTS or one the memory of ``device`` cannot hold (at
+    ``BYTES_PER_AGENT``; the host's for the CPU, the GPU's own for a GPU), giving the range."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     most = min(MAX_AGENTS, memory // BYTES_PER_AGENT)
+    where = f"the GPU {device}" if device.type == "cuda" else "this machine"
     if not 1 <= n <= most:
         why = (
             f"at about {BYTES_PER_AGENT} bytes per agent a run needs {n * BYTES_PER_AGENT / 2**30:,.0f} GiB "
-            f"and this machine has {memory / 2**30:,.0f} GiB"
+            f"and {where} has {memory / 2**30:,.0f} GiB"
             if n > most and most < MAX_AGENTS
             else "agent indices are 32-bit"
         )
-        raise InputError(f"agents: {n:,} is out of range; this machine runs 1 to {most:,} agents ({why})")
+        raise InputError(f"agents: {n:,} is out of range; {where} runs 1 to {most:,} agents ({why})")
 
 
 def check_seed(seed: int) -> None:
@@ -287,40 +294,155 @@ def check_seed(seed: int) -> None:
         raise InputError(f"seed: {seed} is out of range; seeds are 0 to {MAX_SEED} (2**63 - 1)")
 
 
-def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -> Population:
+#: Columns of cluster ids (0 = none for school and workplace); a chunked population offsets them per chunk.
+ID_COLUMNS = ("household", "school", "workplace")
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The generator seed of chunk ``chunk`` of a population built in chunks from ``seed`` (0..2**63-1)."""
+    words = np.random.SeedSequence([int(seed), int(chunk)]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31 | int(words[1]) >> 1) & MAX_SEED
+
+
+def synthesize(
+    name: str = "nyc",
+    *,
+    agents: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    chunk_agents: int | None = None,
+    progress: bool = False,
+) -> Population:
     """See :meth:`Population.synthesize`."""
     recipe = Recipe.load(recipe_path(name))
     cells = cell_sizes(recipe)
     city = float(cells.sum())
     n = round(city) if agents is None else int(agents)
-    check_agents(n)
+    device = torch.device(device)
     check_seed(seed)
+    chunk = round(city) if chunk_agents is None else int(chunk_agents)
+    if chunk < 1:
+        raise InputError(f"chunk_agents: {chunk_agents} is out of range; a chunk holds at least 1 agent")
+    check_agents(n, device)
+    if n <= chunk:
+        columns, made = _synthesize_part(
+            recipe, cells, n, torch.Generator(device).manual_seed(int(seed)), device
+        )
+        chunks = 1
+    else:
+        columns, made, chunks = _synthesize_chunks(recipe, cells, n, int(seed), chunk, device, progress)
+    return Population(
+        columns,
+        {
+            "borough": list(recipe.boroughs.values()),
+            "zip": nyc.zip_areas()["zip"].tolist(),
+            "age_group": list(recipe.age_groups),
+            "sex": recipe.sexes,
+        },
+        meta={
+            "recipe": name,
+            "agents": n,
+            "seed": int(seed),
+            "city_population": round(city),
+            "scale": n / city,
+            "households": made["household"],
+            "schools": made["school"],
+            "workplaces": made["workplace"],
+            **({"chunks": chunks} if chunks > 1 else {}),
+        },
+    )
+
+
+def _synthesize_chunks(
+    recipe: Recipe, cells: np.ndarray, n: int, seed: int, chunk: int, device: torch.device, show: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, int], int]:
+    """``n`` agents as ``ceil(n / chunk)`` populations of (nearly) equal size, each built alone with the
+    generator seed :func:`chunk_seed` ``(seed, k)`` on ``device`` and copied into columns preallocated
+    there, its household, school and workplace ids shifted past the chunks before it. So no more than one
+    chunk's temporaries are held at a time (about 70 bytes per agent of a chunk), and the columns never
+    pass through host memory when ``device`` is a GPU. Each chunk keeps the recipe's shares, so the
+    whole keeps them up to one agent per cell and chunk; households, schools and workplaces never span two
+    chunks, and agents stay laid out household by household. ``show``: a progress bar on stderr."""
+    parts = allocate(np.ones(-(-n // chunk)), n).tolist()
+    columns: dict[str, torch.Tensor] = {}
+    made = dict.fromkeys(ID_COLUMNS, 0)
+    start = 0
+    bar = count_bar() if show else contextlib.nullcontext()
+    with bar:
+        task = bar.add_task(f"synthesize {n:,} agents", total=len(parts), unit="chunks") if show else None
+        for k, size in enumerate(parts):
+            _synthesize_chunk(recipe, cells, seed, k, size, start, device, columns, made, n)
+            start += size
+            if show:
+                bar.update(task, advance=1)
+    for key in ID_COLUMNS:
+        highest = made[key] - 1 if key == "household" else made[key]
+        columns[key] = columns[key].to(smallest_int_dtype(0, highest))
+    return columns, made, len(parts)
+
+
+def _synthesize_chunk(
+    recipe: Recipe,
+    cells: np.ndarray,
+    seed: int,
+    k: int,
+    size: int,
+    start: int,
+    device: torch.device,
+    columns: dict[str, torch.Tensor],
+    made: dict[str, int],
+    n: int,
+) -> None:
+    """Chunk ``k`` (``size`` agents from agent ``start``) into ``columns`` (allocated for ``n`` agents at
+    the first chunk), its ids shifted past ``made`` (updated)."""
+    gen = torch.Generator(device).manual_seed(chunk_seed(seed, k))
+    part, part_made = _synthesize_part(recipe, cells, size, gen, device)
+    if not columns:
+        columns.update(
+            (key, torch.empty(n, dtype=torch.int32 if key in ID_COLUMNS else col.dtype, device=device))
+            for key, col in part.items()
+        )
+    for key, col in part.items():
+        target = columns[key][start : start + size]
+        if key == "household":
+            torch.add(col.to(torch.int32), made[key], out=target)
+        elif key in ID_COLUMNS:  # 0 stays "none"
+            target.copy_(torch.where(col > 0, col.to(torch.int32) + made[key], 0))
+        else:
+            target.copy_(col)
+    for key in ID_COLUMNS:
+        made[key] += part_made[key]
+
+
+def _synthesize_part(
+    recipe: Recipe, cells: np.ndarray, n: int, gen: torch.Generator, device: torch.device
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One population of ``n`` agents drawn with ``gen`` on ``device``: its columns and the number of
+    households, schools and workplaces it made."""
     boroughs, ages = list(recipe.boroughs), list(recipe.age_groups)
     B, A, S = cells.shape
-    gen = torch.Generator().manual_seed(int(seed))
 
     # 1. borough × age × sex: exact shares, agents laid out cell by cell.
-    counts = torch.from_numpy(allocate(cells.ravel(), n))
-    cell_of_agent = torch.repeat_interleave(torch.arange(B * A * S, dtype=torch.int32), counts)
+    counts = torch.from_numpy(allocate(cells.ravel(), n)).to(device)
+    cell_of_agent = torch.repeat_interleave(torch.arange(B * A * S, dtype=torch.int32, device=device), counts)
     borough = (cell_of_agent // (A * S)).to(torch.uint8)
     age_group = ((cell_of_agent // S) % A).to(torch.uint8)
     sex = (cell_of_agent % S).to(torch.uint8)
     del cell_of_agent
 
     # 2. single-year age, uniform within the band.
-    bounds = torch.tensor(list(recipe.age_groups.values()), dtype=torch.int16)
+    bounds = torch.tensor(list(recipe.age_groups.values()), dtype=torch.int16, device=device)
     low, width = bounds[:, 0], bounds[:, 1] - bounds[:, 0] + 1
-    u = torch.rand(n, generator=gen)
+    u = torch.rand(n, generator=gen, device=device)
     age = (low[age_group.long()] + (u * width[age_group.long()]).to(torch.int16)).to(torch.uint8)
 
     # 3. ZIP area within borough: exact shares per borough, dealt out in random order (each ZIP area
     #    with agents gets an adult first); by_zip lists the agents ZIP area by ZIP area.
     zips = nyc.zip_areas()
-    zip_labels = zips["zip"].tolist()
-    zip_code = torch.empty(n, dtype=smallest_int_dtype(0, len(zip_labels) - 1))
-    per_borough = counts.view(B, A * S).sum(1)
-    first_agent = torch.cumsum(per_borough, 0) - per_borough  # boroughs are contiguous
-    by_zip = torch.empty(n, dtype=torch.int64)
+    zip_code = torch.empty(n, dtype=smallest_int_dtype(0, len(zips) - 1), device=device)
+    per_borough = counts.view(B, A * S).sum(1).tolist()
+    first_agent = np.cumsum(per_borough) - per_borough  # boroughs are contiguous
+    by_zip = torch.empty(n, dtype=torch.int64, device=device)
     zip_sizes = []  # (ZIP row, agents) in by_zip order
     for b, code in enumerate(boroughs):  # loop over 5 boroughs, not over agents
         rows = np.flatnonzero(zips["borough"].to_numpy() == code)
@@ -331,9 +453,10 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
             raise InputError(
                 f"{nyc.data_dir() / 'data-by-modzcta.csv'}: no ZIP area in borough {code} (column BOROUGH_GROUP)"
             )
-        k = torch.from_numpy(allocate(zips["population"].to_numpy()[rows], size))
-        agents = start + deal_places(k, age[start : start + size] >= ADULT_AGE, gen)
-        zip_code[agents] = torch.repeat_interleave(torch.from_numpy(rows).to(zip_code.dtype), k)
+        k = allocate(zips["population"].to_numpy()[rows], size)
+        k_t = torch.from_numpy(k).to(device)
+        agents = start + deal_places(k_t, age[start : start + size] >= ADULT_AGE, gen)
+        zip_code[agents] = torch.repeat_interleave(torch.from_numpy(rows).to(device, zip_code.dtype), k_t)
         by_zip[start : start + size] = agents
         zip_sizes += [(b, int(c)) for c in k if c > 0]
 
@@ -352,12 +475,12 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     residents = cells.sum(axis=2)  # (B, A)
     scale = target.to_numpy() / (residents * profile[None, :]).sum(axis=1)
     rate = np.clip(profile[None, :] * scale[:, None], 0.0, 1.0)
-    rate_t = torch.from_numpy(rate.astype(np.float32)).ravel()
-    labor = torch.rand(n, generator=gen) < rate_t[borough.long() * A + age_group.long()]
+    rate_t = torch.from_numpy(rate.astype(np.float32)).ravel().to(device)
+    labor = torch.rand(n, generator=gen, device=device) < rate_t[borough.long() * A + age_group.long()]
 
     # 5. households, ZIP area by ZIP area; perm lists the agents household by household.
     mixes = household_mixes(boroughs)
-    perm = torch.empty(n, dtype=torch.int64)
+    perm = torch.empty(n, dtype=torch.int64, device=device)
     household_sizes = []
     start = 0
     for b, size in zip_sizes:  # loop over ZIP areas, not over agents
@@ -369,7 +492,9 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     del by_zip
     sizes = torch.cat(household_sizes)
     H = sizes.shape[0]
-    household = torch.repeat_interleave(torch.arange(H, dtype=smallest_int_dtype(0, H - 1)), sizes)
+    household = torch.repeat_interleave(
+        torch.arange(H, dtype=smallest_int_dtype(0, H - 1), device=device), sizes
+    )
 
     # 6. schools and workplaces: clusters dealt at random within each borough.
     low_age, high_age = recipe.school_ages
@@ -377,8 +502,8 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
         "school": ((age >= low_age) & (age <= high_age), recipe.school_size),
         "workplace": (labor, recipe.workplace_size),
     }
-    clusters = {key: torch.zeros(n, dtype=torch.int32) for key in members}
-    made = dict.fromkeys(members, 0)
+    clusters = {key: torch.zeros(n, dtype=torch.int32, device=device) for key in members}
+    made = {"household": H, **dict.fromkeys(members, 0)}
     for b in range(B):  # loop over 5 boroughs
         part = slice(int(first_agent[b]), int(first_agent[b] + per_borough[b]))
         for key, (member, size) in members.items():
@@ -393,22 +518,4 @@ def synthesize(name: str = "nyc", *, agents: int | None = None, seed: int = 0) -
     columns["household"] = household
     for key, ids in clusters.items():
         columns[key] = ids[perm].to(smallest_int_dtype(0, made[key]))
-    return Population(
-        columns,
-        {
-            "borough": list(recipe.boroughs.values()),
-            "zip": zip_labels,
-            "age_group": ages,
-            "sex": recipe.sexes,
-        },
-        meta={
-            "recipe": name,
-            "agents": n,
-            "seed": int(seed),
-            "city_population": round(city),
-            "scale": n / city,
-            "households": H,
-            "schools": made["school"],
-            "workplaces": made["workplace"],
-        },
-    )
+    return columns, made

@@ -11,7 +11,7 @@ import torch
 from lpm import nyc
 from lpm.errors import InputError
 from lpm.population import PARQUET_KEY, Population, smallest_int_dtype
-from lpm.synthesis import Recipe, allocate, cell_sizes, household_mixes, recipe_path
+from lpm.synthesis import Recipe, allocate, cell_sizes, chunk_seed, household_mixes, recipe_path, synthesize
 
 
 def _real_cells() -> pd.DataFrame:
@@ -419,18 +419,23 @@ def test_twice_the_city_keeps_shares_household_structure_and_cluster_sizes(city)
     size is the ACS's up to the rounding of each ZIP area's household count, and the distribution of
     household sizes agrees within sampling noise; classes and workplaces keep their size and their number
     scales with N; ``meta["scale"]`` is N / city; ids stay in the smallest dtype that fits and the other
-    columns keep their dtypes (18 bytes per agent)."""
+    columns keep their dtypes (18 bytes per agent). Beyond the city's size the population is built in
+    chunks of at most the city's size (here 3), each keeping the shares up to its own rounding and its own
+    partial last classes and workplaces per borough."""
     n = 16_700_000
     big = Population.synthesize("nyc", agents=n, seed=city.meta["seed"])
     c = city.meta["city_population"]
+    chunks = big.meta["chunks"]
+    assert chunks == 3 and "chunks" not in city.meta  # 16.7 M is 2.003 cities: 3 chunks of 5.57 M
     assert len(big) == big.meta["agents"] == n and big.meta["city_population"] == c == len(city)
     # scale is N over the unrounded sum of the real cells, which city_population rounds to the nearest agent
     assert big.meta["scale"] == pytest.approx(n / c, rel=0.5 / c)
     r = big.meta["scale"]
     recipe = Recipe.load(recipe_path("nyc"))
 
-    # shares: every cell is within one agent of its exact share at either size (largest remainder), so
-    # a share summing k of the 5 × 10 × 2 cells differs by less than k / N + k / city between the sizes
+    # shares: every cell is within one agent per chunk of its exact share at either size (largest
+    # remainder), so a share summing k of the 5 × 10 × 2 cells differs by less than chunks × k / N + k / city
+    # between the sizes
     def cell_shares(pop: Population) -> np.ndarray:
         cell = (pop["borough"].long() * 10 + pop["age_group"].long()) * 2 + pop["sex"].long()
         return (torch.bincount(cell, minlength=100).double() / len(pop)).numpy().reshape(5, 10, 2)
@@ -438,7 +443,9 @@ def test_twice_the_city_keeps_shares_household_structure_and_cluster_sizes(city)
     got, want = cell_shares(big), cell_shares(city)
     for axes in ((), (1, 2), (0, 2), (0, 1)):  # cells, borough, age band, sex
         k = int(np.prod([got.shape[a] for a in axes]))
-        np.testing.assert_allclose(got.sum(axis=axes), want.sum(axis=axes), rtol=0, atol=k / n + k / c)
+        np.testing.assert_allclose(
+            got.sum(axis=axes), want.sum(axis=axes), rtol=0, atol=chunks * k / n + k / c
+        )
 
     # households: ids dense and laid out household by household at 16.7 M too
     mixes = household_mixes(list(recipe.boroughs))
@@ -470,23 +477,27 @@ def test_twice_the_city_keeps_shares_household_structure_and_cluster_sizes(city)
     sigma = torch.sqrt(pooled * (1 - pooled) * (1 / h_city + 1 / h_big))
     assert bool(((p_big - p_city).abs() <= 5 * sigma).all()), (p_city, p_big, sigma)
 
-    # schools and workplaces: per borough ceil(members / size) clusters, all full but the last one
+    # schools and workplaces: per borough and chunk ceil(members / size) clusters, all full but the last
     low, high = recipe.school_ages
     counted = {}
     for pop in (city, big):
-        borough = pop["borough"].long()
+        parts = pop.meta.get("chunks", 1)
+        chunk = torch.repeat_interleave(
+            torch.arange(parts), torch.from_numpy(allocate(np.ones(parts), len(pop)))
+        )
+        borough = pop["borough"].long() + 5 * chunk
         for key, ids, member, size in (
             ("schools", pop["school"], (pop["age"] >= low) & (pop["age"] <= high), recipe.school_size),
             ("workplaces", pop["workplace"], pop["labor_force"], recipe.workplace_size),
         ):
             assert torch.equal(ids > 0, member)
             members = torch.bincount(ids[member].long())[1:]
-            per_borough = torch.bincount(borough[member], minlength=5)
+            per_borough = torch.bincount(borough[member], minlength=5 * parts)
             assert pop.meta[key] == members.shape[0] == int(((per_borough + size - 1) // size).sum())
-            assert int(members.max()) == size and int((members < size).sum()) <= 5, key
+            assert int(members.max()) == size and int((members < size).sum()) <= 5 * parts, key
             assert ids.dtype == smallest_int_dtype(0, pop.meta[key]) == torch.int32, key
             counted[pop.meta["agents"], key] = (pop.meta[key], int(member.sum()))
-    # clusters(N) - r × clusters(city) lies within r × 5 (the partial last clusters) of
+    # clusters(N) - r × clusters(city) lies within 5 × (chunks + r) (the partial last clusters) of
     # (members(N) - r × members(city)) / size; pupils are whole age bands (20 cells: under 20 agents from
     # their share at each size), labor-force members Bernoulli draws (5 sigma, variance at most N / 4 +
     # r² × city / 4): about 12 classes and 900 workplaces of 94,600 and 429,000 (measured: 1.3 and 76)
@@ -495,7 +506,7 @@ def test_twice_the_city_keeps_shares_household_structure_and_cluster_sizes(city)
         "workplaces": 5 * np.sqrt((n + r * r * c) / 4) / recipe.workplace_size,
     }
     for key, slack in spread.items():
-        assert abs(counted[n, key][0] - r * counted[c, key][0]) <= 5 * r + slack, (key, counted)
+        assert abs(counted[n, key][0] - r * counted[c, key][0]) <= 5 * (chunks + r) + slack, (key, counted)
 
     # dtypes: household ids in the smallest dtype for 6.4 M households (int32), the other columns as at city
     # size, so the bytes per agent are unchanged
@@ -504,3 +515,46 @@ def test_twice_the_city_keeps_shares_household_structure_and_cluster_sizes(city)
     for col in city.columns:
         assert big[col].dtype == city[col].dtype, col
     assert big.nbytes / n == city.nbytes / c == 6 + 4 * 3
+
+
+def test_a_population_in_chunks_is_its_chunks_laid_end_to_end(capsys):
+    """``chunk_agents`` builds a population as chunks of (nearly) equal size, chunk k drawn alone with the
+    seed ``chunk_seed(seed, k)``: each slice is that chunk's own population, its household, school and
+    workplace ids shifted past the chunks before it (0 stays "no school" / "no workplace"); households stay
+    contiguous; ids in the smallest dtype of the whole; a population no larger than a chunk is the plain
+    one; a progress bar reports the chunks."""
+    n, seed = 50_000, 4
+    whole = synthesize("nyc", agents=n, seed=seed, chunk_agents=20_000, progress=True)
+    assert "synthesize 50,000 agents" in capsys.readouterr().err
+    sizes = allocate(np.ones(3), n).tolist()
+    assert whole.meta["chunks"] == 3 and sizes == [16_667, 16_667, 16_666]
+    start, shift = 0, dict.fromkeys(("household", "school", "workplace"), 0)
+    for k, size in enumerate(sizes):
+        part = synthesize("nyc", agents=size, seed=chunk_seed(seed, k))
+        for col in part.columns:
+            got, own = whole[col][start : start + size].long(), part[col].long()
+            if col in shift:
+                own = torch.where(own > 0, own + shift[col], 0) if col != "household" else own + shift[col]
+            assert torch.equal(got, own), (k, col)
+        shift["household"] += part.meta["households"]
+        shift["school"] += part.meta["schools"]
+        shift["workplace"] += part.meta["workplaces"]
+        start += size
+    assert (whole.meta["households"], whole.meta["schools"], whole.meta["workplaces"]) == tuple(
+        shift.values()
+    )
+    h = whole["household"].long()
+    assert (
+        bool((h[1:] - h[:-1] <= 1).all() and (h[1:] >= h[:-1]).all()) and int(h[-1]) == shift["household"] - 1
+    )
+    assert whole["household"].dtype == smallest_int_dtype(0, shift["household"] - 1) == torch.int16
+    assert whole["workplace"].dtype == smallest_int_dtype(0, shift["workplace"])
+    again = synthesize("nyc", agents=n, seed=seed, chunk_agents=20_000)
+    assert all(torch.equal(whole[c], again[c]) for c in whole.columns)
+    plain, one_chunk = (
+        synthesize("nyc", agents=n, seed=seed),
+        synthesize("nyc", agents=n, seed=seed, chunk_agents=n),
+    )
+    assert "chunks" not in one_chunk.meta and all(torch.equal(plain[c], one_chunk[c]) for c in plain.columns)
+    with pytest.raises(InputError, match=r"chunk_agents: 0 is out of range"):
+        synthesize("nyc", agents=n, chunk_agents=0)
