@@ -4,14 +4,18 @@ The CPU build of vLLM computes in bfloat16, so a request's numbers may depend on
 at the time. This script asks the same ``logprobs`` question of the first ``--targets`` covid_isolation
 prompts many times and reports, per condition, the largest difference of the first action's probability
 from the reference (the first answer of that prompt sent alone); with two actions the other probability
-moves by the same amount:
+moves by the same amount. Each condition runs with both readings (``SCORINGS``): the first token alone
+(one request a prompt) and whole actions (the default: the prompt's shared prefix alone, then every later
+position in one request of several prompts, whose batch layout depends on when they reach the server),
+and prints how many rounds moved at all:
 
 ``alone``       one request in flight at a time;
 ``together``    the target prompts all at once, as :class:`lpm.decision.Decider` sends them;
 ``batched``     the targets among ``--others`` different prompts, all at once, in a shuffled order;
 ``staggered``   each target sent 0-150 ms after ``--others`` sampling requests, so its prefill shares
                 steps with their decoding;
-``langchain``   the targets one at a time through :class:`lpm.backend.LangChainBackend` (``ChatOpenAI``);
+``langchain``   the targets one at a time through :class:`lpm.backend.LangChainBackend` (``ChatOpenAI``;
+                first-token reading only);
 ``cold``        per round and target, a context never sent before (a new week): the first request
                 computes the whole prompt, the second reads the shared prefix from vLLM's prefix cache;
                 the difference of those two answers.
@@ -41,6 +45,10 @@ from lpm.endpoint import running_server
 from lpm.population import Population
 from lpm.prompt import PromptTemplate
 
+SCORINGS = ["first-token", "sequence"]
+"""Both readings: the first token (one request a prompt; what LangChain can read) and whole actions (the
+default: the shared prefix alone, then every later position in one request)."""
+
 CONTEXT = {"week": 10, "cases": 2345, "cases_change": 12}
 """The context of tests/test_llm_integration.py, so the figures apply to its prompts."""
 
@@ -59,14 +67,19 @@ async def first_probs(
 
 
 async def staggered(
-    backend: Backend, target: Messages, others: Sequence[Messages], actions: list[str], delay_s: float
+    backend: Backend,
+    target: Messages,
+    others: Sequence[Messages],
+    actions: list[str],
+    delay_s: float,
+    decoding: Decoding,
 ) -> float:
     """The target's first-action probability, sent ``delay_s`` after sampling requests for ``others``."""
     busy = Decoding(mode="sample", n_samples=8)
     try:
         load = asyncio.gather(*(backend.choose(m, actions, busy) for m in others))
         await asyncio.sleep(delay_s)
-        answer = await backend.choose(target, actions, Decoding(mode="logprobs"))
+        answer = await backend.choose(target, actions, decoding)
         await load
     finally:
         await backend.aclose()
@@ -93,7 +106,6 @@ def main() -> None:
     prompts = [template.render(r, CONTEXT) for r in rows[: args.targets + args.others]]
     targets, others = prompts[: args.targets], prompts[args.targets :]
     actions = list(spec.actions)
-    logprobs = Decoding(mode="logprobs")
     rng = random.Random(args.seed)
     results: dict[str, object] = {
         "machine": platform.machine(),
@@ -119,49 +131,62 @@ def main() -> None:
         def direct(concurrency: int) -> OpenAIBackend:
             return OpenAIBackend(url, model, max_concurrency=concurrency)
 
-        def ask(backend: Backend, batch: Sequence[Messages]) -> list[float]:
-            return asyncio.run(first_probs(backend, batch, actions, logprobs))
+        for scoring in SCORINGS:
+            logprobs = Decoding(mode="logprobs", scoring=scoring)
 
-        ask(direct(16), prompts)  # warm up: grammar compilation, prefix cache of CONTEXT
-        started = time.perf_counter()
-        seen: dict[str, list[list[float]]] = {
-            "alone": [],
-            "together": [],
-            "batched": [],
-            "staggered": [],
-            "langchain": [],
-        }
-        cold: list[float] = []
-        for r in range(args.repeats):
-            seen["alone"].append(ask(direct(1), targets))
-            seen["together"].append(ask(direct(16), targets))
-            seen["langchain"].append(ask(LangChainBackend(chat, max_concurrency=1), targets))
-            order = list(range(len(prompts)))
-            rng.shuffle(order)
-            by_prompt = dict(zip(order, ask(direct(len(prompts)), [prompts[i] for i in order]), strict=True))
-            seen["batched"].append([by_prompt[t] for t in range(args.targets)])
-            seen["staggered"].append(
-                [
-                    asyncio.run(staggered(direct(64), t, others, actions, rng.uniform(0.0, 0.15)))
-                    for t in targets
-                ]
-            )
-            for t, row in enumerate(rows[: args.targets]):
-                fresh = template.render(row, {**CONTEXT, "week": 1000 + r * args.targets + t})
-                first, second = ask(direct(1), [fresh, fresh])
-                cold.append(abs(first - second))
-        results["seconds"] = round(time.perf_counter() - started, 1)
+            def ask(
+                backend: Backend, batch: Sequence[Messages], logprobs: Decoding = logprobs
+            ) -> list[float]:
+                return asyncio.run(first_probs(backend, batch, actions, logprobs))
 
-    reference = seen["alone"][0]
-    for name, runs in seen.items():
-        worst = [max(abs(run[t] - reference[t]) for run in runs) for t in range(args.targets)]
-        shown = ", ".join(f"{w:.2e}" for w in worst)
-        print(f"{name:>10}: max |p - p_alone| per target prompt over {len(runs)} rounds: {shown}")
-        results[f"{name}_max"] = max(worst)
-    print(f"{'cold':>10}: max |p_first - p_repeat| over {len(cold)} fresh prompts: {max(cold):.2e}")
-    results["cold_max"] = max(cold)
-    results["cold_nonzero"] = sum(d > 0 for d in cold)
-    results["p_first_alone"] = [round(p, 6) for p in reference]
+            ask(direct(16), prompts)  # warm up: grammar compilation, prefix cache of CONTEXT
+            started = time.perf_counter()
+            seen: dict[str, list[list[float]]] = {"alone": [], "together": [], "batched": [], "staggered": []}
+            if scoring == "first-token":  # LangChain reads the first token only
+                seen["langchain"] = []
+            cold: list[float] = []
+            for r in range(args.repeats):
+                seen["alone"].append(ask(direct(1), targets))
+                seen["together"].append(ask(direct(16), targets))
+                if "langchain" in seen:
+                    seen["langchain"].append(ask(LangChainBackend(chat, max_concurrency=1), targets))
+                order = list(range(len(prompts)))
+                rng.shuffle(order)
+                by_prompt = dict(
+                    zip(order, ask(direct(len(prompts)), [prompts[i] for i in order]), strict=True)
+                )
+                seen["batched"].append([by_prompt[t] for t in range(args.targets)])
+                seen["staggered"].append(
+                    [
+                        asyncio.run(
+                            staggered(direct(64), t, others, actions, rng.uniform(0.0, 0.15), logprobs)
+                        )
+                        for t in targets
+                    ]
+                )
+                for t, row in enumerate(rows[: args.targets]):
+                    week = 1000 + (r + args.repeats * SCORINGS.index(scoring)) * args.targets + t
+                    fresh = template.render(row, {**CONTEXT, "week": week})
+                    first, second = ask(direct(1), [fresh, fresh])
+                    cold.append(abs(first - second))
+            results[f"{scoring}.seconds"] = round(time.perf_counter() - started, 1)
+
+            reference = seen["alone"][0]
+            print(f"scoring {scoring}:")
+            for name, runs in seen.items():
+                worst = [max(abs(run[t] - reference[t]) for run in runs) for t in range(args.targets)]
+                moved = sum(any(abs(run[t] - reference[t]) > 0 for t in range(args.targets)) for run in runs)
+                shown = ", ".join(f"{w:.2e}" for w in worst)
+                print(
+                    f"{name:>10}: max |p - p_alone| per target prompt over {len(runs)} rounds: {shown} "
+                    f"({moved} rounds moved)"
+                )
+                results[f"{scoring}.{name}_max"] = max(worst)
+                results[f"{scoring}.{name}_rounds_moved"] = moved
+            print(f"{'cold':>10}: max |p_first - p_repeat| over {len(cold)} fresh prompts: {max(cold):.2e}")
+            results[f"{scoring}.cold_max"] = max(cold)
+            results[f"{scoring}.cold_nonzero"] = sum(d > 0 for d in cold)
+            results[f"{scoring}.p_first_alone"] = [round(p, 6) for p in reference]
     print(json.dumps(results))
 
 
