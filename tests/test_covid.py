@@ -316,15 +316,14 @@ def test_tests_limit_caps_each_days_reported_cases(pop):
     assert plain.trajectory.equals(off.trajectory)
 
 
-@pytest.mark.parametrize("tests_limit", [True, False])
-def test_seeding_reads_no_tests_on_or_after_the_start(pop, monkeypatch, tests_limit):
-    """The test counts (the cap with tests_limit, and the positivity trend of the not yet reported days
-    either way) are read only before the start."""
+@pytest.mark.parametrize(("tests_limit", "ramp"), [(True, "time"), (False, "time"), (False, "tests")])
+def test_seeding_reads_no_tests_on_or_after_the_start(pop, monkeypatch, tests_limit, ramp):
+    """The test counts (the cap with tests_limit, the detected share's March rise with detection_ramp=tests,
+    and the positivity trend of the not yet reported days either way) are read only before the start."""
 
     def state():
-        sim = Simulation(
-            CovidScenario({"start": "2020-03-16", "tests_limit": tests_limit}), pop, HeuristicPolicy(), seed=3
-        )
+        config = {"start": "2020-03-16", "tests_limit": tests_limit, "detection_ramp": ramp}
+        sim = Simulation(CovidScenario(config), pop, HeuristicPolicy(), seed=3)
         return sim.initial_state().scenario
 
     real = covid.nyc.tests_by_day()
@@ -338,6 +337,37 @@ def test_seeding_reads_no_tests_on_or_after_the_start(pop, monkeypatch, tests_li
     earlier = real.where(real.index != pd.Timestamp("2020-03-14"), real / 3)
     monkeypatch.setattr(covid.nyc, "tests_by_day", lambda path=None: earlier)
     assert not torch.equal(before["stage"], state()["stage"])
+
+
+def test_detection_ramp_follows_the_tests():
+    """detection_ramp=tests: detected_march up to the first counts at tests_scarce, detected once the 7-day
+    mean of people tested reaches tests_ample (2020-03-22), log-linear in that mean between (rising most in
+    the week 03-08 .. 03-15, when testing grew 20-fold), with the levels' gradients; the calendar ramp is
+    unchanged."""
+    params = {"detected_march": torch.tensor(0.01, requires_grad=True), "detected": torch.tensor(0.1)}
+    tests = CovidScenario({"detection_ramp": "tests"}).config
+    time = CovidScenario({}).config
+    days = pd.date_range("2020-03-01", "2020-03-25")
+    share = torch.stack([covid.detection(tests, params, d) for d in days])
+    assert (
+        float(share[0].detach()) == float(share[2].detach()) == pytest.approx(0.01)
+    )  # 03-03: 15 tested, the first count
+    assert share[21:].detach().numpy() == pytest.approx(0.1)  # from 03-22 (7-day mean 6,114)
+    assert bool((share[1:] >= share[:-1] - 1e-9).all())
+    mean = covid.nyc.tests_by_day()["2020-03-03":"2020-03-10"].rolling(7, min_periods=1).mean()
+    f = np.log(mean["2020-03-10"] / 15) / np.log(6114 / 15)
+    assert float(share[9].detach()) == pytest.approx(0.01 * (0.1 / 0.01) ** f, rel=1e-5)
+    week = [
+        float(share[i + 7].detach() / share[i].detach()) for i in (0, 7, 14)
+    ]  # 03-01 -> 08, 08 -> 15, 15 -> 22
+    assert week[1] > max(week[0], week[2]), week  # most of the rise in the week testing grew 20-fold
+    share[10].backward()
+    assert float(params["detected_march"].grad) > 0
+    linear = [float(covid.detection(time, params, d).detach()) for d in days]
+    f_time = np.arange(22) / 21
+    assert linear[:22] == pytest.approx(list(0.01 * (0.1 / 0.01) ** f_time), rel=1e-5)
+    with pytest.raises(InputError, match="tests_ample must exceed tests_scarce, got 10.0 and 15.0"):
+        CovidScenario({"detection_ramp": "tests", "tests_ample": 10})
 
 
 def test_a_bad_tests_file_names_the_file_and_field(tmp_path):

@@ -65,6 +65,13 @@ York's serosurvey (22.7 % of New York City residents with antibodies by late Apr
 al., Ann Epidemiol 2020: about 1.9 million infections against about 130,000 reported cases by
 mid-April, 7 % of all infections and 10 % of symptomatic ones).
 
+With ``detection_ramp="tests"`` (off by default) the March rise follows testing instead of the calendar:
+log-linear in the people tested a day (7-day mean of ``tests-by-day.csv`` up to that day) from
+``tests_scarce`` = 15 (the first count, 2020-03-03) to ``tests_ample`` = 6,114 (the mean on 2020-03-22), so
+it rises most in the week 03-08 .. 03-15, when the people tested a day grew 20-fold. It reads no count after the day
+whose share it gives, so the seeding still reads nothing on or after the start; a run through March reads
+the real counts of its days, an input like the intervention dates.
+
 With ``tests_limit`` (off by default), reporting is also capped by the city's testing: of the ``D``
 detected onsets of a day, ``R = D K / (D + K)`` are reported, ``K = positivity_cap × people tested``
 that day (the health department's ``tests.csv``, shipped as ``populations/nyc/tests-by-day.csv``; no
@@ -352,8 +359,26 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
     for (d0, n0), (d1, n1) in zip(knots, knots[1:], strict=False):
         if date <= d1:
             f = (date - d0).days / (d1 - d0).days
+            if c.detection_ramp == "tests" and n0 == "detected_march":
+                f = _tests_ramp(c.tests_scarce, c.tests_ample, date)
             return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
     return level(knots[-1][1])
+
+
+def _tests_ramp(scarce: float, ample: float, date: pd.Timestamp) -> float:
+    """Where the people tested a day up to ``date`` (the 7-day mean of tests-by-day.csv ending that day,
+    days without counts left out) lie between ``scarce`` and ``ample`` on a log scale: 0 at or below
+    ``scarce``, 1 at or above ``ample``; 0 before the first count. Reads no count after ``date``."""
+    tests = nyc.tests_by_day()
+    seen = tests[:date]
+    seen = seen[seen > 0]
+    if seen.empty:
+        return 0.0
+    week = seen[seen.index > date - pd.Timedelta(days=7)]
+    if week.empty:  # no count in the 7 days up to date
+        return 0.0
+    mean = float(week.mean())
+    return min(1.0, max(0.0, float(np.log(mean / scarce) / np.log(ample / scarce))))
 
 
 def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
@@ -459,6 +484,24 @@ class CovidConfig(ScenarioConfig):
     positivity_cap: float = _share(
         "with tests_limit, the share of a day's people tested that can be cases", 1.0
     )
+    detection_ramp: Literal["time", "tests"] = Field(
+        default="time",
+        description="how the detected share rises from detected_march to detected in March 2020: log-linear "
+        "in time from 03-01 to 03-22, or log-linear in the people tested a day (7-day mean, "
+        "tests-by-day.csv) from tests_scarce to tests_ample",
+    )
+    tests_scarce: float = Field(
+        default=15.0,
+        gt=0,
+        description="with detection_ramp=tests, people tested a day at which detected_march holds (the "
+        "city's first count, 2020-03-03)",
+    )
+    tests_ample: float = Field(
+        default=6114.0,
+        gt=0,
+        description="with detection_ramp=tests, people tested a day from which detected holds (the city's "
+        "7-day mean on 2020-03-22)",
+    )
     interventions: tuple[Intervention, ...] = Field(
         default=INTERVENTIONS, description="dated changes of contacts per layer (see INTERVENTIONS)"
     )
@@ -478,6 +521,10 @@ class CovidConfig(ScenarioConfig):
         if self.share_zip + self.share_borough > 1:
             raise ValueError(
                 f"share_zip + share_borough must be <= 1, got {self.share_zip} + {self.share_borough}"
+            )
+        if self.tests_ample <= self.tests_scarce:
+            raise ValueError(
+                f"tests_ample must exceed tests_scarce, got {self.tests_ample} and {self.tests_scarce}"
             )
         names = set(type(self).model_fields)
         for i, event in enumerate(self.interventions):
