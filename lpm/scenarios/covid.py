@@ -59,13 +59,14 @@ cell, one gather of each back per agent.
 gamma, mean ``report_delay_days`` = 3; Bi et al., Lancet Infect Dis 2020: 4.6 days from onset to
 confirmation under symptom-based testing, specimen collection a day or more before), and a share
 ``detected(t)`` of them is reported (expected value, which keeps the series differentiable). ``detected``
-rises with testing: log-linear from ``detected_march`` on 2020-03-01 to ``detected`` on 2020-03-22 (testing scaled up by the PAUSE order), flat
+rises with testing from ``detected_march`` to ``detected`` by 2020-03-22 (below; ``detection_ramp="time"``:
+log-linear in time from 2020-03-01, testing scaled up by the PAUSE order), flat
 to 2020-05-15, then to ``detected_summer`` by 2020-07-15. The default April level, 0.1, follows from New
 York's serosurvey (22.7 % of New York City residents with antibodies by late April 2020, Rosenberg et
 al., Ann Epidemiol 2020: about 1.9 million infections against about 130,000 reported cases by
 mid-April, 7 % of all infections and 10 % of symptomatic ones).
 
-With ``detection_ramp="tests"`` (off by default) the March rise follows testing instead of the calendar:
+With ``detection_ramp="tests"`` (the default) the March rise follows testing instead of the calendar:
 log-linear in the people tested a day (7-day mean of ``tests-by-day.csv`` up to that day) from
 ``tests_scarce`` = 15 (the first count, 2020-03-03) to ``tests_ample`` = 6,114 (the mean on 2020-03-22), so
 it rises most in the week 03-08 .. 03-15, when the people tested a day grew 20-fold. It reads no count after the day
@@ -485,7 +486,7 @@ class CovidConfig(ScenarioConfig):
         "with tests_limit, the share of a day's people tested that can be cases", 1.0
     )
     detection_ramp: Literal["time", "tests"] = Field(
-        default="time",
+        default="tests",
         description="how the detected share rises from detected_march to detected in March 2020: log-linear "
         "in time from 03-01 to 03-22, or log-linear in the people tested a day (7-day mean, "
         "tests-by-day.csv) from tests_scarce to tests_ample",
