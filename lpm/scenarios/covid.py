@@ -413,7 +413,9 @@ class CovidConfig(ScenarioConfig):
         le=1,
         description="daily infection hazard from one infectious household member (other layers: × weight)",
     )
-    detected_march: float = _share("share of symptom onsets reported on 2020-03-01 (scarce tests)", 0.01)
+    detected_march: float = _share(
+        "share of symptom onsets reported while tests were scarce (early March 2020)", 0.01
+    )
     detected: float = _share("share of symptom onsets reported 2020-03-22 .. 05-15 (serosurvey)", 0.1)
     detected_summer: float = _share("share of symptom onsets reported from 2020-07-15 (wider testing)", 0.3)
     work_pause: float = _share("share of workplace contacts kept under PAUSE (essential workers)", 0.35)
