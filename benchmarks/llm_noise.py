@@ -131,7 +131,7 @@ def main() -> None:
         def direct(concurrency: int) -> OpenAIBackend:
             return OpenAIBackend(url, model, max_concurrency=concurrency)
 
-        for scoring in SCORINGS:
+        for pass_, scoring in enumerate(SCORINGS):
             logprobs = Decoding(mode="logprobs", scoring=scoring)
 
             def ask(
@@ -165,7 +165,7 @@ def main() -> None:
                     ]
                 )
                 for t, row in enumerate(rows[: args.targets]):
-                    week = 1000 + (r + args.repeats * SCORINGS.index(scoring)) * args.targets + t
+                    week = 1000 + (r + args.repeats * pass_) * args.targets + t
                     fresh = template.render(row, {**CONTEXT, "week": week})
                     first, second = ask(direct(1), [fresh, fresh])
                     cold.append(abs(first - second))

@@ -349,17 +349,15 @@ def test_detection_ramp_follows_the_tests():
     time = CovidScenario({"detection_ramp": "time"}).config
     days = pd.date_range("2020-03-01", "2020-03-25")
     share = torch.stack([covid.detection(tests, params, d) for d in days])
-    assert (
-        float(share[0].detach()) == float(share[2].detach()) == pytest.approx(0.01)
-    )  # 03-03: 15 tested, the first count
+    # 03-03: 15 tested, the first count
+    assert float(share[0].detach()) == float(share[2].detach()) == pytest.approx(0.01)
     assert share[21:].detach().numpy() == pytest.approx(0.1)  # from 03-22 (7-day mean 6,114)
     assert bool((share[1:] >= share[:-1] - 1e-9).all())
     mean = covid.nyc.tests_by_day()["2020-03-03":"2020-03-10"].rolling(7, min_periods=1).mean()
     f = np.log(mean["2020-03-10"] / 15) / np.log(6114 / 15)
     assert float(share[9].detach()) == pytest.approx(0.01 * (0.1 / 0.01) ** f, rel=1e-5)
-    week = [
-        float(share[i + 7].detach() / share[i].detach()) for i in (0, 7, 14)
-    ]  # 03-01 -> 08, 08 -> 15, 15 -> 22
+    # the rise over 03-01 -> 08, 08 -> 15 and 15 -> 22
+    week = [float(share[i + 7].detach() / share[i].detach()) for i in (0, 7, 14)]
     assert week[1] > max(week[0], week[2]), week  # most of the rise in the week testing grew 20-fold
     share[10].backward()
     assert float(params["detected_march"].grad) > 0

@@ -370,13 +370,9 @@ def _tests_ramp(scarce: float, ample: float, date: pd.Timestamp) -> float:
     """Where the people tested a day up to ``date`` (the 7-day mean of tests-by-day.csv ending that day,
     days without counts left out) lie between ``scarce`` and ``ample`` on a log scale: 0 at or below
     ``scarce``, 1 at or above ``ample``; 0 before the first count. Reads no count after ``date``."""
-    tests = nyc.tests_by_day()
-    seen = tests[:date]
-    seen = seen[seen > 0]
-    if seen.empty:
-        return 0.0
-    week = seen[seen.index > date - pd.Timedelta(days=7)]
-    if week.empty:  # no count in the 7 days up to date
+    week = nyc.tests_by_day()[date - pd.Timedelta(days=6) : date]  # the 7 days ending on date
+    week = week[week > 0]
+    if week.empty:  # no count in those days (before the first)
         return 0.0
     mean = float(week.mean())
     return min(1.0, max(0.0, float(np.log(mean / scarce) / np.log(ample / scarce))))
