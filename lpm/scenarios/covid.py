@@ -981,7 +981,10 @@ class CovidScenario(Scenario):
         start = pd.Timestamp(c.start)
         cases = _real_cases(self.config.data)
         before = cases[cases["date"] < start]
-        occupancy, onsets = seed_estimate(c, params or {}, before, w.boroughs)
+        # a few hundred numbers, computed on the host (on a GPU the same numbers as on the CPU); .cpu()
+        # keeps the gradients of the parameters
+        host = {k: v.cpu() for k, v in (params or {}).items()}
+        occupancy, onsets = seed_estimate(c, host, before, w.boroughs)
         device = w.household.device
         residents = (w.residents.to(torch.float64) / w.scale).clamp_min(1.0).to(device)
         share = occupancy.to(device) / residents[:, None]
@@ -1247,7 +1250,9 @@ class CovidScenario(Scenario):
         following, moves = sampler.transition(stage, p, w.hazard, STREAM_TRANSITION)
         # the household hops: the same pressure, its gradient only through the senders of copy g - 1
         susceptible = stage.detach()[:, S]
-        housemates = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, susceptible)
+        housemates = torch.zeros(w.nh, dtype=stage.dtype, device=stage.device).index_add(
+            0, w.household, susceptible
+        )
         housemates = (housemates.index_select(0, w.household) - susceptible).round().long()
         keep_h = _keep(isolating.detach(), c.household_isolation, stage.dtype)
         home_weight = LAYER_WEIGHT["household"] * level["household"]
@@ -1264,7 +1269,7 @@ class CovidScenario(Scenario):
         nxt, flows = [], []
         for g, copy in enumerate(copies[1:], start=1):
             sent = (xs[g - 1] - x_hard) * (hop_factor[:, g] * keep_h)
-            house = torch.zeros(w.nh, dtype=stage.dtype).index_add(0, w.household, sent)
+            house = torch.zeros(w.nh, dtype=stage.dtype, device=stage.device).index_add(0, w.household, sent)
             p_g = p.detach() + reach * (house.index_select(0, w.household) - sent)
             nxt.append(sampler.follow(copy, p_g, w.hazard, moves, following)[0])
             flows.append(copy[:, S] * p_g)
