@@ -11,7 +11,7 @@ line is all figures as one JSON object.
     .venv/bin/python benchmarks/gradients.py [--agents 50000] [--weeks 8] [--seeds 1 2 3 4]
         [--start 2020-04-01] [--estimators pruned households expected bernoulli mean-field]
         [--parameters beta ...] [--policy fixed|heuristic] [--replay] [--literature]
-        [--rel-step 0.05] [--offset-step 0.2 [0.4 ...]]
+        [--rel-step 0.05] [--offset-step 0.2 [0.4 ...]] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
         help="finite-difference step(s) of an offset; several: their central differences averaged per seed "
         "(default 0.2)",
     )
+    ap.add_argument("--device", default="cpu", help="where the runs compute: cpu or cuda (default cpu)")
     args = ap.parse_args()
     pop = Population.synthesize("nyc", agents=args.agents, seed=0)
     policy = (
@@ -88,6 +89,7 @@ def main() -> None:
         "calibrated": not args.literature,
         "rel_step": args.rel_step,
         "offset_step": args.offset_step,
+        "device": args.device,
         "results": [],
     }
     for estimator in args.estimators:
@@ -104,6 +106,7 @@ def main() -> None:
             replay=args.replay,
             rel_step=args.rel_step,
             offset_step=args.offset_step,
+            device=args.device,
         )
         for r in results:
             with np.errstate(divide="ignore", invalid="ignore"):  # nan where the parameter does not act yet

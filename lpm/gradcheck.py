@@ -105,6 +105,7 @@ def check(
     action: int = 0,
     period: int = 7,
     replay: bool = False,
+    device: str | torch.device = "cpu",
 ) -> list[GradCheck]:
     """Gradient vs finite differences per week for each of ``parameters`` (learnable names, or
     ``"offsets"`` for a common shift of ``action``'s alignment offsets of ``decision``).
@@ -116,7 +117,7 @@ def check(
     ``replay``: the
     finite differences replay the decisions of the base inference run of each seed (:class:`ReplayPolicy`),
     so that they hold the decisions fixed as the gradient does; without it they keep the policy's
-    reaction to the perturbed series.
+    reaction to the perturbed series. ``device``: where every run computes.
     """
     base = make_scenario({})
     estimator = choose_estimator(estimator, base.pruned)  # "auto": the name the results report
@@ -127,13 +128,18 @@ def check(
 
         def totals(scenario: Scenario, offsets: torch.Tensor | None = None) -> np.ndarray:
             sim = Simulation(
-                scenario, pop, policy, seed=seed, offsets=None if offsets is None else {decision: offsets}
+                scenario,
+                pop,
+                policy,
+                seed=seed,
+                offsets=None if offsets is None else {decision: offsets},
+                device=device,
             )
             with torch.no_grad():
-                return weekly_totals(sim.run(steps).series[quantity], period).double().numpy()
+                return weekly_totals(sim.run(steps).series[quantity], period).cpu().double().numpy()
 
         if p == "offsets":
-            probe = Simulation(base, pop, policy, seed=seed)
+            probe = Simulation(base, pop, policy, seed=seed, device=device)
             differences = []
             for h in [offset_step] if isinstance(offset_step, (int, float)) else offset_step:
                 plus = totals(base, _offset_shift(probe, decision, action, h))
@@ -147,7 +153,9 @@ def check(
     grads: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     fds: dict[str, list[np.ndarray]] = {p: [] for p in parameters}
     for seed in seeds:
-        sim = Simulation(base, pop, policy, seed=seed, differentiable=True, estimator=estimator)
+        sim = Simulation(
+            base, pop, policy, seed=seed, differentiable=True, estimator=estimator, device=device
+        )
         weekly = weekly_totals(sim.run(steps).series[quantity], period)
         inputs = [sim.params[f"offsets.{decision}"] if p == "offsets" else sim.params[p] for p in parameters]
         rows = []
@@ -164,7 +172,9 @@ def check(
         if replay:
             fd_policy = ReplayPolicy(policy)
             with torch.no_grad():
-                Simulation(base, pop, fd_policy, seed=seed).run(steps)  # records the base run's decisions
+                Simulation(base, pop, fd_policy, seed=seed, device=device).run(
+                    steps
+                )  # records the base run's decisions
         for j, p in enumerate(parameters):
             grads[p].append(table[:, j])
             fds[p].append(finite_difference(fd_policy, seed, p))

@@ -480,7 +480,8 @@ class HardSampler(Sampler):
         u = self.uniform(stream)
         code, p = self._uniforms.work()  # free until the next draw
         chain = hazard.to(torch.float32).clone()
-        chain[0] = 0.0  # u < 0 never holds: the agents in state 0 leave by p_first alone
+        chain[:1] = 0.0  # u < 0 never holds: the agents in state 0 leave by p_first alone (a fill on a GPU:
+        # chain[0] = 0.0 would copy the number from the host)
         leave = u < torch.index_select(chain, 0, code.copy_(states), out=p.view(torch.float32))
         leave |= (states == 0) & (u < p_first)
         return states + leave, Moves(states, leave, None)

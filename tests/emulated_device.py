@@ -27,7 +27,8 @@ from torch.utils._pytree import tree_flatten
 #: methods that read a tensor's values on the host
 HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__"}
 #: operations whose output size depends on the values: a GPU waits to learn it (bincount reads the
-#: largest key; boolean indexing and one-argument where run nonzero)
+#: largest key; boolean indexing and one-argument where run nonzero); assigning a Python number to
+#: elements waits too (below)
 WAITS = {"bincount", "nonzero", "unique", "unique_consecutive", "masked_select", "argwhere"}
 #: methods whose result is on the host whatever their input
 TO_HOST = {"cpu", "numpy", "tolist", "item"}
@@ -76,6 +77,13 @@ class EmulatedDevice(TorchFunctionMode):
         waits |= name in ("__getitem__", "__setitem__", "index_put_", "index_put") and any(
             t.dtype == torch.bool for t in inputs[1:]
         )
+        # x[i] = 0.5 on one element copies the number from the host (a GPU's sync debug mode reports it;
+        # x[i:j] = 0.5 fills instead)
+        if name == "__setitem__" and len(args) == 3 and isinstance(args[2], int | float | bool):
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            waits |= all(isinstance(i, int) for i in index) and len(index) == args[0].dim()
+        if name in ("numpy", "__array__") and inputs and on_device[0]:  # a GPU refuses: .cpu() first
+            self.mixes[f"{name} of a device tensor at {_where()}"] += 1
         if (name in HOST_READS or waits) and inputs and on_device[0]:
             where = _where()
             self.reads[f"{name} at {where}"] += 1

@@ -9,12 +9,14 @@ mix, and finds the two household-path sums of the "households" estimator that we
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from emulated_device import EmulatedDevice
 from fake_server import FakeServer
 
 from lpm.engine import Simulation
+from lpm.gradcheck import check
 from lpm.policy import HeuristicPolicy
 from lpm.population import Population
 from lpm.run import RunConfig, run
@@ -40,8 +42,10 @@ def test_the_emulation_finds_a_mix_and_a_host_read():
         _ = y + torch.tensor(1.0)  # a 0-dim host tensor is a scalar: CUDA accepts it
         _ = y.tolist()
         _ = y.cpu() + z  # on the host now
+        y[1:3] = 0.0  # a fill
+        y[0] = 1.0  # a copy of the number from the host
     assert sum(emu.mixes.values()) == 1 and "add" in next(iter(emu.mixes))
-    assert [key.split(" ")[0] for key in emu.reads] == ["tolist", "cpu"]
+    assert [key.split(" ")[0] for key in emu.reads] == ["tolist", "cpu", "__setitem__"]
 
 
 @pytest.mark.parametrize("scenario", ["covid", "labor"])
@@ -88,3 +92,20 @@ def test_the_run_command_with_an_llm_policy_and_its_resume_mix_nothing(tmp_path,
         resumed = run(RunConfig.build(**config, weeks=2), tmp_path / "r", resume=True, progress=False)
     assert resumed.summary["resumed_from_step"] == 7
     assert not emu.mixes, emu.mixes
+
+
+def test_the_gradient_check_mixes_nothing(pop):
+    """lpm.gradcheck.check (benchmarks/gradients.py --device cuda): the gradient and the finite
+    differences of each week, every run on the device."""
+    with EmulatedDevice() as emu:
+        (beta, offsets) = check(
+            lambda kw: make_scenario("covid", **kw),
+            pop,
+            HeuristicPolicy(),
+            parameters=["beta", "offsets"],
+            quantity="reported_cases",
+            steps=14,
+            seeds=[1],
+        )
+    assert not emu.mixes, emu.mixes
+    assert np.isfinite(beta.grad).all() and np.isfinite(offsets.fd).all()

@@ -1144,7 +1144,7 @@ class CovidScenario(Scenario):
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
         chain = w.hazard.to(torch.float32).clone()
-        chain[S] = 0.0
+        chain[S : S + 1] = 0.0  # a fill (chain[S] = 0.0 would copy the number from the host on a GPU)
         susceptible, susceptible_alt = stage == S, alt == S
         leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
         leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
