@@ -227,6 +227,7 @@ def calibrate(
     estimator: str = DEFAULT_ESTIMATOR,
     also_from: Sequence[dt.date] = (),
     progress: ProgressFn | None = None,
+    device: str | torch.device = "cpu",
 ) -> Calibration:
     """Fit ``parameters`` (default: all of the scenario's learnable ones) on ``train``; forecast ``test``.
 
@@ -242,6 +243,7 @@ def calibrate(
     train window: each epoch also runs from each of them to the window's end (seeded from the data before
     its own start) and the loss is the mean over the runs, so the fitted values serve those starts too;
     each start's train and test errors are reported in ``also``. progress: ``f(phase, done, total, loss)``.
+    device: where the runs compute (the fitted variables, the real series and the loss stay on the host).
     """
     started = time.perf_counter()
     _check_settings(epochs=epochs, lr=lr, restarts=restarts, eval_seeds=eval_seeds, memory_gb=memory_gb)
@@ -276,7 +278,7 @@ def calibrate(
         by_memory = int(memory_gb * 1e9 / (per_step * len(pop)))
         segment = max(period, min(truncate, by_memory) // period * period)
 
-    probe = Simulation(base, pop, policy, seed=seed)
+    probe = Simulation(base, pop, policy, seed=seed, device=device)
     labels = pop.labels(q.by) if q.by else ["all"]
     real_all = real_target(base, probe.world, q, labels, train_steps + test_steps, target)
     real_train = period_sums(real_all[:train_steps], period)
@@ -286,7 +288,19 @@ def calibrate(
         )
     scale = float(getattr(probe.world, "scale", 1.0)) if q.total else 1.0
     extra = _later_starts(
-        make_scenario, pop, policy, q, labels, train, test, test_steps, also_from, period, target, seed
+        make_scenario,
+        pop,
+        policy,
+        q,
+        labels,
+        train,
+        test,
+        test_steps,
+        also_from,
+        period,
+        target,
+        seed,
+        device,
     )
 
     losses: list[list[float]] = []
@@ -332,14 +346,16 @@ def calibrate(
                     seed=seed + 1000 * (r + 1) + epoch + 100_003 * k,
                     differentiable=True,
                     estimator=estimator,
+                    device=device,
                 )
 
                 def bind(sim: Simulation = sim, z: dict = z, offsets: dict = offsets) -> None:
-                    """Fresh graph nodes from the fitted variables, for each backpropagated piece."""
+                    """Fresh graph nodes from the fitted variables (on the host; copies on the run's
+                    device, through which the gradients flow back), for each backpropagated piece."""
                     for p in names:
-                        sim.params[p] = transforms[p].to_x(z[p]).to(torch.float32)
+                        sim.params[p] = transforms[p].to_x(z[p]).to(sim.device, torch.float32)
                     if fit_offsets:
-                        sim.params.update(offsets)
+                        sim.params.update({k: v.to(sim.device) for k, v in offsets.items()})
 
                 loss += _train_epoch(
                     sim, bind, q, steps_k, truncate, period, real_k, offsets, offset_l2, segment
@@ -383,10 +399,10 @@ def calibrate(
         out = []
         given = {k.removeprefix("offsets."): v for k, v in offs.items()} or None
         for s in range(eval_seeds):
-            sim = Simulation(scenario, pop, policy, seed=seed + 100_000 + s, offsets=given)
+            sim = Simulation(scenario, pop, policy, seed=seed + 100_000 + s, offsets=given, device=device)
             with torch.no_grad():
                 result = sim.run(steps)
-            out.append(period_sums(result.series[q.name].double().reshape(steps, -1), period))
+            out.append(period_sums(result.series[q.name].cpu().double().reshape(steps, -1), period))
             for name, value in sim.counters.items():
                 counters[name] = counters.get(name, 0) + value
             done += 1
@@ -466,6 +482,7 @@ def _later_starts(
     period: int,
     target: pd.DataFrame | None,
     seed: int,
+    device: str | torch.device = "cpu",
 ) -> list[tuple[pd.Timestamp, Scenario, int, torch.Tensor]]:
     """For each start of ``also_from``: (start, its scenario, its train steps to the train window's end,
     its real series over train and test), checked: inside the train window, whole periods to its end."""
@@ -485,7 +502,7 @@ def _later_starts(
                 f"--also-from {first.date()}: {exc}",
                 hint="a later start must be a whole number of periods before the train window's end",
             ) from None
-        world = Simulation(scenario, pop, policy, seed=seed).world
+        world = Simulation(scenario, pop, policy, seed=seed, device=device).world
         out.append(
             (first, scenario, steps, real_target(scenario, world, q, labels, steps + test_steps, target))
         )
@@ -620,7 +637,7 @@ def _train_epoch(
 
     def piece_loss(series: torch.Tensor, t0: int, t1: int) -> torch.Tensor:
         """The loss of steps ``t0 .. t1-1`` from their (steps, ...) series of the fitted quantity."""
-        series = series.reshape(t1 - t0, -1)
+        series = series.reshape(t1 - t0, -1).cpu()  # a few numbers: the loss is computed on the host
         loss = _loss(period_sums(series, period), real[t0 // period : t1 // period], floor) / count
         if t0 == 0 and offset_l2 and offsets and any(o.requires_grad for o in offsets.values()):
             loss = loss + offset_l2 * sum((o.double() ** 2).mean() for o in offsets.values())

@@ -30,6 +30,8 @@ HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
 #: largest key; boolean indexing and one-argument where run nonzero); assigning a Python number to
 #: elements waits too (below)
 WAITS = {"bincount", "nonzero", "unique", "unique_consecutive", "masked_select", "argwhere"}
+#: operations that refuse even a 0-dim host tensor beside device tensors
+JOINS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack"}
 #: methods whose result is on the host whatever their input
 TO_HOST = {"cpu", "numpy", "tolist", "item"}
 
@@ -97,7 +99,8 @@ class EmulatedDevice(TorchFunctionMode):
             out = out.clone()
         to_device |= kwargs.get("device") is not None and name != "to"
         if any(on_device) and not all(on_device):
-            host = [t for t, d in zip(inputs, on_device, strict=True) if not d and t.dim() > 0]
+            joins = name in JOINS  # these take no host scalar beside device tensors
+            host = [t for t, d in zip(inputs, on_device, strict=True) if not d and (t.dim() > 0 or joins)]
             if host and not to_device:
                 shapes = ", ".join(str(tuple(t.shape)) for t in host)
                 self.mixes[f"{name} at {_where()}: host tensor(s) {shapes}"] += 1

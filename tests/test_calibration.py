@@ -158,6 +158,12 @@ def test_cli_writes_calibration_json_and_plots(tmp_path, capsys):
         (["--train", "2020-03-16:2020-04-12", "--also-from", "2020-03-16"], "not inside --train"),
         (["--train", "2020-03-16:2020-04-12", "--also-from", "2020-04-19"], "not inside --train"),
         (["--train", "2020-03-16:2020-04-12", "--also-from", "March"], "--also-from must be dates"),
+        (["--train", "2020-03-16:2020-04-12", "--device", "tpu"], "'device'"),
+        pytest.param(
+            ["--train", "2020-03-16:2020-04-12", "--device", "cuda"],
+            "torch sees no CUDA GPU",
+            marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs no GPU"),
+        ),
     ],
 )
 def test_bad_windows_and_parameters_are_clear_errors(args, message, tmp_path, capsys):

@@ -9,12 +9,15 @@ mix, and finds the two household-path sums of the "households" estimator that we
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pytest
 import torch
 from emulated_device import EmulatedDevice
 from fake_server import FakeServer
 
+from lpm.calibration import Window, calibrate
 from lpm.engine import Simulation
 from lpm.gradcheck import check
 from lpm.policy import HeuristicPolicy
@@ -109,3 +112,27 @@ def test_the_gradient_check_mixes_nothing(pop):
         )
     assert not emu.mixes, emu.mixes
     assert np.isfinite(beta.grad).all() and np.isfinite(offsets.fd).all()
+
+
+def test_calibration_mixes_nothing(pop):
+    """lpm.calibration.calibrate (`lpm calibrate --device cuda`): the fitted variables, the real series and
+    the loss on the host, the runs on the device; with a later start, fitted offsets, a test window and
+    a piece recomputed segment by segment (memory_gb too small for its graph)."""
+    with EmulatedDevice() as emu:
+        cal = calibrate(
+            lambda o: make_scenario("covid", dict(o)),
+            pop,
+            HeuristicPolicy(),
+            train=Window.parse("2020-03-16:2020-04-12", "--train"),
+            test=Window.parse("2020-04-13:2020-04-26", "--test"),
+            parameters=["beta"],
+            fit_offsets=True,
+            also_from=[dt.date(2020, 3, 30)],
+            epochs=2,
+            restarts=1,
+            eval_seeds=1,
+            truncate=28,
+            memory_gb=1e-4,
+        )
+    assert not emu.mixes, emu.mixes
+    assert cal.settings["segment_steps"] == 7 and cal.errors["test"]["mape"] > 0

@@ -58,6 +58,7 @@ def register(app: typer.Typer) -> None:
             "literature (the cited values, ignoring its calibration)",
         ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         also_from: str = typer.Option(
             None,
             "--also-from",
@@ -81,6 +82,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit a scenario's learnable parameters (and an LLM policy's alignment offsets) to the real series by
         gradient descent, and forecast the held-out window: calibration.json, loss.png, fit.png."""
+        import torch
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         from lpm.calibration import Window, calibrate, write
@@ -115,7 +117,13 @@ def register(app: typer.Typer) -> None:
             server=server,
             cache=cache,
             llm_timeout=llm_timeout,
+            device=device,
         )
+        if device == "cuda" and not torch.cuda.is_available():
+            raise InputError(
+                "--device cuda was asked for, but torch sees no CUDA GPU",
+                hint="use --device cpu (the default)",
+            )
         base = make_scenario(
             scenario, {**values, "start": train_w.first.date()}, calibrated=start_from == "defaults"
         )
@@ -130,7 +138,7 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"--also-from must be dates YYYY-MM-DD, got {text!r}") from None
         folder = out or Path("runs") / f"calibrate-{base.name}-{policy}-{dt.datetime.now():%Y%m%d-%H%M%S}"
         check_new_folder(folder)
-        pop = Population.synthesize("nyc", agents=agents, seed=seed)
+        pop = Population.synthesize("nyc", agents=agents, seed=seed, device=device)
         argv = ["lpm", "calibrate", scenario, "--train", train] + (["--test", test] if test else [])
         argv += ["--policy", policy, "--agents", str(len(pop)), "--epochs", str(epochs), "--lr", str(lr)]
         argv += ["--restarts", str(restarts), "--eval-seeds", str(eval_seeds), "--seed", str(seed)]
@@ -142,6 +150,7 @@ def register(app: typer.Typer) -> None:
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
         argv += ["--also-from", also_from] if later else []
+        argv += ["--device", device] if device != "cpu" else []  # a GPU draws another population
         argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
         if policy == "llm":  # which model answered (the URL without credentials)
             from lpm.endpoint import redact_url
@@ -200,6 +209,7 @@ def register(app: typer.Typer) -> None:
                         estimator=estimator,
                         also_from=later,
                         progress=progress,
+                        device=device,
                     )
                 except CacheMissError as exc:
                     raise InputError(
