@@ -25,6 +25,7 @@ from lpm.population import Population
 from lpm.run import RunConfig, run
 from lpm.sampling import ESTIMATORS
 from lpm.scenarios import make_scenario
+from lpm.sensitivity import sensitivity
 
 #: the only host waits a day's COVID step may have: the bin counts (a GPU's bincount reads the largest
 #: key) and the indices of the infectious agents (their number)
@@ -136,3 +137,21 @@ def test_calibration_mixes_nothing(pop):
         )
     assert not emu.mixes, emu.mixes
     assert cal.settings["segment_steps"] == 7 and cal.errors["test"]["mape"] > 0
+
+
+@pytest.mark.parametrize("scenario", ["covid", "labor"])
+def test_sensitivity_mixes_nothing(pop, scenario):
+    """lpm.sensitivity.sensitivity (`lpm sensitivity --device cuda`): autograd and finite differences, every
+    run on the device, an offset among the parameters."""
+    parameters = {"covid": ["beta", "offsets.isolation:isolate"], "labor": ["layoff"]}[scenario]
+    with EmulatedDevice() as emu:
+        table = sensitivity(
+            lambda kw: make_scenario(scenario, kw),
+            pop,
+            steps={"covid": 14, "labor": 3}[scenario],
+            seeds=[1],
+            parameters=parameters,
+            progress=False,
+        )
+    assert not emu.mixes, emu.mixes
+    assert set(table["parameter"]) == set(parameters)
