@@ -11,8 +11,14 @@ second with its household, school, work and community layers (``cv.Sim(pop_type=
 ``sim.run()`` after ``sim.initialize()``) at the same population and days; the last line is all figures as one
 JSON object.
 
+With ``--device cuda`` lpm runs on the GPU (the population built there, each timing between device
+synchronisations) and its memory figures are the GPU's: a step's temporaries and the graph's bytes from
+``torch.cuda.max_memory_allocated`` / ``memory_allocated`` instead of resident memory; covasim runs on the
+CPU as always, so the ratio is then GPU against CPU.
+
     .venv/bin/python benchmarks/engine.py [--days 30] [--sizes 1000000 full] [--covasim-agents 1000000 8336817]
         [--diff-agents 1000000] [--diff-estimators pruned households expected] [--threads N] [--repeats 3]
+        [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -70,21 +76,30 @@ def _reset_peak() -> bool:
         return False
 
 
-def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (a GPU's kernels run after the Python call returns)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_lpm(agents: int | None, days: int, repeats: int = 1, device: str = "cpu") -> dict:
     """The best of ``repeats`` timings of ``days`` COVID days after two warm-up days."""
-    pop = Population.synthesize("nyc", agents=agents, seed=7)
+    pop = Population.synthesize("nyc", agents=agents, seed=7, device=device)
     n = len(pop)
-    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1)
+    sim = Simulation(make_scenario("covid"), pop, HeuristicPolicy(), seed=1, device=device)
     times = []
     with torch.no_grad():
         for _ in range(repeats):
             state = sim.initial_state()
             for t in range(2):  # warm-up (allocations, first decision)
                 state = sim.step(state, t)
+            _sync(device)
             t0 = time.perf_counter()
             for t in range(2, 2 + days):
                 state = sim.step(state, t)
+            _sync(device)
             times.append(time.perf_counter() - t0)
+        temporaries = _gpu_temporaries(sim, state, 2 + days) if device == "cuda" else step_temporaries(agents)
     seconds = min(times)
     per_agent = [v for v in [*state.scenario.values(), *state.actions.values()] if v.shape[:1] == (n,)]
     memory = sim.memory()
@@ -97,8 +112,21 @@ def bench_lpm(agents: int | None, days: int, repeats: int = 1) -> dict:
         "state_bytes_per_agent": _bytes(per_agent) / n,
         "population_bytes_per_agent": memory["population"],
         "index_and_buffer_bytes_per_agent": memory["world"] + memory["decisions"] + memory["sampler"],
-        "step_temporaries_bytes_per_agent": step_temporaries(agents),
+        "step_temporaries_bytes_per_agent": temporaries,
+        "device": device,
     }
+
+
+def _gpu_temporaries(sim: Simulation, state, start: int, days: int = 8) -> float:
+    """The GPU memory a step allocates above what the run holds before it, bytes per agent, over ``days``
+    more days (a weekly decision among them)."""
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    for t in range(start, start + days):
+        state = sim.step(state, t)
+    torch.cuda.synchronize()
+    return round((torch.cuda.max_memory_allocated() - held) / sim.n, 1)
 
 
 def step_temporaries(agents: int | None, days: int = 8) -> float | None:
@@ -127,41 +155,58 @@ def _measure_temporaries(agents: int | None, days: int) -> None:
     print(round(((_status_kib("VmHWM") or held) - held) * 1024 / len(pop), 1))
 
 
-def bench_differentiable(agents: int, days: int, estimator: str, repeats: int = 1) -> dict:
+def bench_differentiable(
+    agents: int, days: int, estimator: str, repeats: int = 1, device: str = "cpu"
+) -> dict:
     """Forward and backward of ``days`` COVID days in differentiable mode, and the bytes the autograd graph
     holds per agent per simulated day, in child processes: the times from the fastest of ``repeats`` with
     the default allocator (one right after the full-city runs ran at half speed); the memory from one
     whose allocator maps every large array on its own (``MALLOC_MMAP_THRESHOLD_``), so that resident
     memory follows the graph but every array costs fresh page faults (about twice the time)."""
     cmd = [sys.executable, __file__, "--differentiable-of", str(agents), "--days", str(days)]
-    cmd += ["--diff-estimators", estimator]
+    cmd += ["--diff-estimators", estimator, "--device", device]
     runs = [
         json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         for _ in range(max(1, repeats))
     ]
     timed = max(runs, key=lambda r: r["agent_steps_per_s"])
+    if device == "cuda":  # the GPU's allocator counts the graph itself
+        return timed
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     sized = json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout)
     return {**timed, "graph_bytes_per_agent_day": sized["graph_bytes_per_agent_day"]}
 
 
-def _measure_differentiable(agents: int, days: int, estimator: str) -> None:
-    pop = Population.synthesize("nyc", agents=agents, seed=7)
+def _held_bytes(device: str) -> int:
+    """What the process holds: the GPU's allocated bytes, or the resident memory (0 off Linux)."""
+    return torch.cuda.memory_allocated() if device == "cuda" else (_status_kib("VmRSS") or 0) * 1024
+
+
+def _measure_differentiable(agents: int, days: int, estimator: str, device: str = "cpu") -> None:
+    pop = Population.synthesize("nyc", agents=agents, seed=7, device=device)
     sim = Simulation(
-        make_scenario("covid"), pop, HeuristicPolicy(), seed=1, differentiable=True, estimator=estimator
+        make_scenario("covid"),
+        pop,
+        HeuristicPolicy(),
+        seed=1,
+        differentiable=True,
+        estimator=estimator,
+        device=device,
     )
     state = sim.initial_state()
     state = sim.step(state, 0)  # warm-up day (first decision); its graph is part of the run's
-    held = _status_kib("VmRSS") or 0
+    _sync(device)
+    held = _held_bytes(device)
     t0 = time.perf_counter()
-    records = []
     for t in range(1, 1 + days):
         state = sim.step(state, t)
+    _sync(device)
     forward = time.perf_counter() - t0
-    graph = (_status_kib("VmRSS") or held) - held
+    graph = max(0, _held_bytes(device) - held)
     records = sim.recorded("reported_cases").flatten(1).sum(1)
     t0 = time.perf_counter()
     records.sum().backward()
+    _sync(device)
     backward = time.perf_counter() - t0
     print(
         json.dumps(
@@ -172,7 +217,8 @@ def _measure_differentiable(agents: int, days: int, estimator: str) -> None:
                 "forward_seconds": round(forward, 3),
                 "backward_seconds": round(backward, 3),
                 "agent_steps_per_s": agents * days / (forward + backward),
-                "graph_bytes_per_agent_day": round(graph * 1024 / agents / days, 1),
+                "graph_bytes_per_agent_day": round(graph / agents / days, 1),
+                "device": device,
             }
         )
     )
@@ -225,27 +271,39 @@ def main() -> None:
         default=["pruned", "households", "expected"],
         help="gradient estimators of the differentiable run (default: pruned households expected)",
     )
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where lpm runs (default cpu; covasim: the CPU)",
+    )
     ap.add_argument("--temporaries-of", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--differentiable-of", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.temporaries_of is not None:
         return _measure_temporaries(args.temporaries_of or None, args.days)
     if args.differentiable_of is not None:
-        return _measure_differentiable(args.differentiable_of, args.days, args.diff_estimators[0])
+        return _measure_differentiable(
+            args.differentiable_of, args.days, args.diff_estimators[0], args.device
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
     figures: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "lpm": [],
         "covasim": [],
         "differentiable": [],
     }
+    where = f" on {figures['device']}" if args.device == "cuda" else ""
     for size in args.sizes:
-        res = bench_lpm(None if size == "full" else int(size), args.days, args.repeats)
+        res = bench_lpm(None if size == "full" else int(size), args.days, args.repeats, args.device)
         figures["lpm"].append(res)
         print(
-            f"lpm covid step, {res['agents']:,} agents x {res['days']} days: {res['seconds']:.2f} s, "
+            f"lpm covid step{where}, {res['agents']:,} agents x {res['days']} days: {res['seconds']:.2f} s, "
             f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s; state {res['state_bytes_per_agent']:.1f} B/agent, "
             f"population {res['population_bytes_per_agent']:.1f} B/agent, "
             f"index tensors + buffers {res['index_and_buffer_bytes_per_agent']:.1f} B/agent, "
@@ -253,10 +311,10 @@ def main() -> None:
             flush=True,
         )
     for estimator in args.diff_estimators if args.diff_agents else []:
-        res = bench_differentiable(args.diff_agents, args.diff_days, estimator, args.repeats)
+        res = bench_differentiable(args.diff_agents, args.diff_days, estimator, args.repeats, args.device)
         figures["differentiable"].append(res)
         print(
-            f"lpm covid step, differentiable (estimator '{estimator}'), {res['agents']:,} agents x {res['days']} "
+            f"lpm covid step{where}, differentiable (estimator '{estimator}'), {res['agents']:,} agents x {res['days']} "
             f"days: forward {res['forward_seconds']:.2f} s + backward {res['backward_seconds']:.2f} s, "
             f"{res['agent_steps_per_s'] / 1e6:.1f} M agent-steps/s with gradients; the graph holds "
             f"{res['graph_bytes_per_agent_day']} B per agent per simulated day",
