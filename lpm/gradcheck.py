@@ -171,10 +171,8 @@ def check(
         fd_policy = policy
         if replay:
             fd_policy = ReplayPolicy(policy)
-            with torch.no_grad():
-                Simulation(base, pop, fd_policy, seed=seed, device=device).run(
-                    steps
-                )  # records the base run's decisions
+            with torch.no_grad():  # records the base run's decisions
+                Simulation(base, pop, fd_policy, seed=seed, device=device).run(steps)
         for j, p in enumerate(parameters):
             grads[p].append(table[:, j])
             fds[p].append(finite_difference(fd_policy, seed, p))

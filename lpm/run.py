@@ -201,10 +201,7 @@ def run(
     scenario = config.make_scenario()  # validates before anything is written
     steps = config.steps_for(scenario)
     _check_horizon(scenario, steps)
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            "run option 'device': 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
-        )
+    check_device(config.device, "run option 'device'")
     resolved = config.model_copy(update={"start": scenario.config.start, "steps": steps})
     resolved = resolved.model_copy(update={k: None for k in ("days", "weeks", "months")})
     if nproc != 1 or _distributed().torchrun_rank() is not None:
@@ -415,6 +412,15 @@ def _model_name(identity: dict[str, Any] | None) -> str:
         return "no model (heuristic)"
     weights = identity.get("weights")
     return f"{identity.get('model')!r} ({identity.get('server')}, weights {weights or 'unnamed'})"
+
+
+def check_device(device: str, option: str) -> None:
+    """A clear error, before anything is built or written, when ``device`` is 'cuda' and torch sees no
+    GPU; ``option`` names what asked for it."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"{option}: 'cuda' was asked for, but torch sees no CUDA GPU", hint="use --device cpu"
+        )
 
 
 @contextmanager

@@ -59,6 +59,7 @@ __all__ = [
     "bernoulli_st",
     "categorical_st",
     "choose_estimator",
+    "leaving_hazard",
     "mix_key",
     "prune",
     "uniform",
@@ -129,6 +130,15 @@ class UniformStream:
         x.bitwise_xor_(t)
         x.bitwise_right_shift_(8).bitwise_and_(0xFFFFFF)  # top 24 bits
         return self._u.copy_(x).mul_(_INV24)
+
+
+def leaving_hazard(hazard: torch.Tensor) -> torch.Tensor:
+    """float32 (k,) copy of a chain's ``hazard`` with state 0's entry 0: ``u < chain[state]`` then never
+    holds in state 0, whose agents leave by their own probability instead. (A fill: ``chain[0] = 0.0``
+    would copy the number from the host on a GPU.)"""
+    chain = hazard.to(torch.float32).clone()
+    chain[:1] = 0.0
+    return chain
 
 
 def uniform(
@@ -479,9 +489,7 @@ class HardSampler(Sampler):
         self._check_chain(hazard)
         u = self.uniform(stream)
         code, p = self._uniforms.work()  # free until the next draw
-        chain = hazard.to(torch.float32).clone()
-        chain[:1] = 0.0  # u < 0 never holds: the agents in state 0 leave by p_first alone (a fill on a GPU:
-        # chain[0] = 0.0 would copy the number from the host)
+        chain = leaving_hazard(hazard)
         leave = u < torch.index_select(chain, 0, code.copy_(states), out=p.view(torch.float32))
         leave |= (states == 0) & (u < p_first)
         return states + leave, Moves(states, leave, None)

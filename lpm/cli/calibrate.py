@@ -82,14 +82,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Fit a scenario's learnable parameters (and an LLM policy's alignment offsets) to the real series by
         gradient descent, and forecast the held-out window: calibration.json, loss.png, fit.png."""
-        import torch
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
         from lpm.calibration import Window, calibrate, write
         from lpm.errors import CacheMissError, InputError
         from lpm.population import Population
         from lpm.progress import progress_bar
-        from lpm.run import RunConfig, _policy
+        from lpm.run import RunConfig, _policy, check_device
         from lpm.scenarios import make_scenario
 
         train_w = Window.parse(train, "--train")
@@ -119,11 +118,7 @@ def register(app: typer.Typer) -> None:
             llm_timeout=llm_timeout,
             device=device,
         )
-        if device == "cuda" and not torch.cuda.is_available():
-            raise InputError(
-                "--device cuda was asked for, but torch sees no CUDA GPU",
-                hint="use --device cpu (the default)",
-            )
+        check_device(device, "--device")
         base = make_scenario(
             scenario, {**values, "start": train_w.first.date()}, calibrated=start_from == "defaults"
         )

@@ -123,7 +123,7 @@ from lpm import nyc
 from lpm.errors import InputError
 from lpm.policy import age_of, sigmoid
 from lpm.population import Population
-from lpm.sampling import Sampler, prune, shared_gradient, uniform
+from lpm.sampling import Sampler, leaving_hazard, prune, shared_gradient, uniform
 from lpm.scenarios.base import (
     Decision,
     Plot,
@@ -1143,8 +1143,7 @@ class CovidScenario(Scenario):
         )
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
-        chain = w.hazard.to(torch.float32).clone()
-        chain[S : S + 1] = 0.0  # a fill (chain[S] = 0.0 would copy the number from the host on a GPU)
+        chain = leaving_hazard(w.hazard)  # S (state 0) leaves by p_run / p_alt alone
         susceptible, susceptible_alt = stage == S, alt == S
         leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
         leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
