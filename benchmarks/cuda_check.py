@@ -14,8 +14,13 @@ Four checks, each printed as it ends, then all figures as one JSON line:
    columns and dtypes, households, schools and workplaces, and each column's mean.
 4. **Host round-trips**: a run on the device with ``torch.cuda.set_sync_debug_mode("warn")``: the
    operations that made the device wait for the host, per step, by the line of lpm that asked for them.
+5. **Sharded**: the run of check 1 over ``--nproc`` processes on the device (:func:`lpm.distributed.run`:
+   NCCL between GPUs, gloo between CPU processes), each rank drawing the population on its device,
+   against one process on the device: whether the records are equal. One process (the default where the
+   machine has one GPU) still runs the whole NCCL path: the process group, the all-reduces of a day's
+   sums and the broadcast of each decision, all on the GPU.
 
-    python benchmarks/cuda_check.py [--device cuda] [--agents 200000] [--days 28]
+    python benchmarks/cuda_check.py [--device cuda] [--agents 200000] [--days 28] [--nproc P]
 
 ``--device cpu`` runs the same comparisons CPU against CPU (the checks' own test; no sync count).
 """
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import time
 import warnings
 
 import torch
 
+from lpm import distributed
 from lpm.engine import Simulation
 from lpm.gradcheck import weekly_totals
 from lpm.policy import HeuristicPolicy
@@ -154,6 +161,36 @@ def host_waits(pop: Population, days: int, device: str) -> dict:
     }
 
 
+def _parts(agents: int, device: str, rank: int):
+    """Rank ``rank``'s scenario, population (drawn on its device) and policy."""
+    pop = Population.synthesize("nyc", agents=agents, seed=7, device=distributed.rank_device(device, rank))
+    return make_scenario("covid"), pop, HeuristicPolicy()
+
+
+def sharded(agents: int, days: int, device: str, nproc: int) -> dict:
+    """Check 5: the run over ``nproc`` processes on ``device`` against one process there."""
+    scenario, pop, policy = _parts(agents, device, 0)
+    t0 = time.perf_counter()
+    one = Simulation(scenario, pop, policy, seed=SEED, device=device).run(days)
+    seconds = {"one_process": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    result = distributed.run(
+        functools.partial(_parts, agents, device), days, nproc=nproc, seed=SEED, device=device
+    )
+    seconds[f"{nproc}_processes_with_start"] = time.perf_counter() - t0
+    return {
+        "agents": agents,
+        "days": days,
+        "processes": nproc,
+        "backend": distributed.backend_for(device),
+        "records_equal": bool(one.trajectory.equals(result.trajectory)),
+        "totals_one": {k: float(v.sum()) for k, v in one.series.items()},
+        "totals_sharded": {k: float(v.sum()) for k, v in result.series.items()},
+        "comm_seconds": float(result.comm_seconds),
+        "seconds": seconds,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="the device checked against the CPU (default cuda)")
@@ -162,7 +199,14 @@ def main() -> None:
     ap.add_argument("--grad-agents", type=int, default=50_000, help="agents of check 2")
     ap.add_argument("--synth-agents", type=int, default=1_000_000, help="agents of check 3")
     ap.add_argument("--chunk", type=int, default=None, help="chunk size of check 3's device synthesis")
+    ap.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="processes of check 5 (default: the GPUs, at most 2; on the CPU 2)",
+    )
     args = ap.parse_args()
+    nproc = args.nproc or (min(torch.cuda.device_count(), 2) if args.device.startswith("cuda") else 2)
     figures: dict = {"torch": torch.__version__, "device": args.device}
     if args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name(0)
@@ -175,6 +219,7 @@ def main() -> None:
         ),
         "synthesis": lambda: synthesis(args.synth_agents, args.device, args.chunk),
     }
+    checks["sharded"] = lambda: sharded(args.agents, args.days, args.device, nproc)
     if args.device.startswith("cuda"):
         checks["host_waits"] = lambda: host_waits(pop, min(args.days, 9), args.device)
     for name, check in checks.items():

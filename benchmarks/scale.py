@@ -63,7 +63,8 @@ def _peak_rss_bytes() -> int | None:
 
 
 def _parts(agents: int | None, rank: int = 0, device: str = "cpu"):
-    pop = Population.synthesize("nyc", agents=agents, seed=7, device=device)
+    """Scenario, population and policy; the population drawn on the rank's device (as lpm run draws it)."""
+    pop = Population.synthesize("nyc", agents=agents, seed=7, device=distributed.rank_device(device, rank))
     return make_scenario("covid"), pop, HeuristicPolicy()
 
 
@@ -116,7 +117,12 @@ def measure(agents: int | None, days: int, nproc: int, threads: int, out: str, d
         state_bytes = _state_bytes_per_agent(result, n)
     else:
         result = distributed.run(
-            functools.partial(_parts, agents), steps, nproc=nproc, seed=SEED, callback=probe, device=device
+            functools.partial(_parts, agents, device=device),
+            steps,
+            nproc=nproc,
+            seed=SEED,
+            callback=probe,
+            device=device,
         )
         n, state_bytes = result.agents, None
     ranks = [json.loads(Path(folder, f"rank-{r}.json").read_text()) for r in range(nproc)]

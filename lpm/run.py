@@ -309,10 +309,14 @@ def _distributed() -> Any:
 
 
 def _rank_parts(config: RunConfig, rank: int) -> tuple[Any, Population, Any]:
-    """What each rank of a sharded run builds: the scenario, the whole population, the heuristic policy."""
+    """What each rank of a sharded run builds: the scenario, the whole population, the heuristic policy. The
+    population is drawn on the rank's device, as a one-process run draws it on its device: a GPU's random
+    numbers are not the CPU's, so a population drawn on the CPU would be other agents than the one-process
+    run's on a GPU."""
     from lpm.policy import HeuristicPolicy
 
-    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed)
+    device = _distributed().rank_device(config.device, rank)
+    pop = Population.synthesize("nyc", agents=config.agents, seed=config.seed, device=device)
     return config.make_scenario(), pop, HeuristicPolicy()
 
 

@@ -439,7 +439,14 @@ class HardSampler(Sampler):
         their keys come in runs of one value, where each increment of a plain bincount waits on the one
         before (measured at the full city: 10-15 ms a pass against 3 for shuffled keys). Consecutive
         agents count into different copies of the bins (``lanes``: 8, or as many as keep a uint8 key a
-        byte) and the copies are summed: 4 ms. The counts are integers, so the same in any order."""
+        byte) and the copies are summed: 4 ms. The counts are integers, so the same in any order.
+
+        On a GPU, ``histc`` over the keys as int32 (bins of width 1): CUDA's ``bincount`` reads the smallest
+        and largest key back to the host, a wait in every step, where ``histc`` with its range given does
+        not (measured on an H200 in the COVID day: 0.149 s a day for 1 B agents against 0.199 s, one host
+        wait a day against six, the same trajectory). Its int32 counts hold any population below 2^31."""
+        if key.device.type == "cuda":
+            return torch.histc(key.to(torch.int32), bins=size, min=0, max=size).to(torch.int64)
         lanes = next(k for k in (8, 4, 2, 1) if key.dtype != torch.uint8 or size * k <= 256)
         if lanes == 1 or key.shape[0] < LANES_FROM:
             return torch.bincount(key, minlength=size)

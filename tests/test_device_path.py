@@ -27,8 +27,9 @@ from lpm.sampling import ESTIMATORS
 from lpm.scenarios import make_scenario
 from lpm.sensitivity import sensitivity
 
-#: the only host waits a day's COVID step may have: the bin counts (a GPU's bincount reads the largest
-#: key) and the indices of the infectious agents (their number)
+#: the only host waits a day's COVID step may have here: the bin counts (the CPU's bincount, which the
+#: emulation records as a wait: a GPU's bincount reads the largest key, so on CUDA lpm counts with histc,
+#: which does not) and the indices of the infectious agents (their number)
 STEP_WAITS = {"_bincount", "support"}
 
 
