@@ -225,6 +225,22 @@ class _Shared(torch.autograd.Function):
         return (g,) * (ctx.others + 1)
 
 
+class _RunSums(torch.autograd.Function):
+    """Sums of consecutive runs of a vector: forward one sum per run (``bounds``: R pairs ``(start, stop)``
+    covering it in order), backward each run's gradient repeated over its entries. What ``index_add`` by a
+    sorted index computes, as R reductions instead of a scatter that adds agent by agent (and a gather
+    back)."""
+
+    @staticmethod
+    def forward(ctx, values, bounds):
+        ctx.bounds = bounds
+        return torch.stack([values[a:b].sum() for a, b in bounds])
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.cat([g[i].expand(b - a) for i, (a, b) in enumerate(ctx.bounds)]), None
+
+
 def shared_gradient(value: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     """``value``, whose gradient also reaches every one of ``others`` (tensors of its shape): what
     ``value + sum(o - o.detach() for o in others)`` computes, without the arithmetic. For several copies
@@ -294,6 +310,20 @@ class Sampler:
         self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
         self.t = 0
         self._uniforms = UniformStream(n, self.device, start=start)  # agent i draws as agent start + i
+
+    def _runs(self, index: torch.Tensor, bins: int) -> list[tuple[int, int]] | None:
+        """When ``index`` (N,) is sorted (the population lies borough by borough): the bounds ``(start,
+        stop)`` of its runs of bins 0 .. bins - 1, else None; found once per index tensor (one read to the
+        host)."""
+        cache = self.__dict__.setdefault("_run_cache", {})
+        hit = cache.get(id(index))
+        if hit is None or hit[0] is not index or hit[1] != bins:
+            runs = None
+            if index.shape[0] and bool((index[1:] >= index[:-1]).all()) and int(index[-1]) < bins:
+                ends = torch.cumsum(torch.bincount(index.long(), minlength=bins), 0).tolist()
+                runs = list(zip([0, *ends[:-1]], ends, strict=True))
+            hit = cache[id(index)] = (index, bins, runs)
+        return hit[2]
 
     def total(self, aggregate: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """``aggregate`` (sums over this sampler's agents, e.g. per place or per bin) summed over every
@@ -565,6 +595,9 @@ class SoftSampler(Sampler):
         return torch.stack(parts, dim=2).transpose(0, 1)  # (k, bins, 2)
 
     def count(self, index: torch.Tensor, bins: int, where: torch.Tensor) -> torch.Tensor:
+        runs = self._runs(index, bins)
+        if runs is not None:  # agents lie in runs of one bin (boroughs): a sum per run
+            return _RunSums.apply(where, runs)
         index = index if index.dtype in (torch.int32, torch.int64) else index.int()  # int32 scatters faster
         return torch.zeros(bins, device=where.device, dtype=where.dtype).index_add(0, index, where)
 

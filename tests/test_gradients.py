@@ -183,3 +183,31 @@ def test_replay_holds_the_decisions_of_the_base_run():
     assert np.array_equal(base.decisions[p].to_numpy(), replayed.decisions[p].to_numpy())
     assert not np.array_equal(base.decisions[p].to_numpy(), reacting.decisions[p].to_numpy())
     assert not base.trajectory.equals(replayed.trajectory)  # the epidemic itself did change
+
+
+def test_the_pruned_step_scatters_only_the_infectious_with_the_same_values_and_gradient(pop, monkeypatch):
+    """The pruned estimator sums the infectiousness of only the agents infectious in the run or in their
+    household's alternative (``senders``); every other agent's is zero in value and gradient, so the
+    records and the gradient equal those of the sums over every agent."""
+    from lpm.engine import Simulation
+    from lpm.scenarios import make_scenario
+    from lpm.scenarios.covid import CovidScenario
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        sim = Simulation(
+            make_scenario("covid"), pop, HeuristicPolicy(), seed=3, differentiable=True, estimator="pruned"
+        )
+        cases = sim.run(21).series["reported_cases"].sum(1)
+        (grad,) = torch.autograd.grad(cases[-7:].sum(), sim.params["beta"])
+        return cases.detach(), grad
+
+    sparse = run()
+    infection = CovidScenario.infection
+
+    def every_agent(self, *args, senders=None, **kwargs):
+        return infection(self, *args, **kwargs)
+
+    monkeypatch.setattr(CovidScenario, "infection", every_agent)
+    dense = run()
+    assert float(sparse[1]) != 0.0
+    assert torch.equal(sparse[0], dense[0]) and torch.equal(sparse[1], dense[1])

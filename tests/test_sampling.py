@@ -204,3 +204,23 @@ def test_prune_keeps_one_alternative_per_group_without_bias():
     (estimate,) = torch.autograd.grad((kept * diff).sum() / h, theta)
     exact = old_w * old_diff + float((new_w * new_diff).sum())
     assert abs(float(estimate) - exact) < 0.01 * abs(exact), (float(estimate), exact)
+
+
+def test_a_count_by_a_sorted_index_sums_runs_with_the_scatters_values_and_gradient():
+    """The differentiable count by a sorted index (agents lie borough by borough) sums each run instead of
+    scattering agent by agent: the same counts and gradient as index_add; an unsorted index still scatters."""
+    from lpm.sampling import SoftSampler
+
+    index = torch.tensor([0, 0, 1, 1, 1, 3, 3], dtype=torch.uint8)  # bin 2 empty
+    where = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0], requires_grad=True)
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    sampler = SoftSampler(len(index))
+    counts = sampler.count(index, 4, where)
+    assert sampler._runs(index, 4) == [(0, 2), (2, 5), (5, 5), (5, 7)]
+    (grad,) = torch.autograd.grad((counts * weights).sum(), where)
+    scattered = torch.zeros(4).index_add(0, index.long(), where)
+    (expected,) = torch.autograd.grad((scattered * weights).sum(), where)
+    assert torch.equal(counts, scattered.detach()) and torch.equal(grad, expected)
+    shuffled = index.flip(0)
+    assert sampler._runs(shuffled, 4) is None
+    assert torch.equal(sampler.count(shuffled, 4, where), torch.zeros(4).index_add(0, shuffled.long(), where))

@@ -821,6 +821,7 @@ class CovidScenario(Scenario):
         home_x: torch.Tensor | None = None,
         alt_home_x: torch.Tensor | None = None,
         alt_share: torch.Tensor | None = None,
+        senders: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
 
@@ -837,20 +838,29 @@ class CovidScenario(Scenario):
         pressure. That addition belongs to the alternative's run, so the run's probability ``p`` leaves
         its gradient out (``- alt_share × own``, zero in value): a housemate's infection caused by it is
         one where the alternative's member is infected too, not one relative to the run.
+
+        senders: with every agent's ``x`` (differentiable mode), the indices (M,) of the agents whose
+        infectiousness may be non-zero in value or gradient (here or in ``alt_home_x``); the others are
+        zero in both, so the sums read only these (the same numbers and gradients, M agents scattered
+        instead of N).
         """
         c = self.config
         who, x = infectious
         dtype = x.dtype
         keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,) or (N,)
         keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
-        x_h, x_o = (x if home_x is None else home_x) * keep_h, x * keep_o
-        house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, who), x_h)
+        # the senders' own entries: all of them, or in differentiable mode those ``senders`` names
+        src = who if senders is None else senders
+        keep_hs, keep_os = (keep_h, keep_o) if senders is None else (_at(keep_h, src), _at(keep_o, src))
+        x_hs = _at(x if home_x is None else home_x, senders) * keep_hs
+        x_os = _at(x, senders) * keep_os
+        house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, src), x_hs)
         # places and cells are summed in float64, where these sums are exact: the same numbers in any
         # order and over any shards of a sharded run (sampler.total adds the other shards' agents)
-        x_o64 = x_o.to(torch.float64)
+        x_o64 = x_os.to(torch.float64)
         places = torch.zeros(len(w.place_school), device=x.device, dtype=torch.float64)
-        places = sampler.total(places.index_add(0, _at(w.place, who), x_o64), w.place).to(dtype)
-        cells = torch.zeros(w.nc, device=x.device, dtype=torch.float64).index_add(0, _at(w.cell, who), x_o64)
+        places = sampler.total(places.index_add(0, _at(w.place, src), x_o64), w.place).to(dtype)
+        cells = torch.zeros(w.nc, device=x.device, dtype=torch.float64).index_add(0, _at(w.cell, src), x_o64)
         cells = sampler.total(cells).to(dtype)
         school = LAYER_WEIGHT["school"] * level["school"]
         work = LAYER_WEIGHT["work"] * level["work"]
@@ -860,10 +870,16 @@ class CovidScenario(Scenario):
         home_weight = LAYER_WEIGHT["household"] * level["household"]
         beta = self._cell_beta(w, params).to(dtype)  # (C,)
         # the pressure each agent meets, less its own infectiousness (an agent is not its own contact)
-        own_o = place_weight.index_select(0, _at(w.place, who)) * x_o
+        own_o = place_weight.index_select(0, _at(w.place, src)) * x_os
         if who is None:
-            home = home_weight * (house.index_select(0, w.household) - x_h)
-            outside = (place_weight * places).index_select(0, w.place) - own_o
+            if senders is None:
+                home = home_weight * (house.index_select(0, w.household) - x_hs)
+                outside = (place_weight * places).index_select(0, w.place) - own_o
+            else:
+                home = home_weight * house.index_select(0, w.household).index_add(0, senders, x_hs, alpha=-1)
+                outside = (
+                    (place_weight * places).index_select(0, w.place).index_add(0, senders, own_o, alpha=-1)
+                )
             outside = outside + community_weight * community.index_select(0, w.cell)
             beta_agent = beta.index_select(0, w.cell)
             if alt_home_x is None:
@@ -877,9 +893,14 @@ class CovidScenario(Scenario):
                 )
             lam = beta_agent * (keep_h * home + keep_o * (outside - alt_share * own))
             with torch.no_grad():
-                x_alt = alt_home_x * keep_h
-                house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, w.household, x_alt)
-                home_alt = home_weight * (house_alt.index_select(0, w.household) - x_alt)
+                x_alt = _at(alt_home_x, senders) * keep_hs.detach()
+                house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype)
+                house_alt = house_alt.index_add(0, _at(w.household, senders), x_alt)
+                home_alt = house_alt.index_select(0, w.household)
+                if senders is None:
+                    home_alt = home_weight * (home_alt - x_alt)
+                else:
+                    home_alt = home_weight * home_alt.index_add(0, senders, x_alt, alpha=-1)
                 lam_alt = beta_agent * (keep_h * home_alt + keep_o * (outside + own))
             return -torch.expm1(-lam), -torch.expm1(-lam_alt)
         home = torch.index_select(house, 0, w.household, out=sampler.work("covid.home", dtype))
@@ -887,7 +908,7 @@ class CovidScenario(Scenario):
             place_weight * places, 0, w.place, out=sampler.work("covid.outside", dtype)
         )
         factor = sampler.work("covid.factor", dtype)  # a per-agent factor of one term, then the next
-        home.index_add_(0, who, x_h, alpha=-1).mul_(home_weight)
+        home.index_add_(0, who, x_hs, alpha=-1).mul_(home_weight)
         home.mul_(_keep(isolating, c.household_isolation, dtype, out=factor))
         outside.index_add_(0, who, own_o, alpha=-1)
         outside.add_(torch.index_select(community_weight * community, 0, w.cell, out=factor))
@@ -1130,6 +1151,7 @@ class CovidScenario(Scenario):
         x = infectious_stage.index_select(0, stage32) * relative
         x_alt = infectious_stage.index_select(0, alt32) * relative
         share = weight.index_select(0, household)  # each agent's household alternative's weight
+        senders = torch.nonzero((x != 0) | (x_alt != 0)).view(-1)  # infectious in the run or the alternative
         p, p_alt = self.infection(
             w,
             params,
@@ -1140,6 +1162,7 @@ class CovidScenario(Scenario):
             home_x=x,
             alt_home_x=x_alt,
             alt_share=share,
+            senders=senders,
         )
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
@@ -1159,13 +1182,14 @@ class CovidScenario(Scenario):
         onset, onset_alt = (stage == P2) & leave, (alt == P2) & leave_alt & has_alt
         onset = onset.float()
         onset = onset + share * (onset_alt.float() - onset)
-        differs = (alt != stage) & has_alt
-        moved_weight = share * differs.float()
+        differs = torch.nonzero((alt != stage) & has_alt).view(-1)
         nb = w.nb
         # each differing member's weight per (alternative's stage, run's stage, borough), in one scatter:
         # it enters the count of its alternative's stage and leaves the count of its run's stage
+        pair = (alt32.index_select(0, differs) * K + stage32.index_select(0, differs)) * nb
+        pair += w.borough.index_select(0, differs)
         pairs = torch.zeros(K * K * nb, dtype=torch.float32, device=stage.device)
-        pairs = pairs.index_add(0, (alt32 * K + stage32) * nb + w.borough, moved_weight).view(K, K, nb)
+        pairs = pairs.index_add(0, pair, share.index_select(0, differs)).view(K, K, nb)
         counts = sampler.tally(stage, K, w.borough, nb) + (pairs.sum(1) - pairs.sum(0))
         # the future: drop alternatives that rejoined the run, then one per household among it and today's
         # per household in one sum: members that differ (apart) + PENDING × those whose difference is
