@@ -313,8 +313,9 @@ class Sampler:
 
     def _runs(self, index: torch.Tensor, bins: int) -> list[tuple[int, int]] | None:
         """When ``index`` (N,) is sorted (the population lies borough by borough): the bounds ``(start,
-        stop)`` of its runs of bins 0 .. bins - 1, else None; found once per index tensor (one read to the
-        host)."""
+        stop)`` of its runs of bins 0 .. bins - 1, else None; found once per index tensor (its checks and
+        bounds read back to the host that once). Sums per run add in another order than a scatter: the
+        same numbers for whole counts, within rounding otherwise."""
         cache = self.__dict__.setdefault("_run_cache", {})
         hit = cache.get(id(index))
         if hit is None or hit[0] is not index or hit[1] != bins:
