@@ -310,20 +310,21 @@ class Sampler:
         self.n, self.device, self.seed = int(n), torch.device(device), int(seed)
         self.t = 0
         self._uniforms = UniformStream(n, self.device, start=start)  # agent i draws as agent start + i
+        #: id of an index tensor -> (the tensor, bins, its runs or None): :meth:`_runs`
+        self._run_cache: dict[int, tuple[torch.Tensor, int, list[tuple[int, int]] | None]] = {}
 
     def _runs(self, index: torch.Tensor, bins: int) -> list[tuple[int, int]] | None:
         """When ``index`` (N,) is sorted (the population lies borough by borough): the bounds ``(start,
         stop)`` of its runs of bins 0 .. bins - 1, else None; found once per index tensor (its checks and
         bounds read back to the host that once). Sums per run add in another order than a scatter: the
         same numbers for whole counts, within rounding otherwise."""
-        cache = self.__dict__.setdefault("_run_cache", {})
-        hit = cache.get(id(index))
+        hit = self._run_cache.get(id(index))
         if hit is None or hit[0] is not index or hit[1] != bins:
             runs = None
             if index.shape[0] and bool((index[1:] >= index[:-1]).all()) and int(index[-1]) < bins:
                 ends = torch.cumsum(torch.bincount(index.long(), minlength=bins), 0).tolist()
                 runs = list(zip([0, *ends[:-1]], ends, strict=True))
-            hit = cache[id(index)] = (index, bins, runs)
+            hit = self._run_cache[id(index)] = (index, bins, runs)
         return hit[2]
 
     def total(self, aggregate: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:

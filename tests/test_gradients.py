@@ -188,7 +188,7 @@ def test_replay_holds_the_decisions_of_the_base_run():
 def test_the_pruned_step_scatters_only_the_infectious_with_the_same_values_and_gradient(pop, monkeypatch):
     """The pruned estimator sums the infectiousness of only the agents infectious in the run or in their
     household's alternative (``senders``); every other agent's is zero in value and gradient, so the
-    records and the gradient equal those of the sums over every agent."""
+    records and the gradient equal those of the sums over every agent (every agent passed as a sender)."""
     from lpm.engine import Simulation
     from lpm.scenarios import make_scenario
     from lpm.scenarios.covid import CovidScenario
@@ -204,8 +204,8 @@ def test_the_pruned_step_scatters_only_the_infectious_with_the_same_values_and_g
     sparse = run()
     infection = CovidScenario.infection
 
-    def every_agent(self, *args, senders=None, **kwargs):
-        return infection(self, *args, **kwargs)
+    def every_agent(self, world, *args, senders=None, **kwargs):
+        return infection(self, world, *args, senders=torch.arange(world.n), **kwargs)
 
     monkeypatch.setattr(CovidScenario, "infection", every_agent)
     dense = run()

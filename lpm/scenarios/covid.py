@@ -842,7 +842,7 @@ class CovidScenario(Scenario):
         senders: with every agent's ``x`` (differentiable mode), the indices (M,) of the agents whose
         infectiousness may be non-zero in value or gradient (here or in ``alt_home_x``); the others are
         zero in both, so the sums read only these (the same numbers and gradients, M agents scattered
-        instead of N).
+        instead of N); needed with ``alt_home_x``.
         """
         c = self.config
         who, x = infectious
@@ -851,7 +851,7 @@ class CovidScenario(Scenario):
         keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
         # the senders' own entries: all of them, or in differentiable mode those ``senders`` names
         src = who if senders is None else senders
-        keep_hs, keep_os = (keep_h, keep_o) if senders is None else (_at(keep_h, src), _at(keep_o, src))
+        keep_hs, keep_os = _at(keep_h, senders), _at(keep_o, senders)
         x_hs = _at(x if home_x is None else home_x, senders) * keep_hs
         x_os = _at(x, senders) * keep_os
         house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, src), x_hs)
@@ -884,8 +884,8 @@ class CovidScenario(Scenario):
             beta_agent = beta.index_select(0, w.cell)
             if alt_home_x is None:
                 return -torch.expm1(-beta_agent * (keep_h * home + keep_o * outside))
-            if alt_share is None:
-                raise ValueError("alt_home_x needs alt_share")
+            if alt_share is None or senders is None:
+                raise ValueError("alt_home_x needs alt_share and senders")
             with torch.no_grad():
                 base_x = x if home_x is None else home_x
                 own = self._own_outside(
@@ -893,14 +893,11 @@ class CovidScenario(Scenario):
                 )
             lam = beta_agent * (keep_h * home + keep_o * (outside - alt_share * own))
             with torch.no_grad():
-                x_alt = _at(alt_home_x, senders) * keep_hs.detach()
+                x_alt = alt_home_x.index_select(0, senders) * keep_hs.detach()
                 house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype)
-                house_alt = house_alt.index_add(0, _at(w.household, senders), x_alt)
-                home_alt = house_alt.index_select(0, w.household)
-                if senders is None:
-                    home_alt = home_weight * (home_alt - x_alt)
-                else:
-                    home_alt = home_weight * home_alt.index_add(0, senders, x_alt, alpha=-1)
+                house_alt = house_alt.index_add(0, w.household.index_select(0, senders), x_alt)
+                home_alt = house_alt.index_select(0, w.household).index_add(0, senders, x_alt, alpha=-1)
+                home_alt = home_weight * home_alt
                 lam_alt = beta_agent * (keep_h * home_alt + keep_o * (outside + own))
             return -torch.expm1(-lam), -torch.expm1(-lam_alt)
         home = torch.index_select(house, 0, w.household, out=sampler.work("covid.home", dtype))
