@@ -475,8 +475,9 @@ class HardSampler(Sampler):
 
         On a GPU, ``histc`` over the keys as int32 (bins of width 1): CUDA's ``bincount`` reads the smallest
         and largest key back to the host, a wait in every step, where ``histc`` with its range given does
-        not (measured on an H200 in the COVID day: 0.149 s a day for 1 B agents against 0.199 s, one host
-        wait a day against six, the same trajectory). Its int32 counts hold any population below 2^31."""
+        not (``benchmarks/gpu_counts.py`` on an H200, the COVID day of 1 B agents: 0.148 s against 0.249 s,
+        one host wait a day against five, the same trajectory). Its int32 counts hold any population
+        below 2^31."""
         if key.device.type == "cuda":
             return torch.histc(key.to(torch.int32), bins=size, min=0, max=size).to(torch.int64)
         lanes = next(k for k in (8, 4, 2, 1) if key.dtype != torch.uint8 or size * k <= 256)
