@@ -364,8 +364,35 @@ def test_detection_ramp_follows_the_tests():
     linear = [float(covid.detection(time, params, d).detach()) for d in days]
     f_time = np.arange(22) / 21
     assert linear[:22] == pytest.approx(list(0.01 * (0.1 / 0.01) ** f_time), rel=1e-5)
-    with pytest.raises(InputError, match="tests_ample must exceed tests_scarce, got 10.0 and 15.0"):
+    with pytest.raises(InputError, match="tests_scarce < tests_ample < tests_wide must hold, got 15.0, 10.0"):
         CovidScenario({"detection_ramp": "tests", "tests_ample": 10})
+
+
+def test_detection_ramp_tests_all_follows_the_tests_into_the_summer():
+    """detection_ramp=tests_all: as the tests ramp up to tests_ample, then log-linear in the people tested
+    from detected at tests_ample to detected_summer at tests_wide (2020-07-15) instead of flat through the
+    spring and a calendar ramp after 05-15; the gradient reaches all three levels."""
+    levels = {"detected_march": 0.01, "detected": 0.1, "detected_summer": 0.3}
+    params = {k: torch.tensor(v, requires_grad=True) for k, v in levels.items()}
+    all_ = CovidScenario({"detection_ramp": "tests_all"}).config
+    tests = CovidScenario({"detection_ramp": "tests"}).config
+    march = pd.date_range("2020-03-01", "2020-03-21")
+    for d in march:  # the same March rise
+        assert torch.equal(covid.detection(all_, params, d), covid.detection(tests, params, d)), d
+    per_day = covid.nyc.tests_by_day()
+    for day in ("2020-04-05", "2020-05-01", "2020-06-15"):
+        mean = per_day[pd.Timestamp(day) - pd.Timedelta(days=6) : day].mean()
+        f = np.log(mean / 6114) / np.log(27886 / 6114)
+        share = covid.detection(all_, params, pd.Timestamp(day))
+        assert 0 < f < 1, day
+        assert float(share.detach()) == pytest.approx(0.1 * 3**f, rel=1e-6), day
+    assert float(covid.detection(tests, params, pd.Timestamp("2020-05-01")).detach()) == pytest.approx(0.1)
+    assert float(covid.detection(all_, params, pd.Timestamp("2020-10-01")).detach()) == pytest.approx(0.3)
+    covid.detection(all_, params, pd.Timestamp("2020-04-05")).backward()
+    assert float(params["detected"].grad) > 0 and float(params["detected_summer"].grad) > 0
+    assert params["detected_march"].grad is None or float(params["detected_march"].grad) == 0
+    with pytest.raises(InputError, match="tests_scarce < tests_ample < tests_wide"):
+        CovidScenario({"detection_ramp": "tests_all", "tests_wide": 5000})
 
 
 def test_a_bad_tests_file_names_the_file_and_field(tmp_path):

@@ -71,7 +71,11 @@ log-linear in the people tested a day (7-day mean of ``tests-by-day.csv`` up to 
 ``tests_scarce`` = 15 (the first count, 2020-03-03) to ``tests_ample`` = 6,114 (the mean on 2020-03-22), so
 it rises most in the week 03-08 .. 03-15, when the people tested a day grew 20-fold. It reads no count after the day
 whose share it gives, so the seeding still reads nothing on or after the start; a run through March reads
-the real counts of its days, an input like the intervention dates.
+the real counts of its days, an input like the intervention dates. ``detection_ramp="tests_all"`` (an
+option, not the default: the fits it gave forecast no better, see the README) lets the rest of the rise
+follow the tests too: log-linear in the people tested from ``detected`` at ``tests_ample`` to
+``detected_summer`` at ``tests_wide`` = 27,886 (the 7-day mean on 2020-07-15), with no flat spring
+(6,114 tested a day on 03-22, 8,806 on 04-05, 15,256 on 05-15).
 
 With ``tests_limit`` (off by default), reporting is also capped by the city's testing: of the ``D``
 detected onsets of a day, ``R = D K / (D + K)`` are reported, ``K = positivity_cap × people tested``
@@ -355,6 +359,18 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
     def level(name: str) -> torch.Tensor:
         return parameter(c, params, name)
 
+    if c.detection_ramp == "tests_all":  # every rise follows the people tested a day
+        tests = _tests_mean(date)
+        if tests is None or tests <= c.tests_scarce:
+            return level("detected_march")
+        for (t0, n0), (t1, n1) in (
+            ((c.tests_scarce, "detected_march"), (c.tests_ample, "detected")),
+            ((c.tests_ample, "detected"), (c.tests_wide, "detected_summer")),
+        ):
+            if tests <= t1:
+                f = float(np.log(tests / t0) / np.log(t1 / t0))
+                return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
+        return level("detected_summer")
     if date <= knots[0][0]:
         return level(knots[0][1])
     for (d0, n0), (d1, n1) in zip(knots, knots[1:], strict=False):
@@ -366,15 +382,21 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
     return level(knots[-1][1])
 
 
+def _tests_mean(date: pd.Timestamp) -> float | None:
+    """People tested a day: the mean of tests-by-day.csv over the 7 days ending on ``date``, days without
+    counts left out; None when none of them has one. Reads no count after ``date``."""
+    week = nyc.tests_by_day()[date - pd.Timedelta(days=6) : date]
+    week = week[week > 0]
+    return None if week.empty else float(week.mean())
+
+
 def _tests_ramp(scarce: float, ample: float, date: pd.Timestamp) -> float:
     """Where the people tested a day up to ``date`` (the 7-day mean of tests-by-day.csv ending that day,
     days without counts left out) lie between ``scarce`` and ``ample`` on a log scale: 0 at or below
     ``scarce``, 1 at or above ``ample``; 0 before the first count. Reads no count after ``date``."""
-    week = nyc.tests_by_day()[date - pd.Timedelta(days=6) : date]  # the 7 days ending on date
-    week = week[week > 0]
-    if week.empty:  # no count in those days (before the first)
+    mean = _tests_mean(date)
+    if mean is None:  # no count in those days (before the first)
         return 0.0
-    mean = float(week.mean())
     return min(1.0, max(0.0, float(np.log(mean / scarce) / np.log(ample / scarce))))
 
 
@@ -483,11 +505,12 @@ class CovidConfig(ScenarioConfig):
     positivity_cap: float = _share(
         "with tests_limit, the share of a day's people tested that can be cases", 1.0
     )
-    detection_ramp: Literal["time", "tests"] = Field(
+    detection_ramp: Literal["time", "tests", "tests_all"] = Field(
         default="tests",
         description="how the detected share rises from detected_march to detected in March 2020: log-linear "
         "in time from 03-01 to 03-22, or log-linear in the people tested a day (7-day mean, "
-        "tests-by-day.csv) from tests_scarce to tests_ample",
+        "tests-by-day.csv) from tests_scarce to tests_ample; tests_all: the rise to detected_summer "
+        "follows the people tested too, from tests_ample to tests_wide, with no flat spring",
     )
     tests_scarce: float = Field(
         default=15.0,
@@ -500,6 +523,12 @@ class CovidConfig(ScenarioConfig):
         gt=0,
         description="with detection_ramp=tests, people tested a day from which detected holds (the city's "
         "7-day mean on 2020-03-22)",
+    )
+    tests_wide: float = Field(
+        default=27886.0,
+        gt=0,
+        description="with detection_ramp=tests_all, people tested a day from which detected_summer holds "
+        "(the city's 7-day mean on 2020-07-15)",
     )
     interventions: tuple[Intervention, ...] = Field(
         default=INTERVENTIONS, description="dated changes of contacts per layer (see INTERVENTIONS)"
@@ -521,9 +550,10 @@ class CovidConfig(ScenarioConfig):
             raise ValueError(
                 f"share_zip + share_borough must be <= 1, got {self.share_zip} + {self.share_borough}"
             )
-        if self.tests_ample <= self.tests_scarce:
+        if not self.tests_scarce < self.tests_ample < self.tests_wide:
             raise ValueError(
-                f"tests_ample must exceed tests_scarce, got {self.tests_ample} and {self.tests_scarce}"
+                "tests_scarce < tests_ample < tests_wide must hold, got "
+                f"{self.tests_scarce}, {self.tests_ample} and {self.tests_wide}"
             )
         names = set(type(self).model_fields)
         for i, event in enumerate(self.interventions):
