@@ -57,6 +57,12 @@ def register(app: typer.Typer) -> None:
             help="starting values: defaults (the scenario's, calibrated where it has a calibration) or "
             "literature (the cited values, ignoring its calibration)",
         ),
+        prior: float = typer.Option(
+            0.0,
+            "--prior",
+            help="weight of a penalty keeping the parameters near their starting values (squared distance "
+            "in the unconstrained space, mean over parameters); 0: none",
+        ),
         seed: int = typer.Option(0, "--seed", help="seed of the population and of the runs"),
         device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
         also_from: str = typer.Option(
@@ -145,6 +151,7 @@ def register(app: typer.Typer) -> None:
         argv += ["--from", start_from] if start_from != "defaults" else []
         argv += ["--truncate", str(truncate)] if truncate else []
         argv += ["--also-from", also_from] if later else []
+        argv += ["--prior", str(prior)] if prior else []
         argv += ["--device", device] if device != "cpu" else []  # a GPU draws another population
         argv += [x for s in settings for x in ("--set", s)] + (["--data", str(data)] if data else [])
         if policy == "llm":  # which model answered (the URL without credentials)
@@ -203,6 +210,7 @@ def register(app: typer.Typer) -> None:
                         memory_gb=memory_gb,
                         estimator=estimator,
                         also_from=later,
+                        prior=prior,
                         progress=progress,
                         device=device,
                     )
