@@ -227,7 +227,15 @@ def test_a_failure_at_the_first_step_leaves_nothing(tmp_path, monkeypatch):
 def test_a_signal_stops_the_run_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "lpm", "run", "covid", "-n", "200000", "--days", "90", "-o", str(out)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts the suite in the background (`cmd &` without job control) passes SIGINT on as
+    # ignored, and Python then installs no KeyboardInterrupt handler: give the child the default back
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 120
     while not (out / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
