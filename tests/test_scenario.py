@@ -328,6 +328,15 @@ def test_the_base_class_is_the_contract():
         (0.0, 1.0),
     ) | dict.fromkeys(
         ["beta_bronx", "beta_brooklyn", "beta_manhattan", "beta_queens", "beta_staten_island"], (0.0, 5.0)
+    ) | dict.fromkeys(
+        [
+            "beta_bronx_late",
+            "beta_brooklyn_late",
+            "beta_manhattan_late",
+            "beta_queens_late",
+            "beta_staten_island_late",
+        ],
+        (0.0, 5.0),
     )
     assert [q.name for q in covid.quantities if q.real] == ["reported_cases"]
 

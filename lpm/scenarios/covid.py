@@ -29,7 +29,9 @@ whose agents decide weekly whether to isolate.
 
 ``m_b(j)`` is a learnable multiplier of transmission to the residents of ``j``'s borough
 (``beta_bronx`` … ``beta_staten_island``, 1 by default: what households, schools, workplaces and the
-shared community mixing do not explain, such as crowding or essential work, is left to calibration).
+shared community mixing do not explain, such as crowding or essential work, is left to calibration);
+from ``late_from`` (2020-03-16, schools closed) on it is multiplied by ``beta_<borough>_late`` (1 by
+default), since the boroughs did not change their contacts alike once the city began to distance.
 ``x_i`` is agent ``i``'s infectiousness (1 in P and I, ``asymptomatic_rel`` if asymptomatic, 0
 otherwise), ``iso`` whether the agent isolates (the decision), ``e`` = ``isolation_effect`` the share of
 school, work and community contacts an isolating agent cuts, ``q`` = ``household_isolation`` the share of
@@ -183,6 +185,9 @@ BOROUGH_BETA = {
     "Queens": "beta_queens",
     "Staten Island": "beta_staten_island",
 }
+#: A second multiplier of each borough's transmission, from ``late_from`` (2020-03-16) on: the boroughs
+#: did not change their contacts alike once the city began to distance (per borough and per period).
+BOROUGH_BETA_LATE = {borough: f"{name}_late" for borough, name in BOROUGH_BETA.items()}
 
 #: Mean daily contacts by age of participant, POLYMOD (Mossong et al., PLoS Med 2008, table 1, all
 #: countries), averaged onto the health department's 10 age bands.
@@ -445,6 +450,18 @@ class CovidConfig(ScenarioConfig):
     beta_manhattan: float = Field(default=1.0, gt=0, le=5, description="transmission × in Manhattan")
     beta_queens: float = Field(default=1.0, gt=0, le=5, description="transmission × in Queens")
     beta_staten_island: float = Field(default=1.0, gt=0, le=5, description="transmission × in Staten Island")
+    beta_bronx_late: float = Field(
+        default=1.0, gt=0, le=5, description="transmission × in the Bronx from late_from on, times beta_bronx"
+    )
+    beta_brooklyn_late: float = Field(default=1.0, gt=0, le=5, description="the same in Brooklyn")
+    beta_manhattan_late: float = Field(default=1.0, gt=0, le=5, description="the same in Manhattan")
+    beta_queens_late: float = Field(default=1.0, gt=0, le=5, description="the same in Queens")
+    beta_staten_island_late: float = Field(default=1.0, gt=0, le=5, description="the same in Staten Island")
+    late_from: dt.date = Field(
+        default=dt.date(2020, 3, 16),
+        description="first day of the beta_<borough>_late multipliers (2020-03-16: schools closed, the city "
+        "began to distance)",
+    )
     isolation_effect: float = Field(
         default=0.25,
         ge=0,
@@ -554,6 +571,11 @@ class CovidConfig(ScenarioConfig):
             raise ValueError(
                 "tests_scarce < tests_ample < tests_wide must hold, got "
                 f"{self.tests_scarce}, {self.tests_ample} and {self.tests_wide}"
+            )
+        if not FIRST_DATA.date() <= self.late_from <= LAST_DATA.date():
+            raise ValueError(
+                f"late_from {self.late_from} lies outside the period the scenario simulates "
+                f"({FIRST_DATA.date()} .. {LAST_DATA.date()})"
             )
         names = set(type(self).model_fields)
         for i, event in enumerate(self.interventions):
@@ -729,6 +751,7 @@ class CovidScenario(Scenario):
         "work_reopened",
         "community_reopened",
         *BOROUGH_BETA.values(),
+        *BOROUGH_BETA_LATE.values(),
     )
     #: Defaults of the fitted parameters: ``lpm calibrate`` on 2020-03-01 .. 04-11 (its command inside).
     calibration = "calibration/covid/calibration.json"
@@ -1089,6 +1112,11 @@ class CovidScenario(Scenario):
         stage, asym = state["stage"], state["asymptomatic"]
         isolating = sampler.chose(actions["isolation"], ISOLATE)
         level = self.levels(params, t)
+        if self.date(t).date() >= c.late_from:  # each borough's multiplier, times its late one
+            params = {
+                **params,
+                **{m: params[m] * params[BOROUGH_BETA_LATE[b]] for b, m in BOROUGH_BETA.items()},
+            }
         # 1. infectiousness of the infectious agents (who: their indices; None: every agent)
         infectious_stage = torch.zeros(K, device=w.hazard.device)
         infectious_stage[P1 : I2 + 1] = 1.0
