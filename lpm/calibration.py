@@ -246,8 +246,9 @@ def calibrate(
     each start's train and test errors are reported in ``also``. prior: weight of a penalty that keeps the
     parameters near their starting values, ``prior`` × the mean over parameters of the squared distance
     in the unconstrained space (a Gaussian prior around the configured values with standard deviation
-    ``1 / sqrt(2 prior × len(parameters))``, so the fit is a maximum a posteriori estimate); 0, the default,
-    is none. The jittered restarts keep the configured values as the prior's centre. progress: ``f(phase, done, total, loss)``.
+    ``1 / sqrt(2 prior × len(parameters))``, so the fit is a maximum a posteriori estimate); 0, the
+    default, is none. The jittered restarts keep the configured values as the prior's centre. progress:
+    ``f(phase, done, total, loss)``.
     device: where the runs compute (the fitted variables, the real series and the loss stay on the host).
     """
     started = time.perf_counter()
@@ -275,6 +276,7 @@ def calibrate(
     ranges = type(base).parameter_ranges()
     transforms = {p: _Transform(*ranges[p]) for p in names}
     initial = {p: float(getattr(base.config, p)) for p in names}
+    centre = {p: transforms[p].to_z(initial[p]) for p in names}  # the starting values, unconstrained
     if truncate is None:
         truncate = TRUNCATE_DAYS if base.step_unit == "day" else train_steps
     if truncate < 1 or truncate % period:
@@ -321,8 +323,7 @@ def calibrate(
         gen = torch.Generator().manual_seed(seed * 7919 + r)
         z = {
             p: torch.tensor(
-                transforms[p].to_z(initial[p])
-                + (jitter * float(torch.randn((), generator=gen)) if r else 0.0),
+                centre[p] + (jitter * float(torch.randn((), generator=gen)) if r else 0.0),
                 dtype=torch.float64,
                 requires_grad=True,
             )
@@ -374,9 +375,7 @@ def calibrate(
                     if t.grad is not None:
                         t.grad /= len(runs)
             if prior and names:  # toward the configured values, whatever the restart's jittered start
-                penalty = (
-                    prior * sum((z[p] - transforms[p].to_z(initial[p])) ** 2 for p in names) / len(names)
-                )
+                penalty = prior * sum((z[p] - centre[p]) ** 2 for p in names) / len(names)
                 penalty.backward()
                 loss += float(penalty.detach())
             opt.step()

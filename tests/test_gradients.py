@@ -59,6 +59,13 @@ def _check(pop, start, weeks, parameters, estimator="auto", seeds=SEEDS, offset_
     )
 
 
+def _errors(grad, fd, grad_sd, fd_sd, seeds):
+    """Per week: the finite difference's relative standard error over ``seeds`` seeds, and the ratio's
+    (the finite difference's and the gradient's combined)."""
+    fd_se = fd_sd / np.sqrt(seeds) / np.abs(fd)
+    return fd_se, np.hypot(fd_se, grad_sd / np.sqrt(seeds) / np.abs(grad))
+
+
 def _within(r, tolerance=0.10):
     """Within ``tolerance`` at every week where the parameter acts; exactly 0 on both sides where it does
     not yet (e.g. the PAUSE level before 2020-03-22 is reported)."""
@@ -99,8 +106,7 @@ def test_gradients_match_finite_differences_for_eight_weeks_with_all_layers(pop)
     parameters = ["beta", "community_pause", "detected", "offsets"]
     for r in _check(pop, "2020-04-01", 8, parameters, seeds=SEEDS_8, offset_step=OFFSET_STEPS):
         assert r.estimator == "pruned"
-        fd_se = r.fd_sd / np.sqrt(len(SEEDS_8)) / np.abs(r.fd)
-        se = np.hypot(fd_se, r.grad_sd / np.sqrt(len(SEEDS_8)) / np.abs(r.grad))
+        fd_se, se = _errors(r.grad, r.fd, r.grad_sd, r.fd_sd, len(SEEDS_8))
         judged = fd_se < 0.25
         assert judged.sum() >= 7, (r.parameter, fd_se)
         assert np.all(np.abs(r.ratio[judged] - 1) < 0.10 + 2 * se[judged]), (r.parameter, r.ratio, se)
@@ -117,9 +123,8 @@ def test_late_borough_multipliers_match_finite_differences_over_eight_weeks(pop)
     for r in _check(pop, "2020-03-01", 8, ["beta_manhattan_late", "beta_bronx_late"], seeds=SEEDS_8):
         assert np.all(r.grad[:2] == 0) and np.all(r.fd[:2] == 0), (r.parameter, r.grad, r.fd)
         assert abs(r.fd[2]) < 0.02 * abs(r.fd[-1]), (r.parameter, r.fd)  # week 3: a fraction of a case
-        grad, fd, grad_sd, fd_sd = r.grad[3:], r.fd[3:], r.grad_sd[3:], r.fd_sd[3:]
-        fd_se = fd_sd / np.sqrt(len(SEEDS_8)) / np.abs(fd)
-        se = np.hypot(fd_se, grad_sd / np.sqrt(len(SEEDS_8)) / np.abs(grad))
+        grad, fd = r.grad[3:], r.fd[3:]
+        fd_se, se = _errors(grad, fd, r.grad_sd[3:], r.fd_sd[3:], len(SEEDS_8))
         assert np.all(fd_se < 0.25), (r.parameter, fd_se)
         assert np.all(np.abs(grad / fd - 1) < 0.10 + 2 * se), (r.parameter, r.ratio, se)
         precise = se < 0.05

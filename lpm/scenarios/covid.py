@@ -364,6 +364,9 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
     def level(name: str) -> torch.Tensor:
         return parameter(c, params, name)
 
+    def between(n0: str, n1: str, f: float) -> torch.Tensor:  # log-linear, f = 0 at n0 .. 1 at n1
+        return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
+
     if c.detection_ramp == "tests_all":  # every rise follows the people tested a day
         tests = _tests_mean(date)
         if tests is None or tests <= c.tests_scarce:
@@ -373,8 +376,7 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
             ((c.tests_ample, "detected"), (c.tests_wide, "detected_summer")),
         ):
             if tests <= t1:
-                f = float(np.log(tests / t0) / np.log(t1 / t0))
-                return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
+                return between(n0, n1, _log_position(tests, t0, t1))
         return level("detected_summer")
     if date <= knots[0][0]:
         return level(knots[0][1])
@@ -383,7 +385,7 @@ def detection(c: CovidConfig, params: Mapping[str, torch.Tensor], date: pd.Times
             f = (date - d0).days / (d1 - d0).days
             if c.detection_ramp == "tests" and n0 == "detected_march":
                 f = _tests_ramp(c.tests_scarce, c.tests_ample, date)
-            return torch.exp((1 - f) * torch.log(level(n0)) + f * torch.log(level(n1)))
+            return between(n0, n1, f)
     return level(knots[-1][1])
 
 
@@ -402,7 +404,13 @@ def _tests_ramp(scarce: float, ample: float, date: pd.Timestamp) -> float:
     mean = _tests_mean(date)
     if mean is None:  # no count in those days (before the first)
         return 0.0
-    return min(1.0, max(0.0, float(np.log(mean / scarce) / np.log(ample / scarce))))
+    return _log_position(mean, scarce, ample)
+
+
+def _log_position(x: float, low: float, high: float) -> float:
+    """Where ``x`` lies between ``low`` and ``high`` on a log scale: 0 at or below ``low``, 1 at or above
+    ``high``."""
+    return min(1.0, max(0.0, float(np.log(x / low) / np.log(high / low))))
 
 
 def isolation_rule(rows: pd.DataFrame, ctx: pd.DataFrame) -> np.ndarray:
