@@ -37,6 +37,7 @@ Differentiable mode has five gradient estimators (:data:`ESTIMATORS`), chosen wi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -750,16 +751,21 @@ def prune(
         rate64 = rate64 * effect.to(torch.float64)
     new32 = new_rate.to(torch.float32)
     # the race: per agent in float32 (ties go to the lowest index), per group in float64
-    key = torch.log1p(-u_agent).neg_().div_(new32).masked_fill_(new32 <= 0, float("inf"))
-    best = torch.full((h,), float("inf"), device=device).scatter_reduce(0, group, key, "amin")
+    key = torch.log1p(-u_agent).neg_().div_(new32).masked_fill_(new32 <= 0, float("inf"))  # +0 .. +inf
+    # each group's smallest key and the lowest index among the agents holding it, in one reduction: the
+    # bits of floats from +0 to +inf order as integers, so (bits << 32 | index) orders by key, then index
+    index = torch.arange(n, dtype=torch.int64, device=device)
+    packed = key.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(index)
+    least = torch.full((h,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
+    with warnings.catch_warnings():  # "index_reduce() is in beta": 3x faster than scatter_reduce here
+        warnings.simplefilter("ignore", UserWarning)
+        least = least.index_reduce_(0, group, packed, "amin")
+    best = (least >> 32).to(torch.int32).view(torch.float32)  # NaN for a group of no agents
     old = torch.where(
         rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), math.inf
     )
     replaced = best.to(torch.float64) < old  # only where best is finite
-    # the agents whose key is their replaced group's best (ties, if any, to the lowest index)
-    tied = torch.nonzero((key == best.index_select(0, group)) & replaced.index_select(0, group)).view(-1)
-    first = torch.full((h,), n, dtype=torch.int64, device=device)
-    first = first.scatter_reduce(0, group.index_select(0, tied).long(), tied, "amin")
+    first = least.bitwise_and_(0xFFFFFFFF)  # each group's best agent
     winner = torch.zeros(n, dtype=torch.bool, device=device)
     winner[first[replaced]] = True
     total = rate64 + torch.zeros(h, device=device).index_add_(0, group, new32).to(torch.float64)

@@ -215,6 +215,27 @@ def test_differentiable_forward_equals_inference(pop, estimator):
     assert soft.series["infections"].requires_grad and not hard.series["infections"].requires_grad
 
 
+def test_world_gather_gives_index_selects_values_and_gradient(pop):
+    """The world's per-agent gathers (household, place, cell) read what ``index_select`` reads, and their
+    backward (a ``scatter_add_`` by the int64 index) sums each entry's gradient to the same bits as
+    ``index_select``'s own; the (household, place) pairs are one id per pair."""
+    world = _sim(pop).world
+    g = torch.randn(world.n, dtype=torch.float32)
+    for by, rows in (("household", world.nh), ("place", len(world.place_school)), ("cell", world.nc)):
+        table = torch.randn(rows, requires_grad=True)
+        fast = world.gather(table, by)
+        plain = table.index_select(0, getattr(world, by))
+        assert torch.equal(fast, plain), by
+        (g_fast,) = torch.autograd.grad(fast, table, g)
+        (g_plain,) = torch.autograd.grad(plain, table, g)
+        assert torch.equal(g_fast, g_plain), by
+    pair = world.house_place.long()
+    key = world.household.long() * len(world.place_school) + world.place.long()
+    first = torch.full((int(pair.max()) + 1,), -1, dtype=torch.int64).scatter_reduce(0, pair, key, "amax")
+    assert torch.equal(first.index_select(0, pair), key)  # a pair id names one (household, place)
+    assert len(torch.unique(key)) == int(pair.max()) + 1
+
+
 @pytest.mark.parametrize("estimator", ["households", "pruned"])
 def test_every_learnable_parameter_and_the_offsets_get_gradients(pop, estimator):
     sim = _sim(pop, start="2020-06-01", estimator=estimator)

@@ -206,6 +206,39 @@ def test_prune_keeps_one_alternative_per_group_without_bias():
     assert abs(float(estimate) - exact) < 0.01 * abs(exact), (float(estimate), exact)
 
 
+def test_prune_picks_each_groups_smallest_key_and_the_lowest_index_among_ties():
+    """The race's winner in each group is the agent of the smallest ``-log(1 - u) / rate`` and, among equal
+    keys, the lowest index (one packed integer reduction finds both); a group with no candidate, or no
+    agent, keeps its alternative. Checked against a plain loop over the groups, with ties made on purpose
+    (agents of one group given the same uniform and proxy)."""
+    from lpm.sampling import prune
+
+    torch.manual_seed(0)
+    h, n = 50, 400
+    group = torch.randint(0, h - 3, (n,))  # the last 3 groups hold no agent
+    u = torch.rand(n)
+    u[group % 4 == 0] = 0.5  # every agent of these groups draws alike ...
+    rate = torch.rand(n, dtype=torch.float64) + 0.1
+    rate[group % 4 == 0] = 2.0  # ... with one proxy: all tie
+    rate[torch.rand(n) < 0.2] = 0.0  # no candidate
+    rate[group == 5] = 0.0  # a group of no candidate
+    zero = torch.zeros(h, requires_grad=True) * 0.0
+    _, _, winner, replaced = prune(
+        zero, torch.zeros(h, dtype=torch.float64), group, torch.zeros(n), rate, u, torch.rand(h)
+    )
+    key = torch.log1p(-u).neg() / rate.float()
+    key[rate <= 0] = float("inf")
+    expected = torch.zeros(n, dtype=torch.bool)
+    for g in range(h):
+        members = torch.nonzero((group == g) & (rate > 0)).view(-1)
+        if len(members):
+            expected[members[torch.argmin(key[members])]] = True  # argmin: the first of equal keys
+    assert torch.equal(winner, expected)
+    assert torch.equal(replaced, torch.zeros(h, dtype=torch.bool).index_fill(0, group[expected], True))
+    assert not bool(replaced[5]) and not bool(replaced[-3:].any())
+    assert int((group[expected] % 4 == 0).sum()) > 5  # ties were met
+
+
 def test_a_count_by_a_sorted_index_sums_runs_with_the_scatters_values_and_gradient():
     """The differentiable count by a sorted index (agents lie borough by borough) sums each run instead of
     scattering agent by agent: the same counts and gradient as index_add; an unsorted index still scatters."""
