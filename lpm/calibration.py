@@ -15,7 +15,7 @@ Truncated backpropagation: the train window is cut into pieces of ``truncate`` s
 the whole window for monthly scenarios); each piece's loss is backpropagated and the state is detached
 before the next. The gradients of the COVID model agree with finite differences over 8 weeks
 (``tests/test_gradients.py``), the default piece's length. A piece whose graph ``memory_gb`` cannot hold
-(about 130 bytes per agent per simulated day with the COVID default "pruned", 170 with "households", 130
+(about 100 bytes per agent per simulated day with the COVID default "pruned", 165 with "households", 115
 with "expected": :data:`GRAPH_BYTES_PER_AGENT_STEP`) is backpropagated whole by recomputation, one
 segment's graph at a time (:func:`_recomputed_piece`: the same gradient for a second forward pass), not
 truncated shorter: cut at one week, the gradient of the COVID loss loses the weeks' dependence on each
@@ -60,9 +60,11 @@ from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
-#: Bytes the autograd graph of a COVID day holds per agent, by estimator (``benchmarks/engine.py``, 1 M
-#: agents: 117, 168 and 129; rounded up); an estimator not measured is counted as the largest.
-GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 130, "households": 170, "expected": 130}
+#: Bytes the autograd graph of a COVID day holds per agent, by estimator: the largest weekly mean of
+#: 8 weeks from 2020-03-01, through the spring peak (200,000 agents, resident memory with every large
+#: array mapped on its own, 2026-12-04 at a098f9e: 87.8, 149.5 and 105.2; the first week 71, 140 and 97),
+#: rounded up by about a tenth; an estimator not measured is counted as the largest.
+GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 100, "households": 165, "expected": 115}
 #: Days per backpropagated piece of a daily scenario: the horizon over which the COVID gradients are
 #: checked against finite differences (8 weeks, ``tests/test_gradients.py``); memory is met by recomputing
 #: the piece in segments, never by a shorter piece.
