@@ -1005,7 +1005,8 @@ class CovidScenario(Scenario):
         infectiousness in the household's alternative less the run's, after isolation; zero for most
         agents. In the places they share (less the agent's own) and in the community of their ZIP area
         (housemates live in one), with the weights of :meth:`infection`. O(agents of the households
-        whose alternative differs in infectiousness)."""
+        whose alternative differs in infectiousness), plus one O(N) fill of zeros for the sums per
+        (household, place) pair (:attr:`CovidWorld.house_place`, found once per run)."""
         c = self.config
         out = torch.zeros_like(d)
         senders = torch.nonzero(d).view(-1)
