@@ -1243,22 +1243,14 @@ class CovidScenario(Scenario):
         )
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
-        chain = leaving_hazard(w.hazard)  # S (state 0) leaves by p_run / p_alt alone
-        susceptible, susceptible_alt = stage == S, alt == S
-        leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
-        leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
-        following = stage + leave
         has_alt = (rate > 0).index_select(0, household)
-        alt_next = torch.where(has_alt, alt + leave_alt, following)
+        following, alt_next, candidate, moved, d_moved, onset, d_onset, flags = alternative_moves(
+            stage, alt, u, leaving_hazard(w.hazard), p_run, p_alt, has_alt, household, w.nh, (stage32, alt32)
+        )
         # today: the run's moves, each candidate's infection (+1) and each alternative's differences
-        candidate = susceptible & ~leave
         gain = torch.where(candidate, (p - p_run) / (1.0 - p_run), 0.0)
-        moved, moved_alt = susceptible & leave, susceptible_alt & leave_alt & has_alt
-        moved = moved.float()
-        infected = torch.addcmul(moved, share, moved_alt.float().sub_(moved)).add(gain)
-        onset, onset_alt = (stage == P2) & leave, (alt == P2) & leave_alt & has_alt
-        onset = onset.float()
-        onset = torch.addcmul(onset, share, onset_alt.float().sub_(onset))
+        infected = torch.addcmul(moved, share, d_moved).add(gain)
+        onset = torch.addcmul(onset, share, d_onset)
         differs = torch.nonzero((alt != stage) & has_alt).view(-1)
         nb = w.nb
         # each differing member's weight per (alternative's stage, run's stage, borough), in one scatter:
@@ -1268,13 +1260,8 @@ class CovidScenario(Scenario):
         pairs = torch.zeros(K * K * nb, dtype=torch.float32, device=stage.device)
         pairs = pairs.index_add(0, pair, share.index_select(0, differs)).view(K, K, nb)
         counts = sampler.tally(stage, K, w.borough, nb) + (pairs.sum(1) - pairs.sum(0))
-        # the future: drop alternatives that rejoined the run, then one per household among it and today's
-        # per household in one sum: members that differ (apart) + PENDING × those whose difference is
-        # still in course (exposed or infectious in either run); exact in float32 (households < 2^10)
-        differs_next = alt_next != following
-        pending = differs_next & (_in_course(alt_next) | _in_course(following))
-        flags = differs_next.float().add_(pending.float(), alpha=PENDING)
-        flags = torch.zeros(w.nh, dtype=torch.float32, device=stage.device).index_add(0, household, flags)
+        # the future: drop alternatives that rejoined the run (flags 0), then one per household among it
+        # and today's
         apart = flags > 0
         weight = torch.where(apart, weight, torch.zeros_like(weight))
         rate = torch.where(apart, rate, torch.zeros_like(rate))
@@ -1450,6 +1437,48 @@ class _Escape(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor) -> torch.Tensor:
         (p,) = ctx.saved_tensors
         return g * (1.0 - p)
+
+
+def alternative_moves(
+    stage: torch.Tensor,
+    alt: torch.Tensor,
+    u: torch.Tensor,
+    chain: torch.Tensor,
+    p_run: torch.Tensor,
+    p_alt: torch.Tensor,
+    has_alt: torch.Tensor,
+    household: torch.Tensor,
+    nh: int,
+    codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The part of a ``pruned`` step that carries no gradient, per agent: one move along the chain in the
+    run and in its household's alternative, with the same uniforms ``u`` (``chain``: each stage's leaving
+    probability, 0 for S, which leaves by ``p_run`` / ``p_alt``); ``has_alt``: whether the agent's
+    household holds an alternative. Returns the run's next stages, the alternative's next stages (the
+    run's where none), the candidates (susceptible and still so in the run), the run's infections today
+    (float 0/1) and the alternative's less the run's, the same for onsets (P2 → I1), and per household
+    (``nh``, by ``household``) the members whose next stages differ + ``PENDING`` × those whose difference
+    is still in course (exposed or infectious in either run; exact in float32, households < 2^10).
+    codes: ``stage`` and ``alt`` as int32, if the caller has them.
+
+    Its own function as the unit a fused kernel would replace (``benchmarks/fused_core.py`` measures a
+    C++ one against it)."""
+    stage32, alt32 = codes if codes is not None else (stage.int(), alt.int())
+    susceptible, susceptible_alt = stage == S, alt == S
+    leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
+    leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
+    following = stage + leave
+    alt_next = torch.where(has_alt, alt + leave_alt, following)
+    candidate = susceptible & ~leave
+    moved = (susceptible & leave).float()
+    d_moved = (susceptible_alt & leave_alt & has_alt).float().sub_(moved)
+    onset = ((stage == P2) & leave).float()
+    d_onset = ((alt == P2) & leave_alt & has_alt).float().sub_(onset)
+    differs_next = alt_next != following
+    pending = differs_next & (_in_course(alt_next) | _in_course(following))
+    flags = differs_next.float().add_(pending.float(), alpha=PENDING)
+    flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).index_add(0, household, flags)
+    return following, alt_next, candidate, moved, d_moved, onset, d_onset, flags
 
 
 def _in_course(stage: torch.Tensor) -> torch.Tensor:
