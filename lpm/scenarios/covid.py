@@ -1449,7 +1449,7 @@ def alternative_moves(
     has_alt: torch.Tensor,
     household: torch.Tensor,
     nh: int,
-    codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    codes: tuple[torch.Tensor, torch.Tensor],
 ) -> tuple[torch.Tensor, ...]:
     """The part of a ``pruned`` step that carries no gradient, per agent: one move along the chain in the
     run and in its household's alternative, with the same uniforms ``u`` (``chain``: each stage's leaving
@@ -1459,11 +1459,11 @@ def alternative_moves(
     (float 0/1) and the alternative's less the run's, the same for onsets (P2 → I1), and per household
     (``nh``, by ``household``) the members whose next stages differ + ``PENDING`` × those whose difference
     is still in course (exposed or infectious in either run; exact in float32, households < 2^10).
-    codes: ``stage`` and ``alt`` as int32, if the caller has them.
+    codes: ``stage`` and ``alt`` as int32 (the caller has them).
 
     Its own function as the unit a fused kernel would replace (``benchmarks/fused_core.py`` measures a
     C++ one against it)."""
-    stage32, alt32 = codes if codes is not None else (stage.int(), alt.int())
+    stage32, alt32 = codes
     susceptible, susceptible_alt = stage == S, alt == S
     leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
     leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
