@@ -257,3 +257,23 @@ def test_a_count_by_a_sorted_index_sums_runs_with_the_scatters_values_and_gradie
     shuffled = index.flip(0)
     assert sampler._runs(shuffled, 4) is None
     assert torch.equal(sampler.count(shuffled, 4, where), torch.zeros(4).index_add(0, shuffled.long(), where))
+
+
+def test_soft_categorical_draws_one_hot_rows_with_the_gradient_of_their_rows():
+    from lpm.sampling import SoftSampler
+
+    n, k, a = 50_000, 7, 3
+    table = torch.softmax(torch.randn(k, a, generator=torch.Generator().manual_seed(0)), 1)
+    index = torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    weights = torch.randn(n, a, generator=torch.Generator().manual_seed(2))
+    sampler = SoftSampler(n, seed=3).at(0)
+    leaf = table.clone().requires_grad_(True)
+    drawn = sampler.categorical(leaf, index, 5)
+    hard = sampler._inverse_cdf(sampler.uniform(5), table, index).long()
+    assert torch.equal(drawn.detach(), torch.nn.functional.one_hot(hard, a).float())
+    (drawn * weights).sum().backward()
+    # the gradient of probs[index] (each table row gains its agents' gradients), summed in agent order
+    rows = table.clone().requires_grad_(True)
+    (rows.index_select(0, index.long()) * weights).sum().backward()
+    assert torch.equal(leaf.grad, rows.grad)
+    assert leaf.grad.abs().min() > 0  # every row holds agents: a gradient that skipped some would be 0
