@@ -236,6 +236,55 @@ def test_world_gather_gives_index_selects_values_and_gradient(pop):
     assert len(torch.unique(key)) == int(pair.max()) + 1
 
 
+def test_the_lean_graph_functions_give_their_expressions_values_and_gradients():
+    """The differentiable step's own autograd functions, which keep less in the graph than the expressions
+    they stand for, give those expressions' values (the same bits) and gradients (the same bits, or equal
+    to float rounding where the sums into one input come in another order)."""
+    from lpm.scenarios.covid import _Gain, _Pressure, _Scaled
+
+    gen = torch.Generator().manual_seed(0)
+    n, cells = 20_000, 50
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen)
+
+    table, index = rand(cells) * 0.1, torch.randint(0, cells, (n,), generator=gen)
+    iso, home, outside, share, own = rand(n), rand(n), rand(n), rand(n) * 0.5, rand(n)
+    g = torch.randn(n, generator=gen)
+    for with_own in (True, False):
+        leaves = [t.clone().requires_grad_(True) for t in (table, iso, home, outside, share)]
+        tb, io, hm, out, sh = leaves
+        beta_agent = tb.index_select(0, index)
+        keep_h, keep_o = 1.0 - 0.3 * io, 1.0 - 0.8 * io
+        inner = out - sh * own if with_own else out
+        plain = beta_agent * (keep_h * hm + keep_o * inner)
+        expected = torch.autograd.grad(plain, leaves, g, allow_unused=True)
+        leaves2 = [t.clone().requires_grad_(True) for t in (table, iso, home, outside, share)]
+        tb, io, hm, out, sh = leaves2
+        keeps = ((1.0 - 0.3 * io, 1.0 - 0.8 * io), (0.3, 0.8), (tb.detach(), index))
+        args = (sh, own) if with_own else (None, None)
+        lean = _Pressure.apply(tb.index_select(0, index), hm, out, *args, io, keeps)
+        assert torch.equal(lean, plain)
+        got = torch.autograd.grad(lean, leaves2, g, allow_unused=True)
+        for name, a, b in zip(("table", "iso", "home", "outside", "share"), expected, got, strict=True):
+            if a is None:
+                assert b is None or float(b.abs().max()) == 0, name
+                continue
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-7 * float(a.abs().max())), name
+    # the candidates' gain: zero in value, 1 / (1 - p) at the candidates
+    p = (rand(n) * 0.9).requires_grad_(True)
+    candidate = rand(n) < 0.7
+    plain = torch.where(candidate, (p - p.detach()) / (1.0 - p.detach()), 0.0)
+    lean = _Gain.apply(p, candidate)
+    assert torch.equal(lean, plain)
+    assert torch.equal(*(torch.autograd.grad(v, p, g)[0] for v in (plain, lean)))
+    # an alternative's differences of -1, 0, 1 times its weight
+    d = torch.randint(-1, 2, (n,), generator=gen).float()
+    w = rand(n).requires_grad_(True)
+    assert torch.equal(_Scaled.apply(w, d), w * d)
+    assert torch.equal(*(torch.autograd.grad(v, w, g)[0] for v in (w * d, _Scaled.apply(w, d))))
+
+
 @pytest.mark.parametrize("estimator", ["households", "pruned"])
 def test_every_learnable_parameter_and_the_offsets_get_gradients(pop, estimator):
     sim = _sim(pop, start="2020-06-01", estimator=estimator)

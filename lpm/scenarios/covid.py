@@ -959,10 +959,13 @@ class CovidScenario(Scenario):
             else:
                 home = home_weight * w.gather(house, "household").index_add(0, senders, x_hs, alpha=-1)
                 outside = w.gather(place_weight * places, "place").index_add(0, senders, own_o, alpha=-1)
-            outside = outside + community_weight * w.gather(community, "cell")
+            # the weight times the (C,) table, then gathered: the same numbers, and its gradient's graph
+            # keeps the table, not an (N,) gather
+            outside = outside + w.gather(community_weight * community, "cell")
             beta_agent = w.gather(beta, "cell")
+            keeps = ((keep_h, keep_o), (c.household_isolation, c.isolation_effect), (beta, w.wide["cell"]))
             if alt_home_x is None:
-                return _Escape.apply(beta_agent * (keep_h * home + keep_o * outside))
+                return _Escape.apply(_Pressure.apply(beta_agent, home, outside, None, None, isolating, keeps))
             if alt_share is None or senders is None:
                 raise ValueError("alt_home_x needs alt_share and senders")
             with torch.no_grad():
@@ -970,7 +973,7 @@ class CovidScenario(Scenario):
                 own = self._own_outside(
                     w, place_weight, community_weight, (alt_home_x - base_x) * keep_o.detach()
                 )
-            lam = beta_agent * (keep_h * home + keep_o * (outside - alt_share * own))
+            lam = _Pressure.apply(beta_agent, home, outside, alt_share, own, isolating, keeps)
             with torch.no_grad():
                 x_alt = alt_home_x.index_select(0, senders) * keep_hs.detach()
                 house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype)
@@ -1162,7 +1165,7 @@ class CovidScenario(Scenario):
                 following, moves = sampler.transition(stage, p_infect, w.hazard, STREAM_TRANSITION)
                 infected, onset = moves.out(S), moves.out(P2)
                 counts = sampler.tally(stage, K, w.borough, w.nb)  # (K, B)
-        onset = onset * (1.0 - asym.to(onset.dtype)) if sampler.differentiable else onset & ~asym
+            onset = onset * (1.0 - asym.to(onset.dtype)) if sampler.differentiable else onset & ~asym
         infections = sampler.count(w.borough, w.nb, infected)
         onsets_today = sampler.count(w.borough, w.nb, onset)
         # 4. reporting: the detected share of onsets, after the diagnosis delay
@@ -1247,10 +1250,12 @@ class CovidScenario(Scenario):
         following, alt_next, candidate, moved, d_moved, onset, d_onset, flags = alternative_moves(
             stage, alt, u, leaving_hazard(w.hazard), p_run, p_alt, has_alt, household, w.nh, (stage32, alt32)
         )
-        # today: the run's moves, each candidate's infection (+1) and each alternative's differences
-        gain = torch.where(candidate, (p - p_run) / (1.0 - p_run), 0.0)
-        infected = torch.addcmul(moved, share, d_moved).add(gain)
-        onset = torch.addcmul(onset, share, d_onset)
+        # today: the run's moves, each candidate's infection (+1) and each alternative's differences;
+        # onsets of the symptomatic only
+        gain = _Gain.apply(p, candidate)
+        infected = torch.add(moved, _Scaled.apply(share, d_moved)).add_(gain)
+        symptomatic = 1.0 - asym.to(torch.float32)
+        onset = torch.add(onset.mul_(symptomatic), _Scaled.apply(share, d_onset.mul_(symptomatic)))
         differs = torch.nonzero((alt != stage) & has_alt).view(-1)
         nb = w.nb
         # each differing member's weight per (alternative's stage, run's stage, borough), in one scatter:
@@ -1420,6 +1425,75 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
         return g.new_zeros(ctx.rows).scatter_add_(0, index, g), None
+
+
+class _Pressure(torch.autograd.Function):
+    """The force of infection of :meth:`CovidScenario.infection` in differentiable mode, ``beta_agent ×
+    (keep_h × home + keep_o × (outside − share × own))`` (share, own: None for no alternative's term),
+    with ``keep = 1 − s × iso`` from the isolation decisions ``iso``. Forward: the expression's numbers.
+    Its graph keeps ``home``, ``outside − share × own`` and ``own`` (and ``iso``, a view of the actions,
+    held anyway) where the expression's keeps seven (N,) tensors: the keeps are recomputed from ``iso``
+    and ``beta_agent`` gathered again from its (C,) table in backward. The gradients are the
+    expression's; into ``iso`` they are summed in another order (equal to float rounding).
+
+    keeps: ``((keep_h, keep_o), (s_h, s_o), (table, index))``: the keeps' values as the caller computed
+    them, their shares, and ``beta_agent``'s table and index (``beta_agent = table[index]``)."""
+
+    @staticmethod
+    def forward(ctx, beta_agent, home, outside, share, own, iso, keeps):
+        (keep_h, keep_o), shares, regather = keeps
+        inner = outside if own is None else outside - share * own
+        lam = (keep_h * home).add_(keep_o * inner).mul_(beta_agent)
+        ctx.save_for_backward(iso, home, inner, own)
+        ctx.shares, ctx.regather = shares, regather
+        return lam
+
+    @staticmethod
+    def backward(ctx, g):
+        iso, home, inner, own = ctx.saved_tensors
+        (s_h, s_o), (table, index) = ctx.shares, ctx.regather
+        keep_h, keep_o = _keep(iso, s_h, g.dtype), _keep(iso, s_o, g.dtype)
+        need = ctx.needs_input_grad
+        d_beta = (keep_h * home).add_(keep_o * inner).mul_(g) if need[0] else None
+        g = table.index_select(0, index).mul_(g)  # d/d(keep_h × home + keep_o × inner)
+        d_iso = torch.mul(home, -s_h).add_(inner, alpha=-s_o).mul_(g) if need[5] else None
+        d_home = keep_h.mul_(g)
+        d_inner = keep_o.mul_(g)
+        d_share = torch.mul(d_inner, own).neg_() if need[3] else None
+        return d_beta, d_home if need[1] else None, d_inner if need[2] else None, d_share, None, d_iso, None
+
+
+class _Gain(torch.autograd.Function):
+    """``where(candidate, (p − p.detach()) / (1 − p.detach()), 0)``: zero in value, with gradient ``1 / (1 −
+    p)`` at the candidates (:meth:`CovidScenario._alternatives`). Its graph keeps the bool candidates and
+    ``p`` (which ``_Escape``'s keeps already) where the expression's keeps ``1 − p`` too; the same
+    numbers both ways."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(p, candidate)
+        return torch.zeros_like(p)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        p, candidate = ctx.saved_tensors
+        return torch.where(candidate, g / (1.0 - p), 0.0), None
+
+
+class _Scaled(torch.autograd.Function):
+    """``share × d`` for a float (N,) ``d`` of -1, 0 and 1 (an alternative's difference from the run): the
+    product's numbers and gradient (``g × d`` for ``share``), with ``d`` kept as int8 (1 byte per agent in
+    the graph instead of 4)."""
+
+    @staticmethod
+    def forward(ctx, share: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d.to(torch.int8))
+        return share * d
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (d,) = ctx.saved_tensors
+        return g * d.to(g.dtype), None
 
 
 class _Escape(torch.autograd.Function):
