@@ -748,6 +748,7 @@ def prune(
     u_agent: torch.Tensor,
     u_group: torch.Tensor,
     effect: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep one alternative per group among the group's current one and its new candidates.
 
@@ -764,7 +765,9 @@ def prune(
     effect: (H,) factor in (0, 1] on the current alternative's proxy, for one whose difference from the run
     matters less per unit of weight than a new candidate's (any positive proxy keeps the step unbiased; the
     variance is least when each proxy follows |weight × difference to come|). The kept alternative's
-    proxy is then the group's total over its own factor (the size of its weight)."""
+    proxy is then the group's total over its own factor (the size of its weight).
+
+    index: int64 ``0 .. N - 1``, if the caller holds one (else made here: an 8-byte-per-agent fill)."""
     h = weight.shape[0]
     n, device = group.shape[0], group.device
     rate64 = rate.to(torch.float64)
@@ -775,7 +778,7 @@ def prune(
     key = torch.log1p(-u_agent).neg_().div_(new32).masked_fill_(new32 <= 0, float("inf"))  # +0 .. +inf
     # each group's smallest key and the lowest index among the agents holding it, in one reduction: the
     # bits of floats from +0 to +inf order as integers, so (bits << 32 | index) orders by key, then index
-    index = torch.arange(n, dtype=torch.int64, device=device)
+    index = torch.arange(n, dtype=torch.int64, device=device) if index is None else index
     packed = key.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(index)
     least = torch.full((h,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     with warnings.catch_warnings():  # "index_reduce() is in beta": 3x faster than scatter_reduce here

@@ -236,6 +236,23 @@ def test_world_gather_gives_index_selects_values_and_gradient(pop):
     assert len(torch.unique(key)) == int(pair.max()) + 1
 
 
+def test_world_derives_values_once_per_source_tensor(pop):
+    """The memo behind the differentiable step's per-week keeps: the same source tensor gives the values
+    made from it the first time; another tensor, even with the same numbers, makes them again."""
+    world = _sim(pop).world
+    calls = []
+
+    def make(t):
+        calls.append(t)
+        return t * 2
+
+    a, b = torch.ones(3), torch.ones(3)
+    first = world.derived("x", a, make)
+    assert world.derived("x", a, make) is first and len(calls) == 1
+    assert world.derived("x", b, make) is not first and len(calls) == 2  # a new week's decisions
+    assert world.derived("y", b, make) is not world.derived("x", b, make) and len(calls) == 3
+
+
 def test_the_lean_graph_functions_give_their_expressions_values_and_gradients():
     """The differentiable step's own autograd functions, which keep less in the graph than the expressions
     they stand for, give those expressions' values (the same bits) and gradients (the same bits, or equal
@@ -261,9 +278,9 @@ def test_the_lean_graph_functions_give_their_expressions_values_and_gradients():
         expected = torch.autograd.grad(plain, leaves, g, allow_unused=True)
         leaves2 = [t.clone().requires_grad_(True) for t in (table, iso, home, outside, share)]
         tb, io, hm, out, sh = leaves2
-        keeps = ((1.0 - 0.3 * io, 1.0 - 0.8 * io), (0.3, 0.8), (tb.detach(), index))
         args = (sh, own) if with_own else (None, None)
-        lean = _Pressure.apply(tb.index_select(0, index), hm, out, *args, io, keeps)
+        keeps = (1.0 - 0.3 * io, 1.0 - 0.8 * io)
+        lean = _Pressure.apply(tb.index_select(0, index), hm, out, *args, *keeps, (tb.detach(), index))
         assert torch.equal(lean, plain)
         got = torch.autograd.grad(lean, leaves2, g, allow_unused=True)
         for name, a, b in zip(("table", "iso", "home", "outside", "share"), expected, got, strict=True):

@@ -116,7 +116,7 @@ import datetime as dt
 import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -632,6 +632,23 @@ class CovidWorld:
     hazard: torch.Tensor
     delay: torch.Tensor
     residents: torch.Tensor
+    #: per-run values the differentiable step derives from a tensor that changes weekly or never (the
+    #: keeps of the isolation decisions, the asymptomatic agents' factors): ``name -> (source, values)``,
+    #: reused while the step is given that same source tensor (:meth:`derived`)
+    memo: dict[str, tuple[torch.Tensor, Any]] = field(default_factory=dict, repr=False, compare=False)
+
+    def derived(self, name: str, source: torch.Tensor, make: Any) -> Any:
+        """``make(source)``, computed once per ``source`` tensor (the same object: the decisions of a week,
+        the asymptomatic agents of a run) and kept in :attr:`memo` with it until another replaces it."""
+        held = self.memo.get(name)
+        if held is None or held[0] is not source:
+            held = self.memo[name] = (source, make(source))
+        return held[1]
+
+    @functools.cached_property
+    def agent_index(self) -> torch.Tensor:
+        """int64 (N,) ``0 .. N - 1`` (:func:`~lpm.sampling.prune`'s race), made on first use."""
+        return torch.arange(self.n, dtype=torch.int64, device=self.household.device)
 
     @functools.cached_property
     def wide(self) -> dict[str, torch.Tensor]:
@@ -928,8 +945,18 @@ class CovidScenario(Scenario):
         c = self.config
         who, x = infectious
         dtype = x.dtype
-        keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,) or (N,)
-        keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
+        if who is None:  # differentiable mode: once per week's decisions (a view of them: keyed by its base)
+            keep_h, keep_o = w.derived(
+                f"keeps {dtype}",
+                isolating if isolating._base is None else isolating._base,
+                lambda _: (
+                    _keep(isolating, c.household_isolation, dtype),
+                    _keep(isolating, c.isolation_effect, dtype),
+                ),
+            )
+        else:
+            keep_h = _keep(_at(isolating, who), c.household_isolation, dtype)  # (M,)
+            keep_o = _keep(_at(isolating, who), c.isolation_effect, dtype)
         # the senders' own entries: all of them, or in differentiable mode those ``senders`` names
         src = who if senders is None else senders
         keep_hs, keep_os = _at(keep_h, senders), _at(keep_o, senders)
@@ -963,9 +990,11 @@ class CovidScenario(Scenario):
             # keeps the table, not an (N,) gather
             outside = outside + w.gather(community_weight * community, "cell")
             beta_agent = w.gather(beta, "cell")
-            keeps = ((keep_h, keep_o), (c.household_isolation, c.isolation_effect), (beta, w.wide["cell"]))
+            regather = (beta, w.wide["cell"])
             if alt_home_x is None:
-                return _Escape.apply(_Pressure.apply(beta_agent, home, outside, None, None, isolating, keeps))
+                return _Escape.apply(
+                    _Pressure.apply(beta_agent, home, outside, None, None, keep_h, keep_o, regather)
+                )
             if alt_share is None or senders is None:
                 raise ValueError("alt_home_x needs alt_share and senders")
             with torch.no_grad():
@@ -973,7 +1002,7 @@ class CovidScenario(Scenario):
                 own = self._own_outside(
                     w, place_weight, community_weight, (alt_home_x - base_x) * keep_o.detach()
                 )
-            lam = _Pressure.apply(beta_agent, home, outside, alt_share, own, isolating, keeps)
+            lam = _Pressure.apply(beta_agent, home, outside, alt_share, own, keep_h, keep_o, regather)
             with torch.no_grad():
                 x_alt = alt_home_x.index_select(0, senders) * keep_hs.detach()
                 house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype)
@@ -1227,7 +1256,12 @@ class CovidScenario(Scenario):
         weight, rate = state["alt_weight"], state["alt_rate"]
         household = w.household  # int32 indices: index_select and index_add read them faster than int64
         stage32, alt32 = stage.int(), alt.int()
-        relative = 1.0 - (1.0 - c.asymptomatic_rel) * asym.to(torch.float32)
+        # each agent's infectiousness relative to a symptomatic one's, and whether it shows symptoms (1, 0)
+        relative, symptomatic = w.derived(
+            "asymptomatic",
+            asym,
+            lambda a: (1.0 - (1.0 - c.asymptomatic_rel) * a.to(torch.float32), 1.0 - a.to(torch.float32)),
+        )
         x = infectious_stage.index_select(0, stage32) * relative
         x_alt = infectious_stage.index_select(0, alt32) * relative
         share = w.gather(weight, "household")  # each agent's household alternative's weight
@@ -1254,7 +1288,6 @@ class CovidScenario(Scenario):
         # onsets of the symptomatic only
         gain = _Gain.apply(p, candidate)
         infected = torch.add(moved, _Scaled.apply(share, d_moved)).add_(gain)
-        symptomatic = 1.0 - asym.to(torch.float32)
         onset = torch.add(onset.mul_(symptomatic), _Scaled.apply(share, d_onset.mul_(symptomatic)))
         differs = torch.nonzero((alt != stage) & has_alt).view(-1)
         nb = w.nb
@@ -1274,7 +1307,15 @@ class CovidScenario(Scenario):
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
         effect = torch.where(flags >= PENDING, 1.0, QUIET_EFFECT)
         weight, rate, winner, replaced = prune(
-            weight, rate, household, gain, hazard_today, sampler.uniform(STREAM_PRUNE), u_house, effect
+            weight,
+            rate,
+            household,
+            gain,
+            hazard_today,
+            sampler.uniform(STREAM_PRUNE),
+            u_house,
+            effect,
+            w.agent_index,
         )
         fresh = torch.where(winner, torch.full_like(following, E1), following)
         alt_next = torch.where(replaced.index_select(0, household), fresh, alt_next)
@@ -1429,38 +1470,34 @@ class _Gather(torch.autograd.Function):
 
 class _Pressure(torch.autograd.Function):
     """The force of infection of :meth:`CovidScenario.infection` in differentiable mode, ``beta_agent ×
-    (keep_h × home + keep_o × (outside − share × own))`` (share, own: None for no alternative's term),
-    with ``keep = 1 − s × iso`` from the isolation decisions ``iso``. Forward: the expression's numbers.
-    Its graph keeps ``home``, ``outside − share × own`` and ``own`` (and ``iso``, a view of the actions,
-    held anyway) where the expression's keeps seven (N,) tensors: the keeps are recomputed from ``iso``
-    and ``beta_agent`` gathered again from its (C,) table in backward. The gradients are the
-    expression's; into ``iso`` they are summed in another order (equal to float rounding).
-
-    keeps: ``((keep_h, keep_o), (s_h, s_o), (table, index))``: the keeps' values as the caller computed
-    them, their shares, and ``beta_agent``'s table and index (``beta_agent = table[index]``)."""
+    (keep_h × home + keep_o × (outside − share × own))`` (share, own: None for no alternative's term).
+    Forward: the expression's numbers. Its graph keeps ``home``, ``outside − share × own`` and ``own``
+    (and the keeps, made once per week's decisions: :meth:`CovidWorld.derived`) where the expression's
+    keeps seven (N,) tensors; ``beta_agent`` is gathered again from its (C,) table in backward
+    (``regather``: ``(table, index)``, ``beta_agent = table[index]``). The gradients are the
+    expression's."""
 
     @staticmethod
-    def forward(ctx, beta_agent, home, outside, share, own, iso, keeps):
-        (keep_h, keep_o), shares, regather = keeps
+    def forward(ctx, beta_agent, home, outside, share, own, keep_h, keep_o, regather):
         inner = outside if own is None else outside - share * own
         lam = (keep_h * home).add_(keep_o * inner).mul_(beta_agent)
-        ctx.save_for_backward(iso, home, inner, own)
-        ctx.shares, ctx.regather = shares, regather
+        ctx.save_for_backward(home, inner, own, keep_h, keep_o)
+        ctx.regather = regather
         return lam
 
     @staticmethod
     def backward(ctx, g):
-        iso, home, inner, own = ctx.saved_tensors
-        (s_h, s_o), (table, index) = ctx.shares, ctx.regather
-        keep_h, keep_o = _keep(iso, s_h, g.dtype), _keep(iso, s_o, g.dtype)
+        home, inner, own, keep_h, keep_o = ctx.saved_tensors
+        table, index = ctx.regather
         need = ctx.needs_input_grad
         d_beta = (keep_h * home).add_(keep_o * inner).mul_(g) if need[0] else None
         g = table.index_select(0, index).mul_(g)  # d/d(keep_h × home + keep_o × inner)
-        d_iso = torch.mul(home, -s_h).add_(inner, alpha=-s_o).mul_(g) if need[5] else None
-        d_home = keep_h.mul_(g)
-        d_inner = keep_o.mul_(g)
+        d_home = g * keep_h if need[1] else None
+        d_inner = g * keep_o if need[2] or need[3] else None
         d_share = torch.mul(d_inner, own).neg_() if need[3] else None
-        return d_beta, d_home if need[1] else None, d_inner if need[2] else None, d_share, None, d_iso, None
+        d_keep_h = g * home if need[5] else None
+        d_keep_o = g.mul_(inner) if need[6] else None  # the last use of g
+        return d_beta, d_home, d_inner if need[2] else None, d_share, None, d_keep_h, d_keep_o, None
 
 
 class _Gain(torch.autograd.Function):
