@@ -775,7 +775,7 @@ def prune(
         rate64 = rate64 * effect.to(torch.float64)
     new32 = new_rate.to(torch.float32)
     # the race: per agent in float32 (ties go to the lowest index), per group in float64
-    key = torch.log1p(-u_agent).neg_().div_(new32).masked_fill_(new32 <= 0, float("inf"))  # +0 .. +inf
+    key = torch.neg(u_agent).log1p_().neg_().div_(new32).masked_fill_(new32 <= 0, math.inf)  # +0 .. +inf
     # each group's smallest key and the lowest index among the agents holding it, in one reduction: the
     # bits of floats from +0 to +inf order as integers, so (bits << 32 | index) orders by key, then index
     index = torch.arange(n, dtype=torch.int64, device=device) if index is None else index
@@ -785,9 +785,9 @@ def prune(
         warnings.simplefilter("ignore", UserWarning)
         least = least.index_reduce_(0, group, packed, "amin")
     best = (least >> 32).to(torch.int32).view(torch.float32)  # NaN for a group of no agents
-    old = torch.where(
-        rate64 > 0, -torch.log1p(-u_group.to(torch.float64)) / rate64.clamp_min(1e-300), math.inf
-    )
+    # in place where it can be: the (H,) float64 temporaries are fresh pages each day
+    old = u_group.to(torch.float64).neg_().log1p_().neg_().div_(rate64.clamp_min(1e-300))
+    old.masked_fill_(rate64 <= 0, math.inf)
     replaced = best.to(torch.float64) < old  # only where best is finite
     first = least.bitwise_and_(0xFFFFFFFF)  # each group's best agent
     winner = torch.zeros(n, dtype=torch.bool, device=device)
@@ -797,11 +797,12 @@ def prune(
     won_weight = new_weight.index_select(0, at)
     won_rate = new32.index_select(0, at).to(torch.float64)
     # finite where unused: torch.where's backward multiplies the other branch's zero gradient by it
-    scale_new = torch.where(replaced, total / won_rate.clamp_min(1e-300), 0.0).to(weight.dtype)
-    scale_old = torch.where(~replaced & (rate64 > 0), total / rate64.clamp_min(1e-300), 1.0).to(weight.dtype)
+    scale_new = torch.div(total, won_rate.clamp_min_(1e-300)).masked_fill_(~replaced, 0.0).to(weight.dtype)
+    unscaled = replaced | (rate64 <= 0)  # groups whose old alternative's weight stays as it is (or has none)
+    scale_old = torch.div(total, rate64.clamp_min(1e-300)).masked_fill_(unscaled, 1.0).to(weight.dtype)
     kept = torch.where(replaced, won_weight * scale_new, weight * scale_old)
     if effect is not None:
-        total = torch.where(replaced | (rate64 <= 0), total, total / effect.to(torch.float64))
+        total = torch.where(unscaled, total, total / effect.to(torch.float64))
     return kept, total.to(rate.dtype), winner, replaced
 
 

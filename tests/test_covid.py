@@ -257,7 +257,7 @@ def test_the_lean_graph_functions_give_their_expressions_values_and_gradients():
     """The differentiable step's own autograd functions, which keep less in the graph than the expressions
     they stand for, give those expressions' values (the same bits) and gradients (the same bits, or equal
     to float rounding where the sums into one input come in another order)."""
-    from lpm.scenarios.covid import _Gain, _Pressure, _Scaled
+    from lpm.scenarios.covid import K, _Gain, _Pressure, _Scaled, _StageShift
 
     gen = torch.Generator().manual_seed(0)
     n, cells = 20_000, 50
@@ -295,6 +295,21 @@ def test_the_lean_graph_functions_give_their_expressions_values_and_gradients():
     lean = _Gain.apply(p, candidate)
     assert torch.equal(lean, plain)
     assert torch.equal(*(torch.autograd.grad(v, p, g)[0] for v in (plain, lean)))
+    # the alternatives' members move between stage counts: the scatter of the differing members' weights
+    k, bins = K, 5
+    alt, stage = (torch.randint(0, k, (n,), generator=gen, dtype=torch.uint8) for _ in range(2))
+    stage = torch.where(rand(n) < 0.5, alt, stage)  # half agree
+    has_alt, borough = rand(n) < 0.8, torch.randint(0, bins, (n,), generator=gen, dtype=torch.uint8)
+    w = torch.zeros(n).requires_grad_(True)  # zero-valued weights, as the alternatives' are
+    differs = torch.nonzero((alt != stage) & has_alt).view(-1)
+    pair = (alt.long()[differs] * k + stage.long()[differs]) * bins + borough.long()[differs]
+    pairs = torch.zeros(k * k * bins).index_add(0, pair, w.index_select(0, differs)).view(k, k, bins)
+    plain = pairs.sum(1) - pairs.sum(0)
+    lean = _StageShift.apply(w, alt, stage, has_alt, borough, bins)
+    assert torch.equal(lean, plain)
+    gk = torch.randn(k, bins, generator=gen)
+    expected, got = (torch.autograd.grad(v, w, gk)[0] for v in (plain, lean))
+    assert torch.equal(expected, got) and float(got.abs().sum()) > 0
     # an alternative's differences of -1, 0, 1 times its weight
     d = torch.randint(-1, 2, (n,), generator=gen).float()
     w = rand(n).requires_grad_(True)

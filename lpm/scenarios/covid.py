@@ -1289,21 +1289,16 @@ class CovidScenario(Scenario):
         gain = _Gain.apply(p, candidate)
         infected = torch.add(moved, _Scaled.apply(share, d_moved)).add_(gain)
         onset = torch.add(onset.mul_(symptomatic), _Scaled.apply(share, d_onset.mul_(symptomatic)))
-        differs = torch.nonzero((alt != stage) & has_alt).view(-1)
-        nb = w.nb
-        # each differing member's weight per (alternative's stage, run's stage, borough), in one scatter:
-        # it enters the count of its alternative's stage and leaves the count of its run's stage
-        pair = (alt32.index_select(0, differs) * K + stage32.index_select(0, differs)) * nb
-        pair += w.borough.index_select(0, differs)
-        pairs = torch.zeros(K * K * nb, dtype=torch.float32, device=stage.device)
-        pairs = pairs.index_add(0, pair, share.index_select(0, differs)).view(K, K, nb)
-        counts = sampler.tally(stage, K, w.borough, nb) + (pairs.sum(1) - pairs.sum(0))
+        # each member of an alternative enters the count of its stage there and leaves its run's stage's
+        # count, by its weight: zero in value
+        shift = _StageShift.apply(share, alt, stage, has_alt, w.borough, w.nb)
+        counts = sampler.tally(stage, K, w.borough, w.nb) + shift
         # the future: drop alternatives that rejoined the run (flags 0), then one per household among it
         # and today's
         apart = flags > 0
         weight = torch.where(apart, weight, torch.zeros_like(weight))
         rate = torch.where(apart, rate, torch.zeros_like(rate))
-        hazard_today = torch.where(candidate, -torch.log1p(-p_run), 0.0)
+        hazard_today = torch.where(candidate, torch.neg(p_run).log1p_().neg_(), 0.0)  # -log(1 - p)
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
         effect = torch.where(flags >= PENDING, 1.0, QUIET_EFFECT)
         weight, rate, winner, replaced = prune(
@@ -1317,8 +1312,10 @@ class CovidScenario(Scenario):
             effect,
             w.agent_index,
         )
-        fresh = torch.where(winner, torch.full_like(following, E1), following)
-        alt_next = torch.where(replaced.index_select(0, household), fresh, alt_next)
+        # a replaced household's new alternative: the run, but its winner infected today (E1)
+        alt_next = torch.where(replaced.index_select(0, household), following, alt_next).masked_fill_(
+            winner, E1
+        )
         kept = {"alt_stage": alt_next, "alt_weight": weight, "alt_rate": rate}
         return following, kept, infected, onset, counts
 
@@ -1498,6 +1495,29 @@ class _Pressure(torch.autograd.Function):
         d_keep_h = g * home if need[5] else None
         d_keep_o = g.mul_(inner) if need[6] else None  # the last use of g
         return d_beta, d_home, d_inner if need[2] else None, d_share, None, d_keep_h, d_keep_o, None
+
+
+class _StageShift(torch.autograd.Function):
+    """(K, bins) per stage and borough, the alternatives' members' weights ``share`` (N,) summed by their
+    stage in the alternative (``alt``) less by their stage in the run (``stage``), for the members of the
+    households that hold an alternative (``has_alt``): zero in value (the weights are), so forward gives
+    zeros and backward gives each agent ``g[alt, borough] - g[stage, borough]`` (0 where the stages
+    agree). Its graph keeps the day's two uint8 stage codes and the bool ``has_alt`` (3 bytes per agent)
+    where a scatter of the differing members' weights kept their int64 indices and pair codes."""
+
+    @staticmethod
+    def forward(ctx, share, alt, stage, has_alt, borough, bins):
+        ctx.save_for_backward(alt, stage, has_alt, borough)
+        ctx.bins = bins
+        return torch.zeros(K, bins, dtype=share.dtype, device=share.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        alt, stage, has_alt, borough = ctx.saved_tensors
+        flat, bins, b = g.reshape(-1), ctx.bins, borough.int()
+        enter = flat.index_select(0, alt.int().mul_(bins).add_(b))
+        leave = flat.index_select(0, stage.int().mul_(bins).add_(b))
+        return torch.where(has_alt, enter.sub_(leave), 0.0), None, None, None, None, None
 
 
 class _Gain(torch.autograd.Function):
