@@ -136,6 +136,8 @@ def main() -> None:
     module = build()
     compile_s = time.perf_counter() - t0
 
+    household32 = household.int()  # the C++ loop reads int32 ids
+
     def eager():
         return covid.alternative_moves(stage, alt, u, chain, p_run, p_alt, has_alt, household, nh, codes)
 
@@ -148,7 +150,7 @@ def main() -> None:
             p_run,
             p_alt,
             has_alt,
-            household,
+            household32,
             nh,
             covid.P2,
             covid.E1,

@@ -792,7 +792,7 @@ def prune(
     first = least.bitwise_and_(0xFFFFFFFF)  # each group's best agent
     winner = torch.zeros(n, dtype=torch.bool, device=device)
     winner[first[replaced]] = True
-    total = rate64 + torch.zeros(h, device=device).index_add_(0, group, new32).to(torch.float64)
+    total = torch.zeros(h, device=device).scatter_add_(0, group.long(), new32).to(torch.float64).add_(rate64)
     at = first.clamp_max(max(n - 1, 0))  # each group's winner (any agent where none won: masked below)
     won_weight = new_weight.index_select(0, at)
     won_rate = new32.index_select(0, at).to(torch.float64)

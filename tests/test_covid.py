@@ -520,7 +520,9 @@ def test_own_outside_is_the_housemates_share_of_outside_pressure(pop):
     chosen = torch.unique(household[torch.randint(len(household), (40,), generator=gen)])
     d = torch.where(torch.isin(household, chosen), torch.rand(len(household), generator=gen) - 0.3, 0.0)
     d[d.abs() < 0.2] = 0.0  # some members send nothing
-    own = scenario._own_outside(w, place_weight, 0.7, d)
+    # given at some agents (the step's senders: a superset of those with a difference), zero elsewhere
+    given = torch.nonzero(torch.isin(household, chosen) | (torch.rand(len(d), generator=gen) < 0.01)).view(-1)
+    own = scenario._own_outside(w, place_weight, 0.7, given, d[given])
     expected = torch.zeros_like(d)
     for h in chosen.tolist():
         members = torch.nonzero(household == h).view(-1)

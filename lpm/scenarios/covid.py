@@ -997,11 +997,10 @@ class CovidScenario(Scenario):
                 )
             if alt_share is None or senders is None:
                 raise ValueError("alt_home_x needs alt_share and senders")
-            with torch.no_grad():
-                base_x = x if home_x is None else home_x
-                own = self._own_outside(
-                    w, place_weight, community_weight, (alt_home_x - base_x) * keep_o.detach()
-                )
+            with torch.no_grad():  # at the senders only: elsewhere both are 0
+                base_xs = (x if home_x is None else home_x).index_select(0, senders)
+                d_s = (alt_home_x.index_select(0, senders) - base_xs) * keep_os.detach()
+                own = self._own_outside(w, place_weight, community_weight, senders, d_s)
             lam = _Pressure.apply(beta_agent, home, outside, alt_share, own, keep_h, keep_o, regather)
             with torch.no_grad():
                 x_alt = alt_home_x.index_select(0, senders) * keep_hs.detach()
@@ -1031,19 +1030,23 @@ class CovidScenario(Scenario):
         w: CovidWorld,
         place_weight: torch.Tensor,
         community_weight: torch.Tensor | float,
-        d: torch.Tensor,
+        candidates: torch.Tensor,
+        d_candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """(N,) the outside pressure each agent meets from its own housemates' ``d`` (N,): their
-        infectiousness in the household's alternative less the run's, after isolation; zero for most
-        agents. In the places they share (less the agent's own) and in the community of their ZIP area
-        (housemates live in one), with the weights of :meth:`infection`. O(agents of the households
-        whose alternative differs in infectiousness), plus one O(N) fill of zeros for the sums per
-        (household, place) pair (:attr:`CovidWorld.house_place`, found once per run)."""
+        """(N,) the outside pressure each agent meets from its own housemates' ``d``: their infectiousness
+        in the household's alternative less the run's, after isolation, given at the agents
+        ``candidates`` (M,) as ``d_candidates`` (M,) and zero elsewhere; zero for most agents. In the
+        places they share (less the agent's own) and in the community of their ZIP area (housemates live
+        in one), with the weights of :meth:`infection`. O(M + agents of the households whose alternative
+        differs in infectiousness), plus O(N) fills of zeros (the result, ``d`` and the sums per
+        (household, place) pair: :attr:`CovidWorld.house_place`, found once per run)."""
         c = self.config
-        out = torch.zeros_like(d)
-        senders = torch.nonzero(d).view(-1)
-        if len(senders) == 0:
+        out = torch.zeros(w.n, dtype=d_candidates.dtype, device=d_candidates.device)
+        differ = torch.nonzero(d_candidates).view(-1)
+        if len(differ) == 0:
             return out
+        senders, ds = candidates.index_select(0, differ), d_candidates.index_select(0, differ)
+        d = torch.zeros_like(out).index_copy_(0, senders, ds)  # (N,), read at the senders' housemates
         household = w.household
         hs = household.index_select(0, senders)
         flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
@@ -1053,7 +1056,6 @@ class CovidScenario(Scenario):
         compact = torch.cumsum(flag, 0) - 1
         hs = compact.index_select(0, hs)
         hm = compact.index_select(0, household.index_select(0, members))
-        ds = d.index_select(0, senders)
         bands = w.contacts_t.shape[0]
         # community: per household and age band, d × its weight in the prevalence of its ZIP area
         share_city = 1.0 - c.share_zip - c.share_borough
@@ -1254,7 +1256,7 @@ class CovidScenario(Scenario):
         c = self.config
         stage, asym, alt = state["stage"], state["asymptomatic"], state["alt_stage"]
         weight, rate = state["alt_weight"], state["alt_rate"]
-        household = w.household  # int32 indices: index_select and index_add read them faster than int64
+        household = w.wide["household"]  # int64: index_select and scatter_add_ read it faster than int32
         stage32, alt32 = stage.int(), alt.int()
         # each agent's infectiousness relative to a symptomatic one's, and whether it shows symptoms (1, 0)
         relative, symptomatic = w.derived(
@@ -1296,8 +1298,7 @@ class CovidScenario(Scenario):
         # the future: drop alternatives that rejoined the run (flags 0), then one per household among it
         # and today's
         apart = flags > 0
-        weight = torch.where(apart, weight, torch.zeros_like(weight))
-        rate = torch.where(apart, rate, torch.zeros_like(rate))
+        weight, rate = weight * apart, rate * apart  # finite: the numbers of torch.where(apart, ., 0), faster
         hazard_today = torch.where(candidate, torch.neg(p_run).log1p_().neg_(), 0.0)  # -log(1 - p)
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
         effect = torch.where(flags >= PENDING, 1.0, QUIET_EFFECT)
@@ -1588,7 +1589,7 @@ def alternative_moves(
     household holds an alternative. Returns the run's next stages, the alternative's next stages (the
     run's where none), the candidates (susceptible and still so in the run), the run's infections today
     (float 0/1) and the alternative's less the run's, the same for onsets (P2 → I1), and per household
-    (``nh``, by ``household``) the members whose next stages differ + ``PENDING`` × those whose difference
+    (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING`` × those whose difference
     is still in course (exposed or infectious in either run; exact in float32, households < 2^10).
     codes: ``stage`` and ``alt`` as int32 (the caller has them).
 
@@ -1608,7 +1609,7 @@ def alternative_moves(
     differs_next = alt_next != following
     pending = differs_next & (_in_course(alt_next) | _in_course(following))
     flags = differs_next.float().add_(pending.float(), alpha=PENDING)
-    flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).index_add(0, household, flags)
+    flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).scatter_add_(0, household, flags)
     return following, alt_next, candidate, moved, d_moved, onset, d_onset, flags
 
 
