@@ -61,10 +61,11 @@ from lpm.scenarios.base import Quantity, Scenario, compared_period, period_sums
 __all__ = ["Calibration", "Window", "calibrate", "fit_quantity", "run_loss"]
 
 #: Bytes the autograd graph of a COVID day holds per agent, by estimator: the largest weekly mean of
-#: 8 weeks from 2020-03-01, through the spring peak (200,000 agents, resident memory with every large
-#: array mapped on its own, 2026-12-04 at a098f9e: 87.8, 149.5 and 105.2; the first week 71, 140 and 97),
-#: rounded up by about a tenth; an estimator not measured is counted as the largest.
-GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 100, "households": 165, "expected": 115}
+#: 8 weeks from 2020-03-01, through the spring peak (``benchmarks/graph_bytes.py``: 200,000 agents,
+#: resident memory with every large array mapped on its own; 2026-12-04 at befac92: 51.2, 130.6 and 86.2,
+#: the first week 38.4, 123.9 and 81.4), rounded up by about a tenth; an estimator not measured is counted
+#: as the largest.
+GRAPH_BYTES_PER_AGENT_STEP = {"pruned": 57, "households": 144, "expected": 95}
 #: Days per backpropagated piece of a daily scenario: the horizon over which the COVID gradients are
 #: checked against finite differences (8 weeks, ``tests/test_gradients.py``); memory is met by recomputing
 #: the piece in segments, never by a shorter piece.
