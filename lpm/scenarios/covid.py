@@ -980,15 +980,18 @@ class CovidScenario(Scenario):
         # the pressure each agent meets, less its own infectiousness (an agent is not its own contact)
         own_o = place_weight.index_select(0, _at(w.place, src)) * x_os
         if who is None:
+            # in place on the fresh gathers (their backward keeps only the index)
             if senders is None:
-                home = home_weight * (w.gather(house, "household") - x_hs)
-                outside = w.gather(place_weight * places, "place") - own_o
+                home = w.gather(house, "household").sub_(x_hs)
+                outside = w.gather(place_weight * places, "place").sub_(own_o)
             else:
-                home = home_weight * w.gather(house, "household").index_add(0, senders, x_hs, alpha=-1)
-                outside = w.gather(place_weight * places, "place").index_add(0, senders, own_o, alpha=-1)
+                home = w.gather(house, "household").index_add_(0, senders, x_hs, alpha=-1)
+                outside = w.gather(place_weight * places, "place").index_add_(0, senders, own_o, alpha=-1)
+            if not (isinstance(home_weight, float) and home_weight == 1.0):  # × 1.0: the same numbers
+                home = home_weight * home
             # the weight times the (C,) table, then gathered: the same numbers, and its gradient's graph
             # keeps the table, not an (N,) gather
-            outside = outside + w.gather(community_weight * community, "cell")
+            outside.add_(w.gather(community_weight * community, "cell"))
             beta_agent = w.gather(beta, "cell")
             regather = (beta, w.wide["cell"])
             if alt_home_x is None:
