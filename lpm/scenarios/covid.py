@@ -1009,7 +1009,9 @@ class CovidScenario(Scenario):
                 x_alt = alt_home_x.index_select(0, senders) * keep_hs.detach()
                 house_alt = torch.zeros(w.nh, device=x.device, dtype=dtype)
                 house_alt = house_alt.index_add(0, w.household.index_select(0, senders), x_alt)
-                home_alt = house_alt.index_select(0, w.household).index_add(0, senders, x_alt, alpha=-1)
+                home_alt = house_alt.index_select(0, w.wide["household"]).index_add_(
+                    0, senders, x_alt, alpha=-1
+                )
                 home_alt.mul_(home_weight)
                 # lam_alt = beta_agent * (keep_h * home_alt + keep_o * (outside + own)), in place
                 # (own: saved by lam's graph, so not overwritten)
@@ -1049,7 +1051,7 @@ class CovidScenario(Scenario):
         if len(differ) == 0:
             return out
         senders, ds = candidates.index_select(0, differ), d_candidates.index_select(0, differ)
-        d = torch.zeros_like(out).index_copy_(0, senders, ds)  # (N,), read at the senders' housemates
+        d = torch.zeros_like(out).index_copy_(0, senders, ds)  # (N,), read at the senders' housemates below
         household = w.household
         hs = household.index_select(0, senders)
         flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
@@ -1078,10 +1080,10 @@ class CovidScenario(Scenario):
         # places: the housemates' d summed per (household, place) pair, less the agent's own; place 0
         # (none) has weight 0, so a member without a place gains 0
         pair = w.house_place
-        shared = torch.zeros(w.n, dtype=d.dtype, device=d.device).index_add(
-            0, pair.index_select(0, senders), ds
-        )
-        shared = shared.index_select(0, pair.index_select(0, members)) - d.index_select(0, members)
+        d_members = d.index_select(0, members)
+        # d's buffer, zero again once its senders are cleared, holds the sums per pair (ids < N)
+        shared = d.index_fill_(0, senders, 0.0).index_add_(0, pair.index_select(0, senders), ds)
+        shared = shared.index_select(0, pair.index_select(0, members)).sub_(d_members)
         weight = place_weight.index_select(0, w.place.index_select(0, members)).to(d.dtype)
         return out.index_add_(0, members, weight * shared)
 
