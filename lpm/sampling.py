@@ -245,9 +245,9 @@ class _RunSums(torch.autograd.Function):
 class _DrawnRows(torch.autograd.Function):
     """Straight-through one-hot draws from the rows of a small table: forward the one-hot rows of the
     drawn columns ``hard`` (N,), backward the gradient of ``table.index_select(0, index)`` (each table
-    entry gains the gradient of every agent's same column in its row), summed by ``bincount`` over the
-    flattened (row, column) pairs: the same sums, in agent order, as ``index_select``'s backward (a row
-    ``index_add``, several times slower for rows this short)."""
+    entry gains the gradient of every agent's same column in its row), summed by one ``bincount`` per
+    column: the same sums, in agent order, as ``index_select``'s backward (a row ``index_add``, several
+    times slower for rows this short)."""
 
     @staticmethod
     def forward(ctx, table, index, hard):
@@ -260,9 +260,9 @@ class _DrawnRows(torch.autograd.Function):
     def backward(ctx, g):
         (index,) = ctx.saved_tensors
         rows, cols = ctx.shape
-        flat = (index.long() * cols).unsqueeze(1) + torch.arange(cols, device=g.device)
-        sums = torch.bincount(flat.view(-1), g.reshape(-1), minlength=rows * cols)
-        return sums.view(rows, cols).to(g.dtype), None, None
+        index = index if index.dtype in (torch.int32, torch.int64) else index.long()
+        sums = [torch.bincount(index, g[:, c], minlength=rows) for c in range(cols)]  # a column at a time
+        return torch.stack(sums, 1).to(g.dtype), None, None
 
 
 def shared_gradient(value: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
@@ -749,6 +749,7 @@ def prune(
     u_group: torch.Tensor,
     effect: torch.Tensor | None = None,
     index: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keep one alternative per group among the group's current one and its new candidates.
 
@@ -767,7 +768,8 @@ def prune(
     variance is least when each proxy follows |weight × difference to come|). The kept alternative's
     proxy is then the group's total over its own factor (the size of its weight).
 
-    index: int64 ``0 .. N - 1``, if the caller holds one (else made here: an 8-byte-per-agent fill)."""
+    index: int64 ``0 .. N - 1``, if the caller holds one (else made here: an 8-byte-per-agent fill);
+    scratch: an int64 (N,) buffer the race may overwrite (else a fresh one, fresh pages each call)."""
     h = weight.shape[0]
     n, device = group.shape[0], group.device
     rate64 = rate.to(torch.float64)
@@ -779,7 +781,9 @@ def prune(
     # each group's smallest key and the lowest index among the agents holding it, in one reduction: the
     # bits of floats from +0 to +inf order as integers, so (bits << 32 | index) orders by key, then index
     index = torch.arange(n, dtype=torch.int64, device=device) if index is None else index
-    packed = key.view(torch.int32).to(torch.int64).bitwise_left_shift_(32).bitwise_or_(index)
+    bits = key.view(torch.int32)
+    packed = bits.to(torch.int64) if scratch is None else scratch.copy_(bits)
+    packed.bitwise_left_shift_(32).bitwise_or_(index)
     least = torch.full((h,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     with warnings.catch_warnings():  # "index_reduce() is in beta": 3x faster than scatter_reduce here
         warnings.simplefilter("ignore", UserWarning)

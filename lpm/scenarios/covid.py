@@ -651,6 +651,12 @@ class CovidWorld:
         return torch.arange(self.n, dtype=torch.int64, device=self.household.device)
 
     @functools.cached_property
+    def race_scratch(self) -> torch.Tensor:
+        """int64 (N,) buffer for :func:`~lpm.sampling.prune`'s race, made on first use (the ``pruned``
+        estimator), 8 bytes per agent: its daily packed keys then reuse pages already mapped."""
+        return torch.empty(self.n, dtype=torch.int64, device=self.household.device)
+
+    @functools.cached_property
     def wide(self) -> dict[str, torch.Tensor]:
         """``household``, ``place`` and ``cell`` as int64 (N,), for :meth:`gather` (``index_select`` reads an
         int64 index faster than an int32 one on the CPU, and ``scatter_add_`` takes no other); made on first
@@ -1317,6 +1323,7 @@ class CovidScenario(Scenario):
             u_house,
             effect,
             w.agent_index,
+            w.race_scratch,
         )
         # a replaced household's new alternative: the run, but its winner infected today (E1)
         alt_next = torch.where(replaced.index_select(0, household), following, alt_next).masked_fill_(
