@@ -227,8 +227,10 @@ def test_the_pruned_step_scatters_only_the_infectious_with_the_same_values_and_g
     sparse = run()
     infection = CovidScenario.infection
 
-    def every_agent(self, world, *args, senders=None, **kwargs):
-        return infection(self, world, *args, senders=torch.arange(world.n), **kwargs)
+    def every_agent(self, world, *args, senders=None, x_senders=None, **kwargs):
+        if x_senders is not None:  # the senders' mixed infectiousness, for every agent (0 elsewhere)
+            x_senders = torch.zeros(world.n, dtype=x_senders.dtype).index_add(0, senders, x_senders)
+        return infection(self, world, *args, senders=torch.arange(world.n), x_senders=x_senders, **kwargs)
 
     monkeypatch.setattr(CovidScenario, "infection", every_agent)
     dense = run()

@@ -926,6 +926,7 @@ class CovidScenario(Scenario):
         alt_home_x: torch.Tensor | None = None,
         alt_share: torch.Tensor | None = None,
         senders: torch.Tensor | None = None,
+        x_senders: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(N,) each agent's probability of infection today, ``1 - exp(-lambda)`` (module docstring).
 
@@ -946,7 +947,8 @@ class CovidScenario(Scenario):
         senders: with every agent's ``x`` (differentiable mode), the indices (M,) of the agents whose
         infectiousness may be non-zero in value or gradient (here or in ``alt_home_x``); the others are
         zero in both, so the sums read only these (the same numbers and gradients, M agents scattered
-        instead of N); needed with ``alt_home_x``.
+        instead of N); needed with ``alt_home_x``. x_senders: ``x`` at the senders (M,), if the caller
+        has it there (its gradient then stays M entries long; ``x`` is read only at the senders).
         """
         c = self.config
         who, x = infectious
@@ -967,7 +969,7 @@ class CovidScenario(Scenario):
         src = who if senders is None else senders
         keep_hs, keep_os = _at(keep_h, senders), _at(keep_o, senders)
         x_hs = _at(x if home_x is None else home_x, senders) * keep_hs
-        x_os = _at(x, senders) * keep_os
+        x_os = (_at(x, senders) if x_senders is None else x_senders) * keep_os
         house = torch.zeros(w.nh, device=x.device, dtype=dtype).index_add(0, _at(w.household, src), x_hs)
         # places and cells are summed in float64, where these sums are exact: the same numbers in any
         # order and over any shards of a sharded run (sampler.total adds the other shards' agents)
@@ -1279,17 +1281,22 @@ class CovidScenario(Scenario):
         x_alt = infectious_stage.index_select(0, alt32) * relative
         share = w.gather(weight, "household")  # each agent's household alternative's weight
         senders = torch.nonzero((x != 0) | (x_alt != 0)).view(-1)  # infectious in the run or the alternative
+        # the senders' infectiousness, the run's plus the alternative's difference × its weight (the
+        # others' is 0 in value and gradient)
+        x_s = x.index_select(0, senders)
+        mixed = x_s + share.index_select(0, senders) * (x_alt.index_select(0, senders) - x_s)
         p, p_alt = self.infection(
             w,
             params,
             level,
             isolating,
-            (None, x + share * (x_alt - x)),
+            (None, x),
             sampler,
             home_x=x,
             alt_home_x=x_alt,
             alt_share=share,
             senders=senders,
+            x_senders=mixed,
         )
         p_run = p.detach()
         u = sampler.uniform(STREAM_TRANSITION)  # used before the next draw overwrites it
