@@ -1608,8 +1608,9 @@ def alternative_moves(
     household holds an alternative. Returns the run's next stages, the alternative's next stages (the
     run's where none), the candidates (susceptible and still so in the run), the run's infections today
     (float 0/1) and the alternative's less the run's, the same for onsets (P2 → I1), and per household
-    (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING`` × those whose difference
-    is still in course (exposed or infectious in either run; exact in float32, households < 2^10).
+    (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING`` × those whose
+    difference is still in course (exposed or infectious in either run; exact in float32, households <
+    2^10).
     codes: ``stage`` and ``alt`` as int32 (the caller has them).
 
     Its own function as the unit a fused kernel would replace (``benchmarks/fused_core.py`` measures a
