@@ -777,7 +777,9 @@ def prune(
         rate64 = rate64 * effect.to(torch.float64)
     new32 = new_rate.to(torch.float32)
     # the race: per agent in float32 (ties go to the lowest index), per group in float64
-    key = torch.neg(u_agent).log1p_().neg_().div_(new32).masked_fill_(new32 <= 0, math.inf)  # +0 .. +inf
+    # +0 .. +inf; a rate of +0 gives +inf (x / +0, or NaN for x = 0, set to +inf): the numbers of
+    # masked_fill_(new32 <= 0, inf) for rates >= +0, without a random mask's slow scalar loop
+    key = torch.neg(u_agent).log1p_().neg_().div_(new32).nan_to_num_(nan=math.inf, posinf=math.inf)
     # each group's smallest key and the lowest index among the agents holding it, in one reduction: the
     # bits of floats from +0 to +inf order as integers, so (bits << 32 | index) orders by key, then index
     index = torch.arange(n, dtype=torch.int64, device=device) if index is None else index
@@ -790,8 +792,8 @@ def prune(
         least = least.index_reduce_(0, group, packed, "amin")
     best = (least >> 32).to(torch.int32).view(torch.float32)  # NaN for a group of no agents
     # in place where it can be: the (H,) float64 temporaries are fresh pages each day
-    old = u_group.to(torch.float64).neg_().log1p_().neg_().div_(rate64.clamp_min(1e-300))
-    old.masked_fill_(rate64 <= 0, math.inf)
+    old = u_group.to(torch.float64).neg_().log1p_().neg_().div_(rate64)  # rate 0: +inf, as for key
+    old.nan_to_num_(nan=math.inf, posinf=math.inf)
     replaced = best.to(torch.float64) < old  # only where best is finite
     first = least.bitwise_and_(0xFFFFFFFF)  # each group's best agent
     winner = torch.zeros(n, dtype=torch.bool, device=device)
@@ -800,13 +802,21 @@ def prune(
     at = first.clamp_max(max(n - 1, 0))  # each group's winner (any agent where none won: masked below)
     won_weight = new_weight.index_select(0, at)
     won_rate = new32.index_select(0, at).to(torch.float64)
-    # finite where unused: torch.where's backward multiplies the other branch's zero gradient by it
-    scale_new = torch.div(total, won_rate.clamp_min_(1e-300)).masked_fill_(~replaced, 0.0).to(weight.dtype)
-    unscaled = replaced | (rate64 <= 0)  # groups whose old alternative's weight stays as it is (or has none)
-    scale_old = torch.div(total, rate64.clamp_min(1e-300)).masked_fill_(unscaled, 1.0).to(weight.dtype)
-    kept = torch.where(replaced, won_weight * scale_new, weight * scale_old)
-    if effect is not None:
-        total = torch.where(unscaled, total, total / effect.to(torch.float64))
+    # 0/1 masks as float64 factors: x × m (+ 1 - m) gives the numbers of torch.where and masked_fill_ for
+    # finite x, without their slow scalar loop over a random mask. Each quotient is finite where unused
+    # (its divisor + 1 there): the backward multiplies the unused branch's zero gradient by it. Where
+    # used, the divisors are those of the former clamp_min(1e-300): the proxies are sums of float32
+    # rates (at least 1e-45) times the effects
+    is_new = replaced.view(torch.uint8).to(torch.float64)
+    is_old = torch.sub(1.0, is_new)
+    scale_new = torch.div(total, won_rate.add_(is_old)).mul_(is_new).to(weight.dtype)
+    # groups whose old alternative's weight stays as it is (or has none)
+    unscaled = (replaced | (rate64 <= 0)).view(torch.uint8).to(torch.float64)
+    # the old alternative's factor, 0 where replaced (so the sum below is torch.where(replaced, ., .))
+    scale_old = torch.div(total, rate64 + unscaled).mul_(1.0 - unscaled).add_(unscaled).mul_(is_old)
+    kept = won_weight * scale_new + weight * scale_old.to(weight.dtype)
+    if effect is not None:  # total / effect where scaled: a divisor of 1 elsewhere
+        total = total.div_(effect.to(torch.float64).mul_(1.0 - unscaled).add_(unscaled))
     return kept, total.to(rate.dtype), winner, replaced
 
 

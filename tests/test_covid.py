@@ -536,6 +536,12 @@ def test_own_outside_is_the_housemates_share_of_outside_pressure(pop):
         )
     torch.testing.assert_close(own, expected, rtol=1e-5, atol=1e-9)
     assert (own[~torch.isin(household, chosen)] == 0).all() and own.abs().sum() > 0
+    # the synthesized households are runs of agents, which the members are read from; without the runs
+    # (households in any order) the same numbers, and the kept zeros are zeros again either way
+    assert w.household_runs is not None and torch.equal(w.own_scratch, torch.zeros(w.n))
+    w.__dict__["household_runs"] = None
+    assert torch.equal(scenario._own_outside(w, place_weight, 0.7, given, d[given]), own)
+    assert torch.equal(w.own_scratch, torch.zeros(w.n))
 
 
 def test_late_borough_multipliers_act_from_late_from_only(pop):

@@ -669,6 +669,23 @@ class CovidWorld:
         return _Gather.apply(table, self.wide[by])
 
     @functools.cached_property
+    def household_runs(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """int64 ``(starts, sizes)`` (H,) where each household's agents are one run of consecutive indices in
+        the order of the household ids (as :meth:`lpm.population.Population.synthesize` makes them), else
+        None; found on first use (the ``pruned`` estimator's :meth:`CovidScenario._own_outside`)."""
+        h = self.household
+        if self.n == 0 or not bool((h[1:] >= h[:-1]).all()):
+            return None
+        sizes = torch.bincount(h, minlength=self.nh)
+        return torch.cumsum(sizes, 0) - sizes, sizes
+
+    @functools.cached_property
+    def own_scratch(self) -> torch.Tensor:
+        """float32 (N,) zeros for :meth:`CovidScenario._own_outside`, which leaves them zero again: its
+        daily per-agent differences and pair sums then reuse pages already mapped (4 bytes per agent)."""
+        return torch.zeros(self.n, dtype=torch.float32, device=self.household.device)
+
+    @functools.cached_property
     def house_place(self) -> torch.Tensor:
         """int32 (N,) id of each agent's (household, place) pair, 0 .. pairs - 1: housemates who share a
         school class or workplace (or share none: place 0) have one id. Found on first use (the
@@ -1059,16 +1076,32 @@ class CovidScenario(Scenario):
         if len(differ) == 0:
             return out
         senders, ds = candidates.index_select(0, differ), d_candidates.index_select(0, differ)
-        d = torch.zeros_like(out).index_copy_(0, senders, ds)  # (N,), read at the senders' housemates below
+        # (N,), read at the senders' housemates below: zeros the world keeps (float32 only), zero again on
+        # return
+        scratch = w.own_scratch if out.dtype == torch.float32 else torch.zeros_like(out)
+        d = scratch.index_copy_(0, senders, ds)
         household = w.household
         hs = household.index_select(0, senders)
         flag = torch.zeros(w.nh, dtype=torch.bool, device=d.device)
         flag[hs] = True
-        members = torch.nonzero(flag.index_select(0, household)).view(-1)
         # the households with senders, numbered 0 .. F - 1: the tables below are F rows, not H
         compact = torch.cumsum(flag, 0) - 1
         hs = compact.index_select(0, hs)
-        hm = compact.index_select(0, household.index_select(0, members))
+        runs = w.household_runs
+        if runs is None:
+            members = torch.nonzero(flag.index_select(0, household)).view(-1)
+            hm = compact.index_select(0, household.index_select(0, members))
+        else:  # the same members in the same order, from the flagged households' runs: O(F + members)
+            flagged = torch.nonzero(flag).view(-1)
+            starts, sizes = runs[0].index_select(0, flagged), runs[1].index_select(0, flagged)
+            ends = torch.cumsum(sizes, 0)
+            total = int(ends[-1])
+            members = torch.arange(total, device=d.device) + torch.repeat_interleave(
+                starts - ends + sizes, sizes, output_size=total
+            )
+            hm = torch.repeat_interleave(
+                torch.arange(len(flagged), device=d.device), sizes, output_size=total
+            )
         bands = w.contacts_t.shape[0]
         # community: per household and age band, d × its weight in the prevalence of its ZIP area
         share_city = 1.0 - c.share_zip - c.share_borough
@@ -1090,8 +1123,10 @@ class CovidScenario(Scenario):
         pair = w.house_place
         d_members = d.index_select(0, members)
         # d's buffer, zero again once its senders are cleared, holds the sums per pair (ids < N)
-        shared = d.index_fill_(0, senders, 0.0).index_add_(0, pair.index_select(0, senders), ds)
+        pair_s = pair.index_select(0, senders).long()
+        shared = d.index_fill_(0, senders, 0.0).index_add_(0, pair_s, ds)
         shared = shared.index_select(0, pair.index_select(0, members)).sub_(d_members)
+        d.index_fill_(0, pair_s, 0.0)  # zeros again
         weight = place_weight.index_select(0, w.place.index_select(0, members)).to(d.dtype)
         return out.index_add_(0, members, weight * shared)
 
@@ -1193,7 +1228,7 @@ class CovidScenario(Scenario):
         kept: dict[str, torch.Tensor] = {}
         if getattr(sampler, "pruned", False):  # estimator "pruned": one alternative run per household
             following, kept, infected, onset, counts = self._alternatives(
-                w, state, params, level, isolating, infectious_stage, sampler
+                w, state, params, level, isolating, sampler
             )
         else:
             who, x = sampler.support(stage, infectious_stage, codes=(P1, I2))  # no read-back to the host
@@ -1250,7 +1285,6 @@ class CovidScenario(Scenario):
         params: Mapping[str, torch.Tensor],
         level: Mapping[str, torch.Tensor | float],
         isolating: torch.Tensor,
-        infectious_stage: torch.Tensor,
         sampler: Sampler,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 2 and 3 in differentiable mode with :class:`~lpm.sampling.PrunedSampler`: the hard run,
@@ -1277,10 +1311,14 @@ class CovidScenario(Scenario):
             asym,
             lambda a: (1.0 - (1.0 - c.asymptomatic_rel) * a.to(torch.float32), 1.0 - a.to(torch.float32)),
         )
-        x = infectious_stage.index_select(0, stage32) * relative
-        x_alt = infectious_stage.index_select(0, alt32) * relative
+        infectious, infectious_alt = _infectious(stage), _infectious(alt)  # uint8 0/1
+        x = infectious.to(torch.float32).mul_(relative)  # 1 in P1 .. I2, 0 elsewhere, × relative
+        x_alt = infectious_alt.to(torch.float32).mul_(relative)
         share = w.gather(weight, "household")  # each agent's household alternative's weight
-        senders = torch.nonzero((x != 0) | (x_alt != 0)).view(-1)  # infectious in the run or the alternative
+        # infectious in the run or the alternative (x or x_alt non-zero; an asymptomatic agent's x is 0
+        # where asymptomatic_rel is)
+        sending = infectious | infectious_alt if c.asymptomatic_rel > 0 else (x != 0) | (x_alt != 0)
+        senders = torch.nonzero(sending).view(-1)
         # the senders' infectiousness, the run's plus the alternative's difference × its weight (the
         # others' is 0 in value and gradient)
         x_s = x.index_select(0, senders)
@@ -1317,7 +1355,10 @@ class CovidScenario(Scenario):
         # and today's
         apart = flags > 0
         weight, rate = weight * apart, rate * apart  # finite: the numbers of torch.where(apart, ., 0), faster
-        hazard_today = torch.where(candidate, torch.neg(p_run).log1p_().neg_(), 0.0)  # -log(1 - p)
+        # -log(1 - p) at the candidates, 0 elsewhere: of p × candidate (a p of 1 is never a candidate's), the
+        # numbers of torch.where(candidate, -log1p(-p), 0) without its slow loop over a mask
+        on = candidate.view(torch.uint8).to(p_run.dtype)
+        hazard_today = torch.mul(p_run, on).neg_().log1p_().neg_()
         u_house = uniform(sampler.seed, sampler.t, STREAM_PRUNE_HOUSEHOLD, w.nh, u.device)
         effect = torch.where(flags >= PENDING, 1.0, QUIET_EFFECT)
         weight, rate, winner, replaced = prune(
@@ -1332,10 +1373,12 @@ class CovidScenario(Scenario):
             w.agent_index,
             w.race_scratch,
         )
-        # a replaced household's new alternative: the run, but its winner infected today (E1)
-        alt_next = torch.where(replaced.index_select(0, household), following, alt_next).masked_fill_(
-            winner, E1
-        )
+        # a replaced household's new alternative: the run, but its winner infected today (E1); in uint8
+        # arithmetic (a + flag × (b - a), wrapping: exact), as torch.where and masked_fill_ with these
+        # masks take some ten times as long on the CPU
+        into_run = replaced.view(torch.uint8).index_select(0, household)
+        alt_next = torch.sub(following, alt_next).mul_(into_run).add_(alt_next)
+        alt_next = torch.sub(E1, alt_next).mul_(winner.view(torch.uint8)).add_(alt_next)
         kept = {"alt_stage": alt_next, "alt_weight": weight, "alt_rate": rate}
         return following, kept, infected, onset, counts
 
@@ -1616,26 +1659,47 @@ def alternative_moves(
     Its own function as the unit a fused kernel would replace (``benchmarks/fused_core.py`` measures a
     C++ one against it)."""
     stage32, alt32 = codes
-    susceptible, susceptible_alt = stage == S, alt == S
-    leave = (u < chain.index_select(0, stage32)) | (susceptible & (u < p_run))
-    leave_alt = (u < chain.index_select(0, alt32)) | (susceptible_alt & (u < p_alt))
+    f32 = torch.float32
+    # 0/1 flags as uint8, not bool: comparisons into uint8 and uint8 to float run some ten times faster on
+    # the CPU (bool results take a scalar loop there); the same numbers
+    susceptible, susceptible_alt = _flag(torch.eq, stage, S), _flag(torch.eq, alt, S)
+    # chain[S] is 0 and a susceptible agent leaves by its own probability: one threshold per agent,
+    # chain[stage] + susceptible × p (exactly the one of the two that applies)
+    leave = torch.lt(u, chain.index_select(0, stage32).addcmul_(susceptible.to(f32), p_run)).view(torch.uint8)
+    leave_alt = torch.lt(u, chain.index_select(0, alt32).addcmul_(susceptible_alt.to(f32), p_alt))
+    leave_alt = leave_alt.view(torch.uint8)
+    has = has_alt.view(torch.uint8)
     following = stage + leave
-    alt_next = torch.where(has_alt, alt + leave_alt, following)
-    candidate = susceptible & ~leave
-    moved = (susceptible & leave).float()
-    d_moved = (susceptible_alt & leave_alt & has_alt).float().sub_(moved)
-    onset = ((stage == P2) & leave).float()
-    d_onset = ((alt == P2) & leave_alt & has_alt).float().sub_(onset)
-    differs_next = alt_next != following
+    # the alternative's next stage where the household holds one, else the run's: f + has × (a - f), in
+    # uint8 (wrapping, so exact)
+    alt_next = torch.add(alt, leave_alt).sub_(following).mul_(has).add_(following)
+    candidate = (susceptible & (leave ^ 1)).view(torch.bool)
+    moved = (susceptible & leave).to(f32)
+    d_moved = (susceptible_alt & leave_alt & has).to(f32).sub_(moved)
+    onset = (_flag(torch.eq, stage, P2) & leave).to(f32)
+    d_onset = (_flag(torch.eq, alt, P2) & leave_alt & has).to(f32).sub_(onset)
+    differs_next = _flag(torch.ne, alt_next, following)
     pending = differs_next & (_in_course(alt_next) | _in_course(following))
-    flags = differs_next.float().add_(pending.float(), alpha=PENDING)
+    flags = differs_next.to(f32).add_(pending.to(f32), alpha=PENDING)
     flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).scatter_add_(0, household, flags)
     return following, alt_next, candidate, moved, d_moved, onset, d_onset, flags
 
 
 def _in_course(stage: torch.Tensor) -> torch.Tensor:
-    """bool (N,): exposed or infectious (E1 .. I2)."""
-    return (stage >= E1) & (stage <= I2)
+    """uint8 (N,) 0/1: exposed or infectious (E1 .. I2), of uint8 stage codes (``stage - E1`` wraps below
+    E1)."""
+    return _flag(torch.le, stage - E1, I2 - E1)
+
+
+def _infectious(stage: torch.Tensor) -> torch.Tensor:
+    """uint8 (N,) 0/1: infectious (P1 .. I2), of uint8 stage codes."""
+    return _flag(torch.le, stage - P1, I2 - P1)
+
+
+def _flag(compare: Any, a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
+    """``compare(a, b)`` (a comparison such as ``torch.eq``) as uint8 0/1 of ``a``'s shape: on the CPU
+    some ten times as fast as the bool result for uint8 operands (1 M agents: 0.04 against 0.4 ms)."""
+    return compare(a, b, out=torch.empty(a.shape, dtype=torch.uint8, device=a.device))
 
 
 def _at(per_agent: torch.Tensor, who: torch.Tensor | None) -> torch.Tensor:
