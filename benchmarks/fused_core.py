@@ -39,8 +39,9 @@ std::vector<torch::Tensor> moves(torch::Tensor stage, torch::Tensor alt, torch::
   auto f32 = torch::dtype(torch::kFloat32);
   auto following = torch::empty_like(stage), alt_next = torch::empty_like(alt);
   auto candidate = torch::empty({n}, torch::dtype(torch::kBool));
-  auto moved = torch::empty({n}, f32), d_moved = torch::empty({n}, f32);
-  auto onset = torch::empty({n}, f32), d_onset = torch::empty({n}, f32);
+  auto u8 = torch::dtype(torch::kUInt8), i8 = torch::dtype(torch::kInt8);
+  auto moved = torch::empty({n}, u8), d_moved = torch::empty({n}, i8);
+  auto onset = torch::empty({n}, u8), d_onset = torch::empty({n}, i8);
   auto flags = torch::zeros({nh}, f32);
   const uint8_t *s = stage.data_ptr<uint8_t>(), *a = alt.data_ptr<uint8_t>();
   const float *uu = u.data_ptr<float>(), *ch = chain.data_ptr<float>();
@@ -49,8 +50,9 @@ std::vector<torch::Tensor> moves(torch::Tensor stage, torch::Tensor alt, torch::
   const int32_t *hh = household.data_ptr<int32_t>();
   uint8_t *fo = following.data_ptr<uint8_t>(), *an = alt_next.data_ptr<uint8_t>();
   bool *ca = candidate.data_ptr<bool>();
-  float *mo = moved.data_ptr<float>(), *dm = d_moved.data_ptr<float>();
-  float *on = onset.data_ptr<float>(), *dn = d_onset.data_ptr<float>(), *fl = flags.data_ptr<float>();
+  uint8_t *mo = moved.data_ptr<uint8_t>(), *on = onset.data_ptr<uint8_t>();
+  int8_t *dm = d_moved.data_ptr<int8_t>(), *dn = d_onset.data_ptr<int8_t>();
+  float *fl = flags.data_ptr<float>();
   const float pend = (float)pending;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i) {
@@ -62,10 +64,10 @@ std::vector<torch::Tensor> moves(torch::Tensor stage, torch::Tensor alt, torch::
     fo[i] = (uint8_t)(si + leave);
     an[i] = h ? (uint8_t)(ai + leave_a) : fo[i];
     ca[i] = sus && !leave;
-    mo[i] = (sus && leave) ? 1.f : 0.f;
-    dm[i] = ((sus_a && leave_a && h) ? 1.f : 0.f) - mo[i];
-    on[i] = (si == p2 && leave) ? 1.f : 0.f;
-    dn[i] = ((ai == p2 && leave_a && h) ? 1.f : 0.f) - on[i];
+    mo[i] = sus && leave;
+    dm[i] = (int8_t)(sus_a && leave_a && h) - (int8_t)mo[i];
+    on[i] = si == p2 && leave;
+    dn[i] = (int8_t)(ai == p2 && leave_a && h) - (int8_t)on[i];
   }
   for (int64_t i = 0; i < n; ++i) {  // per household, in agent order (index_add's order)
     const uint8_t f = fo[i], x = an[i];
@@ -158,7 +160,7 @@ def main() -> None:
             covid.PENDING,
         )
 
-    equal = all(torch.equal(a, b) for a, b in zip(eager(), fused(), strict=True))
+    equal = all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(eager(), fused(), strict=True))
     eager_s, fused_s = timed(eager, args.repeats), timed(fused, args.repeats)
     print(
         f"alternative_moves, {len(stage):,} agents (day {args.days} from 2020-03-01): eager {eager_s * 1e3:.2f} "

@@ -1309,7 +1309,7 @@ class CovidScenario(Scenario):
         relative, symptomatic = w.derived(
             "asymptomatic",
             asym,
-            lambda a: (1.0 - (1.0 - c.asymptomatic_rel) * a.to(torch.float32), 1.0 - a.to(torch.float32)),
+            lambda a: (1.0 - (1.0 - c.asymptomatic_rel) * a.to(torch.float32), (a == 0).view(torch.uint8)),
         )
         infectious, infectious_alt = _infectious(stage), _infectious(alt)  # uint8 0/1
         x = infectious.to(torch.float32).mul_(relative)  # 1 in P1 .. I2, 0 elsewhere, × relative
@@ -1345,8 +1345,10 @@ class CovidScenario(Scenario):
         # today: the run's moves, each candidate's infection (+1) and each alternative's differences;
         # onsets of the symptomatic only
         gain = _Gain.apply(p, candidate)
-        infected = torch.add(moved, _Scaled.apply(share, d_moved)).add_(gain)
-        onset = torch.add(onset.mul_(symptomatic), _Scaled.apply(share, d_onset.mul_(symptomatic)))
+        infected = torch.add(_Scaled.apply(share, d_moved), moved).add_(gain)
+        onset = torch.add(
+            _Scaled.apply(share, d_onset.mul_(symptomatic.view(torch.int8))), onset.mul_(symptomatic)
+        )
         # each member of an alternative enters the count of its stage there and leaves its run's stage's
         # count, by its weight: zero in value
         shift = _StageShift.apply(share, alt, stage, has_alt, w.borough, w.nb)
@@ -1601,9 +1603,9 @@ class _Gain(torch.autograd.Function):
 
 
 class _Scaled(torch.autograd.Function):
-    """``share × d`` for a float (N,) ``d`` of -1, 0 and 1 (an alternative's difference from the run): the
-    product's numbers and gradient (``g × d`` for ``share``), with ``d`` kept as int8 (1 byte per agent in
-    the graph instead of 4)."""
+    """``share × d`` for an (N,) ``d`` of -1, 0 and 1 (an alternative's difference from the run; int8 or
+    float): the product's numbers and gradient (``g × d`` for ``share``), with ``d`` kept as int8 (1 byte per
+    agent in the graph instead of 4; an int8 ``d`` itself, which the caller must not change)."""
 
     @staticmethod
     def forward(ctx, share: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -1650,7 +1652,8 @@ def alternative_moves(
     probability, 0 for S, which leaves by ``p_run`` / ``p_alt``); ``has_alt``: whether the agent's
     household holds an alternative. Returns the run's next stages, the alternative's next stages (the
     run's where none), the candidates (susceptible and still so in the run), the run's infections today
-    (float 0/1) and the alternative's less the run's, the same for onsets (P2 → I1), and per household
+    (uint8 0/1) and the alternative's less the run's (int8 -1/0/1), the same for onsets (P2 → I1), and
+    per household
     (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING`` × those whose
     difference is still in course (exposed or infectious in either run; exact in float32, households <
     2^10).
@@ -1665,22 +1668,23 @@ def alternative_moves(
     susceptible, susceptible_alt = _flag(torch.eq, stage, S), _flag(torch.eq, alt, S)
     # chain[S] is 0 and a susceptible agent leaves by its own probability: one threshold per agent,
     # chain[stage] + susceptible × p (exactly the one of the two that applies)
-    leave = torch.lt(u, chain.index_select(0, stage32).addcmul_(susceptible.to(f32), p_run)).view(torch.uint8)
-    leave_alt = torch.lt(u, chain.index_select(0, alt32).addcmul_(susceptible_alt.to(f32), p_alt))
-    leave_alt = leave_alt.view(torch.uint8)
+    leave = torch.lt(u, chain.index_select(0, stage32).addcmul_(susceptible, p_run)).view(torch.uint8)
+    leave_alt = torch.lt(u, chain.index_select(0, alt32).addcmul_(susceptible_alt, p_alt)).view(torch.uint8)
     has = has_alt.view(torch.uint8)
     following = stage + leave
     # the alternative's next stage where the household holds one, else the run's: f + has × (a - f), in
     # uint8 (wrapping, so exact)
     alt_next = torch.add(alt, leave_alt).sub_(following).mul_(has).add_(following)
     candidate = (susceptible & (leave ^ 1)).view(torch.bool)
-    moved = (susceptible & leave).to(f32)
-    d_moved = (susceptible_alt & leave_alt & has).to(f32).sub_(moved)
-    onset = (_flag(torch.eq, stage, P2) & leave).to(f32)
-    d_onset = (_flag(torch.eq, alt, P2) & leave_alt & has).to(f32).sub_(onset)
+    # the moves as 0/1 bytes and their differences as -1/0/1 bytes: a quarter of float32's memory, and
+    # the int8 differences are what _Scaled keeps
+    moved = susceptible & leave
+    d_moved = (susceptible_alt & leave_alt & has).view(torch.int8).sub_(moved.view(torch.int8))
+    onset = _flag(torch.eq, stage, P2) & leave
+    d_onset = (_flag(torch.eq, alt, P2) & leave_alt & has).view(torch.int8).sub_(onset.view(torch.int8))
     differs_next = _flag(torch.ne, alt_next, following)
     pending = differs_next & (_in_course(alt_next) | _in_course(following))
-    flags = differs_next.to(f32).add_(pending.to(f32), alpha=PENDING)
+    flags = pending.to(f32).mul_(PENDING).add_(differs_next)  # integers: exact in float32
     flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).scatter_add_(0, household, flags)
     return following, alt_next, candidate, moved, d_moved, onset, d_onset, flags
 
