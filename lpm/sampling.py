@@ -772,9 +772,9 @@ def prune(
     scratch: an int64 (N,) buffer the race may overwrite (else a fresh one, fresh pages each call)."""
     h = weight.shape[0]
     n, device = group.shape[0], group.device
-    rate64 = rate.to(torch.float64)
-    if effect is not None:
-        rate64 = rate64 * effect.to(torch.float64)
+    rate64 = rate.to(torch.float64, copy=True)
+    if effect is not None:  # in float64, as rate64 × effect.to(float64)
+        rate64.mul_(effect)
     new32 = new_rate.to(torch.float32)
     # the race: per agent in float32 (ties go to the lowest index), per group in float64
     # +0 .. +inf; a rate of +0 gives +inf (x / +0, or NaN for x = 0, set to +inf): the numbers of
@@ -807,16 +807,19 @@ def prune(
     # (its divisor + 1 there): the backward multiplies the unused branch's zero gradient by it. Where
     # used, the divisors are those of the former clamp_min(1e-300): the proxies are sums of float32
     # rates (at least 1e-45) times the effects
+    # (the (H,) float64 temporaries reuse each other's arrays: each fresh one costs its pages' faults)
     is_new = replaced.view(torch.uint8).to(torch.float64)
     is_old = torch.sub(1.0, is_new)
-    scale_new = torch.div(total, won_rate.add_(is_old)).mul_(is_new).to(weight.dtype)
-    # groups whose old alternative's weight stays as it is (or has none)
+    scale_new = torch.div(total, won_rate.add_(is_old), out=won_rate).mul_(is_new).to(weight.dtype)
+    # groups whose old alternative's weight stays as it is (or has none), and 1 - that
     unscaled = (replaced | (rate64 <= 0)).view(torch.uint8).to(torch.float64)
+    scaled = torch.sub(1.0, unscaled, out=is_new)
     # the old alternative's factor, 0 where replaced (so the sum below is torch.where(replaced, ., .))
-    scale_old = torch.div(total, rate64 + unscaled).mul_(1.0 - unscaled).add_(unscaled).mul_(is_old)
+    scale_old = torch.add(rate64, unscaled)
+    scale_old = torch.div(total, scale_old, out=scale_old).mul_(scaled).add_(unscaled).mul_(is_old)
     kept = won_weight * scale_new + weight * scale_old.to(weight.dtype)
     if effect is not None:  # total / effect where scaled: a divisor of 1 elsewhere
-        total = total.div_(effect.to(torch.float64).mul_(1.0 - unscaled).add_(unscaled))
+        total = total.div_(effect.to(torch.float64).mul_(scaled).add_(unscaled))
     return kept, total.to(rate.dtype), winner, replaced
 
 

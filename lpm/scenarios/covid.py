@@ -1345,10 +1345,9 @@ class CovidScenario(Scenario):
         # today: the run's moves, each candidate's infection (+1) and each alternative's differences;
         # onsets of the symptomatic only
         gain = _Gain.apply(p, candidate)
-        infected = torch.add(_Scaled.apply(share, d_moved), moved).add_(gain)
-        onset = torch.add(
-            _Scaled.apply(share, d_onset.mul_(symptomatic.view(torch.int8))), onset.mul_(symptomatic)
-        )
+        # (in place on _Scaled's fresh product, which its graph does not keep)
+        infected = _Scaled.apply(share, d_moved).add_(moved).add_(gain)
+        onset = _Scaled.apply(share, d_onset.mul_(symptomatic.view(torch.int8))).add_(onset.mul_(symptomatic))
         # each member of an alternative enters the count of its stage there and leaves its run's stage's
         # count, by its weight: zero in value
         shift = _StageShift.apply(share, alt, stage, has_alt, w.borough, w.nb)
