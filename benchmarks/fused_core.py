@@ -1,14 +1,14 @@
 """What fusing one part of the differentiable COVID day buys: ``alternative_moves`` eagerly against a C++ loop.
 
 The ``pruned`` estimator's day is some 120 tensor operations over the agents, none of them above about
-2.5 ms at 1 M agents, and runs at about 8 M agent-steps/s with gradients on 2 cores (target 10 M). This
-script measures what a fused kernel would save on the one part of the day that carries no gradient,
+2.5 ms at 1 M agents (when this script was written it ran at about 8 M agent-steps/s with gradients on 2
+cores; target 10 M). This script measures what a fused kernel would save on the one part of the day that carries no gradient,
 :func:`lpm.scenarios.covid.alternative_moves` (each agent's move in the run and in its household's
 alternative, the candidates, the moves' differences and the per-household flags): the inputs are
 recorded from a real ``pruned`` run (``--agents``, ``--days`` from 2020-03-01, the last day's call), then
 the eager function (the peer, lpm's own code) and a C++ loop over the agents (OpenMP, built here with
 ``torch.utils.cpp_extension.load_inline``; it needs a C++ compiler) compute the same outputs, checked
-equal, and each is timed (best of ``--repeats`` means of 20 calls).
+equal (values and dtypes), and each is timed (best of ``--repeats`` means of 20 calls).
 
     python benchmarks/fused_core.py [--agents 1000000] [--days 28] [--repeats 3]
 """
