@@ -1715,6 +1715,8 @@ def _keep(
 ) -> torch.Tensor:
     """Per agent, the share of its contacts an agent keeps, ``1 - share * iso``, from the bool (inference)
     or float (differentiable) isolation decisions; into ``out`` if given."""
+    if isolating.dtype == torch.bool:  # as bytes: bool to float converts some 4x slower on the CPU
+        isolating = isolating.view(torch.uint8)
     if out is None:  # 1 - share * iso, with one fresh tensor
         return isolating.to(dtype).mul(-share).add_(1.0)
     return out.copy_(isolating).mul_(-share).add_(1.0)  # the same numbers, in place
