@@ -129,7 +129,16 @@ from lpm import nyc
 from lpm.errors import InputError
 from lpm.policy import age_of, sigmoid
 from lpm.population import Population
-from lpm.sampling import Sampler, leaving_hazard, prune, shared_gradient, uniform
+from lpm.sampling import (
+    Sampler,
+    byte_flags,
+    chain_leave,
+    in_codes,
+    leaving_hazard,
+    prune,
+    shared_gradient,
+    uniform,
+)
 from lpm.scenarios.base import (
     Decision,
     Plot,
@@ -1311,7 +1320,7 @@ class CovidScenario(Scenario):
             asym,
             lambda a: (1.0 - (1.0 - c.asymptomatic_rel) * a.to(torch.float32), (a == 0).view(torch.uint8)),
         )
-        infectious, infectious_alt = _infectious(stage), _infectious(alt)  # uint8 0/1
+        infectious, infectious_alt = in_codes(stage, P1, I2), in_codes(alt, P1, I2)  # uint8 0/1
         x = infectious.to(torch.float32).mul_(relative)  # 1 in P1 .. I2, 0 elsewhere, × relative
         x_alt = infectious_alt.to(torch.float32).mul_(relative)
         share = w.gather(weight, "household")  # each agent's household alternative's weight
@@ -1652,23 +1661,18 @@ def alternative_moves(
     household holds an alternative. Returns the run's next stages, the alternative's next stages (the
     run's where none), the candidates (susceptible and still so in the run), the run's infections today
     (uint8 0/1) and the alternative's less the run's (int8 -1/0/1), the same for onsets (P2 → I1), and
-    per household
-    (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING`` × those whose
-    difference is still in course (exposed or infectious in either run; exact in float32, households <
-    2^10).
+    per household (``nh``, by the int64 ``household``) the members whose next stages differ + ``PENDING``
+    × those whose difference is still in course (exposed or infectious in either run; exact in float32,
+    households < 2^10).
     codes: ``stage`` and ``alt`` as int32 (the caller has them).
 
     Its own function as the unit a fused kernel would replace (``benchmarks/fused_core.py`` measures a
     C++ one against it)."""
     stage32, alt32 = codes
-    f32 = torch.float32
-    # 0/1 flags as uint8, not bool: comparisons into uint8 and uint8 to float run some ten times faster on
-    # the CPU (bool results take a scalar loop there); the same numbers
-    susceptible, susceptible_alt = _flag(torch.eq, stage, S), _flag(torch.eq, alt, S)
-    # chain[S] is 0 and a susceptible agent leaves by its own probability: one threshold per agent,
-    # chain[stage] + susceptible × p (exactly the one of the two that applies)
-    leave = torch.lt(u, chain.index_select(0, stage32).addcmul_(susceptible, p_run)).view(torch.uint8)
-    leave_alt = torch.lt(u, chain.index_select(0, alt32).addcmul_(susceptible_alt, p_alt)).view(torch.uint8)
+    # 0/1 flags as uint8, not bool (sampling.byte_flags): the same numbers, some ten times faster
+    susceptible, susceptible_alt = byte_flags(torch.eq, stage, S), byte_flags(torch.eq, alt, S)
+    leave = chain_leave(u, chain.index_select(0, stage32), susceptible, p_run).view(torch.uint8)
+    leave_alt = chain_leave(u, chain.index_select(0, alt32), susceptible_alt, p_alt).view(torch.uint8)
     has = has_alt.view(torch.uint8)
     following = stage + leave
     # the alternative's next stage where the household holds one, else the run's: f + has × (a - f), in
@@ -1679,30 +1683,13 @@ def alternative_moves(
     # the int8 differences are what _Scaled keeps
     moved = susceptible & leave
     d_moved = (susceptible_alt & leave_alt & has).view(torch.int8).sub_(moved.view(torch.int8))
-    onset = _flag(torch.eq, stage, P2) & leave
-    d_onset = (_flag(torch.eq, alt, P2) & leave_alt & has).view(torch.int8).sub_(onset.view(torch.int8))
-    differs_next = _flag(torch.ne, alt_next, following)
-    pending = differs_next & (_in_course(alt_next) | _in_course(following))
-    flags = pending.to(f32).mul_(PENDING).add_(differs_next)  # integers: exact in float32
+    onset = byte_flags(torch.eq, stage, P2) & leave
+    d_onset = (byte_flags(torch.eq, alt, P2) & leave_alt & has).view(torch.int8).sub_(onset.view(torch.int8))
+    differs_next = byte_flags(torch.ne, alt_next, following)
+    pending = differs_next & (in_codes(alt_next, E1, I2) | in_codes(following, E1, I2))  # in course
+    flags = pending.to(torch.float32).mul_(PENDING).add_(differs_next)  # integers: exact in float32
     flags = torch.zeros(nh, dtype=torch.float32, device=stage.device).scatter_add_(0, household, flags)
     return following, alt_next, candidate, moved, d_moved, onset, d_onset, flags
-
-
-def _in_course(stage: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,) 0/1: exposed or infectious (E1 .. I2), of uint8 stage codes (``stage - E1`` wraps below
-    E1)."""
-    return _flag(torch.le, stage - E1, I2 - E1)
-
-
-def _infectious(stage: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,) 0/1: infectious (P1 .. I2), of uint8 stage codes."""
-    return _flag(torch.le, stage - P1, I2 - P1)
-
-
-def _flag(compare: Any, a: torch.Tensor, b: torch.Tensor | int) -> torch.Tensor:
-    """``compare(a, b)`` (a comparison such as ``torch.eq``) as uint8 0/1 of ``a``'s shape: on the CPU
-    some ten times as fast as the bool result for uint8 operands (1 M agents: 0.04 against 0.4 ms)."""
-    return compare(a, b, out=torch.empty(a.shape, dtype=torch.uint8, device=a.device))
 
 
 def _at(per_agent: torch.Tensor, who: torch.Tensor | None) -> torch.Tensor:
